@@ -1,0 +1,207 @@
+"""A small GPT for long-context fine-tuning, with slots for FocuSFT's fast weights.
+
+nanoGPT's shape with today's parts: rotary positions (RoPE), RMSNorm, a SwiGLU MLP whose three projections
+are named `gate`, `up`, `down` (the projections the paper adapts), optional grouped-query attention, GPT-2's
+vocabulary. Two ideas to hold:
+  1. Attention takes the batch's mask, built once per batch from a masks.py predicate, and passed unchanged to
+     every layer: a flex_attention BlockMask (backend "flex", compiled fused kernels on the GPU) or a dense
+     (B, 1, S, S) bool tensor (backend "sdpa", CPU and reference). Same predicate, same numbers.
+  2. The forward pass is cut into pieces, `embed -> blocks(range) -> loss`, so FocuSFT can run the lower layers
+     once and re-run only the adapted upper layers in its inner loop. Fast weights are a plain dict of LoRA
+     factors, `{"h.9.mlp.gate.A": (r, in), "h.9.mlp.gate.B": (out, r), ...}`, added as deltas in the MLP.
+     Logits are computed only where a target exists: SFT never builds an S x vocab tensor.
+"""
+import functools
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100          # target value of positions without a loss (PyTorch's cross_entropy default)
+LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304    # GPT-2's 50257 tokens, padded to a multiple of 128 for fast matmuls
+    n_layer: int = 8           # transformer blocks
+    n_head: int = 8            # query heads
+    n_kv_head: int = 8         # key/value heads; fewer than n_head = grouped-query attention
+    n_embd: int = 512          # residual width; head size = n_embd // n_head
+    mlp_hidden: int = 1408     # SwiGLU hidden width (about 8/3 * n_embd, a multiple of 128)
+    rope_base: float = 10000.0 # RoPE wavelength base
+    attn: str = "sdpa"         # "flex" (fused kernels, GPU) or "sdpa" (dense mask; CPU and reference)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q: Tensor):
+    """The flex_attention to call for q. On the GPU always the compiled one: eager flex materialises the
+    S x S scores. Inside an already compiled block dynamo fuses it itself. On the CPU, eager (forward only:
+    flex has no CPU backward, so CPU training uses the sdpa backend)."""
+    if torch.compiler.is_compiling():
+        return flex_attention
+    return _compiled_flex() if q.is_cuda else _eager_flex
+
+
+def _eager_flex(*args, **kwargs):
+    with warnings.catch_warnings():   # the "unfused implementation" warning is expected (and harmless) here
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
+def rope_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos/sin of each token's position: (B, 1, S, head_dim/2), broadcast over heads."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos.float()[:, None, :, None] * inv_freq                      # (B, 1, S, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)                                     # 2 x (B, nh, S, hd/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention under an arbitrary mask (the name is nanoGPT's; the mask decides causality)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, nh, T, hs)
+        k, v = self.kv_proj(x).view(B, T, 2 * self.n_kv_head, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        return apply_rope(q, rope), apply_rope(k, rope), v                                  # k, v: (B, nkv, T, hs)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, rope)
+        gqa = self.n_kv_head != self.n_head
+        if isinstance(mask, BlockMask):
+            y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa)                            # (B, nh, T, hs)
+        else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)    # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))                              # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Fast weights add a LoRA delta scale * B(A x) to any projection."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def proj(self, name: str, x: Tensor, fast: dict[str, Tensor], scale: float) -> Tensor:
+        out = getattr(self, name)(x)
+        if name + ".A" in fast:
+            A, B = fast[name + ".A"], fast[name + ".B"]                                   # (r, in), (out, r)
+            out = out + scale * ((x @ A.t().to(x.dtype)) @ B.t().to(x.dtype))          # (B, T, out)
+        return out
+
+    def forward(self, x: Tensor, fast: dict[str, Tensor], scale: float) -> Tensor:
+        h = F.silu(self.proj("gate", x, fast, scale)) * self.proj("up", x, fast, scale)   # (B, T, hidden)
+        return self.proj("down", h, fast, scale)                                          # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1, self.attn = RMSNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = RMSNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor,
+                fast: dict[str, Tensor], scale: float) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope, mask)
+        return x + self.mlp(self.ln_2(x), fast, scale)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                # tied input/output embedding, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():              # GPT-2: scale residual projections by depth
+            if name.endswith(("c_proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # --- the forward pass, in pieces -------------------------------------------------------------------------
+    def rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        return rope_tables(pos, cfg.n_embd // cfg.n_head, cfg.rope_base)
+
+    def blocks(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor, layers: range,
+               fast: dict[str, Tensor] | None = None, scale: float = 1.0) -> Tensor:
+        """Run blocks `layers` on the residual stream x (B, S, C); fast weights apply where named."""
+        fast = fast or {}
+        for i in layers:
+            prefix = f"h.{i}.mlp."
+            mine = {k[len(prefix):]: v for k, v in fast.items() if k.startswith(prefix)}
+            x = self.h[i](x, rope, mask, mine, scale)
+        return x
+
+    def loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy at positions with a target; logits exist only there, LOSS_CHUNK at a time."""
+        sel = (targets != IGNORE).flatten().nonzero().squeeze(1)                              # (N,)
+        h, y = x.flatten(0, 1).index_select(0, sel), targets.flatten().index_select(0, sel)  # (N, C), (N,)
+        if len(sel) <= LOSS_CHUNK:
+            return self._chunk_loss(h, y) / max(len(sel), 1)
+        # recompute each chunk's logits in backward; torch.func transforms refuse checkpoint's hooks
+        in_func = torch._C._functorch.peek_interpreter_stack() is not None
+        chunk_loss = self._chunk_loss if in_func else functools.partial(checkpoint, self._chunk_loss,
+                                                                        use_reentrant=False)
+        return sum(chunk_loss(hc, yc) for hc, yc in zip(h.split(LOSS_CHUNK), y.split(LOSS_CHUNK))) / len(sel)
+
+    def _chunk_loss(self, h: Tensor, y: Tensor) -> Tensor:
+        logits = self.lm_head(self.ln_f(h)).float()                                            # (n, vocab)
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def logits_at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Logits of selected positions, x (B, S, C), positions (B, P) -> (B, P, vocab)."""
+        h = x.gather(1, positions[..., None].expand(-1, -1, x.size(-1)))                      # (B, P, C)
+        return self.lm_head(self.ln_f(h)).float()
+
+    def forward(self, idx: Tensor, pos: Tensor, mask: BlockMask | Tensor, targets: Tensor,
+                fast: dict[str, Tensor] | None = None, scale: float = 1.0) -> Tensor:
+        x = self.blocks(self.wte(idx), self.rope(pos), mask, range(self.config.n_layer), fast, scale)
+        return self.loss(x, targets)

@@ -1,0 +1,66 @@
+"""Attention statistics: how much attention drains into the sink, and how much of it reaches the context.
+
+The paper's claim is that FocuSFT moves attention off "attention sinks" (positionally privileged tokens, above
+all the first one) and onto the context. Its exact metric definitions were not available to us, so we use:
+
+  sink mass    mean attention probability on the first token of the query's own document, over every query
+               but that first token, averaged over heads and layers.
+  engagement   share of a response query's attention that lands on context tokens (loss_mask == 0) of its own
+               document other than the first one, averaged over response queries, heads and layers.
+  sink rate    Gu et al. (ICLR 2025, "When attention sink emerges in language models"): the share of
+               (layer, head) pairs whose mean attention on the first token exceeds SINK_EPS.
+
+The idea to hold: no S x S matrix is needed. flex_attention returns each query's logsumexp (lse) over the keys
+its mask allows, so p(first) = exp(q.k_first / sqrt(d) - lse), and the mass on a key set K is
+exp(lse_K - lse), where lse_K comes from a second call whose mask is and-ed with "key in K". This works at 32K.
+"""
+import math
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import AuxRequest, and_masks
+
+import masks
+from model import GPT, flex
+
+SINK_EPS = 0.3   # Gu et al.'s threshold on a head's mean first-token attention
+
+
+def _lse(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    _, aux = flex(q)(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1),
+                  return_aux=AuxRequest(lse=True))
+    return aux.lse.float()                                     # (B, nh, S), natural log; -inf if nothing seen
+
+
+@torch.no_grad()
+def attention_stats(model: GPT, idx: Tensor, pos: Tensor, mask_mod, loss_mask: Tensor,
+                    attention_mask: Tensor | None = None) -> dict[str, float]:
+    """Sink mass, sink rate and context engagement of `model` on one batch under `mask_mod`.
+
+    `pos` is the position inside each token's document (0 at a document's first token)."""
+    B, S = idx.shape
+    valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    first = torch.arange(S, device=idx.device) - pos                     # (B, S) index of own document's start
+    context_keys = (loss_mask == 0) & (pos != 0) & valid                 # (B, S)
+    sink_queries = (valid & (pos != 0)).float()                          # (B, S)
+    response_queries = (valid & (loss_mask == 1)).float()               # (B, S)
+    seen_all = masks.block_mask(mask_mod, B, S, idx.device)
+    seen_ctx = masks.block_mask(and_masks(mask_mod, masks.key_in_set(context_keys)), B, S, idx.device)
+
+    head_sink, engagement = [], []
+    x, rope = model.wte(idx), model.rope(pos)
+    for block in model.h:
+        q, k, v = block.attn.qkv(block.ln_1(x), rope)                    # (B, nh, S, hs), (B, nkv, S, hs) x2
+        lse, lse_ctx = _lse(q, k, v, seen_all), _lse(q, k, v, seen_ctx)
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)           # (B, nh, S, hs)
+        k_first = k.gather(2, first[:, None, :, None].expand_as(k))      # (B, nh, S, hs) key of doc start
+        score = (q.float() * k_first.float()).sum(-1) / math.sqrt(q.size(-1))   # (B, nh, S)
+        p_sink = torch.exp(score - lse).nan_to_num(0.0)                  # padding rows (lse = -inf) -> 0
+        p_ctx = torch.exp(lse_ctx - lse).nan_to_num(0.0)                 # (B, nh, S)
+        head_sink.append((p_sink * sink_queries[:, None]).sum((0, 2)) / sink_queries.sum().clamp(min=1))  # (nh,)
+        engagement.append((p_ctx * response_queries[:, None]).sum() / (response_queries.sum() * q.size(1)).clamp(min=1))
+        x = block(x, rope, seen_all, {}, 1.0)
+    head_sink = torch.stack(head_sink)                                   # (n_layer, nh)
+    return {"sink_mass": head_sink.mean().item(),
+            "sink_rate": (head_sink > SINK_EPS).float().mean().item(),
+            "engagement": torch.stack(engagement).mean().item()}

@@ -1,0 +1,128 @@
+"""Fast weights and the inner loop against hand-computed updates and an unoptimised reference step.
+
+Run: python -m pytest -q tests/test_fastweights.py
+"""
+import math
+
+import pytest
+import torch
+
+import fastweights as fw
+import masks
+from conftest import random_batch
+
+
+def hybrid_dense(b):
+    B, S = b["idx"].shape
+    return masks.dense_mask(masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]), B, S, "cpu")
+
+
+def test_adapted_layers_follow_the_authors_rule():
+    assert fw.adapted_layers(24, 0.35) == range(15, 24)        # int(24 * 0.65) = 15
+    assert fw.adapted_layers(28, 0.35) == range(18, 28)        # Qwen2.5-7B: int(28 * 0.65) = 18
+    assert fw.adapted_layers(4, 1.0) == range(0, 4)
+
+
+def test_fresh_fast_weights_compute_the_base_model_exactly(tiny_model):
+    b = random_batch()
+    cfg = fw.InnerConfig(rank=4, alpha=8)
+    fast = fw.init_fast(tiny_model, cfg)
+    assert set(fast) == {f"h.{i}.mlp.{p}.{m}" for i in (2, 3) for p in ("gate", "up", "down") for m in "AB"}
+    assert fast["h.2.mlp.gate.A"].shape == (4, 32) and fast["h.2.mlp.gate.B"].shape == (64, 4)
+    assert fast["h.3.mlp.down.A"].shape == (4, 64) and fast["h.3.mlp.down.B"].shape == (32, 4)
+    bound = 1 / math.sqrt(32)                                  # kaiming-uniform(a=sqrt 5) = U(-1/sqrt(in), ..)
+    assert fast["h.2.mlp.gate.A"].abs().max() <= bound and fast["h.2.mlp.gate.A"].std() > bound / 3
+    mask = hybrid_dense(b)
+    base = tiny_model(b["idx"], b["pos"], mask, b["targets"])
+    reset = tiny_model(b["idx"], b["pos"], mask, b["targets"], fast, cfg.scale)
+    assert torch.equal(base, reset)
+    nudged = {k: v + 0.1 for k, v in fast.items()}             # and non-zero fast weights do change it
+    assert not torch.equal(base, tiny_model(b["idx"], b["pos"], mask, b["targets"], nudged, cfg.scale))
+
+
+@pytest.mark.parametrize("grad_fn", [fw.func_grad, fw.autograd_grad])
+def test_one_inner_step_is_a_hand_computed_clipped_sgd_step(grad_fn):
+    """L(phi) = 1/2 sum ||phi_k - t_k||^2 has gradient phi_k - t_k: the update can be written by hand."""
+    torch.manual_seed(0)
+    phi = {"small": torch.randn(3, 4) * 0.01, "big": torch.randn(5, 2) * 10}
+    tgt = {k: torch.randn_like(v) for k, v in phi.items()}
+
+    def loss_fn(f):
+        return sum(0.5 * (f[k] - tgt[k]).pow(2).sum() for k in f)
+
+    cfg = fw.InnerConfig(steps=1, lr=0.5, clip=1.0)
+    new, losses = fw.adapt(loss_fn, phi, cfg, grad_fn)
+    for k in phi:
+        g = phi[k] - tgt[k]
+        n = math.sqrt(float((g * g).sum()))
+        step = g if n <= 1.0 else g / n                         # clip this tensor alone to norm 1
+        torch.testing.assert_close(new[k], phi[k] - 0.5 * step)
+    assert (phi["big"] - tgt["big"]).norm() > 1 and (phi["small"] - tgt["small"]).norm() < 10  # clip was active
+    torch.testing.assert_close(losses, loss_fn(phi)[None])
+
+
+def test_non_finite_inner_loss_skips_the_step():
+    phi = {"w": torch.ones(2, 2)}
+    cfg = fw.InnerConfig(steps=3, lr=1.0)
+    new, losses = fw.adapt(lambda f: (f["w"] * float("nan")).sum(), phi, cfg, fw.autograd_grad)
+    assert torch.equal(new["w"], phi["w"]) and losses.isnan().all()
+
+
+def model_inner_loss(model, b, mask, cfg):
+    """The inner loss computed the plain way: the whole model, every layer, from the tokens."""
+    return lambda f: model(b["idx"], b["pos"], mask, b["targets"], f, cfg.scale)
+
+
+def test_func_grad_and_autograd_grad_give_the_same_update(tiny_model):
+    b, cfg = random_batch(), fw.InnerConfig(rank=4, alpha=8, steps=2)
+    mask = hybrid_dense(b)
+    torch.manual_seed(1)
+    fast = fw.init_fast(tiny_model, cfg)
+    a, la = fw.adapt(model_inner_loss(tiny_model, b, mask, cfg), fast, cfg, fw.func_grad)
+    c, lc = fw.adapt(model_inner_loss(tiny_model, b, mask, cfg), fast, cfg, fw.autograd_grad)
+    for k in fast:
+        torch.testing.assert_close(a[k], c[k], atol=1e-6, rtol=1e-5)
+        assert not torch.equal(a[k], fast[k])                   # both really moved
+    torch.testing.assert_close(la, lc)
+    assert lc[1] < lc[0]                                        # and the inner loss went down
+
+
+@pytest.mark.parametrize("grad_fn", [fw.func_grad, fw.autograd_grad])
+def test_inner_loop_leaves_no_gradient_on_base_weights(tiny_model, grad_fn):
+    b, cfg = random_batch(), fw.InnerConfig(rank=4, alpha=8)
+    fw.adapt(model_inner_loss(tiny_model, b, hybrid_dense(b), cfg), fw.init_fast(tiny_model, cfg), cfg, grad_fn)
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+@pytest.mark.parametrize("inner_loss", ["response", "context"])
+def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss):
+    """focusft_loss shares the lower layers and re-runs only the upper ones; the naive step re-runs the whole
+    model everywhere. Same fast weights, same outer loss, same base-weight gradients."""
+    b, cfg = random_batch(), fw.InnerConfig(rank=4, alpha=8, loss=inner_loss, steps=2, lr=0.5)
+    mask = hybrid_dense(b)
+    inner_mask = inner_targets = None
+    if inner_loss == "context":
+        from train import context_targets
+        inner_mask = masks.dense_mask(masks.causal(b["attention_mask"], b["document_ids"]), 2, 70, "cpu")
+        inner_targets = context_targets(b)
+
+    torch.manual_seed(5)
+    loss, inner_losses = fw.focusft_loss(tiny_model, b["idx"], b["pos"], mask, b["targets"], cfg,
+                                         inner_mask, inner_targets)
+    grads = torch.autograd.grad(loss, list(tiny_model.parameters()))
+
+    torch.manual_seed(5)
+    fast = fw.init_fast(tiny_model, cfg)
+    naive_targets = b["targets"] if inner_targets is None else inner_targets
+    naive_mask = mask if inner_mask is None else inner_mask
+    for _ in range(cfg.steps):                                  # phi <- phi - lr * clip(grad), first order
+        leaves = {k: v.clone().requires_grad_() for k, v in fast.items()}
+        li = tiny_model(b["idx"], b["pos"], naive_mask, naive_targets, leaves, cfg.scale)
+        g = torch.autograd.grad(li, list(leaves.values()))
+        fast = {k: (v - cfg.lr * gk * min(1.0, cfg.clip / (gk.norm().item() + 1e-6))).detach()
+                for (k, v), gk in zip(fast.items(), g)}
+    naive = tiny_model(b["idx"], b["pos"], mask, b["targets"], fast, cfg.scale)
+    torch.testing.assert_close(loss, naive)
+    for got, want in zip(grads, torch.autograd.grad(naive, list(tiny_model.parameters()))):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    assert inner_losses.shape == (2,) and not torch.equal(loss, tiny_model(b["idx"], b["pos"], mask, b["targets"]))

@@ -1,0 +1,108 @@
+"""The GPT: logits only where needed, chunked loss, backends and attention statistics against dense references.
+
+Run: python -m pytest -q tests/test_model.py
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+
+import masks
+import model as M
+from conftest import random_batch, tiny_config
+from stats import attention_stats
+
+
+def full_logits(model, idx, pos, mask):
+    x = model.blocks(model.wte(idx), model.rope(pos), mask, range(model.config.n_layer))
+    return model.lm_head(model.ln_f(x)).float()                                # (B, S, vocab)
+
+
+def test_logits_at_positions_equal_full_logits_sliced(tiny_model):
+    b = random_batch()
+    mask = masks.dense_mask(masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]), 2, 70, "cpu")
+    full = full_logits(tiny_model, b["idx"], b["pos"], mask)
+    positions = torch.tensor([[0, 5, 69], [3, 3, 40]])
+    x = tiny_model.blocks(tiny_model.wte(b["idx"]), tiny_model.rope(b["pos"]), mask, range(4))
+    got = tiny_model.logits_at(x, positions)
+    want = torch.stack([full[i, positions[i]] for i in range(2)])
+    torch.testing.assert_close(got, want)
+
+
+def test_loss_equals_cross_entropy_of_full_logits_and_chunking_changes_nothing(tiny_model, monkeypatch):
+    b = random_batch()
+    mask = masks.dense_mask(masks.causal(b["attention_mask"], b["document_ids"]), 2, 70, "cpu")
+    full = full_logits(tiny_model, b["idx"], b["pos"], mask)
+    want = F.cross_entropy(full.flatten(0, 1), b["targets"].flatten(), ignore_index=M.IGNORE)
+    one = tiny_model(b["idx"], b["pos"], mask, b["targets"])
+    torch.testing.assert_close(one, want)
+    g_one = torch.autograd.grad(one, tiny_model.wte.weight)[0]
+    monkeypatch.setattr(M, "LOSS_CHUNK", 3)                                  # many checkpointed chunks
+    chunked = tiny_model(b["idx"], b["pos"], mask, b["targets"])
+    torch.testing.assert_close(chunked, want)
+    torch.testing.assert_close(torch.autograd.grad(chunked, tiny_model.wte.weight)[0], g_one)
+
+
+def test_flex_and_sdpa_backends_agree_on_the_model():
+    torch.manual_seed(0)
+    m = M.GPT(tiny_config())
+    b = random_batch(S=140)
+    mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"])
+    with torch.no_grad():
+        a = full_logits(m, b["idx"], b["pos"], masks.dense_mask(mod, 2, 140, "cpu"))
+        f = full_logits(m, b["idx"], b["pos"], create_block_mask(mod, 2, None, 140, 140, device="cpu"))
+    valid = b["attention_mask"]
+    torch.testing.assert_close(f[valid], a[valid], atol=2e-5, rtol=1e-4)
+
+
+def test_rope_is_relative():
+    """Shifting every position by a constant leaves q.k unchanged: positions enter only as differences."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    pos = torch.arange(5)[None]
+    dots = [(M.apply_rope(q, M.rope_tables(p, 16, 1e4)) @ M.apply_rope(k, M.rope_tables(p, 16, 1e4)).transpose(-1, -2))
+            for p in (pos, pos + 37)]
+    torch.testing.assert_close(dots[0], dots[1], atol=1e-4, rtol=1e-4)
+
+
+def dense_stats(model, b, mask_mod):
+    """The three statistics from explicit softmax probabilities (the S x S way)."""
+    B, S = b["idx"].shape
+    dense = masks.dense_mask(mask_mod, B, S, "cpu")                           # (B, 1, S, S)
+    x, rope = model.wte(b["idx"]), model.rope(b["pos"])
+    first = torch.arange(S) - b["pos"]
+    valid, lm, pos = b["attention_mask"], b["loss_mask"], b["pos"]
+    ctx_key = (lm == 0) & (pos != 0) & valid
+    head_sink, eng = [], []
+    for block in model.h:
+        q, k, v = block.attn.qkv(block.ln_1(x), rope)
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))).masked_fill(~dense, float("-inf"))
+        p = torch.softmax(scores, -1).nan_to_num(0.0)                          # (B, nh, S, S)
+        sink_q = valid & (pos != 0)
+        p_first = p.gather(3, first[:, None, :, None].expand(B, p.size(1), S, 1))[..., 0]   # (B, nh, S)
+        head_sink.append(torch.stack([p_first[:, h][sink_q].mean() for h in range(p.size(1))]))
+        resp_q = valid & (lm == 1)
+        p_ctx = (p * ctx_key[:, None, None, :]).sum(-1)                          # (B, nh, S)
+        eng.append(torch.stack([p_ctx[:, h][resp_q].mean() for h in range(p.size(1))]).mean())
+        x = block(x, rope, dense, {}, 1.0)
+    hs = torch.stack(head_sink)
+    return {"sink_mass": hs.mean().item(), "sink_rate": (hs > 0.3).float().mean().item(),
+            "engagement": torch.stack(eng).mean().item()}
+
+
+def test_attention_stats_from_logsumexp_match_dense_softmax():
+    torch.manual_seed(0)
+    m = M.GPT(tiny_config())
+    with torch.no_grad():                                # a model with a strong sink on the first token
+        m.wte.weight[:] += 0.5 * torch.randn_like(m.wte.weight)
+    b = random_batch(S=150)
+    for mod in (masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]),
+                masks.causal(b["attention_mask"], b["document_ids"])):
+        got = attention_stats(m, b["idx"], b["pos"], mod, b["loss_mask"], b["attention_mask"])
+        with torch.no_grad():
+            want = dense_stats(m, b, mod)
+        for key in want:
+            assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-6), (key, got, want)
+        assert 0 < got["engagement"] < 1 and 0 < got["sink_mass"] < 1
