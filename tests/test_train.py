@@ -1,0 +1,91 @@
+"""train.py end to end on the CPU: loss falls, checkpoints round-trip, resume is exact, bad input fails cleanly.
+
+Run: python -m pytest -q tests/test_train.py
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+
+TINY = ["--ctx", "512", "--model", "tiny", "--device", "cpu", "--batch-size", "2", "--lr", "3e-3",
+        "--inner-rank", "8", "--stats-every", "100"]
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
+
+
+@pytest.mark.parametrize("method", ["focusft", "sft"])
+def test_twenty_steps_loss_falls_and_checkpoint_is_written(tmp_path, method):
+    train.main(TINY + ["--steps", "20", "--method", method, "--out", str(tmp_path)])
+    got = losses(tmp_path)
+    assert len(got) == 20
+    assert sum(got[-5:]) / 5 < 0.7 * sum(got[:5]) / 5
+    if method == "focusft":  # inner[0] is the loss of the base weights alone (fresh fast weights): it falls too
+        base = [r["inner"][0] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "inner" in r]
+        assert sum(base[-5:]) / 5 < 0.7 * sum(base[:5]) / 5
+    ckpt = train.load_checkpoint(train.ckpt_path(str(tmp_path)))       # weights_only=True
+    assert ckpt["step"] == 19 and ckpt["config"]["args"]["method"] == method
+    assert not [k for k in ckpt["model"] if k.endswith((".A", ".B"))]  # fast weights are never saved
+    state = ckpt["optimizer"]["state"]
+    n_params = len(list(train.GPT(train.GPTConfig(**ckpt["config"]["model"])).parameters()))
+    assert len(state) == n_params                                       # optimizer holds base weights only
+    assert ckpt["config"]["inner"]["rank"] == 8 and ckpt["config"]["model"]["n_layer"] == 4
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    common = TINY + ["--steps", "6", "--method", "focusft"]
+    train.main(common + ["--out", str(straight)])
+    train.main(common + ["--out", str(chunked), "--stop-after", "3"])
+    assert train.load_checkpoint(train.ckpt_path(str(chunked)))["step"] == 2
+    train.main(["--out", str(chunked), "--resume"])
+    a = train.load_checkpoint(train.ckpt_path(str(straight)))
+    b = train.load_checkpoint(train.ckpt_path(str(chunked)))
+    assert a["step"] == b["step"] == 5
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert losses(straight) == losses(chunked)
+
+
+def test_lm_objective_then_init(tmp_path):
+    base = tmp_path / "base"
+    train.main(TINY + ["--steps", "4", "--objective", "lm", "--out", str(base)])
+    ckpt = train.load_checkpoint(train.ckpt_path(str(base)))
+    assert ckpt["config"]["args"]["mask"] == "causal" and ckpt["config"]["args"]["method"] == "sft"
+    ft = tmp_path / "ft"
+    train.main(TINY + ["--steps", "1", "--init", train.ckpt_path(str(base)), "--out", str(ft), "--lr", "1e-12"])
+    after = train.load_checkpoint(train.ckpt_path(str(ft)))["model"]
+    for k, v in ckpt["model"].items():                                # a 1e-12 step keeps the base weights
+        torch.testing.assert_close(after[k], v, atol=1e-8, rtol=0)
+
+
+def test_ablation_flags_reach_the_step(tmp_path):
+    train.main(TINY + ["--steps", "2", "--method", "focusft", "--mask", "causal", "--inner-loss", "context",
+                       "--inner-steps", "3", "--out", str(tmp_path)])
+    inner = [r["inner"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "inner" in r]
+    assert [len(i) for i in inner] == [3, 3]
+    assert train.load_checkpoint(train.ckpt_path(str(tmp_path)))["config"]["args"]["mask"] == "causal"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--ctx", "0"], "--ctx"),
+    (["--ctx", "-5"], "--ctx"),
+    (["--method", "magic"], "--method"),
+    (["--tasks", "qa1,qa9"], "qa9"),
+    (["--steps", "-1"], "--steps"),
+    (["--resume", "--out", "/nonexistent/run"], "no checkpoint"),
+    (["--ctx", "abc"], "--ctx"),
+])
+def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, argv, needle):
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--device", "cpu", "--out", str(tmp_path / "o"),
+                          *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("train.py: error:"), run.stderr
+    assert not (tmp_path / "o" / "ckpt.pt").exists()

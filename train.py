@@ -1,0 +1,355 @@
+"""Train a GPT with FocuSFT (or plain SFT, or next-token pretraining) on long packed rows.
+
+    python train.py --ctx 8192                      # FocuSFT, defaults picked for this machine
+    python train.py --ctx 8192 --method sft         # the causal SFT baseline
+    python train.py --objective lm --out runs/base  # pretrain a base model, then --init runs/base/ckpt.pt
+
+One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its mask built
+once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py), then one AdamW step on the
+base weights. The loop is flat: evaluation and checkpointing at the top, the training step below. Every batch
+is a pure function of (seed, step, micro-step), so `--resume` continues exactly and parallel workers can
+draw disjoint data later.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+import data
+import masks
+from fastweights import InnerConfig, focusft_loss
+from model import GPT, GPTConfig, IGNORE
+from stats import attention_stats
+
+# model presets: (n_layer, n_head, n_kv_head, n_embd, mlp_hidden)
+PRESETS = {
+    "tiny": (4, 2, 2, 128, 384),       # a CPU default: an 8K-token FocuSFT step in seconds on 2 cores
+    "small": (8, 4, 4, 512, 1408),     # the GPU default: head size 128, the fast flex kernel shape
+    "qwen05b": (24, 14, 2, 896, 4864),  # Qwen2-0.5B's shape, to compare with the authors' timings
+}
+EVAL_ROWS = 4   # held-out rows for the answer accuracy printed with the statistics (eval split, fixed)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                      # one clear line, non-zero exit
+        sys.exit(f"train.py: error: {message}")
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = Parser(description=__doc__.split("\n")[0])
+    # --- data ---
+    p.add_argument("--ctx", type=int, default=8192, help="tokens per training row")
+    p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI-like tasks to draw samples from")
+    p.add_argument("--min-len", type=int, default=256, help="shortest sample packed into a row (tokens)")
+    p.add_argument("--max-len", type=int, default=0, help="longest sample (tokens); 0 = --ctx")
+    p.add_argument("--objective", choices=["sft", "lm"], default="sft",
+                   help="sft: loss on answers; lm: next-token loss on every token, causal mask (pretraining)")
+    # --- method ---
+    p.add_argument("--method", choices=["focusft", "sft"], default="focusft",
+                   help="focusft: inner loop + hybrid mask; sft: causal mask, no inner loop")
+    p.add_argument("--mask", choices=["hybrid", "causal"], default=None,
+                   help="override the method's mask (for the 2x2 ablation); default hybrid for focusft")
+    p.add_argument("--inner-steps", type=int, default=2, help="inner SGD steps (0 = no inner loop)")
+    p.add_argument("--inner-lr", type=float, default=None,
+                   help="inner SGD learning rate; default 1.0 (the authors') with --init, 0.1 from scratch")
+    p.add_argument("--inner-clip", type=float, default=1.0, help="per-tensor gradient norm clip in the inner loop")
+    p.add_argument("--inner-rank", type=int, default=32, help="LoRA rank of the fast weights")
+    p.add_argument("--inner-alpha", type=float, default=64.0, help="LoRA alpha (delta scaled by alpha/rank)")
+    p.add_argument("--inner-fraction", type=float, default=0.35, help="top fraction of layers with fast weights")
+    p.add_argument("--inner-targets", default="gate,up,down", help="MLP projections with fast weights")
+    p.add_argument("--inner-loss", choices=["response", "context"], default="response",
+                   help="response: the outer SFT loss; context: next-token loss on context tokens (causal)")
+    # --- optimisation ---
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps; 0 = the machine's default")
+    p.add_argument("--batch-size", type=int, default=0, help="rows per micro-batch; 0 = the machine's default")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=0.0, help="peak AdamW learning rate; 0 = the machine's default")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (then cosine to 0)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient norm clip (0 = off)")
+    # --- model ---
+    p.add_argument("--model", choices=sorted(PRESETS), default=None, help="size preset; default by device")
+    p.add_argument("--init", default=None, help="start from the weights (and model config) of this checkpoint")
+    p.add_argument("--attn", choices=["flex", "sdpa"], default=None, help="attention backend; default by device")
+    # --- system ---
+    p.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; default bf16 on cuda")
+    p.add_argument("--compile", type=int, choices=[0, 1], default=None, help="torch.compile each block (cuda default 1)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of data, init and fast weights")
+    # --- output ---
+    p.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue exactly from --out/ckpt.pt")
+    p.add_argument("--stop-after", type=int, default=0, help="end this run after this step (continue with --resume)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--stats-every", type=int, default=0, help="sink/engagement/accuracy every N steps; 0 = steps/5")
+    return p.parse_args(argv)
+
+
+def apply_defaults(args) -> list[str]:
+    """Fill what the user left open by the machine; return the reasons, for printing."""
+    why = []
+    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
+    args.device = args.device or ("cuda" if cuda else "cpu")
+    def default(name, value, reason):
+        if getattr(args, name) in (None, 0, 0.0):
+            setattr(args, name, value)
+            why.append(f"--{name.replace('_', '-')} {value}: {reason}")
+    if cuda:
+        default("model", "small", "8 x 512, head size 128: learns in minutes on one GPU")
+        default("attn", "flex", "fused flex_attention kernels with a sparse BlockMask")
+        default("compile", 1, "flex must run compiled on the GPU")
+        default("dtype", "bf16", "bf16 autocast")
+        default("batch_size", max(1, 65536 // args.ctx), "about 64K tokens per step")
+        default("steps", 2000, "about 15 minutes of the small model on one H200")
+        default("lr", 1e-3, "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
+    else:
+        default("model", "tiny", "2-core CPU")
+        default("attn", "sdpa", "flex_attention has no CPU backward")
+        default("compile", 0, "no compile on CPU")
+        default("dtype", "fp32", "CPU")
+        default("batch_size", 1, "CPU")
+        default("steps", 20, "about 6 minutes on 2 cores at --ctx 8192")
+        default("lr", 3e-3, "a tiny model from scratch")
+    default("max_len", args.ctx, "samples up to a full row")
+    if args.inner_lr is None:
+        args.inner_lr = 1.0 if args.init else 0.1
+        why.append(f"--inner-lr {args.inner_lr}: " + ("the authors' value, for a pretrained model" if args.init else
+                   "from scratch the residual stream is small and lr 1.0 fast weights swamp it (README)"))
+    default("stats_every", max(1, args.steps // 5), "five measurements per run")
+    return why
+
+
+def check_args(args):
+    bad = [f"--ctx must be a positive number of tokens (got {args.ctx})" if args.ctx <= 0 else None,
+           f"--steps must be positive (got {args.steps})" if args.steps <= 0 else None,
+           f"--batch-size must be positive (got {args.batch_size})" if args.batch_size <= 0 else None,
+           f"--grad-accum must be positive (got {args.grad_accum})" if args.grad_accum <= 0 else None,
+           f"--inner-steps must be >= 0 (got {args.inner_steps})" if args.inner_steps < 0 else None,
+           "--inner-fraction must be in (0, 1]" if not 0 < args.inner_fraction <= 1 else None,
+           f"--min-len ({args.min_len}) must be between 1 and --ctx" if not 0 < args.min_len <= args.ctx else None,
+           f"--max-len ({args.max_len}) must be between --min-len and --ctx"
+           if not args.min_len <= args.max_len <= args.ctx else None,
+           "--attn flex trains only on cuda (no CPU backward); use --attn sdpa"
+           if args.attn == "flex" and args.device == "cpu" else None,
+           f"--resume: no checkpoint at {ckpt_path(args.out)}"
+           if args.resume and not os.path.exists(ckpt_path(args.out)) else None,
+           f"--init: no checkpoint at {args.init}" if args.init and not os.path.exists(args.init) else None]
+    unknown = set(args.tasks.split(",")) - set(data.TASKS)
+    bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(data.TASKS)}" if unknown else None)
+    unknown = set(args.inner_targets.split(",")) - {"gate", "up", "down"}
+    bad.append(f"--inner-targets: unknown {sorted(unknown)}; choose from gate,up,down" if unknown else None)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        bad.append("--device cuda: no CUDA device here")
+    for b in bad:
+        if b:
+            sys.exit(f"train.py: error: {b}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pieces of the loop
+
+def ckpt_path(out: str) -> str:
+    return os.path.join(out, "ckpt.pt")
+
+
+def save_checkpoint(path: str, model, optimizer, config: dict, step: int):
+    """Plain dict, written to a temp file and renamed, so a crash never leaves half a checkpoint."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "step": step,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warm-up over the first --warmup of the steps, then cosine decay to zero."""
+    warm = max(1, int(args.warmup * args.steps))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
+
+
+def get_batch(args, enc, pool, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
+    rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")      # a batch is a function of its coordinates
+    batch = data.pack_batch(enc, rng, pool, rows or args.batch_size, args.ctx, args.tasks.split(","),
+                            args.min_len, args.max_len, objective=args.objective)
+    return {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+
+
+def mask_mod_for(args, batch):
+    if args.mask == "hybrid":
+        return masks.hybrid(batch["loss_mask"], batch["attention_mask"], batch["document_ids"])
+    return masks.causal(batch["attention_mask"], batch["document_ids"])
+
+
+def build_mask(args, mask_mod, batch_size: int):
+    if args.attn == "flex":
+        return masks.block_mask(mask_mod, batch_size, args.ctx, args.device)
+    return masks.dense_mask(mask_mod, batch_size, args.ctx, args.device)
+
+
+def context_targets(batch) -> torch.Tensor:
+    """Next-token targets on context tokens only (the "context" inner loss)."""
+    return data.next_token_targets(batch["idx"], batch["document_ids"], batch["loss_mask"] == 0)
+
+
+def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of one micro-batch and the inner losses (empty without an inner loop)."""
+    B = batch["idx"].size(0)
+    mask = build_mask(args, mask_mod_for(args, batch), B)
+    if args.method == "sft" or inner.steps == 0:
+        return model(batch["idx"], batch["pos"], mask, batch["targets"]), torch.zeros(0)
+    inner_mask = inner_targets = None
+    if inner.loss == "context":   # next-token prediction under a bidirectional mask would be copying: go causal
+        inner_mask = build_mask(args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
+        inner_targets = context_targets(batch)
+    return focusft_loss(model, batch["idx"], batch["pos"], mask, batch["targets"], inner, inner_mask, inner_targets)
+
+
+@torch.no_grad()
+def evaluate(args, model, enc, pool) -> dict:
+    """Held-out answer accuracy and the attention statistics of one row.
+
+    Accuracy is the argmax at each answer's first token (for the lm objective: at every next token), with the
+    base weights alone: fast weights exist only inside a training step."""
+    batch = get_batch(args, enc, pool, 0, 0, split="eval", rows=EVAL_ROWS)
+    mask_mod = mask_mod_for(args, batch)
+    x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, EVAL_ROWS),
+                     range(model.config.n_layer))
+    sel = batch["targets"] != IGNORE
+    if args.objective == "sft":
+        sel &= batch["loss_mask"] == 0                          # the last context token predicts the answer
+    pred = model.lm_head(model.ln_f(x[sel])).argmax(-1)
+    out = {"eval_acc": (pred == batch["targets"][sel]).float().mean().item(), "eval_n": int(sel.sum())}
+    one = {k: v[:1] for k, v in batch.items()}
+    out.update(attention_stats(model, one["idx"], one["pos"], mask_mod_for(args, one), one["loss_mask"],
+                               one["attention_mask"]))
+    return out
+
+
+def progress(step: int, total: int, width: int = 20) -> str:
+    done = int(width * step / total)
+    return "[" + "#" * done + "." * (width - done) + f"] {step:>{len(str(total))}}/{total}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    start_step, ckpt = 0, None
+    if args.resume and os.path.exists(ckpt_path(args.out)):
+        ckpt = load_checkpoint(ckpt_path(args.out))
+        keep = {k: getattr(args, k) for k in ("out", "resume", "stop_after")}
+        args = argparse.Namespace(**{**ckpt["config"]["args"], **keep})
+        start_step = ckpt["step"] + 1
+        why = [f"resuming {ckpt_path(args.out)} at step {start_step} with its recorded configuration"]
+    else:
+        why = apply_defaults(args)
+        args.mask = args.mask or ("hybrid" if args.method == "focusft" and args.objective == "sft" else "causal")
+        if args.objective == "lm":
+            args.method = "sft"                                  # pretraining: plain next-token loss
+    check_args(args)
+    print("defaults chosen:\n  " + "\n  ".join(why) if why else "no defaults needed")
+    print("config:", json.dumps(vars(args)))
+
+    torch.manual_seed(args.seed)
+    if ckpt is not None:
+        model_cfg = GPTConfig(**ckpt["config"]["model"])
+    elif args.init:
+        model_cfg = GPTConfig(**{**load_checkpoint(args.init)["config"]["model"], "attn": args.attn})
+    else:
+        n_layer, n_head, n_kv, n_embd, hidden = PRESETS[args.model]
+        model_cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=n_embd, mlp_hidden=hidden,
+                              attn=args.attn)
+    inner = InnerConfig(steps=args.inner_steps, lr=args.inner_lr, clip=args.inner_clip, rank=args.inner_rank,
+                        alpha=args.inner_alpha, fraction=args.inner_fraction,
+                        targets=tuple(args.inner_targets.split(",")), loss=args.inner_loss)
+    model = GPT(model_cfg).to(args.device)
+    if args.init and ckpt is None:
+        model.load_state_dict(load_checkpoint(args.init)["model"])
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if args.compile:
+        # one graph per variant (shape, grad mode, with/without fast weights): allow more than the default 8
+        torch._dynamo.config.cache_size_limit = 64
+        for block in model.h:
+            block.compile(dynamic=False)
+    config = {"args": vars(args), "model": model_cfg.to_dict(), "inner": inner.to_dict()}
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.1f}M parameters, {model_cfg.n_layer} layers; "
+          f"fast weights on layers {int(model_cfg.n_layer * (1 - inner.fraction))}..{model_cfg.n_layer - 1}")
+
+    enc = data.gpt2()
+    pool = data.HaystackPool(enc, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    log.write(json.dumps({"config": config, "start_step": start_step}) + "\n")
+    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    last = min(args.steps, args.stop_after or args.steps) - 1
+    for step in range(start_step, last + 1):
+        # ------------------------------------------------------------------ evaluation and checkpoint
+        if step % args.stats_every == 0 or step == last:
+            with autocast:
+                ev = evaluate(args, model, enc, pool)
+            print(f"eval step {step}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | sink mass {ev['sink_mass']:.3f} | "
+                  f"sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
+            log.write(json.dumps({"step": step, **ev}) + "\n")
+        if args.ckpt_every and step > start_step and step % args.ckpt_every == 0:
+            save_checkpoint(ckpt_path(args.out), model, optimizer, config, step - 1)
+
+        # ------------------------------------------------------------------ one training step
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, inner_losses, n_tokens = 0.0, torch.zeros(0), 0
+        for micro in range(args.grad_accum):
+            batch = get_batch(args, enc, pool, step, micro)
+            with autocast:
+                loss, inner_losses = train_loss(args, model, inner, batch)
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.item() / args.grad_accum
+            n_tokens += int(batch["attention_mask"].sum())
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        il = inner_losses.tolist()
+        inner_txt = f" | inner {il[0]:.3f}->{il[-1]:.3f}" if il else ""
+        print(f"{progress(step + 1, args.steps)} | loss {loss_sum:.4f}{inner_txt} | lr {lr:.2e} | "
+              f"{n_tokens / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)
+        log.write(json.dumps({"step": step, "loss": loss_sum, "inner": il, "lr": lr, "tok_s": n_tokens / dt,
+                              "ms": dt * 1000}) + "\n")
+        log.flush()
+
+    save_checkpoint(ckpt_path(args.out), model, optimizer, config, last)
+    if args.device.startswith("cuda"):
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(f"saved {ckpt_path(args.out)} at step {last}")
+    log.close()
+
+
+if __name__ == "__main__":
+    main()
