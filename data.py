@@ -27,6 +27,8 @@ from unittest import mock
 import tiktoken
 import tiktoken.load
 import torch
+
+from model import IGNORE
 from tiktoken_ext.openai_public import r50k_pat_str
 
 # ----------------------------------------------------------------------------- the GPT-2 tokenizer, offline
@@ -370,8 +372,8 @@ def pack_batch(enc: tiktoken.Encoding, rng: random.Random, pool: HaystackPool, b
 def next_token_targets(idx: torch.Tensor, document_ids: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """targets[b, t] = idx[b, t+1] where token t+1 is wanted, not padding and in t's document; else -100."""
     keep = (document_ids[:, 1:] == document_ids[:, :-1]) & (document_ids[:, 1:] >= 0) & wanted[:, 1:]
-    targets = torch.full_like(idx, -100)
-    targets[:, :-1] = torch.where(keep, idx[:, 1:], -100)
+    targets = torch.full_like(idx, IGNORE)
+    targets[:, :-1] = torch.where(keep, idx[:, 1:], IGNORE)
     return targets
 
 

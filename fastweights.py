@@ -2,7 +2,9 @@
 
 Every training step FocuSFT (1) resets small LoRA "fast weights" phi on the MLPs of the top 35 % of layers,
 (2) adapts them to the sample with a few SGD steps (the inner loop), and (3) takes the ordinary SFT step on the
-base weights theta with the adapted phi active (the outer loop); then phi is thrown away. Ideas to hold:
+base weights theta with the adapted phi active (the outer loop); then phi is thrown away. Each batch row gets
+its own phi, adapted on that row's own mean loss (the authors adapt per sample; rows packed with several
+samples share one phi: use --min-len = --ctx for one sample per row). Ideas to hold:
   1. The inner loop is first-order: phi_k+1 = phi_k - lr * clip(grad_phi L_inner(theta, phi_k)), with phi_k
      treated as a constant. No graph runs through the update, so the outer gradient is grad_theta L(theta, phi_K)
      without the d phi_K / d theta term (as in the authors' code; flex attention has no double backward anyway).
@@ -46,54 +48,65 @@ def adapted_layers(n_layer: int, fraction: float) -> range:
     return range(int(n_layer * (1 - fraction)), n_layer)
 
 
-def init_fast(model: GPT, cfg: InnerConfig) -> dict[str, Tensor]:
-    """Fresh fast weights: A kaiming-uniform (a=sqrt 5, as nn.Linear), B = 0, so the delta B A x starts at 0."""
+def init_fast(model: GPT, cfg: InnerConfig, rows: int) -> dict[str, Tensor]:
+    """Fresh fast weights for `rows` batch rows: A (rows, r, in) kaiming-uniform (a=sqrt 5, as nn.Linear),
+    B (rows, out, r) = 0, so the delta B A x starts at exactly 0."""
     fast = {}
     for i in adapted_layers(model.config.n_layer, cfg.fraction):
         for name in cfg.targets:
             linear = getattr(model.h[i].mlp, name)
-            A = torch.empty(cfg.rank, linear.in_features, device=linear.weight.device)
-            torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            A = torch.empty(rows, cfg.rank, linear.in_features, device=linear.weight.device)
+            for a in A:                   # fan_in = in_features for each row's (r, in) matrix
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             fast[f"h.{i}.mlp.{name}.A"] = A
-            fast[f"h.{i}.mlp.{name}.B"] = torch.zeros(linear.out_features, cfg.rank, device=A.device)
+            fast[f"h.{i}.mlp.{name}.B"] = torch.zeros(rows, linear.out_features, cfg.rank, device=A.device)
     return fast
 
 
 def clip_per_tensor(g: Tensor, max_norm: float) -> Tensor:
-    """Scale g down to norm max_norm if it is longer (clip_grad_norm_ applied to one tensor)."""
-    return g * (max_norm / (g.norm() + CLIP_EPS)).clamp(max=1.0)
+    """Scale each row's g[b] down to norm max_norm if it is longer (clip_grad_norm_ on one tensor of one row)."""
+    norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1))                    # (rows, 1, 1)
+    return g * (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
 
 
 def func_grad(loss_fn, fast: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-    """d loss / d fast with torch.func: the functional reading of the update rule (SDPA backend)."""
-    grads, loss = torch.func.grad_and_value(loss_fn)(fast)
-    return grads, loss.detach()
+    """Gradients of sum(loss_fn(fast)) with torch.func, and the per-row losses (SDPA backend). Under no_grad,
+    so no graph is kept through the base weights (func.grad itself ignores the outer no_grad)."""
+    def total(f):
+        rows = loss_fn(f)                                       # (rows,)
+        return rows.sum(), rows
+    with torch.no_grad():
+        return torch.func.grad(total, has_aux=True)(fast)
 
 
 def autograd_grad(loss_fn, fast: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-    """The same gradient with torch.autograd.grad. Needed on the flex backend: torch.func.grad cannot
-    differentiate through flex_attention (pytorch issue #144810), but autograd through compiled flex is exact."""
+    """The same with torch.autograd.grad. Needed on the flex backend: torch.func.grad cannot differentiate
+    through flex_attention (pytorch issue #144810), but autograd through compiled flex is exact."""
     leaves = {k: v.detach().requires_grad_() for k, v in fast.items()}
-    loss = loss_fn(leaves)
-    grads = torch.autograd.grad(loss, list(leaves.values()))   # phi only: no base-weight gradients
-    return dict(zip(leaves, grads)), loss.detach()
+    rows = loss_fn(leaves)                                      # (rows,)
+    grads = torch.autograd.grad(rows.sum(), list(leaves.values()))   # asks for phi only, not base weights
+    return dict(zip(leaves, grads)), rows.detach()
 
 
 def adapt(loss_fn, fast: dict[str, Tensor], cfg: InnerConfig, grad_fn=func_grad):
-    """The inner loop. Returns the adapted fast weights and the inner loss before each step, (steps,)."""
+    """The inner loop. loss_fn(fast) -> (rows,) losses, row b depending on fast[...][b] alone, so the gradient
+    of their sum gives each row the gradient of its own loss. Returns the adapted fast weights and the inner
+    losses before each step, (steps, rows)."""
     losses = []
     for _ in range(cfg.steps):
-        grads, loss = grad_fn(loss_fn, fast)
-        ok = torch.isfinite(loss)          # a NaN/inf inner loss skips the step (decided on device: no sync)
-        fast = {k: torch.where(ok, phi - cfg.lr * clip_per_tensor(grads[k], cfg.clip), phi).detach()
+        grads, rows = grad_fn(loss_fn, fast)
+        ok = torch.isfinite(rows)          # a row whose inner loss is NaN/inf skips the step (no host sync)
+        fast = {k: torch.where(ok.view(-1, *[1] * (phi.dim() - 1)),
+                               phi - cfg.lr * clip_per_tensor(grads[k], cfg.clip), phi).detach()
                 for k, phi in fast.items()}
-        losses.append(loss)
-    return fast, torch.stack(losses) if losses else torch.zeros(0)
+        losses.append(rows)
+    return fast, torch.stack(losses)                                   # (steps, rows)
 
 
 def focusft_loss(model: GPT, idx: Tensor, pos: Tensor, mask, targets: Tensor, cfg: InnerConfig,
                  inner_mask=None, inner_targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One FocuSFT forward: adapt fresh fast weights on the sample, then the outer loss with them active.
+    """One FocuSFT forward: adapt fresh fast weights on each row, then the outer loss with them active.
+    Returns the outer loss and the inner losses (steps, rows).
 
     The inner loss uses `inner_targets` under `inner_mask` (default: the outer targets and mask). A different
     inner mask (the causal one of the "context" inner loss) needs its own pass over the lower layers."""
@@ -108,9 +121,9 @@ def focusft_loss(model: GPT, idx: Tensor, pos: Tensor, mask, targets: Tensor, cf
             x_inner = model.blocks(model.wte(idx), rope, inner_mask, lower)
     inner_targets = targets if inner_targets is None else inner_targets
 
-    def inner_loss(fast: dict[str, Tensor]) -> Tensor:
-        return model.loss(model.blocks(x_inner, rope, inner_mask, upper, fast, cfg.scale), inner_targets)
+    def inner_loss(fast: dict[str, Tensor]) -> Tensor:                 # (rows,): each row's own mean loss
+        return model.loss(model.blocks(x_inner, rope, inner_mask, upper, fast, cfg.scale), inner_targets, True)
 
     grad_fn = func_grad if isinstance(mask, Tensor) else autograd_grad
-    fast, inner_losses = adapt(inner_loss, init_fast(model, cfg), cfg, grad_fn)
+    fast, inner_losses = adapt(inner_loss, init_fast(model, cfg, idx.size(0)), cfg, grad_fn)
     return model.loss(model.blocks(x, rope, mask, upper, fast, cfg.scale), targets), inner_losses

@@ -82,7 +82,7 @@ def _with_padding_and_documents(mod, attention_mask, document_ids, name):
         mods.append(padding_mask(attention_mask))
     if document_ids is not None:
         mods.append(document_mask(document_ids))
-    out = and_masks(*mods) if len(mods) > 1 else mod
+    out = and_masks(*mods)                       # a new function even for one predicate: safe to rename
     out.__name__ = name
     return out
 

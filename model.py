@@ -8,7 +8,8 @@ vocabulary. Two ideas to hold:
      (B, 1, S, S) bool tensor (backend "sdpa", CPU and reference). Same predicate, same numbers.
   2. The forward pass is cut into pieces, `embed -> blocks(range) -> loss`, so FocuSFT can run the lower layers
      once and re-run only the adapted upper layers in its inner loop. Fast weights are a plain dict of LoRA
-     factors, `{"h.9.mlp.gate.A": (r, in), "h.9.mlp.gate.B": (out, r), ...}`, added as deltas in the MLP.
+     factors, one pair per batch row, `{"h.9.mlp.gate.A": (B, r, in), "h.9.mlp.gate.B": (B, out, r), ...}`,
+     added as deltas in the MLP.
      Logits are computed only where a target exists: SFT never builds an S x vocab tensor.
 """
 import functools
@@ -72,7 +73,7 @@ def rope_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     cos, sin = rope
     x1, x2 = x.float().chunk(2, dim=-1)                                     # 2 x (B, nh, S, hd/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)    # (B, nh, S, hd)
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +100,8 @@ class CausalSelfAttention(nn.Module):
     def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, nh, T, hs)
-        k, v = self.kv_proj(x).view(B, T, 2 * self.n_kv_head, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        kv = self.kv_proj(x).view(B, T, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, 2 nkv, T, hs)
+        k, v = kv.chunk(2, dim=1)                                                            # 2 x (B, nkv, T, hs)
         return apply_rope(q, rope), apply_rope(k, rope), v                                  # k, v: (B, nkv, T, hs)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor) -> Tensor:
@@ -125,8 +127,8 @@ class MLP(nn.Module):
     def proj(self, name: str, x: Tensor, fast: dict[str, Tensor], scale: float) -> Tensor:
         out = getattr(self, name)(x)
         if name + ".A" in fast:
-            A, B = fast[name + ".A"], fast[name + ".B"]                                   # (r, in), (out, r)
-            out = out + scale * ((x @ A.t().to(x.dtype)) @ B.t().to(x.dtype))          # (B, T, out)
+            A, B = fast[name + ".A"].to(x.dtype), fast[name + ".B"].to(x.dtype)      # (B, r, in), (B, out, r)
+            out = out + scale * ((x @ A.mT) @ B.mT)                                      # (B, T, out)
         return out
 
     def forward(self, x: Tensor, fast: dict[str, Tensor], scale: float) -> Tensor:
@@ -180,21 +182,26 @@ class GPT(nn.Module):
             x = self.h[i](x, rope, mask, mine, scale)
         return x
 
-    def loss(self, x: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy at positions with a target; logits exist only there, LOSS_CHUNK at a time."""
+    def loss(self, x: Tensor, targets: Tensor, per_row: bool = False) -> Tensor:
+        """Mean cross-entropy at positions with a target, over the batch or (per_row) per row -> (B,).
+        Logits exist only at those positions, LOSS_CHUNK at a time."""
         sel = (targets != IGNORE).flatten().nonzero().squeeze(1)                              # (N,)
         h, y = x.flatten(0, 1).index_select(0, sel), targets.flatten().index_select(0, sel)  # (N, C), (N,)
-        if len(sel) <= LOSS_CHUNK:
-            return self._chunk_loss(h, y) / max(len(sel), 1)
         # recompute each chunk's logits in backward; torch.func transforms refuse checkpoint's hooks
         in_func = torch._C._functorch.peek_interpreter_stack() is not None
-        chunk_loss = self._chunk_loss if in_func else functools.partial(checkpoint, self._chunk_loss,
-                                                                        use_reentrant=False)
-        return sum(chunk_loss(hc, yc) for hc, yc in zip(h.split(LOSS_CHUNK), y.split(LOSS_CHUNK))) / len(sel)
+        chunk_loss = self._chunk_loss if in_func or len(sel) <= LOSS_CHUNK else functools.partial(
+            checkpoint, self._chunk_loss, use_reentrant=False)
+        losses = torch.cat([chunk_loss(hc, yc) for hc, yc in zip(h.split(LOSS_CHUNK), y.split(LOSS_CHUNK))]
+                           or [h.new_zeros(0)])                                                # (N,)
+        if not per_row:
+            return losses.sum() / max(len(sel), 1)
+        row = sel // targets.size(1)                                                          # (N,)
+        count = torch.bincount(row, minlength=targets.size(0)).clamp(min=1)                  # (B,)
+        return torch.zeros(targets.size(0), device=x.device).index_add(0, row, losses) / count
 
     def _chunk_loss(self, h: Tensor, y: Tensor) -> Tensor:
         logits = self.lm_head(self.ln_f(h)).float()                                            # (n, vocab)
-        return F.cross_entropy(logits, y, reduction="sum")
+        return F.cross_entropy(logits, y, reduction="none")                                    # (n,)
 
     def logits_at(self, x: Tensor, positions: Tensor) -> Tensor:
         """Logits of selected positions, x (B, S, C), positions (B, P) -> (B, P, vocab)."""

@@ -22,7 +22,7 @@ import torch
 
 import data
 import masks
-from fastweights import InnerConfig, focusft_loss
+from fastweights import PROJECTIONS, InnerConfig, adapted_layers, focusft_loss
 from model import GPT, GPTConfig, IGNORE
 from stats import attention_stats
 
@@ -32,7 +32,9 @@ PRESETS = {
     "small": (8, 4, 4, 512, 1408),     # the GPU default: head size 128, the fast flex kernel shape
     "qwen05b": (24, 14, 2, 896, 4864),  # Qwen2-0.5B's shape, to compare with the authors' timings
 }
-EVAL_ROWS = 4   # held-out rows for the answer accuracy printed with the statistics (eval split, fixed)
+EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
+GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
+ADAM_BETAS = (0.9, 0.95)     # nanoGPT's; beta2 < 0.999 is steadier for from-scratch training at small batch
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,8 +52,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--objective", choices=["sft", "lm"], default="sft",
                    help="sft: loss on answers; lm: next-token loss on every token, causal mask (pretraining)")
     # --- method ---
-    p.add_argument("--method", choices=["focusft", "sft"], default="focusft",
-                   help="focusft: inner loop + hybrid mask; sft: causal mask, no inner loop")
+    p.add_argument("--method", choices=["focusft", "sft"], default=None,
+                   help="focusft (default): inner loop + hybrid mask; sft: causal mask, no inner loop")
     p.add_argument("--mask", choices=["hybrid", "causal"], default=None,
                    help="override the method's mask (for the 2x2 ablation); default hybrid for focusft")
     p.add_argument("--inner-steps", type=int, default=2, help="inner SGD steps (0 = no inner loop)")
@@ -95,8 +97,9 @@ def apply_defaults(args) -> list[str]:
     why = []
     cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
     args.device = args.device or ("cuda" if cuda else "cpu")
-    def default(name, value, reason):
-        if getattr(args, name) in (None, 0, 0.0):
+    def default(name, value, reason):   # None (and 0 for counts) means "not given"
+        if getattr(args, name) is None or (name in ("steps", "batch_size", "lr", "max_len", "stats_every")
+                                           and getattr(args, name) == 0):
             setattr(args, name, value)
             why.append(f"--{name.replace('_', '-')} {value}: {reason}")
     if cuda:
@@ -104,7 +107,7 @@ def apply_defaults(args) -> list[str]:
         default("attn", "flex", "fused flex_attention kernels with a sparse BlockMask")
         default("compile", 1, "flex must run compiled on the GPU")
         default("dtype", "bf16", "bf16 autocast")
-        default("batch_size", max(1, 65536 // args.ctx), "about 64K tokens per step")
+        default("batch_size", max(1, GPU_TOKENS_PER_STEP // args.ctx), f"about {GPU_TOKENS_PER_STEP:,} tokens per step")
         default("steps", 4000, "about 11 minutes (159 ms/step at 8K) plus compilation on one H200")
         default("lr", 1e-3, "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
     else:
@@ -141,10 +144,18 @@ def check_args(args):
            f"--init: no checkpoint at {args.init}" if args.init and not os.path.exists(args.init) else None]
     unknown = set(args.tasks.split(",")) - set(data.TASKS)
     bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(data.TASKS)}" if unknown else None)
-    unknown = set(args.inner_targets.split(",")) - {"gate", "up", "down"}
-    bad.append(f"--inner-targets: unknown {sorted(unknown)}; choose from gate,up,down" if unknown else None)
+    unknown = set(args.inner_targets.split(",")) - set(PROJECTIONS)
+    bad.append(f"--inner-targets: unknown {sorted(unknown)}; choose from {','.join(PROJECTIONS)}" if unknown else None)
+    bad.append("--objective lm is plain pretraining: it has no inner loop (use --method sft)"
+               if args.objective == "lm" and args.method == "focusft" else None)
+    bad.append("--objective lm predicts every next token: under the hybrid mask a context token sees its own "
+               "target; use --mask causal" if args.objective == "lm" and args.mask == "hybrid" else None)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         bad.append("--device cuda: no CUDA device here")
+    try:
+        data.gpt2()
+    except RuntimeError as e:
+        bad.append(str(e))
     for b in bad:
         if b:
             sys.exit(f"train.py: error: {b}")
@@ -208,7 +219,7 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, to
     B = batch["idx"].size(0)
     mask = build_mask(args, mask_mod_for(args, batch), B)
     if args.method == "sft" or inner.steps == 0:
-        return model(batch["idx"], batch["pos"], mask, batch["targets"]), torch.zeros(0)
+        return model(batch["idx"], batch["pos"], mask, batch["targets"]), torch.zeros(0, B)
     inner_mask = inner_targets = None
     if inner.loss == "context":   # next-token prediction under a bidirectional mask would be copying: go causal
         inner_mask = build_mask(args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
@@ -248,16 +259,21 @@ def main(argv=None):
     args = get_args(argv)
     start_step, ckpt = 0, None
     if args.resume and os.path.exists(ckpt_path(args.out)):
+        given = [k for k, v in vars(args).items() if v != vars(get_args([]))[k]
+                 and k not in ("out", "resume", "stop_after")]
+        if given:
+            sys.exit(f"train.py: error: --resume continues the recorded run; drop --{given[0].replace('_', '-')}")
         ckpt = load_checkpoint(ckpt_path(args.out))
         keep = {k: getattr(args, k) for k in ("out", "resume", "stop_after")}
         args = argparse.Namespace(**{**ckpt["config"]["args"], **keep})
         start_step = ckpt["step"] + 1
         why = [f"resuming {ckpt_path(args.out)} at step {start_step} with its recorded configuration"]
+        if args.stop_after and args.stop_after <= start_step:
+            sys.exit(f"train.py: error: --stop-after {args.stop_after} is not past the checkpoint's step {start_step}")
     else:
         why = apply_defaults(args)
-        args.mask = args.mask or ("hybrid" if args.method == "focusft" and args.objective == "sft" else "causal")
-        if args.objective == "lm":
-            args.method = "sft"                                  # pretraining: plain next-token loss
+        args.method = args.method or ("sft" if args.objective == "lm" else "focusft")
+        args.mask = args.mask or ("hybrid" if args.method == "focusft" else "causal")
     check_args(args)
     print("defaults chosen:\n  " + "\n  ".join(why) if why else "no defaults needed")
     print("config:", json.dumps(vars(args)))
@@ -281,7 +297,7 @@ def main(argv=None):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))
+                                  lr=args.lr, betas=ADAM_BETAS, fused=args.device.startswith("cuda"))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -296,7 +312,7 @@ def main(argv=None):
     config = {"args": vars(args), "model": model_cfg.to_dict(), "inner": inner.to_dict()}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters, {model_cfg.n_layer} layers; "
-          f"fast weights on layers {int(model_cfg.n_layer * (1 - inner.fraction))}..{model_cfg.n_layer - 1}")
+          f"fast weights on layers {list(adapted_layers(model_cfg.n_layer, inner.fraction))}")
 
     enc = data.gpt2()
     pool = data.HaystackPool(enc, args.seed)
@@ -321,13 +337,14 @@ def main(argv=None):
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, inner_losses, n_tokens = 0.0, torch.zeros(0), 0
+        loss_sum, inner_sum, n_tokens = 0.0, 0.0, 0
         for micro in range(args.grad_accum):
             batch = get_batch(args, enc, pool, step, micro)
             with autocast:
-                loss, inner_losses = train_loss(args, model, inner, batch)
+                loss, inner_losses = train_loss(args, model, inner, batch)   # inner: (steps, rows)
             (loss / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
+            inner_sum = inner_sum + inner_losses.float().mean(dim=1) / args.grad_accum
             n_tokens += int(batch["attention_mask"].sum())
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -336,7 +353,7 @@ def main(argv=None):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        il = inner_losses.tolist()
+        il = inner_sum.tolist() if isinstance(inner_sum, torch.Tensor) else []
         inner_txt = f" | inner {il[0]:.3f}->{il[-1]:.3f}" if il else ""
         print(f"{progress(step + 1, args.steps)} | loss {loss_sum:.4f}{inner_txt} | lr {lr:.2e} | "
               f"{n_tokens / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)

@@ -26,12 +26,13 @@ def test_adapted_layers_follow_the_authors_rule():
 def test_fresh_fast_weights_compute_the_base_model_exactly(tiny_model):
     b = random_batch()
     cfg = fw.InnerConfig(rank=4, alpha=8)
-    fast = fw.init_fast(tiny_model, cfg)
+    fast = fw.init_fast(tiny_model, cfg, rows=2)
     assert set(fast) == {f"h.{i}.mlp.{p}.{m}" for i in (2, 3) for p in ("gate", "up", "down") for m in "AB"}
-    assert fast["h.2.mlp.gate.A"].shape == (4, 32) and fast["h.2.mlp.gate.B"].shape == (64, 4)
-    assert fast["h.3.mlp.down.A"].shape == (4, 64) and fast["h.3.mlp.down.B"].shape == (32, 4)
+    assert fast["h.2.mlp.gate.A"].shape == (2, 4, 32) and fast["h.2.mlp.gate.B"].shape == (2, 64, 4)
+    assert fast["h.3.mlp.down.A"].shape == (2, 4, 64) and fast["h.3.mlp.down.B"].shape == (2, 32, 4)
+    A = fast["h.2.mlp.gate.A"]
     bound = 1 / math.sqrt(32)                                  # kaiming-uniform(a=sqrt 5) = U(-1/sqrt(in), ..)
-    assert fast["h.2.mlp.gate.A"].abs().max() <= bound and fast["h.2.mlp.gate.A"].std() > bound / 3
+    assert A.abs().max() <= bound and A.std() > bound / 3 and not torch.equal(A[0], A[1])
     mask = hybrid_dense(b)
     base = tiny_model(b["idx"], b["pos"], mask, b["targets"])
     reset = tiny_model(b["idx"], b["pos"], mask, b["targets"], fast, cfg.scale)
@@ -40,58 +41,84 @@ def test_fresh_fast_weights_compute_the_base_model_exactly(tiny_model):
     assert not torch.equal(base, tiny_model(b["idx"], b["pos"], mask, b["targets"], nudged, cfg.scale))
 
 
+def test_each_row_has_its_own_fast_weights(tiny_model):
+    """Changing row 1's fast weights changes row 1's loss and leaves row 0's bit for bit."""
+    b, cfg = random_batch(), fw.InnerConfig(rank=4, alpha=8)
+    mask = hybrid_dense(b)
+    fast = {k: v + 0.05 for k, v in fw.init_fast(tiny_model, cfg, rows=2).items()}
+    x = tiny_model.blocks(tiny_model.wte(b["idx"]), tiny_model.rope(b["pos"]), mask, range(4), fast, cfg.scale)
+    before = tiny_model.loss(x, b["targets"], per_row=True)
+    fast = {k: torch.stack([v[0], v[1] * 3]) for k, v in fast.items()}
+    x = tiny_model.blocks(tiny_model.wte(b["idx"]), tiny_model.rope(b["pos"]), mask, range(4), fast, cfg.scale)
+    after = tiny_model.loss(x, b["targets"], per_row=True)
+    assert after[0] == before[0] and after[1] != before[1]
+
+
 @pytest.mark.parametrize("grad_fn", [fw.func_grad, fw.autograd_grad])
 def test_one_inner_step_is_a_hand_computed_clipped_sgd_step(grad_fn):
-    """L(phi) = 1/2 sum ||phi_k - t_k||^2 has gradient phi_k - t_k: the update can be written by hand."""
+    """Row b's loss 1/2 sum_k ||phi_k[b] - t_k[b]||^2 has gradient phi_k[b] - t_k[b]: the update by hand.
+    Row 0 is near its target (no clipping), row 1 far (clipped), each tensor of each row on its own."""
     torch.manual_seed(0)
-    phi = {"small": torch.randn(3, 4) * 0.01, "big": torch.randn(5, 2) * 10}
-    tgt = {k: torch.randn_like(v) for k, v in phi.items()}
+    tgt = {"w": torch.randn(2, 3, 4), "v": torch.randn(2, 5, 2)}
+    phi = {k: torch.stack([t[0] + 0.01 * torch.randn_like(t[0]), t[1] + 10 * torch.randn_like(t[1])])
+           for k, t in tgt.items()}
 
-    def loss_fn(f):
-        return sum(0.5 * (f[k] - tgt[k]).pow(2).sum() for k in f)
+    def loss_fn(f):                                             # (rows,)
+        return sum(0.5 * (f[k] - tgt[k]).pow(2).flatten(1).sum(1) for k in f)
 
     cfg = fw.InnerConfig(steps=1, lr=0.5, clip=1.0)
     new, losses = fw.adapt(loss_fn, phi, cfg, grad_fn)
+    clipped = []
     for k in phi:
-        g = phi[k] - tgt[k]
-        n = math.sqrt(float((g * g).sum()))
-        step = g if n <= 1.0 else g / n                         # clip this tensor alone to norm 1
-        torch.testing.assert_close(new[k], phi[k] - 0.5 * step)
-    assert (phi["big"] - tgt["big"]).norm() > 1 and (phi["small"] - tgt["small"]).norm() < 10  # clip was active
-    torch.testing.assert_close(losses, loss_fn(phi)[None])
+        for row in range(2):
+            g = phi[k][row] - tgt[k][row]
+            n = math.sqrt(float((g * g).sum()))
+            step = g if n <= 1.0 else g / n                     # clip this tensor of this row to norm 1
+            clipped.append(n > 1.0)
+            torch.testing.assert_close(new[k][row], phi[k][row] - 0.5 * step)
+    assert clipped == [False, True, False, True]                # both branches of the clip were exercised
+    torch.testing.assert_close(losses, loss_fn(phi)[None])      # (steps, rows)
+    assert all(not v.requires_grad and v.grad_fn is None for v in new.values())
 
 
-def test_non_finite_inner_loss_skips_the_step():
-    phi = {"w": torch.ones(2, 2)}
-    cfg = fw.InnerConfig(steps=3, lr=1.0)
-    new, losses = fw.adapt(lambda f: (f["w"] * float("nan")).sum(), phi, cfg, fw.autograd_grad)
-    assert torch.equal(new["w"], phi["w"]) and losses.isnan().all()
+def test_non_finite_inner_loss_skips_the_step_for_that_row_only():
+    phi = {"w": torch.ones(2, 2, 2)}
+    cfg = fw.InnerConfig(steps=3, lr=0.1)
+    nan_in_row_0 = torch.tensor([float("nan"), 1.0])
+    new, losses = fw.adapt(lambda f: (f["w"] * nan_in_row_0[:, None, None]).pow(2).flatten(1).sum(1),
+                           phi, cfg, fw.autograd_grad)
+    assert torch.equal(new["w"][0], phi["w"][0]) and losses[:, 0].isnan().all()
+    assert not torch.equal(new["w"][1], phi["w"][1]) and torch.isfinite(new["w"][1]).all()
 
 
-def model_inner_loss(model, b, mask, cfg):
-    """The inner loss computed the plain way: the whole model, every layer, from the tokens."""
-    return lambda f: model(b["idx"], b["pos"], mask, b["targets"], f, cfg.scale)
+def model_inner_loss(model, b, mask, cfg, targets=None):
+    """The inner loss computed the plain way: the whole model, every layer, from the tokens -> (rows,)."""
+    targets = b["targets"] if targets is None else targets
+    return lambda f: model.loss(model.blocks(model.wte(b["idx"]), model.rope(b["pos"]), mask,
+                                             range(model.config.n_layer), f, cfg.scale), targets, per_row=True)
 
 
 def test_func_grad_and_autograd_grad_give_the_same_update(tiny_model):
     b, cfg = random_batch(), fw.InnerConfig(rank=4, alpha=8, steps=2)
     mask = hybrid_dense(b)
     torch.manual_seed(1)
-    fast = fw.init_fast(tiny_model, cfg)
+    fast = fw.init_fast(tiny_model, cfg, rows=2)
     a, la = fw.adapt(model_inner_loss(tiny_model, b, mask, cfg), fast, cfg, fw.func_grad)
     c, lc = fw.adapt(model_inner_loss(tiny_model, b, mask, cfg), fast, cfg, fw.autograd_grad)
     for k in fast:
         torch.testing.assert_close(a[k], c[k], atol=1e-6, rtol=1e-5)
         assert not torch.equal(a[k], fast[k])                   # both really moved
     torch.testing.assert_close(la, lc)
-    assert lc[1] < lc[0]                                        # and the inner loss went down
+    assert (lc[1] < lc[0]).all()                                # and each row's inner loss went down
 
 
 @pytest.mark.parametrize("grad_fn", [fw.func_grad, fw.autograd_grad])
 def test_inner_loop_leaves_no_gradient_on_base_weights(tiny_model, grad_fn):
     b, cfg = random_batch(), fw.InnerConfig(rank=4, alpha=8)
-    fw.adapt(model_inner_loss(tiny_model, b, hybrid_dense(b), cfg), fw.init_fast(tiny_model, cfg), cfg, grad_fn)
+    fast, _ = fw.adapt(model_inner_loss(tiny_model, b, hybrid_dense(b), cfg), fw.init_fast(tiny_model, cfg, 2),
+                       cfg, grad_fn)
     assert all(p.grad is None for p in tiny_model.parameters())
+    assert all(not v.requires_grad and v.grad_fn is None for v in fast.values())   # nothing to backprop into
 
 
 @pytest.mark.parametrize("inner_loss", ["response", "context"])
@@ -112,17 +139,19 @@ def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss
     grads = torch.autograd.grad(loss, list(tiny_model.parameters()))
 
     torch.manual_seed(5)
-    fast = fw.init_fast(tiny_model, cfg)
+    fast = fw.init_fast(tiny_model, cfg, rows=2)
     naive_targets = b["targets"] if inner_targets is None else inner_targets
     naive_mask = mask if inner_mask is None else inner_mask
-    for _ in range(cfg.steps):                                  # phi <- phi - lr * clip(grad), first order
+    for _ in range(cfg.steps):                                  # phi <- phi - lr * clip(grad), per row, first order
         leaves = {k: v.clone().requires_grad_() for k, v in fast.items()}
-        li = tiny_model(b["idx"], b["pos"], naive_mask, naive_targets, leaves, cfg.scale)
-        g = torch.autograd.grad(li, list(leaves.values()))
-        fast = {k: (v - cfg.lr * gk * min(1.0, cfg.clip / (gk.norm().item() + 1e-6))).detach()
-                for (k, v), gk in zip(fast.items(), g)}
+        for row in range(2):                                    # each row: the gradient of its own mean loss
+            li = model_inner_loss(tiny_model, b, naive_mask, cfg, naive_targets)(leaves)[row]
+            g = torch.autograd.grad(li, list(leaves.values()))
+            for (k, v), gk in zip(leaves.items(), g):
+                gk = gk[row]
+                fast[k][row] = (v[row] - cfg.lr * gk * min(1.0, cfg.clip / (gk.norm().item() + 1e-6))).detach()
     naive = tiny_model(b["idx"], b["pos"], mask, b["targets"], fast, cfg.scale)
     torch.testing.assert_close(loss, naive)
     for got, want in zip(grads, torch.autograd.grad(naive, list(tiny_model.parameters()))):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
-    assert inner_losses.shape == (2,) and not torch.equal(loss, tiny_model(b["idx"], b["pos"], mask, b["targets"]))
+    assert inner_losses.shape == (2, 2) and not torch.equal(loss, tiny_model(b["idx"], b["pos"], mask, b["targets"]))

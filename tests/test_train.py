@@ -51,6 +51,10 @@ def test_resume_continues_exactly(tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert losses(straight) == losses(chunked)
+    with pytest.raises(SystemExit, match="not past"):                # an earlier stop would corrupt the step
+        train.main(["--out", str(chunked), "--resume", "--stop-after", "2"])
+    with pytest.raises(SystemExit, match="drop --steps"):            # resume runs the recorded config only
+        train.main(["--out", str(chunked), "--resume", "--steps", "9"])
 
 
 def test_lm_objective_then_init(tmp_path):
@@ -66,11 +70,15 @@ def test_lm_objective_then_init(tmp_path):
 
 
 def test_ablation_flags_reach_the_step(tmp_path):
-    train.main(TINY + ["--steps", "2", "--method", "focusft", "--mask", "causal", "--inner-loss", "context",
-                       "--inner-steps", "3", "--out", str(tmp_path)])
-    inner = [r["inner"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "inner" in r]
-    assert [len(i) for i in inner] == [3, 3]
-    assert train.load_checkpoint(train.ckpt_path(str(tmp_path)))["config"]["args"]["mask"] == "causal"
+    runs = {}
+    for inner_loss in ("context", "response"):
+        out = tmp_path / inner_loss
+        train.main(TINY + ["--steps", "2", "--method", "focusft", "--mask", "causal", "--inner-loss", inner_loss,
+                           "--inner-steps", "3", "--out", str(out)])
+        runs[inner_loss] = [r["inner"] for r in map(json.loads, open(out / "log.jsonl")) if "inner" in r]
+        assert train.load_checkpoint(train.ckpt_path(str(out)))["config"]["args"]["mask"] == "causal"
+    assert [len(i) for i in runs["context"]] == [3, 3]
+    assert runs["context"][0][0] != runs["response"][0][0]          # a different inner loss was optimised
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -81,6 +89,8 @@ def test_ablation_flags_reach_the_step(tmp_path):
     (["--steps", "-1"], "--steps"),
     (["--resume", "--out", "/nonexistent/run"], "no checkpoint"),
     (["--ctx", "abc"], "--ctx"),
+    (["--objective", "lm", "--mask", "hybrid"], "hybrid"),
+    (["--objective", "lm", "--method", "focusft"], "inner loop"),
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, argv, needle):
     run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--device", "cpu", "--out", str(tmp_path / "o"),

@@ -1,0 +1,265 @@
+r"""bAbI tasks qa1–qa5 (Weston et al. 2015), simulated: the stories BABILong hides in long haystack text.
+
+A story is a list of turns; a turn tells a few facts, then asks one question that all facts so far answer:
+`Turn = (facts, question, answer)`. The generator copies bAbI's cast, rooms, objects, verbs, sentence
+templates and question forms, and its rhythm, measured on the train files of ../shared/data/babi/en (see
+`python babi.py --coverage DIR`). Two ideas to hold:
+
+1. Two worlds in one. The *true* world places every person and object in a room from the start, and only
+   true-world actions happen (grab what is in your room, give to someone in your room). The *told* world is
+   what the sentences so far reveal; questions are asked only about the told world, so every answer follows
+   from the text (a held object moves with its holder). Like bAbI, the text tells events two at a time, and
+   may ask after a pair only about something one of the last `WINDOW` facts told.
+2. bAbI's conventions make every answer unique: "Where was the milk before the kitchen?" asks about the
+   milk's latest arrival in the kitchen (its current room); qa5 asks about the latest gift, and "Who received
+   the milk?" means its latest receiver; in qa4, "north of" means "the room directly north of".
+
+`read_babi` parses the real files into the same turns, and `shape` / `coverage` compare the sentence shapes
+("{person} moved to the {place}.") of real and generated stories. All randomness comes from the
+`random.Random` passed in.
+"""
+
+import argparse
+import random
+import re
+import sys
+from pathlib import Path
+
+TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
+PEOPLE = ("Mary", "John", "Daniel", "Sandra")  # the cast of bAbI qa1–qa3
+GIVERS = ("Bill", "Fred", "Jeff", "Mary")  # the cast of bAbI qa5
+PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")  # bAbI's six rooms
+OBJECTS = ("football", "apple", "milk")  # bAbI's three portable objects
+MOVE = ("moved", "went", "journeyed", "travelled", "went back")  # bAbI's five ways to say "moved to"
+GRAB = ("got", "grabbed", "took", "picked up")
+DROP = ("dropped", "discarded", "left", "put down")
+GIVE = ("gave", "handed", "passed")
+OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
+
+QUESTIONS = {"qa1": 5, "qa2": 5, "qa3": 5, "qa4": 1, "qa5": 5}  # questions per story: every story of the files
+PAIR = 2  # facts come two at a time: every gap between questions in the files is even
+WINDOW = 5  # a question's newest supporting fact is among the last 5 facts (all 6,000 qa1/qa2/qa5 questions)
+GAPS = {  # facts before the first question, and between later ones: (min, max) over the train files
+    "qa1": ((2, 2), (2, 2)),
+    "qa2": ((2, 46), (2, 16)),
+    "qa3": ((4, 144), (2, 122)),
+    "qa4": ((2, 2), (2, 2)),  # qa4 has one question per story: the second range is never used
+    "qa5": ((2, 94), (2, 40)),
+}
+ASK = {"qa1": 1.0, "qa2": 0.6, "qa3": 0.13, "qa5": 1.0}  # chance to ask about what the last pair told,
+# when it told something askable (measured on the files: qa2 60 %, qa3 13 %; qa1 and qa5 always ask)
+ASK_AGAIN = {"qa1": 1.0, "qa2": 0.73, "qa3": 0.57, "qa5": 1.0}  # the same right after a question, about
+# anything the last WINDOW facts told: bAbI often asks again at once (most later gaps are 2 facts)
+ACTIONS = {  # relative weights of the kinds of event; fitted to each file's share of moves, grabs, drops, gives
+    "qa1": {"move": 1},
+    "qa2": {"move": 4, "grab": 2, "drop": 2},  # train file: 64 % moves, 20 % grabs, 16 % drops
+    "qa3": {"move": 4, "grab": 2, "drop": 2},  # 64 %, 19 %, 18 %
+    "qa5": {"move": 4, "grab": 2, "drop": 1, "give": 2},  # 54 %, 17 %, 11 %, 17 % gives
+}
+GRAB_THERE = {"qa2": 1.0, "qa3": 0.19, "qa5": 1.0}  # share of "got the milk there." among grabs, per file
+DROP_THERE = 0.2  # share of "dropped the milk there." among drops (qa2 21 %, qa3 22 %, qa5 17 %)
+MIDDLE_SUBJECT = 0.35  # qa4: chance a fact names the middle room first ("The hallway is west of ..."): 35 %
+WHAT_WEIGHT = 2  # qa5 asks "What did Bill give to Fred?" twice as often as each of its other four forms
+
+Turn = tuple[list[str], str, str]  # (facts told in this turn, question, one-word answer)
+
+
+# ----------------------------------------------------------------------------- qa1, qa2, qa3, qa5: people
+class World:
+    """People walking between rooms, carrying, dropping and giving objects; the text tells the story."""
+
+    def __init__(self, task: str, rng: random.Random):
+        self.task, self.cast = task, GIVERS if task == "qa5" else PEOPLE
+        self.room = {p: rng.choice(PLACES) for p in self.cast}  # true room of each person
+        self.spot = {o: rng.choice(PLACES) for o in OBJECTS}  # true room of each object
+        self.holder = {}  # object -> person carrying it
+        self.n = 0  # facts told so far
+        self.moved = {}  # person -> number of the fact that told their room (their last move)
+        self.seen = {}  # object -> number of the last fact that told or implied its room
+        self.trail = {o: [] for o in OBJECTS}  # rooms the text says each object was in, in order
+        self.gifts = []  # (giver, object, receiver, fact number), in story order
+
+    def act(self, rng: random.Random) -> str:
+        """One random event that the true world allows, as the sentence that tells it."""
+        self.n += 1
+        kinds = ACTIONS[self.task]
+        while True:  # like bAbI: draw a kind of event, again if nothing of that kind is possible now
+            kind = rng.choices(list(kinds), weights=list(kinds.values()))[0]
+            if options := self._options(kind):
+                return getattr(self, kind)(rng, *rng.choice(options))
+
+    def _options(self, kind: str) -> list[tuple]:
+        if kind == "move":
+            return [(p,) for p in self.cast]
+        if kind == "grab":
+            return [(p, o) for p in self.cast for o in OBJECTS if o not in self.holder and self.spot[o] == self.room[p]]
+        if kind == "drop":
+            return [(p, o) for o, p in self.holder.items()]
+        return [(p, o, q) for o, p in self.holder.items() for q in self.cast if q != p and self.room[q] == self.room[p]]
+
+    def _see(self, obj: str) -> None:
+        """The text now says where obj is (its holder's room is known): record it in its trail."""
+        self.seen[obj] = self.n
+        if self.trail[obj][-1:] != [self.spot[obj]]:
+            self.trail[obj].append(self.spot[obj])
+
+    def move(self, rng: random.Random, p: str) -> str:
+        self.room[p] = rng.choice([r for r in PLACES if r != self.room[p]])  # bAbI never moves to the same room
+        self.moved[p] = self.n
+        for o in [o for o, q in self.holder.items() if q == p]:
+            self.spot[o] = self.room[p]
+            self._see(o)
+        return f"{p} {rng.choice(MOVE)} to the {self.room[p]}."
+
+    def grab(self, rng: random.Random, p: str, o: str) -> str:
+        self.holder[o] = p
+        if p in self.moved:  # else the reader does not know where p (or o) is yet
+            self._see(o)
+        there = " there" if rng.random() < GRAB_THERE[self.task] else ""
+        return f"{p} {rng.choice(GRAB)} the {o}{there}."
+
+    def drop(self, rng: random.Random, p: str, o: str) -> str:
+        del self.holder[o]
+        if p in self.moved:
+            self._see(o)
+        return f"{p} {rng.choice(DROP)} the {o}{' there' if rng.random() < DROP_THERE else ''}."
+
+    def give(self, rng: random.Random, p: str, o: str, q: str) -> str:
+        self.holder[o] = q
+        self.gifts.append((p, o, q, self.n))
+        return f"{p} {rng.choice(GIVE)} the {o} to {q}."
+
+    def questions(self, window: int) -> list[tuple[str, str, int]]:
+        """(question, answer, weight) of everything a fact among the last `window` told; [] if nothing."""
+        fresh = lambda k: self.n - k < window  # noqa: E731  fact number k is among the last `window` facts
+        if self.task == "qa1":
+            return [(f"Where is {p}?", self.room[p], 1) for p, k in self.moved.items() if fresh(k)]
+        if self.task == "qa2":
+            return [(f"Where is the {o}?", self.spot[o], 1) for o, k in self.seen.items() if fresh(k)]
+        if self.task == "qa3":  # the object's latest arrival in its current room, and the room before it
+            return [(f"Where was the {o} before the {self.trail[o][-1]}?", self.trail[o][-2], 1)
+                    for o, k in self.seen.items() if fresh(k) and len(self.trail[o]) > 1]
+        if not self.gifts or not fresh(self.gifts[-1][3]):  # qa5: only the latest gift is asked about
+            return []
+        p, o, q, _ = self.gifts[-1]
+        return [(f"What did {p} give to {q}?", o, WHAT_WEIGHT), (f"Who gave the {o} to {q}?", p, 1),
+                (f"Who gave the {o}?", p, 1), (f"Who did {p} give the {o} to?", q, 1),
+                (f"Who received the {o}?", q, 1)]
+
+
+def _people_story(task: str, rng: random.Random) -> list[Turn] | None:
+    """A story of qa1/qa2/qa3/qa5, or None if a gap between questions grew past the files' longest."""
+    world, story, facts = World(task, rng), [], []
+    while len(story) < QUESTIONS[task]:
+        facts += [world.act(rng) for _ in range(PAIR)]
+        if len(facts) > GAPS[task][1 if story else 0][1]:
+            return None
+        again = bool(story) and len(facts) == PAIR  # the first pair after a question
+        asks = world.questions(WINDOW if again else PAIR)
+        if asks and rng.random() < (ASK_AGAIN if again else ASK)[task]:
+            question, answer, _ = rng.choices(asks, weights=[w for *_, w in asks])[0]
+            story.append((facts, question, answer))
+            facts = []
+    return story
+
+
+# ----------------------------------------------------------------------------- qa4: two-argument relations
+def _relations_story(rng: random.Random) -> list[Turn]:
+    """Three rooms in a straight line; two facts tie the middle room to each end; one question on one fact."""
+    a, b, c = rng.sample(PLACES, 3)  # a is `d` of b, and b is `d` of c
+    d = rng.choice(list(OPPOSITE))
+    facts = []
+    for x, y in rng.sample([(a, b), (b, c)], 2):  # either fact may come first
+        middle_first = rng.random() < MIDDLE_SUBJECT
+        facts.append((x, d, y) if (x == b) == middle_first else (y, OPPOSITE[d], x))
+    x, d, y = rng.choice(facts)  # bAbI asks about the fact's second room; the answer is its first
+    question = rng.choice([f"What is {d} of the {y}?", f"What is the {y} {OPPOSITE[d]} of?"])
+    return [([f"The {x} is {d} of the {y}." for x, d, y in facts], question, x)]
+
+
+def make_story(task: str, rng: random.Random) -> list[Turn]:
+    """A story of several turns; each adds facts, then asks one question the facts so far answer."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    if task == "qa4":
+        return _relations_story(rng)
+    while (story := _people_story(task, rng)) is None:  # rare: keep story lengths within bAbI's range
+        pass
+    return story
+
+
+# ----------------------------------------------------------------------------- the real files
+def babi_file(folder: str | Path, task: str, split: str) -> Path:
+    """The bAbI file of a task and split in folder, e.g. qa1_single-supporting-fact_train.txt."""
+    found = sorted(Path(folder).glob(f"{task}_*_{split}.txt"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"expected one {task}_*_{split}.txt in {folder}, found {len(found)}")
+    return found[0]
+
+
+def read_babi(path: str | Path) -> list[list[Turn]]:
+    """Stories of a bAbI file as turns: (facts since the story's previous question, question, answer).
+
+    A line is "N sentence" or "N question\tanswer\tsupporting fact numbers"; N = 1 starts a story.
+    """
+    stories, facts = [], []
+    for line in Path(path).read_text().splitlines():
+        number, text = line.split(" ", 1)
+        if number == "1":
+            stories.append([])
+            facts = []
+        if "\t" in text:
+            question, answer, _ = text.split("\t")
+            stories[-1].append((facts, question.strip(), answer))  # bAbI leaves a space before the tab
+            facts = []
+        else:
+            facts.append(text)
+    return stories
+
+
+# ----------------------------------------------------------------------------- sentence shapes
+SLOTS = {**{w: "{person}" for w in PEOPLE + GIVERS}, **{w: "{place}" for w in PLACES},
+         **{w: "{object}" for w in OBJECTS}}  # the words a shape leaves out
+
+
+def shape(sentence: str) -> str:
+    """The sentence with names, rooms and objects replaced by slots: "{person} moved to the {place}."."""
+    return re.sub(r"\w+", lambda m: SLOTS.get(m.group(), m.group()), sentence)
+
+
+def _shapes(stories: list[list[Turn]]) -> set[str]:
+    return {shape(s) for story in stories for facts, question, _ in story for s in [*facts, question]}
+
+
+def coverage(real: list[list[Turn]], generated: list[list[Turn]]) -> tuple[float, set[str]]:
+    """(share of the real fact and question shapes that the generated stories produce, shapes real lacks)."""
+    want, got = _shapes(real), _shapes(generated)
+    return len(want & got) / len(want), got - want
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="bAbI qa1-qa5 generator: show stories or compare with real files")
+    p.add_argument("--coverage", metavar="DIR", help="compare shapes with DIR's qa*_train.txt files")
+    p.add_argument("--stories", type=int, default=2000, help="stories generated per task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    args = p.parse_args(argv)
+    rng = random.Random(args.seed)
+    if args.coverage is None:  # show one short story per task
+        for task in TASKS:
+            print(f"--- {task}")
+            for facts, question, answer in make_story(task, rng)[:2]:
+                print(*facts, question, f"-> {answer}", sep="\n")
+        return
+    if not Path(args.coverage).is_dir():
+        sys.exit(f"babi.py: error: {args.coverage} is not a folder")
+    print(f"{'task':6}{'real shapes':>12}{'covered':>10}{'extra':>7}")
+    for task in TASKS:
+        real = read_babi(babi_file(args.coverage, task, "train"))
+        share, extra = coverage(real, [make_story(task, rng) for _ in range(args.stories)])
+        print(f"{task:6}{len(_shapes(real)):>12}{share:>10.1%}{len(extra):>7}")
+        for s in sorted(extra):
+            print(f"      extra: {s}")
+
+
+if __name__ == "__main__":
+    main()
