@@ -8,8 +8,9 @@ templates and question forms, and its rhythm, measured on the train files of ../
 1. Two worlds in one. The *true* world places every person and object in a room from the start, and only
    true-world actions happen (grab what is in your room, give to someone in your room). The *told* world is
    what the sentences so far reveal; questions are asked only about the told world, so every answer follows
-   from the text (a held object moves with its holder). Like bAbI, the text tells events two at a time, and
-   may ask after a pair only about something one of the last `WINDOW` facts told.
+   from the text (a held object moves with its holder). Like bAbI, the text tells events two at a time and
+   may ask after a pair about what that pair told; right after a question, about anything the last `WINDOW`
+   facts told (bAbI often asks the same question again at once).
 2. bAbI's conventions make every answer unique: "Where was the milk before the kitchen?" asks about the
    milk's latest arrival in the kitchen (its current room); qa5 asks about the latest gift, and "Who received
    the milk?" means its latest receiver; in qa4, "north of" means "the room directly north of".
@@ -31,14 +32,14 @@ GIVERS = ("Bill", "Fred", "Jeff", "Mary")  # the cast of bAbI qa5
 PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")  # bAbI's six rooms
 OBJECTS = ("football", "apple", "milk")  # bAbI's three portable objects
 MOVE = ("moved", "went", "journeyed", "travelled", "went back")  # bAbI's five ways to say "moved to"
-GRAB = ("got", "grabbed", "took", "picked up")
-DROP = ("dropped", "discarded", "left", "put down")
-GIVE = ("gave", "handed", "passed")
-OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
+GRAB = ("got", "grabbed", "took", "picked up")  # bAbI's four verbs for picking an object up
+DROP = ("dropped", "discarded", "left", "put down")  # ... for putting it down
+GIVE = ("gave", "handed", "passed")  # ... for giving it to someone (qa5)
+OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}  # qa4's four directions
 
 QUESTIONS = {"qa1": 5, "qa2": 5, "qa3": 5, "qa4": 1, "qa5": 5}  # questions per story: every story of the files
 PAIR = 2  # facts come two at a time: every gap between questions in the files is even
-WINDOW = 5  # a question's newest supporting fact is among the last 5 facts (all 6,000 qa1/qa2/qa5 questions)
+WINDOW = 5  # the newest fact that supports a question is among the last 5 (all 8,000 qa1/2/3/5 questions)
 GAPS = {  # facts before the first question, and between later ones: (min, max) over the train files
     "qa1": ((2, 2), (2, 2)),
     "qa2": ((2, 46), (2, 16)),
@@ -46,15 +47,17 @@ GAPS = {  # facts before the first question, and between later ones: (min, max) 
     "qa4": ((2, 2), (2, 2)),  # qa4 has one question per story: the second range is never used
     "qa5": ((2, 94), (2, 40)),
 }
+STORY_FACTS = {"qa1": (10, 10), "qa2": (12, 56), "qa3": (20, 224), "qa4": (2, 2), "qa5": (10, 102)}  # facts in
+# a whole story: (min, max) over the train files
 ASK = {"qa1": 1.0, "qa2": 0.6, "qa3": 0.13, "qa5": 1.0}  # chance to ask about what the last pair told,
-# when it told something askable (measured on the files: qa2 60 %, qa3 13 %; qa1 and qa5 always ask)
+# when it told something askable (measured on the files: qa2 60 %, qa3 13-17 %; qa1 and qa5 always ask)
 ASK_AGAIN = {"qa1": 1.0, "qa2": 0.73, "qa3": 0.57, "qa5": 1.0}  # the same right after a question, about
 # anything the last WINDOW facts told: bAbI often asks again at once (most later gaps are 2 facts)
 ACTIONS = {  # relative weights of the kinds of event; fitted to each file's share of moves, grabs, drops, gives
     "qa1": {"move": 1},
     "qa2": {"move": 4, "grab": 2, "drop": 2},  # train file: 64 % moves, 20 % grabs, 16 % drops
-    "qa3": {"move": 4, "grab": 2, "drop": 2},  # 64 %, 19 %, 18 %
-    "qa5": {"move": 4, "grab": 2, "drop": 1, "give": 2},  # 54 %, 17 %, 11 %, 17 % gives
+    "qa3": {"move": 5, "grab": 3, "drop": 2},  # 64 %, 19 %, 18 %
+    "qa5": {"move": 3, "grab": 2, "drop": 1, "give": 3},  # 54 %, 17 %, 11 %, 17 % gives
 }
 GRAB_THERE = {"qa2": 1.0, "qa3": 0.19, "qa5": 1.0}  # share of "got the milk there." among grabs, per file
 DROP_THERE = 0.2  # share of "dropped the milk there." among drops (qa2 21 %, qa3 22 %, qa5 17 %)
@@ -91,14 +94,16 @@ class World:
     def _options(self, kind: str) -> list[tuple]:
         if kind == "move":
             return [(p,) for p in self.cast]
-        if kind == "grab":
-            return [(p, o) for p in self.cast for o in OBJECTS if o not in self.holder and self.spot[o] == self.room[p]]
+        if kind == "grab":  # a free object in p's room
+            return [(p, o) for p in self.cast for o in OBJECTS
+                    if o not in self.holder and self.spot[o] == self.room[p]]
         if kind == "drop":
             return [(p, o) for o, p in self.holder.items()]
-        return [(p, o, q) for o, p in self.holder.items() for q in self.cast if q != p and self.room[q] == self.room[p]]
+        return [(p, o, q) for o, p in self.holder.items()  # give: to someone else in the giver's room
+                for q in self.cast if q != p and self.room[q] == self.room[p]]
 
     def _see(self, obj: str) -> None:
-        """The text now says where obj is (its holder's room is known): record it in its trail."""
+        """The text now tells where obj is (someone whose room it told holds it or just put it down)."""
         self.seen[obj] = self.n
         if self.trail[obj][-1:] != [self.spot[obj]]:
             self.trail[obj].append(self.spot[obj])
@@ -113,7 +118,7 @@ class World:
 
     def grab(self, rng: random.Random, p: str, o: str) -> str:
         self.holder[o] = p
-        if p in self.moved:  # else the reader does not know where p (or o) is yet
+        if p in self.moved:  # else the text has not told p's room: what it says of o's room stays true
             self._see(o)
         there = " there" if rng.random() < GRAB_THERE[self.task] else ""
         return f"{p} {rng.choice(GRAB)} the {o}{there}."
@@ -131,15 +136,15 @@ class World:
 
     def questions(self, window: int) -> list[tuple[str, str, int]]:
         """(question, answer, weight) of everything a fact among the last `window` told; [] if nothing."""
-        fresh = lambda k: self.n - k < window  # noqa: E731  fact number k is among the last `window` facts
+        old = self.n - window  # facts numbered above this are among the last `window`
         if self.task == "qa1":
-            return [(f"Where is {p}?", self.room[p], 1) for p, k in self.moved.items() if fresh(k)]
+            return [(f"Where is {p}?", self.room[p], 1) for p, k in self.moved.items() if k > old]
         if self.task == "qa2":
-            return [(f"Where is the {o}?", self.spot[o], 1) for o, k in self.seen.items() if fresh(k)]
+            return [(f"Where is the {o}?", self.spot[o], 1) for o, k in self.seen.items() if k > old]
         if self.task == "qa3":  # the object's latest arrival in its current room, and the room before it
             return [(f"Where was the {o} before the {self.trail[o][-1]}?", self.trail[o][-2], 1)
-                    for o, k in self.seen.items() if fresh(k) and len(self.trail[o]) > 1]
-        if not self.gifts or not fresh(self.gifts[-1][3]):  # qa5: only the latest gift is asked about
+                    for o, k in self.seen.items() if k > old and len(self.trail[o]) > 1]
+        if not self.gifts or self.gifts[-1][3] <= old:  # qa5: only the latest gift is asked about
             return []
         p, o, q, _ = self.gifts[-1]
         return [(f"What did {p} give to {q}?", o, WHAT_WEIGHT), (f"Who gave the {o} to {q}?", p, 1),
@@ -148,11 +153,11 @@ class World:
 
 
 def _people_story(task: str, rng: random.Random) -> list[Turn] | None:
-    """A story of qa1/qa2/qa3/qa5, or None if a gap between questions grew past the files' longest."""
+    """A story of qa1/qa2/qa3/qa5, or None if it is longer or shorter than any story of the train file."""
     world, story, facts = World(task, rng), [], []
     while len(story) < QUESTIONS[task]:
         facts += [world.act(rng) for _ in range(PAIR)]
-        if len(facts) > GAPS[task][1 if story else 0][1]:
+        if len(facts) > GAPS[task][1 if story else 0][1] or world.n > STORY_FACTS[task][1]:
             return None
         again = bool(story) and len(facts) == PAIR  # the first pair after a question
         asks = world.questions(WINDOW if again else PAIR)
@@ -160,7 +165,7 @@ def _people_story(task: str, rng: random.Random) -> list[Turn] | None:
             question, answer, _ = rng.choices(asks, weights=[w for *_, w in asks])[0]
             story.append((facts, question, answer))
             facts = []
-    return story
+    return story if world.n >= STORY_FACTS[task][0] else None
 
 
 # ----------------------------------------------------------------------------- qa4: two-argument relations
@@ -168,13 +173,14 @@ def _relations_story(rng: random.Random) -> list[Turn]:
     """Three rooms in a straight line; two facts tie the middle room to each end; one question on one fact."""
     a, b, c = rng.sample(PLACES, 3)  # a is `d` of b, and b is `d` of c
     d = rng.choice(list(OPPOSITE))
-    facts = []
+    facts = []  # (first room, direction, second room): "The first is direction of the second."
     for x, y in rng.sample([(a, b), (b, c)], 2):  # either fact may come first
         middle_first = rng.random() < MIDDLE_SUBJECT
         facts.append((x, d, y) if (x == b) == middle_first else (y, OPPOSITE[d], x))
-    x, d, y = rng.choice(facts)  # bAbI asks about the fact's second room; the answer is its first
-    question = rng.choice([f"What is {d} of the {y}?", f"What is the {y} {OPPOSITE[d]} of?"])
-    return [([f"The {x} is {d} of the {y}." for x, d, y in facts], question, x)]
+    sentences = [f"The {first} is {way} of the {second}." for first, way, second in facts]
+    answer, way, second = rng.choice(facts)  # bAbI asks about a fact's second room; the answer is its first
+    question = rng.choice([f"What is {way} of the {second}?", f"What is the {second} {OPPOSITE[way]} of?"])
+    return [(sentences, question, answer)]
 
 
 def make_story(task: str, rng: random.Random) -> list[Turn]:
@@ -228,7 +234,8 @@ def shape(sentence: str) -> str:
 
 
 def _shapes(stories: list[list[Turn]]) -> set[str]:
-    return {shape(s) for story in stories for facts, question, _ in story for s in [*facts, question]}
+    sentences = {s for story in stories for facts, question, _ in story for s in [*facts, question]}
+    return {shape(s) for s in sentences}
 
 
 def coverage(real: list[list[Turn]], generated: list[list[Turn]]) -> tuple[float, set[str]]:
@@ -252,9 +259,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not Path(args.coverage).is_dir():
         sys.exit(f"babi.py: error: {args.coverage} is not a folder")
+    try:
+        files = {task: babi_file(args.coverage, task, "train") for task in TASKS}
+    except FileNotFoundError as error:
+        sys.exit(f"babi.py: error: {error}")
     print(f"{'task':6}{'real shapes':>12}{'covered':>10}{'extra':>7}")
-    for task in TASKS:
-        real = read_babi(babi_file(args.coverage, task, "train"))
+    for task, path in files.items():
+        real = read_babi(path)
         share, extra = coverage(real, [make_story(task, rng) for _ in range(args.stories)])
         print(f"{task:6}{len(_shapes(real)):>12}{share:>10.1%}{len(extra):>7}")
         for s in sorted(extra):

@@ -12,7 +12,7 @@ multi-turn, so that the FocuSFT mask has turns to work with. Two ideas to hold:
 2. A row of `ctx` tokens packs several samples (documents); `document_ids` and `pos` say where each begins,
    and no target crosses a document. All randomness comes from the `random.Random` passed in.
 
-Stories are simulated, not read from files, so every answer is computed from the state of the story so far.
+Stories come from babi.py's simulation of bAbI qa1-qa5, so every answer follows from the story so far.
 """
 
 import functools
@@ -28,8 +28,10 @@ import tiktoken
 import tiktoken.load
 import torch
 
-from model import IGNORE
 from tiktoken_ext.openai_public import r50k_pat_str
+
+from babi import GIVERS, OBJECTS, PEOPLE, PLACES, TASKS, Turn, make_story  # noqa: F401  (stories: babi.py)
+from model import IGNORE
 
 # ----------------------------------------------------------------------------- the GPT-2 tokenizer, offline
 
@@ -68,157 +70,6 @@ def gpt2_from_files(folder: Path) -> tiktoken.Encoding:
             vocab_bpe_hash=GPT2_SHA256["vocab.bpe"], encoder_json_hash=GPT2_SHA256["encoder.json"])
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": PAD_ID}, explicit_n_vocab=PAD_ID + 1)
-
-# ----------------------------------------------------------------------------- bAbI-like stories
-
-TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
-PEOPLE = ("Mary", "John", "Daniel", "Sandra")  # the cast of bAbI qa1–qa3
-GIVERS = ("Bill", "Fred", "Jeff", "Mary")  # the cast of bAbI qa5
-PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")  # bAbI's six rooms
-OBJECTS = ("football", "apple", "milk")  # bAbI's three portable objects
-MOVE = ("moved", "went", "journeyed", "travelled", "went back")  # bAbI's ways to say "moved to"
-GRAB = ("got", "grabbed", "took", "picked up")
-DROP = ("dropped", "discarded", "left", "put down")
-GIVE = ("gave", "handed", "passed")
-THERE_PROB = 0.5  # bAbI writes "... the milk there." about as often as "... the milk."
-JOIN_PROB = 0.5  # a move often goes where someone already is, so objects get handed over (qa5)
-OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
-STEP = {"north": (0, 1), "south": (0, -1), "east": (1, 0), "west": (-1, 0)}  # grid offset of each direction
-SHAPES = {  # task -> (turns, facts before the 1st question, facts before each later one): inclusive ranges
-    "qa1": (5, (2, 2), (2, 2)),  # bAbI qa1: 5 questions, one after every 2 moves
-    "qa2": (5, (2, 5), (1, 4)),  # each range is a minimum: facts are added until a question can be asked
-    "qa3": (5, (4, 10), (2, 8)),  # an object must have visited two places before it can be asked about
-    "qa4": (4, (2, 2), (1, 1)),  # bAbI qa4's 2-fact story, then one new room per turn (6 rooms = 5 facts)
-    "qa5": (5, (2, 5), (1, 4)),
-}
-ACTIONS = {  # task -> relative frequency of each kind of fact (a kind with nothing to act on becomes a move)
-    "qa1": {"move": 1},
-    "qa2": {"move": 5, "grab": 3, "drop": 2},
-    "qa3": {"move": 4, "grab": 3, "drop": 1},
-    "qa5": {"move": 3, "grab": 2, "drop": 1, "give": 4},
-}
-
-Turn = tuple[list[str], str, str]  # (facts told in this turn, question, one-word answer)
-
-
-class World:
-    """People walking between rooms and carrying objects (qa1, qa2, qa3, qa5); every answer is read from it."""
-
-    def __init__(self, task: str):
-        self.task, self.people = task, GIVERS if task == "qa5" else PEOPLE
-        self.at = {}  # person -> room; unknown until their first move
-        self.holder = {}  # object -> person carrying it
-        self.where = {}  # object -> room; unknown until it is first picked up
-        self.trail = {o: [] for o in OBJECTS}  # object -> rooms it has been in, in order
-        self.gifts = []  # (giver, object, receiver), in story order
-
-    def _put(self, obj: str, room: str) -> None:
-        self.where[obj] = room
-        if self.trail[obj][-1:] != [room]:
-            self.trail[obj].append(room)
-
-    def _options(self, kind: str) -> list[tuple]:
-        if kind == "move":
-            return [(p,) for p in self.people]
-        if kind == "grab":  # a free object, in the room of someone who knows where they are (or never seen)
-            return [(p, o) for p in self.at for o in OBJECTS
-                    if o not in self.holder and self.where.get(o, self.at[p]) == self.at[p]]
-        if kind == "drop":
-            return [(p, o) for o, p in self.holder.items()]
-        return [(p, o, q) for o, p in self.holder.items() for q in self.at if q != p and self.at[q] == self.at[p]]
-
-    def act(self, rng: random.Random) -> str:
-        """Change the world by one random event and return the sentence that tells it."""
-        kinds = ACTIONS[self.task]
-        kind = rng.choices(list(kinds), weights=list(kinds.values()))[0]
-        options = self._options(kind) or self._options(kind := "move")
-        return getattr(self, kind)(rng, *rng.choice(options))
-
-    def move(self, rng: random.Random, p: str) -> str:
-        here = self.at.get(p)
-        occupied = [room for room in self.at.values() if room != here]
-        rooms = occupied if occupied and rng.random() < JOIN_PROB else [r for r in PLACES if r != here]
-        self.at[p] = rng.choice(rooms)
-        for o in [o for o, q in self.holder.items() if q == p]:
-            self._put(o, self.at[p])
-        return f"{p} {rng.choice(MOVE)} to the {self.at[p]}."
-
-    def grab(self, rng: random.Random, p: str, o: str) -> str:
-        self.holder[o] = p
-        self._put(o, self.at[p])
-        return f"{p} {rng.choice(GRAB)} the {o}{' there' if rng.random() < THERE_PROB else ''}."
-
-    def drop(self, rng: random.Random, p: str, o: str) -> str:
-        del self.holder[o]
-        return f"{p} {rng.choice(DROP)} the {o}{' there' if rng.random() < THERE_PROB else ''}."
-
-    def give(self, rng: random.Random, p: str, o: str, q: str) -> str:
-        self.holder[o] = q
-        self.gifts.append((p, o, q))
-        return f"{p} {rng.choice(GIVE)} the {o} to {q}."
-
-    def questions(self) -> list[tuple[str, str]]:
-        """Every (question, answer) of this task that the story so far answers unambiguously."""
-        if self.task == "qa1":
-            return [(f"Where is {p}?", room) for p, room in self.at.items()]
-        if self.task == "qa2":
-            return [(f"Where is the {o}?", room) for o, room in self.where.items()]
-        if self.task == "qa3":  # only rooms visited once, so "before the X" has a single meaning
-            return [(f"Where was the {o} before the {t[i]}?", t[i - 1])
-                    for o, t in self.trail.items() for i in range(1, len(t)) if t.count(t[i]) == 1]
-        asked = {}  # qa5: a question is kept only if every gift it matches gives the same answer
-        for p, o, q in self.gifts:
-            for question, slot, pattern in ((f"What did {p} give to {q}?", 1, (p, None, q)),
-                                             (f"Who gave the {o} to {q}?", 0, (None, o, q)),
-                                             (f"Who did {p} give the {o} to?", 2, (p, o, None)),
-                                             (f"Who gave the {o}?", 0, (None, o, None)),
-                                             (f"Who received the {o}?", 2, (None, o, None))):
-                answers = {g[slot] for g in self.gifts if all(k in (None, x) for k, x in zip(pattern, g))}
-                if len(answers) == 1:
-                    asked[question] = answers.pop()
-        return list(asked.items())
-
-
-class RoomMap:
-    """qa4: rooms placed one by one on a grid, each next to a placed one, so every direction has one answer."""
-
-    def __init__(self):
-        self.cell = {}  # room -> (x, y)
-        self.relations = []  # (a, direction, b): "the a is direction of the b", both ways round
-
-    def act(self, rng: random.Random) -> str:
-        if not self.cell:  # the first fact places two rooms
-            self.cell[rng.choice(PLACES)] = (0, 0)
-        new = rng.choice([r for r in PLACES if r not in self.cell])
-        taken = set(self.cell.values())
-        free = [(room, d) for room, (x, y) in self.cell.items() for d, (dx, dy) in STEP.items()
-                if (x + dx, y + dy) not in taken]
-        old, d = rng.choice(free)
-        self.cell[new] = (self.cell[old][0] + STEP[d][0], self.cell[old][1] + STEP[d][1])
-        self.relations += [(new, d, old), (old, OPPOSITE[d], new)]
-        a, d, b = self.relations[-rng.randint(1, 2)]
-        return f"The {a} is {d} of the {b}."
-
-    def questions(self) -> list[tuple[str, str]]:
-        return [qa for a, d, b in self.relations
-                for qa in ((f"What is {d} of the {b}?", a), (f"What is the {a} {d} of?", b))]
-
-
-def make_story(task: str, rng: random.Random) -> list[Turn]:
-    """A story of several turns; each adds facts, then asks one question the facts so far answer."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
-    world = RoomMap() if task == "qa4" else World(task)
-    turns, first, later = SHAPES[task]
-    story = []
-    for k in range(turns):
-        facts = [world.act(rng) for _ in range(rng.randint(*(later if k else first)))]
-        while not (asks := world.questions()):
-            facts.append(world.act(rng))
-        fresh = [qa for qa in asks if qa[0] not in {q for _, q, _ in story}]  # vary questions when we can
-        question, answer = rng.choice(fresh or asks)
-        story.append((facts, question, answer))
-    return story
 
 # ----------------------------------------------------------------------------- the haystack: a small grammar
 
@@ -293,6 +144,11 @@ class HaystackPool:
 # ----------------------------------------------------------------------------- samples and packed rows
 
 QUESTION = "\nQuestion: {}\nAnswer:"  # ends a context run; the response " answer\n" follows
+
+
+def prompt_ids(enc: tiktoken.Encoding, context: str, question: str) -> list[int]:
+    """A one-question prompt in the training format (the evaluation of BABILong text uses it too)."""
+    return enc.encode_ordinary(" " + context.strip()) + enc.encode_ordinary(QUESTION.format(question.strip()))
 STORY_TRIES = 10  # stories drawn before deciding n_tokens cannot hold even one turn of this task
 OBJECTIVES = ("sft", "lm")  # sft: predict response tokens only; lm: predict every next token of a document
 

@@ -104,13 +104,18 @@ class CausalSelfAttention(nn.Module):
         k, v = kv.chunk(2, dim=1)                                                            # 2 x (B, nkv, T, hs)
         return apply_rope(q, rope), apply_rope(k, rope), v                                  # k, v: (B, nkv, T, hs)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor | None,
+                cache: dict | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x, rope)
+        if cache is not None:   # generation: prefill stores K, V; each later token appends its own and sees all
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nkv, S+T, hs)
+            cache["k"], cache["v"] = k, v
         gqa = self.n_kv_head != self.n_head
         if isinstance(mask, BlockMask):
             y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa)                            # (B, nh, T, hs)
-        else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex
+        else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex; None = see all
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)    # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))                              # (B, T, C)
 
@@ -142,9 +147,9 @@ class Block(nn.Module):
         self.ln_1, self.attn = RMSNorm(cfg.n_embd), CausalSelfAttention(cfg)
         self.ln_2, self.mlp = RMSNorm(cfg.n_embd), MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor,
-                fast: dict[str, Tensor], scale: float) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rope, mask)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor | None,
+                fast: dict[str, Tensor], scale: float, cache: dict | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x), fast, scale)
 
 
@@ -172,14 +177,15 @@ class GPT(nn.Module):
         cfg = self.config
         return rope_tables(pos, cfg.n_embd // cfg.n_head, cfg.rope_base)
 
-    def blocks(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor, layers: range,
-               fast: dict[str, Tensor] | None = None, scale: float = 1.0) -> Tensor:
-        """Run blocks `layers` on the residual stream x (B, S, C); fast weights apply where named."""
+    def blocks(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor | None, layers: range,
+               fast: dict[str, Tensor] | None = None, scale: float = 1.0, caches: list[dict] | None = None) -> Tensor:
+        """Run blocks `layers` on the residual stream x (B, S, C); fast weights apply where named. With
+        `caches` (one dict per layer) keys and values are kept for generation: mask None = see every key."""
         fast = fast or {}
         for i in layers:
             prefix = f"h.{i}.mlp."
             mine = {k[len(prefix):]: v for k, v in fast.items() if k.startswith(prefix)}
-            x = self.h[i](x, rope, mask, mine, scale)
+            x = self.h[i](x, rope, mask, mine, scale, caches[i] if caches else None)
         return x
 
     def loss(self, x: Tensor, targets: Tensor, per_row: bool = False) -> Tensor:

@@ -1,0 +1,254 @@
+r"""BABILong samples built by the benchmark's public recipe: bAbI facts hidden, in order, in book text.
+
+BABILong (Kuratov et al. 2024; booydar/babilong, HF `RMT-team/babilong`) is the long-context test FocuSFT
+reports on. A sample is `{"input", "question", "target"}`: `input` is a stretch of books with the facts of one
+bAbI story (up to one of its questions) scattered through it, and the question asks about those facts only.
+This file makes such samples at any length, from generated or real bAbI stories (babi.py) and from one of
+three haystack sources: synthetic sentences (data.py, offline), a folder of Project Gutenberg .txt books, or
+PG19 (streamed with `datasets`, online only). It reads and writes the hub's layout, `data/{task}/{length}.json`.
+Two ideas to hold:
+
+1. A length is a token budget, counted in GPT-2 tokens: "Nk" is N*1000 minus `PROMPT_TOKENS` left for the
+   prompt, and "0k" is the facts alone. Facts and haystack sentences are counted piece by piece, each encoded
+   with a leading space; haystack fills what the facts leave, the last sentence cut to hit the budget, so
+   the decoded `input` re-encodes to the budget give or take a few tokens at the joins.
+2. The haystack is read, not shuffled: consecutive sentences from a random place in a random book (too-short
+   sentences skipped), and each fact goes in front of a randomly chosen sentence, keeping the facts' order.
+
+`python babilong.py --length 1k --haystack synthetic` prints one sample. All randomness comes from the
+`random.Random` passed in (and, for the synthetic books and PG19's order, the haystack's seed).
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import tiktoken
+
+from babi import TASKS, Turn, make_story
+from data import gpt2, haystack_sentences
+
+LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")  # the hub's configs up to 128K
+PROMPT_TOKENS = 300  # room the benchmark leaves in each length for instruction, question and answer
+TOKENS_PER_FACT = 8  # a story with more than budget/8 facts is skipped, as the benchmark does
+MIN_SENTENCE_TOKENS = 10  # shorter haystack sentences ("CHAPTER I.", "Yes.") are skipped
+MAX_SKIPPED = 10_000  # short sentences in a row before we decide a haystack has no usable text
+STORY_TRIES = 1000  # skipped stories in a row before we decide no story of a task fits a length
+SYNTHETIC_BOOKS = 100  # books of the synthetic haystack (PG19's test split also has 100)
+BOOK_SENTENCES = 5000  # sentences per synthetic book: ~100K tokens, about a novel
+PG19 = "deepmind/pg19"  # the hub name of PG19, the books BABILong's haystack comes from
+PG19_SPLIT = "test"  # split read by source "pg19"; "pg19:train" etc. chooses another
+PG19_BOOKS = 100  # books read from the PG19 stream (the whole test split)
+GUTENBERG_START, GUTENBERG_END = "*** START OF", "*** END OF"  # lines around a Gutenberg book's own text
+SENTENCE = re.compile(r"\S.*?[.!?]+[\"'’”)\]]*(?=\s|$)|\S.+$")  # see split_sentences
+
+
+def budget(length: str) -> int:
+    """GPT-2 tokens of facts and haystack in a sample of this length: "1k" -> 700, "0k" -> 0 (facts alone)."""
+    match = re.fullmatch(r"(\d+)k", length)
+    if match is None:
+        raise ValueError(f"bad length {length!r}: expected 'Nk' (N thousand GPT-2 tokens) such as "
+                         f"{', '.join(LENGTHS)}")
+    n = int(match.group(1))
+    return 0 if n == 0 else n * 1000 - PROMPT_TOKENS
+
+
+# ----------------------------------------------------------------------------- haystack sources: books
+class Library:
+    """A haystack source: `len(lib)` books, `lib[i]` a list of sentences in order, made by `load(i)` once."""
+
+    def __init__(self, name: str, n_books: int, load: Callable[[int], list[str]]):
+        self.name, self.n_books, self.load, self.cache = name, n_books, load, {}
+
+    def __len__(self) -> int:
+        return self.n_books
+
+    def __getitem__(self, i: int) -> list[str]:
+        if i not in self.cache:
+            self.cache[i] = self.load(i)
+        return self.cache[i]
+
+    def __iter__(self) -> Iterator[list[str]]:
+        return (self[i] for i in range(self.n_books))
+
+    def __repr__(self) -> str:
+        return f"Library({self.name!r}, {self.n_books} books)"
+
+
+def strip_gutenberg(text: str) -> str:
+    """The book's own text: what lies between the "*** START OF" and "*** END OF" lines, when present."""
+    lines = text.splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.startswith(GUTENBERG_START)), 0)
+    end = next((i for i, line in enumerate(lines) if line.startswith(GUTENBERG_END)), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text, with every run of whitespace (line breaks included) made one space.
+
+    The rule: a sentence ends at '.', '!' or '?' (and any closing quotes or brackets after them) that is
+    followed by a space or the end of the text; a tail without such an ending is a sentence too.
+    Abbreviations ("Mr. Darcy") are split too: the fragments are short and the sampler skips them.
+    """
+    return SENTENCE.findall(" ".join(text.split()))
+
+
+def synthetic_books(seed: int) -> Library:
+    """SYNTHETIC_BOOKS books of data.haystack_sentences; book i depends only on (seed, i)."""
+    return Library("synthetic", SYNTHETIC_BOOKS,
+                   lambda i: haystack_sentences(random.Random(f"synthetic-{seed}-{i}"), BOOK_SENTENCES))
+
+
+def folder_books(folder: str | Path) -> Library:
+    """The .txt books of a folder (Project Gutenberg header and footer removed), in file-name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"haystack folder {folder} does not exist")
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise ValueError(f"haystack folder {folder} holds no .txt books")
+    return Library(str(folder), len(files),
+                   lambda i: split_sentences(strip_gutenberg(files[i].read_text(encoding="utf-8", errors="replace"))))
+
+
+def pg19_books(seed: int, split: str = PG19_SPLIT) -> Library:
+    """PG19_BOOKS books of PG19 streamed from the hub in a seeded order (needs `datasets` and the network)."""
+    try:
+        import datasets  # imported here, so that nothing else needs it
+    except ImportError as e:
+        raise RuntimeError("haystack 'pg19' needs the `datasets` package (pip install datasets); "
+                           "offline, use 'synthetic' or a folder of .txt books") from e
+    try:
+        stream = datasets.load_dataset(PG19, split=split, streaming=True).shuffle(seed=seed)
+        texts = [row["text"] for _, row in zip(range(PG19_BOOKS), stream)]
+    except Exception as e:  # offline: ConnectionError, or datasets' own errors when HF_DATASETS_OFFLINE is set
+        raise RuntimeError(f"could not stream {PG19} ({type(e).__name__}: {e}); it needs the network. "
+                           "Offline, use 'synthetic' or a folder of .txt books") from e
+    return Library(f"pg19:{split}", len(texts), lambda i: split_sentences(texts[i]))
+
+
+def haystack(source: str, seed: int = 0) -> Library:
+    """The haystack source named by `source`: "synthetic", "pg19" (or "pg19:SPLIT"), or a folder of .txt books."""
+    if source == "synthetic":
+        return synthetic_books(seed)
+    if source == "pg19" or source.startswith("pg19:"):
+        return pg19_books(seed, source.partition(":")[2] or PG19_SPLIT)
+    return folder_books(source)
+
+
+# ----------------------------------------------------------------------------- building a sample
+def draw_haystack(enc: tiktoken.Encoding, rng: random.Random, hay: Library, n_tokens: int) -> list[list[int]]:
+    """Consecutive sentences from a random place in a random book, n_tokens tokens in all (the last one cut).
+
+    Each sentence is encoded with a leading space; those under MIN_SENTENCE_TOKENS are skipped. When a book
+    ends, reading goes on at the start of another random book.
+    """
+    book = hay[rng.randrange(len(hay))]
+    i, out, skipped = rng.randrange(max(len(book), 1)), [], 0
+    while n_tokens > 0:
+        if i < len(book):
+            ids, i = enc.encode_ordinary(" " + book[i]), i + 1
+        else:  # the book ended (or was empty): go on at the start of another random book
+            ids, book, i = [], hay[rng.randrange(len(hay))], 0
+        if len(ids) < MIN_SENTENCE_TOKENS:
+            skipped += 1
+            if skipped > MAX_SKIPPED:
+                raise ValueError(f"{hay!r} seems to hold no sentence of {MIN_SENTENCE_TOKENS}+ tokens")
+            continue
+        out.append(ids[:n_tokens])
+        n_tokens, skipped = n_tokens - len(out[-1]), 0
+    return out
+
+
+def build_sample(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], length: str,
+                 hay: Library) -> dict | None:
+    """One sample {"input", "question", "target"} of a random question of the story, or None to skip it.
+
+    The story is skipped if it has more than budget/TOKENS_PER_FACT facts up to that question (never at "0k"),
+    or if its facts alone overflow the budget. The question keeps bAbI's trailing space, as on the hub.
+    """
+    total = budget(length)
+    k = rng.randrange(len(story))
+    facts = [fact for turn_facts, _, _ in story[:k + 1] for fact in turn_facts]
+    question, target = story[k][1].strip() + " ", story[k][2]
+    sample = {"input": " ".join(facts), "question": question, "target": target}
+    if total == 0:
+        return sample
+    if len(facts) * TOKENS_PER_FACT > total:
+        return None
+    room = total - sum(len(enc.encode_ordinary(" " + fact)) for fact in facts)
+    if room < 0:
+        return None
+    sentences = [enc.decode(ids).strip() for ids in draw_haystack(enc, rng, hay, room)]
+    if not sentences:  # the facts fill the budget exactly
+        return sample
+    slots = sorted(rng.randrange(len(sentences)) for _ in facts)  # fact j goes in front of sentence slots[j]
+    pieces, j = [], 0
+    for i, sentence in enumerate(sentences):
+        while j < len(facts) and slots[j] == i:
+            pieces.append(facts[j])
+            j += 1
+        pieces.append(sentence)
+    return {**sample, "input": " ".join(pieces).strip()}
+
+
+def make_samples(enc: tiktoken.Encoding, rng: random.Random, task: str, length: str, n: int, hay: Library,
+                 stories: list[list[Turn]] | None = None) -> list[dict]:
+    """n samples of a task: stories from babi.make_story, or drawn at random from `stories` when given."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    out, misses = [], 0
+    while len(out) < n:
+        story = make_story(task, rng) if stories is None else rng.choice(stories)
+        sample = build_sample(enc, rng, story, length, hay)
+        if sample is not None:
+            out.append(sample)
+            misses = 0
+        elif (misses := misses + 1) >= STORY_TRIES:
+            raise ValueError(f"{STORY_TRIES} {task} stories in a row have too many facts for length {length}")
+    return out
+
+
+# ----------------------------------------------------------------------------- the hub's layout
+def hub_path(root: str | Path, task: str, length: str) -> Path:
+    """Where the hub keeps a task at a length: root/data/{task}/{length}.json."""
+    return Path(root) / "data" / task / f"{length}.json"
+
+
+def write_hub(root: str | Path, task: str, length: str, samples: list[dict]) -> Path:
+    """Write samples as the hub's JSON list; through a temp file and a rename, so no half file is ever seen."""
+    path = hub_path(root, task, length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(samples, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_hub(root: str | Path, task: str, length: str) -> list[dict]:
+    """The samples of a task at a length, as write_hub (or the hub itself) left them."""
+    path = hub_path(root, task, length)
+    if not path.is_file():
+        raise FileNotFoundError(f"no BABILong file {path} (task {task}, length {length})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Print one BABILong sample built by the public recipe.")
+    p.add_argument("--task", default="qa1", choices=TASKS, help="bAbI task of the story")
+    p.add_argument("--length", default="1k", help="budget: 0k, 1k, 2k, ... (N thousand GPT-2 tokens)")
+    p.add_argument("--haystack", default="synthetic", help="synthetic, pg19 or a folder of .txt books")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stories, the haystack and the sample")
+    args = p.parse_args(argv)
+    enc, rng = gpt2(), random.Random(args.seed)
+    sample = make_samples(enc, rng, args.task, args.length, 1, haystack(args.haystack, args.seed))[0]
+    print(sample["input"], f"\nQuestion: {sample['question']}\nTarget: {sample['target']}",
+          f"\n({len(enc.encode_ordinary(sample['input']))} tokens; budget {budget(args.length)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Evaluate a checkpoint on BABILong, scored by the benchmark's own rule.
+
+    python eval_babilong.py --make-data bench --tasks qa1,qa2 --lengths 0k,1k,4k --n 50   # build the data
+    python eval_babilong.py --ckpt out/ckpt.pt --data bench --tasks qa1,qa2 --lengths 0k,1k,4k --n 50
+
+BABILong (Kuratov et al. 2024; booydar/babilong) hides bAbI facts in long haystack text and asks one question.
+Two ideas to hold:
+  1. Decoding is greedy with a KV cache: the prompt is run once (prefill, under the chosen mask: with `hybrid`
+     it is one bidirectional context turn), its keys and values kept, then each new token attends to all of
+     them. The prompt is padded to a multiple of PAD_TO tokens so compiled kernels see few shapes.
+  2. The score is the official rule, quirks included (`is_correct`): keep the output's first sentence
+     (before the first '.'), lower-cased, cut at '<context>' / '<example>' (the official code also cuts at
+     'Question', which never matches after lower-casing); drop the task's labels that the question names;
+     correct iff the target is the only label of the task left in it.
+"""
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+import babilong
+import data
+import masks
+from model import GPT, GPTConfig
+from stats import attention_stats
+
+ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
+TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,
+               "qa5": ("Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk")}
+CUT_AT = ("<context>", "<example>", "Question")   # the official cut list; 'Question' is kept though inert
+MAX_NEW_TOKENS = 20                               # the benchmark's generation budget
+PAD_TO = 1024                                     # prompt lengths are rounded up to this: few compiled shapes
+NEWLINE = 198                                     # GPT-2's "\n": ends an answer in our training format
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the official scoring rule
+
+def first_sentence(output: str) -> str:
+    text = output.lower().split(".")[0]
+    for marker in CUT_AT:
+        text = text.split(marker)[0]
+    return text
+
+
+def is_correct(target: str, output: str, question: str, task: str) -> bool:
+    """BABILong's rule: the target must be the only label of the task named in the output's first sentence,
+    not counting labels that the question names."""
+    if task not in TASK_LABELS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASK_LABELS)}")
+    labels = {label.lower() for label in TASK_LABELS[task]}
+    named = {label for label in labels if label in first_sentence(output)}
+    named -= {label for label in labels if label in question.lower()}
+    return named == {target.lower()}
+
+
+def score_file(path: str, task: str) -> tuple[int, int]:
+    """(correct, total) over a CSV of model outputs with columns target, output, question."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = {"target", "output", "question"} - set(rows[0] if rows else {})
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    return sum(is_correct(r["target"], r["output"], r["question"], task) for r in rows), len(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# greedy decoding with a KV cache
+
+def prompt_mask(kind: str, n_real: int, padded: int, device):
+    """Mask of a prompt of n_real tokens padded to `padded`: one context turn (hybrid) or causal."""
+    valid = (torch.arange(padded, device=device) < n_real)[None]                    # (1, S)
+    zeros = torch.zeros(1, padded, dtype=torch.long, device=device)                 # all context, no response
+    return masks.hybrid(zeros, valid) if kind == "hybrid" else masks.causal(valid)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int = MAX_NEW_TOKENS) -> list[int]:
+    """Greedy continuation of `prompt`, stopping at a newline or after max_new tokens."""
+    n = len(prompt)
+    S = -(-n // PAD_TO) * PAD_TO
+    idx = torch.full((1, S), data.PAD_ID, device=device)
+    idx[0, :n] = torch.tensor(prompt, device=device)
+    pos = torch.arange(S, device=device)[None]
+    mod = prompt_mask(mask_kind, n, S, device)
+    mask = masks.block_mask(mod, 1, S, device) if model.config.attn == "flex" else masks.dense_mask(mod, 1, S, device)
+    caches = [{} for _ in model.h]
+    layers = range(model.config.n_layer)
+    x = model.blocks(model.wte(idx), model.rope(pos), mask, layers, caches=caches)    # prefill, once
+    for cache in caches:                                                              # forget the padding
+        cache["k"], cache["v"] = cache["k"][:, :, :n], cache["v"][:, :, :n]
+    logits = model.logits_at(x, torch.tensor([[n - 1]], device=device))                # (1, 1, vocab)
+    out = []
+    for i in range(max_new):
+        token = int(logits[0, -1, :data.PAD_ID + 1].argmax())                         # real GPT-2 ids only
+        if token in (NEWLINE, data.PAD_ID):
+            break
+        out.append(token)
+        step = torch.tensor([[token]], device=device)
+        x = model.blocks(model.wte(step), model.rope(torch.tensor([[n + i]], device=device)), None, layers,
+                         caches=caches)                                               # one token, sees all
+        logits = model.logits_at(x, torch.zeros(1, 1, dtype=torch.long, device=device))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def load_model(path: str, device: str) -> tuple[GPT, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = GPTConfig(**{**ckpt["config"]["model"], "attn": "flex" if device.startswith("cuda") else "sdpa"})
+    model = GPT(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["config"]
+
+
+def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device) -> list[dict]:
+    records = []
+    for s in samples:
+        prompt = data.prompt_ids(enc, s["input"], s["question"])
+        t0 = time.perf_counter()
+        output = enc.decode(generate(model, prompt, mask_kind, device))
+        records.append({**s, "output": output, "correct": is_correct(s["target"], output, s["question"], task),
+                        "prompt_tokens": len(prompt), "seconds": time.perf_counter() - t0})
+        records[-1].pop("input")
+    return records
+
+
+def heatmap(acc: dict, tasks: list[str], lengths: list[str], path: str):
+    """Task x length accuracy as a PNG (needs matplotlib; skipped with a note without it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no matplotlib: heatmap skipped)")
+        return
+    grid = [[acc[t, n] for n in lengths] for t in tasks]
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(lengths), 1 + 0.5 * len(tasks)))
+    ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
+    ax.set_xticks(range(len(lengths)), lengths)
+    ax.set_yticks(range(len(tasks)), tasks)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def parse_list(text: str, allowed, flag: str) -> list[str]:
+    items = [x for x in text.split(",") if x]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        sys.exit(f"eval_babilong.py: error: {flag}: unknown {bad or 'empty'}; choose from {','.join(allowed)}")
+    return items
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="BABILong: build the data, evaluate a checkpoint, or score outputs.")
+    p.add_argument("--make-data", metavar="DIR", help="write samples in the hub layout DIR/data/qaN/LEN.json")
+    p.add_argument("--ckpt", help="checkpoint to evaluate")
+    p.add_argument("--data", default="babilong_data", help="hub-layout folder to read")
+    p.add_argument("--score", metavar="CSV", help="score a CSV of outputs (columns target, output, question)")
+    p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="comma-separated tasks")
+    p.add_argument("--lengths", default="0k,1k,2k,4k", help="comma-separated lengths (Nk = N*1000 GPT-2 tokens)")
+    p.add_argument("--n", type=int, default=100, help="samples per task and length")
+    p.add_argument("--haystack", default="synthetic", help="--make-data haystack: synthetic, pg19 or a folder of .txt")
+    p.add_argument("--babi-dir", default=None, help="--make-data: real bAbI test files instead of the generator")
+    p.add_argument("--mask", choices=["hybrid", "causal"], default=None, help="prompt mask; default: as trained")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--out", default=None, help="folder for predictions.json and heatmap.png (default: beside --ckpt)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --make-data")
+    args = p.parse_args(argv)
+    tasks = parse_list(args.tasks, TASK_LABELS, "--tasks")
+    if args.score:
+        try:
+            correct, total = score_file(args.score, tasks[0])
+        except (OSError, ValueError) as e:
+            sys.exit(f"eval_babilong.py: error: {e}")
+        print(f"{tasks[0]}: {correct}/{total} = {correct / max(total, 1):.3f}")
+        return
+    lengths = parse_list(args.lengths, babilong.LENGTHS, "--lengths")
+    if args.n <= 0:
+        sys.exit(f"eval_babilong.py: error: --n must be positive (got {args.n})")
+    enc = data.gpt2()
+    if args.make_data:
+        make_data(args, enc, tasks, lengths)
+    elif args.ckpt:
+        run_eval(args, enc, tasks, lengths)
+    else:
+        sys.exit("eval_babilong.py: error: give --make-data DIR, --ckpt CKPT or --score CSV")
+
+
+def make_data(args, enc, tasks, lengths):
+    try:
+        hay = babilong.haystack(args.haystack, args.seed)
+        for task in tasks:
+            stories = None
+            if args.babi_dir:
+                import babi
+                stories = babi.read_babi(babi.babi_file(args.babi_dir, task, "test"))
+            for length in lengths:
+                rng = random.Random(f"{args.seed}-{task}-{length}")
+                samples = babilong.make_samples(enc, rng, task, length, args.n, hay, stories)
+                babilong.write_hub(args.make_data, task, length, samples)
+                print(f"wrote {len(samples)} samples: {args.make_data}/data/{task}/{length}.json")
+    except (OSError, ValueError) as e:
+        sys.exit(f"eval_babilong.py: error: {e}")
+
+
+def run_eval(args, enc, tasks, lengths):
+    if not os.path.exists(args.ckpt):
+        sys.exit(f"eval_babilong.py: error: no checkpoint at {args.ckpt}")
+    model, config = load_model(args.ckpt, args.device)
+    mask_kind = args.mask or config["args"]["mask"]
+    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    acc, records = {}, []
+    for length in lengths:
+        for task in tasks:
+            try:
+                samples = babilong.read_hub(args.data, task, length)[:args.n]
+            except (OSError, ValueError) as e:
+                sys.exit(f"eval_babilong.py: error: {e}")
+            recs = evaluate(model, enc, samples, task, mask_kind, args.device)
+            acc[task, length] = sum(r["correct"] for r in recs) / max(len(recs), 1)
+            records += [{"task": task, "length": length, **r} for r in recs]
+            sec = sum(r["seconds"] for r in recs) / max(len(recs), 1)
+            print(f"{task} {length:>4}: acc {acc[task, length]:.3f} over {len(recs)} ({sec:.2f} s/sample)", flush=True)
+        one = babilong.read_hub(args.data, tasks[0], length)[0]
+        st = length_stats(model, enc, one, mask_kind, args.device)
+        print(f"{length:>4}: sink mass {st['sink_mass']:.3f} | sink rate {st['sink_rate']:.2f} | "
+              f"engagement {st['engagement']:.3f}")
+    print("\n" + "task  " + "".join(f"{n:>7}" for n in lengths))
+    for t in tasks:
+        print(f"{t:<6}" + "".join(f"{acc[t, n]:>7.2f}" for n in lengths))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "predictions.json.tmp"), "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(os.path.join(out, "predictions.json.tmp"), os.path.join(out, "predictions.json"))
+    heatmap(acc, tasks, lengths, os.path.join(out, "heatmap.png"))
+    print(f"wrote {out}/predictions.json")
+
+
+@torch.no_grad()
+def length_stats(model, enc, sample: dict, mask_kind: str, device) -> dict:
+    """Sink mass / engagement on one prompt plus its target answer as the response turn."""
+    prompt = data.prompt_ids(enc, sample["input"], sample["question"])
+    answer = enc.encode_ordinary(" " + sample["target"]) + [NEWLINE]
+    idx = torch.tensor([prompt + answer], device=device)
+    loss_mask = torch.tensor([[0] * len(prompt) + [1] * len(answer)], device=device)
+    pos = torch.arange(idx.size(1), device=device)[None]
+    mod = masks.hybrid(loss_mask) if mask_kind == "hybrid" else masks.causal()
+    return attention_stats(model, idx, pos, mod, loss_mask)
+
+
+if __name__ == "__main__":
+    main()

