@@ -29,8 +29,8 @@ from pathlib import Path
 
 import tiktoken
 
-from babi import TASKS, Turn, make_story
-from data import gpt2, haystack_sentences
+from babi import TASKS, Turn, babi_file, make_story, read_babi
+from data import gpt2, haystack_sentences, prompt_ids
 
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")  # the hub's configs up to 128K
 PROMPT_TOKENS = 300  # room the benchmark leaves in each length for instruction, question and answer
@@ -38,6 +38,7 @@ TOKENS_PER_FACT = 8  # a story with more than budget/8 facts is skipped, as the 
 MIN_SENTENCE_TOKENS = 10  # shorter haystack sentences ("CHAPTER I.", "Yes.") are skipped
 MAX_SKIPPED = 10_000  # short sentences in a row before we decide a haystack has no usable text
 STORY_TRIES = 1000  # skipped stories in a row before we decide no story of a task fits a length
+ROOM_TRIES = 10  # samples drawn for the room left in a training row before leaving the rest as padding
 SYNTHETIC_BOOKS = 100  # books of the synthetic haystack (PG19's test split also has 100)
 BOOK_SENTENCES = 5000  # sentences per synthetic book: ~100K tokens, about a novel
 PG19 = "deepmind/pg19"  # the hub name of PG19, the books BABILong's haystack comes from
@@ -211,6 +212,35 @@ def make_samples(enc: tiktoken.Encoding, rng: random.Random, task: str, length: 
         elif (misses := misses + 1) >= STORY_TRIES:
             raise ValueError(f"{STORY_TRIES} {task} stories in a row have too many facts for length {length}")
     return out
+
+
+def training_source(source: str, seed: int, babi_dir: str | None, tasks: list[str]) -> tuple:
+    """What training samples are drawn from: a haystack, and real bAbI train stories per task (or None)."""
+    stories = {t: read_babi(babi_file(babi_dir, t, "train")) for t in tasks} if babi_dir else None
+    return haystack(source, seed), stories
+
+
+def training_lengths(lengths: list[str], ctx: int, step: int | None = None, steps: int = 1) -> list[str]:
+    """The lengths whose whole budget fits a row of ctx tokens; with step (a curriculum), only the first
+    1 + step * n // steps of them: the lengths arrive one at a time, shortest first, in equal stages."""
+    fits = sorted((n for n in lengths if budget(n) + PROMPT_TOKENS <= ctx), key=budget)
+    return fits if step is None else fits[:1 + step * len(fits) // steps]
+
+
+def training_sample(enc: tiktoken.Encoding, rng: random.Random, hay: Library, tasks: list[str],
+                    lengths: list[str], room: int, stories: dict | None = None) -> tuple[list[int], list[int]] | None:
+    """One sample as training tokens, (ids, loss_mask): the prompt in the format evaluation uses, then the
+    answer and a newline as the response. The length is drawn from those whose whole budget (N*1000 tokens,
+    prompt included) fits in `room`; None when none fits. `stories`: real bAbI stories per task."""
+    fits = [n for n in lengths if budget(n) + PROMPT_TOKENS <= room]
+    for _ in range(ROOM_TRIES if fits else 0):   # "0k" samples (facts alone) of long stories may not fit
+        task = rng.choice(tasks)
+        s = make_samples(enc, rng, task, rng.choice(fits), 1, hay, stories[task] if stories else None)[0]
+        prompt = prompt_ids(enc, s["input"], s["question"])
+        answer = enc.encode_ordinary(" " + s["target"] + "\n")
+        if len(prompt) + len(answer) <= room:
+            return prompt + answer, [0] * len(prompt) + [1] * len(answer)
+    return None
 
 
 # ----------------------------------------------------------------------------- the hub's layout

@@ -194,28 +194,37 @@ def build_sample(enc: tiktoken.Encoding, rng: random.Random, task: str, n_tokens
 
 def pack_batch(enc: tiktoken.Encoding, rng: random.Random, pool: HaystackPool, batch_size: int, ctx: int,
                tasks: list[str], min_len: int, max_len: int, objective: str = "sft") -> dict[str, torch.Tensor]:
-    """Fill batch_size rows of ctx tokens with samples of log-uniform length in [min_len, max_len].
+    """Rows of multi-turn samples (build_sample) of log-uniform length in [min_len, max_len]; see pack_rows.
+    min_len >= 128 holds a turn of almost every story; below that, qa3 and qa5 samples can fail."""
+    if not 0 < min_len <= max_len:
+        raise ValueError(f"need 0 < min_len <= max_len, got {min_len=} {max_len=}")
+
+    def sample(room: int):
+        if room < min_len:
+            return None
+        n = round(math.exp(rng.uniform(math.log(min_len), math.log(min(max_len, room)))))
+        return build_sample(enc, rng, rng.choice(tasks), min(max(n, min_len), room), pool)
+    return pack_rows(sample, batch_size, ctx, objective)
+
+
+def pack_rows(sample, batch_size: int, ctx: int, objective: str = "sft") -> dict[str, torch.Tensor]:
+    """Fill batch_size rows of ctx tokens with sample(room) -> (ids, loss_mask) of at most `room` tokens,
+    until it returns None; the rest of the row is padding.
 
     Returns (B, ctx) tensors: idx, loss_mask, document_ids (0, 1, ... per row; -1 on padding),
     attention_mask (False on padding), pos (position within its document; 0 on padding) and targets
     (idx shifted left where the next token is in the same document, and a response token for "sft";
-    -100 elsewhere). A row's tail shorter than min_len is padding. min_len >= 128 always holds a turn of
-    every task; much below that, qa3 and qa5 samples can fail with ValueError.
-    """
+    -100 elsewhere)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    if not 0 < min_len <= max_len:
-        raise ValueError(f"need 0 < min_len <= max_len, got {min_len=} {max_len=}")
     idx = torch.full((batch_size, ctx), PAD_ID, dtype=torch.long)
     loss_mask = torch.zeros((batch_size, ctx), dtype=torch.long)
     document_ids = torch.full((batch_size, ctx), -1, dtype=torch.long)
     pos = torch.zeros((batch_size, ctx), dtype=torch.long)
     for b in range(batch_size):
         start, doc = 0, 0
-        while ctx - start >= min_len:
-            high = min(max_len, ctx - start)
-            n = round(math.exp(rng.uniform(math.log(min_len), math.log(high))))
-            ids, mask = build_sample(enc, rng, rng.choice(tasks), min(max(n, min_len), high), pool)
+        while (s := sample(ctx - start)) is not None:
+            ids, mask = s
             end = start + len(ids)
             idx[b, start:end], loss_mask[b, start:end] = torch.tensor(ids), torch.tensor(mask)
             document_ids[b, start:end], pos[b, start:end] = doc, torch.arange(len(ids))

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import babilong
 import data
 import masks
 from fastweights import PROJECTIONS, InnerConfig, adapted_layers, focusft_loss
@@ -46,7 +47,17 @@ def get_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n")[0])
     # --- data ---
     p.add_argument("--ctx", type=int, default=8192, help="tokens per training row")
-    p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI-like tasks to draw samples from")
+    p.add_argument("--data", choices=["synthetic", "babilong"], default="synthetic",
+                   help="synthetic: multi-turn stories (every question a response turn); babilong: one-question "
+                        "samples built by BABILong's recipe (babilong.py), the format eval_babilong.py uses")
+    p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI tasks to draw samples from")
+    p.add_argument("--lengths", default="0k,1k,2k,4k,8k",
+                   help="--data babilong: sample lengths (Nk = N*1000 GPT-2 tokens); those longer than --ctx are dropped")
+    p.add_argument("--curriculum", type=int, choices=[0, 1], default=0,
+                   help="--data babilong: 1 = allow the lengths one at a time, shortest first, in equal stages")
+    p.add_argument("--haystack", default="synthetic",
+                   help="--data babilong: synthetic, pg19 (online) or a folder of .txt books")
+    p.add_argument("--babi-dir", default=None, help="--data babilong: real bAbI train files instead of the generator")
     p.add_argument("--min-len", type=int, default=256, help="shortest sample packed into a row (tokens)")
     p.add_argument("--max-len", type=int, default=0, help="longest sample (tokens); 0 = --ctx")
     p.add_argument("--objective", choices=["sft", "lm"], default="sft",
@@ -128,11 +139,9 @@ def apply_defaults(args) -> list[str]:
 
 
 def check_args(args):
-    bad = [f"--ctx must be a positive number of tokens (got {args.ctx})" if args.ctx <= 0 else None,
-           f"--steps must be positive (got {args.steps})" if args.steps <= 0 else None,
-           f"--batch-size must be positive (got {args.batch_size})" if args.batch_size <= 0 else None,
-           f"--grad-accum must be positive (got {args.grad_accum})" if args.grad_accum <= 0 else None,
-           f"--inner-steps must be >= 0 (got {args.inner_steps})" if args.inner_steps < 0 else None,
+    bad = [f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})"
+           for k in ("ctx", "steps", "batch_size", "grad_accum") if getattr(args, k) <= 0]
+    bad += [f"--inner-steps must be >= 0 (got {args.inner_steps})" if args.inner_steps < 0 else None,
            "--inner-fraction must be in (0, 1]" if not 0 < args.inner_fraction <= 1 else None,
            f"--min-len ({args.min_len}) must be between 1 and --ctx" if not 0 < args.min_len <= args.ctx else None,
            f"--max-len ({args.max_len}) must be between --min-len and --ctx"
@@ -144,6 +153,13 @@ def check_args(args):
            f"--init: no checkpoint at {args.init}" if args.init and not os.path.exists(args.init) else None]
     unknown = set(args.tasks.split(",")) - set(data.TASKS)
     bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(data.TASKS)}" if unknown else None)
+    if args.data == "babilong" and not unknown:
+        try:
+            fits = lengths_at(args, args.steps)
+            bad.append(None if fits else f"--lengths: none of {args.lengths} fits --ctx {args.ctx}")
+            babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(","))
+        except (OSError, ValueError, RuntimeError) as e:
+            bad.append(str(e))
     unknown = set(args.inner_targets.split(",")) - set(PROJECTIONS)
     bad.append(f"--inner-targets: unknown {sorted(unknown)}; choose from {','.join(PROJECTIONS)}" if unknown else None)
     bad.append("--objective lm is plain pretraining: it has no inner loop (use --method sft)"
@@ -190,10 +206,22 @@ def lr_at(step: int, args) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
 
 
-def get_batch(args, enc, pool, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
+def lengths_at(args, step: int) -> list[str]:
+    """--data babilong: the lengths a row can hold; with --curriculum, only the first stages' so far."""
+    return babilong.training_lengths(args.lengths.split(","), args.ctx, step if args.curriculum else None, args.steps)
+
+
+def get_batch(args, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
     rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")      # a batch is a function of its coordinates
-    batch = data.pack_batch(enc, rng, pool, rows or args.batch_size, args.ctx, args.tasks.split(","),
-                            args.min_len, args.max_len, objective=args.objective)
+    tasks = args.tasks.split(",")
+    if args.data == "synthetic":
+        batch = data.pack_batch(enc, rng, source, rows or args.batch_size, args.ctx, tasks, args.min_len,
+                                args.max_len, objective=args.objective)
+    else:
+        hay, stories = source
+        lengths = lengths_at(args, args.steps if split == "eval" else step)
+        batch = data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories),
+                               rows or args.batch_size, args.ctx, args.objective)
     return {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -315,7 +343,8 @@ def main(argv=None):
           f"fast weights on layers {list(adapted_layers(model_cfg.n_layer, inner.fraction))}")
 
     enc = data.gpt2()
-    pool = data.HaystackPool(enc, args.seed)
+    pool = (data.HaystackPool(enc, args.seed) if args.data == "synthetic" else
+            babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(",")))
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     log.write(json.dumps({"config": config, "start_step": start_step}) + "\n")

@@ -253,3 +253,22 @@ def test_deterministic(enc):
         return bl.make_samples(enc, random.Random(seed), "qa2", "2k", 3, bl.haystack("synthetic", seed))
     assert run(5) == run(5)
     assert run(5) != run(6)
+
+
+def test_training_sample_is_the_evaluation_prompt_then_the_answer():
+    import data as data_mod
+    enc = data_mod.gpt2()
+    hay = bl.haystack("synthetic", 0)
+    for seed in range(5):
+        rng = random.Random(seed)
+        ids, mask = bl.training_sample(enc, rng, hay, ["qa1", "qa2"], ["0k", "1k"], 2000)
+        assert len(ids) == len(mask) <= 2000 and mask[-1] == 1 and mask[0] == 0
+        first = mask.index(1)
+        assert sum(mask) == len(mask) - first                                  # one response run, at the end
+        answer = enc.decode(ids[first:])
+        assert answer.endswith("\n") and answer.strip() in babi.PLACES + babi.OBJECTS
+        text = enc.decode(ids[:first])
+        question = text.split("\nQuestion: ")[1].split("\nAnswer:")[0]
+        context = text.split("\nQuestion: ")[0]
+        assert ids[:first] == data_mod.prompt_ids(enc, context, question)      # the format evaluation uses
+    assert bl.training_sample(enc, random.Random(0), hay, ["qa1"], ["1k"], 900) is None   # 1k needs 1000

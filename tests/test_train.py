@@ -99,3 +99,16 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, argv, needle):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("train.py: error:"), run.stderr
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_babilong_data_with_a_curriculum(tmp_path):
+    args = train.get_args(["--data", "babilong", "--ctx", "8192", "--lengths", "0k,1k,2k,4k,16k", "--steps", "10",
+                           "--curriculum", "1"])
+    assert [train.lengths_at(args, s) for s in (0, 3, 5, 9)] == [
+        ["0k"], ["0k", "1k"], ["0k", "1k", "2k"], ["0k", "1k", "2k", "4k"]]          # 16k never fits 8192
+    args.curriculum = 0
+    assert train.lengths_at(args, 0) == ["0k", "1k", "2k", "4k"]
+    train.main(TINY + ["--ctx", "1024", "--steps", "2", "--data", "babilong", "--lengths", "0k,1k",
+                       "--out", str(tmp_path)])
+    assert len(losses(tmp_path)) == 2 and all(x == x for x in losses(tmp_path))
+    assert train.load_checkpoint(train.ckpt_path(str(tmp_path)))["config"]["args"]["data"] == "babilong"
