@@ -2,6 +2,8 @@
 
     python eval_babilong.py --make-data bench --tasks qa1,qa2 --lengths 0k,1k,4k --n 50   # build the data
     python eval_babilong.py --ckpt out/ckpt.pt --data bench --tasks qa1,qa2 --lengths 0k,1k,4k --n 50
+    python eval_babilong.py --ckpt out/ckpt.pt --data hub --revision <commit>   # the real benchmark (online)
+    python eval_babilong.py --score outputs.csv --tasks qa1                           # score a CSV of outputs
 
 BABILong (Kuratov et al. 2024; booydar/babilong) hides bAbI facts in long haystack text and asks one question.
 Two ideas to hold:
@@ -34,6 +36,8 @@ TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,
                "qa5": ("Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk")}
 CUT_AT = ("<context>", "<example>", "Question")   # the official cut list; 'Question' is kept though inert
 MAX_NEW_TOKENS = 20                               # the benchmark's generation budget
+HUB = "RMT-team/babilong"                         # the benchmark on the Hugging Face hub (configs = lengths)
+OFFICIAL = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
 PAD_TO = 1024                                     # prompt lengths are rounded up to this: few compiled shapes
 NEWLINE = 198                                     # GPT-2's "\n": ends an answer in our training format
 
@@ -80,8 +84,9 @@ def prompt_mask(kind: str, n_real: int, padded: int, device):
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int = MAX_NEW_TOKENS) -> list[int]:
-    """Greedy continuation of `prompt`, stopping at a newline or after max_new tokens."""
+def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int = MAX_NEW_TOKENS,
+             stop: tuple = (NEWLINE, data.PAD_ID)) -> list[int]:
+    """Greedy continuation of `prompt`, ending at a `stop` token or after max_new tokens."""
     n = len(prompt)
     S = -(-n // PAD_TO) * PAD_TO
     idx = torch.full((1, S), data.PAD_ID, device=device)
@@ -98,7 +103,7 @@ def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int
     out = []
     for i in range(max_new):
         token = int(logits[0, -1, :data.PAD_ID + 1].argmax())                         # real GPT-2 ids only
-        if token in (NEWLINE, data.PAD_ID):
+        if token in stop:
             break
         out.append(token)
         step = torch.tensor([[token]], device=device)
@@ -118,12 +123,37 @@ def load_model(path: str, device: str) -> tuple[GPT, dict]:
     return model.to(device).eval(), ckpt["config"]
 
 
-def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device) -> list[dict]:
+def read_samples(source: str, task: str, length: str, revision: str) -> list[dict]:
+    """Samples from a local hub-layout folder, or (source "hub") from the hub itself through `datasets`."""
+    if source != "hub":
+        return babilong.read_hub(source, task, length)
+    try:
+        import datasets                                   # only here: nothing else needs it
+    except ImportError:
+        raise RuntimeError("--data hub needs the datasets package: pip install datasets") from None
+    try:
+        rows = datasets.load_dataset(HUB, length, split=task, revision=revision)
+    except Exception as e:                                # offline, unknown revision, ...: one clear line
+        raise RuntimeError(f"cannot load {HUB} {length}/{task}@{revision}: {type(e).__name__}: {e}") from None
+    return [{"input": r["input"], "question": r["question"], "target": r["target"]} for r in rows]
+
+
+def prompt_for(enc, sample: dict, task: str, style: str, parts: dict) -> list[int]:
+    """Our training format, or the benchmark's official template (parts: instruction/examples/post_prompt)."""
+    if style == "trained":
+        return data.prompt_ids(enc, sample["input"], sample["question"])
+    fill = {k: parts.get(task, {}).get(k, "") for k in ("instruction", "examples", "post_prompt")}
+    return enc.encode_ordinary(OFFICIAL.format(**fill, context=sample["input"], question=sample["question"]))
+
+
+def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device, style: str = "trained",
+             parts: dict | None = None) -> list[dict]:
     records = []
+    stop = (NEWLINE, data.PAD_ID) if style == "trained" else (data.PAD_ID,)   # our answers end at a newline
     for s in samples:
-        prompt = data.prompt_ids(enc, s["input"], s["question"])
+        prompt = prompt_for(enc, s, task, style, parts or {})
         t0 = time.perf_counter()
-        output = enc.decode(generate(model, prompt, mask_kind, device))
+        output = enc.decode(generate(model, prompt, mask_kind, device, stop=stop))
         records.append({**s, "output": output, "correct": is_correct(s["target"], output, s["question"], task),
                         "prompt_tokens": len(prompt), "seconds": time.perf_counter() - t0})
         records[-1].pop("input")
@@ -164,7 +194,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="BABILong: build the data, evaluate a checkpoint, or score outputs.")
     p.add_argument("--make-data", metavar="DIR", help="write samples in the hub layout DIR/data/qaN/LEN.json")
     p.add_argument("--ckpt", help="checkpoint to evaluate")
-    p.add_argument("--data", default="babilong_data", help="hub-layout folder to read")
+    p.add_argument("--data", default="babilong_data", help="hub-layout folder to read, or 'hub' (needs datasets)")
+    p.add_argument("--revision", default="main", help="--data hub: the hub revision (a commit hash pins it)")
+    p.add_argument("--prompt", choices=["trained", "official"], default="trained",
+                   help="trained: the format models of this repo learn; official: the benchmark's template")
+    p.add_argument("--prompt-parts", default=None,
+                   help="--prompt official: JSON {task: {instruction, examples, post_prompt}} (default: empty)")
     p.add_argument("--score", metavar="CSV", help="score a CSV of outputs (columns target, output, question)")
     p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="comma-separated tasks")
     p.add_argument("--lengths", default="0k,1k,2k,4k", help="comma-separated lengths (Nk = N*1000 GPT-2 tokens)")
@@ -217,21 +252,25 @@ def run_eval(args, enc, tasks, lengths):
     if not os.path.exists(args.ckpt):
         sys.exit(f"eval_babilong.py: error: no checkpoint at {args.ckpt}")
     model, config = load_model(args.ckpt, args.device)
+    try:
+        parts = json.load(open(args.prompt_parts)) if args.prompt_parts else {}
+    except (OSError, ValueError) as e:
+        sys.exit(f"eval_babilong.py: error: --prompt-parts: {e}")
     mask_kind = args.mask or config["args"]["mask"]
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     acc, records = {}, []
     for length in lengths:
         for task in tasks:
             try:
-                samples = babilong.read_hub(args.data, task, length)[:args.n]
-            except (OSError, ValueError) as e:
+                samples = read_samples(args.data, task, length, args.revision)[:args.n]
+            except (OSError, ValueError, RuntimeError) as e:
                 sys.exit(f"eval_babilong.py: error: {e}")
-            recs = evaluate(model, enc, samples, task, mask_kind, args.device)
+            recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts)
             acc[task, length] = sum(r["correct"] for r in recs) / max(len(recs), 1)
             records += [{"task": task, "length": length, **r} for r in recs]
             sec = sum(r["seconds"] for r in recs) / max(len(recs), 1)
             print(f"{task} {length:>4}: acc {acc[task, length]:.3f} over {len(recs)} ({sec:.2f} s/sample)", flush=True)
-        one = babilong.read_hub(args.data, tasks[0], length)[0]
+        one = read_samples(args.data, tasks[0], length, args.revision)[0]
         st = length_stats(model, enc, one, mask_kind, args.device)
         print(f"{length:>4}: sink mass {st['sink_mass']:.3f} | sink rate {st['sink_rate']:.2f} | "
               f"engagement {st['engagement']:.3f}")

@@ -113,3 +113,20 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, argv, needle):
                          timeout=120, cwd=tmp_path)
     assert run.returncode != 0
     assert run.stderr.strip().count("\n") == 0 and needle in run.stderr, run.stderr
+
+
+def test_hub_source_without_datasets_or_network_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)              # as if not installed
+    with pytest.raises(RuntimeError, match="pip install datasets"):
+        ev.read_samples("hub", "qa1", "1k", "main")
+
+
+def test_official_template_holds_context_and_question():
+    import data
+    enc = data.gpt2()
+    sample = {"input": "Mary went to the garden.", "question": "Where is Mary? ", "target": "garden"}
+    parts = {"qa1": {"instruction": "Answer briefly.", "examples": "", "post_prompt": "One word."}}
+    text = enc.decode(ev.prompt_for(enc, sample, "qa1", "official", parts))
+    assert text.startswith("Answer briefly.\n\n\n\nOne word.\n\n<context>\nMary went to the garden.\n</context>")
+    assert text.endswith("\n\nQuestion: Where is Mary? ")
+    assert ev.prompt_for(enc, sample, "qa1", "trained", {}) == data.prompt_ids(enc, sample["input"], "Where is Mary?")
