@@ -24,13 +24,14 @@ import json
 import os
 import random
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tiktoken
 
 from babi import TASKS, Turn, babi_file, make_story, read_babi
-from data import gpt2, haystack_sentences, prompt_ids
+from data import answer_ids, gpt2, haystack_sentences, prompt_ids
 
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")  # the hub's configs up to 128K
 PROMPT_TOKENS = 300  # room the benchmark leaves in each length for instruction, question and answer
@@ -232,12 +233,12 @@ def training_sample(enc: tiktoken.Encoding, rng: random.Random, hay: Library, ta
     """One sample as training tokens, (ids, loss_mask): the prompt in the format evaluation uses, then the
     answer and a newline as the response. The length is drawn from those whose whole budget (N*1000 tokens,
     prompt included) fits in `room`; None when none fits. `stories`: real bAbI stories per task."""
-    fits = [n for n in lengths if budget(n) + PROMPT_TOKENS <= room]
+    fits = training_lengths(lengths, room)
     for _ in range(ROOM_TRIES if fits else 0):   # "0k" samples (facts alone) of long stories may not fit
         task = rng.choice(tasks)
         s = make_samples(enc, rng, task, rng.choice(fits), 1, hay, stories[task] if stories else None)[0]
         prompt = prompt_ids(enc, s["input"], s["question"])
-        answer = enc.encode_ordinary(" " + s["target"] + "\n")
+        answer = answer_ids(enc, s["target"])
         if len(prompt) + len(answer) <= room:
             return prompt + answer, [0] * len(prompt) + [1] * len(answer)
     return None
@@ -275,7 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the stories, the haystack and the sample")
     args = p.parse_args(argv)
     enc, rng = gpt2(), random.Random(args.seed)
-    sample = make_samples(enc, rng, args.task, args.length, 1, haystack(args.haystack, args.seed))[0]
+    try:
+        sample = make_samples(enc, rng, args.task, args.length, 1, haystack(args.haystack, args.seed))[0]
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"babilong.py: error: {e}")
     print(sample["input"], f"\nQuestion: {sample['question']}\nTarget: {sample['target']}",
           f"\n({len(enc.encode_ordinary(sample['input']))} tokens; budget {budget(args.length)})")
 

@@ -35,6 +35,7 @@ from model import IGNORE
 
 # ----------------------------------------------------------------------------- the GPT-2 tokenizer, offline
 
+NEWLINE = 198  # GPT-2's "\n": ends every answer, so generation stops on it
 PAD_ID = 50256  # GPT-2's <|endoftext|>: pads rows; padding is never attended and never a target
 GPT2_URLS = {  # where tiktoken's gpt2 constructor fetches its two files; the sha1 of a URL is its cache name
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
@@ -146,6 +147,11 @@ class HaystackPool:
 QUESTION = "\nQuestion: {}\nAnswer:"  # ends a context run; the response " answer\n" follows
 
 
+def answer_ids(enc: tiktoken.Encoding, answer: str) -> list[int]:
+    """A response run: the answer after a space, then the newline that ends it (generation stops there)."""
+    return enc.encode_ordinary(" " + answer) + [NEWLINE]
+
+
 def prompt_ids(enc: tiktoken.Encoding, context: str, question: str) -> list[int]:
     """A one-question prompt in the training format (the evaluation of BABILong text uses it too)."""
     return enc.encode_ordinary(" " + context.strip()) + enc.encode_ordinary(QUESTION.format(question.strip()))
@@ -160,9 +166,8 @@ def sample_from_story(enc: tiktoken.Encoding, rng: random.Random, story: list[Tu
     Later turns are dropped until the facts, questions and answers fit; the haystack left over is split
     evenly over the turns, and each fact goes in front of a random haystack sentence of its turn, in order.
     """
-    newline = enc.encode_ordinary("\n")
     turns = [([enc.encode_ordinary(" " + f) for f in facts], enc.encode_ordinary(QUESTION.format(question)),
-              enc.encode_ordinary(" " + answer) + newline) for facts, question, answer in story]
+              answer_ids(enc, answer)) for facts, question, answer in story]
     fixed = [sum(map(len, facts)) + len(q) + len(a) for facts, q, a in turns]
     while turns and sum(fixed) > n_tokens:
         turns.pop(), fixed.pop()

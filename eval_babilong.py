@@ -28,6 +28,7 @@ import torch
 import babilong
 import data
 import masks
+from data import NEWLINE
 from model import GPT, GPTConfig
 from stats import attention_stats
 
@@ -39,7 +40,6 @@ MAX_NEW_TOKENS = 20                               # the benchmark's generation b
 HUB = "RMT-team/babilong"                         # the benchmark on the Hugging Face hub (configs = lengths)
 OFFICIAL = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
 PAD_TO = 1024                                     # prompt lengths are rounded up to this: few compiled shapes
-NEWLINE = 198                                     # GPT-2's "\n": ends an answer in our training format
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,32 +84,43 @@ def prompt_mask(kind: str, n_real: int, padded: int, device):
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int = MAX_NEW_TOKENS,
-             stop: tuple = (NEWLINE, data.PAD_ID)) -> list[int]:
-    """Greedy continuation of `prompt`, ending at a `stop` token or after max_new tokens."""
+def prefill(model: GPT, prompt: list[int], mask_kind: str, device) -> tuple[torch.Tensor, list[dict]]:
+    """Run the prompt once, padded to a multiple of PAD_TO; return the last token's logits (vocab,) and the
+    per-layer K/V caches with the padding cut off."""
     n = len(prompt)
     S = -(-n // PAD_TO) * PAD_TO
     idx = torch.full((1, S), data.PAD_ID, device=device)
     idx[0, :n] = torch.tensor(prompt, device=device)
-    pos = torch.arange(S, device=device)[None]
     mod = prompt_mask(mask_kind, n, S, device)
     mask = masks.block_mask(mod, 1, S, device) if model.config.attn == "flex" else masks.dense_mask(mod, 1, S, device)
     caches = [{} for _ in model.h]
-    layers = range(model.config.n_layer)
-    x = model.blocks(model.wte(idx), model.rope(pos), mask, layers, caches=caches)    # prefill, once
+    x = model.blocks(model.wte(idx), model.rope(torch.arange(S, device=device)[None]), mask,
+                     range(model.config.n_layer), caches=caches)
     for cache in caches:                                                              # forget the padding
         cache["k"], cache["v"] = cache["k"][:, :, :n], cache["v"][:, :, :n]
-    logits = model.logits_at(x, torch.tensor([[n - 1]], device=device))                # (1, 1, vocab)
+    return model.logits_at(x, torch.tensor([[n - 1]], device=device))[0, 0], caches
+
+
+@torch.no_grad()
+def decode_step(model: GPT, token: int, position: int, caches: list[dict], device) -> torch.Tensor:
+    """One new token at `position`: it attends to every cached key (a response sees all before it)."""
+    x = model.blocks(model.wte(torch.tensor([[token]], device=device)),
+                     model.rope(torch.tensor([[position]], device=device)), None, range(model.config.n_layer),
+                     caches=caches)
+    return model.logits_at(x, torch.zeros(1, 1, dtype=torch.long, device=device))[0, 0]   # (vocab,)
+
+
+def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int = MAX_NEW_TOKENS,
+             stop: tuple = (NEWLINE, data.PAD_ID)) -> list[int]:
+    """Greedy continuation of `prompt`, ending at a `stop` token or after max_new tokens."""
+    logits, caches = prefill(model, prompt, mask_kind, device)
     out = []
     for i in range(max_new):
-        token = int(logits[0, -1, :data.PAD_ID + 1].argmax())                         # real GPT-2 ids only
+        token = int(logits[:data.PAD_ID + 1].argmax())                                # real GPT-2 ids only
         if token in stop:
             break
         out.append(token)
-        step = torch.tensor([[token]], device=device)
-        x = model.blocks(model.wte(step), model.rope(torch.tensor([[n + i]], device=device)), None, layers,
-                         caches=caches)                                               # one token, sees all
-        logits = model.logits_at(x, torch.zeros(1, 1, dtype=torch.long, device=device))
+        logits = decode_step(model, token, len(prompt) + i, caches, device)
     return out
 
 
@@ -212,6 +223,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of --make-data")
     args = p.parse_args(argv)
     tasks = parse_list(args.tasks, TASK_LABELS, "--tasks")
+    if args.score and len(tasks) != 1:
+        sys.exit("eval_babilong.py: error: --score needs exactly one task, e.g. --tasks qa5 (it picks the labels)")
     if args.score:
         try:
             correct, total = score_file(args.score, tasks[0])
@@ -244,14 +257,18 @@ def make_data(args, enc, tasks, lengths):
                 samples = babilong.make_samples(enc, rng, task, length, args.n, hay, stories)
                 babilong.write_hub(args.make_data, task, length, samples)
                 print(f"wrote {len(samples)} samples: {args.make_data}/data/{task}/{length}.json")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"eval_babilong.py: error: {e}")
 
 
 def run_eval(args, enc, tasks, lengths):
     if not os.path.exists(args.ckpt):
         sys.exit(f"eval_babilong.py: error: no checkpoint at {args.ckpt}")
-    model, config = load_model(args.ckpt, args.device)
+    try:
+        model, config = load_model(args.ckpt, args.device)
+    except Exception as e:                                  # not a checkpoint of ours: one line, not a traceback
+        sys.exit(f"eval_babilong.py: error: cannot load {args.ckpt} as a train.py checkpoint: {type(e).__name__}")
+    torch._dynamo.config.cache_size_limit = 64             # one flex graph per padded prompt size
     try:
         parts = json.load(open(args.prompt_parts)) if args.prompt_parts else {}
     except (OSError, ValueError) as e:
@@ -260,18 +277,21 @@ def run_eval(args, enc, tasks, lengths):
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     acc, records = {}, []
     for length in lengths:
+        first = None
         for task in tasks:
             try:
                 samples = read_samples(args.data, task, length, args.revision)[:args.n]
             except (OSError, ValueError, RuntimeError) as e:
                 sys.exit(f"eval_babilong.py: error: {e}")
+            first = first or (samples[0] if samples else None)
             recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts)
             acc[task, length] = sum(r["correct"] for r in recs) / max(len(recs), 1)
             records += [{"task": task, "length": length, **r} for r in recs]
             sec = sum(r["seconds"] for r in recs) / max(len(recs), 1)
             print(f"{task} {length:>4}: acc {acc[task, length]:.3f} over {len(recs)} ({sec:.2f} s/sample)", flush=True)
-        one = read_samples(args.data, tasks[0], length, args.revision)[0]
-        st = length_stats(model, enc, one, mask_kind, args.device)
+        if first is None:
+            continue
+        st = length_stats(model, enc, first, mask_kind, args.device)
         print(f"{length:>4}: sink mass {st['sink_mass']:.3f} | sink rate {st['sink_rate']:.2f} | "
               f"engagement {st['engagement']:.3f}")
     print("\n" + "task  " + "".join(f"{n:>7}" for n in lengths))
@@ -287,14 +307,18 @@ def run_eval(args, enc, tasks, lengths):
 
 @torch.no_grad()
 def length_stats(model, enc, sample: dict, mask_kind: str, device) -> dict:
-    """Sink mass / engagement on one prompt plus its target answer as the response turn."""
-    prompt = data.prompt_ids(enc, sample["input"], sample["question"])
-    answer = enc.encode_ordinary(" " + sample["target"]) + [NEWLINE]
-    idx = torch.tensor([prompt + answer], device=device)
-    loss_mask = torch.tensor([[0] * len(prompt) + [1] * len(answer)], device=device)
-    pos = torch.arange(idx.size(1), device=device)[None]
-    mod = masks.hybrid(loss_mask) if mask_kind == "hybrid" else masks.causal()
-    return attention_stats(model, idx, pos, mod, loss_mask)
+    """Sink mass / engagement on one prompt plus its target answer as the response turn (padded to PAD_TO)."""
+    ids = data.prompt_ids(enc, sample["input"], sample["question"])
+    answer = data.answer_ids(enc, sample["target"])
+    n, S = len(ids) + len(answer), -(-(len(ids) + len(answer)) // PAD_TO) * PAD_TO
+    idx = torch.full((1, S), data.PAD_ID, device=device)
+    idx[0, :n] = torch.tensor(ids + answer, device=device)
+    loss_mask = torch.zeros(1, S, dtype=torch.long, device=device)
+    loss_mask[0, len(ids):n] = 1
+    valid = (torch.arange(S, device=device) < n)[None]
+    pos = torch.arange(S, device=device)[None]
+    mod = masks.hybrid(loss_mask, valid) if mask_kind == "hybrid" else masks.causal(valid)
+    return attention_stats(model, idx, pos, mod, loss_mask, valid)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,6 @@ def check_args(args):
         try:
             fits = lengths_at(args, args.steps)
             bad.append(None if fits else f"--lengths: none of {args.lengths} fits --ctx {args.ctx}")
-            babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(","))
         except (OSError, ValueError, RuntimeError) as e:
             bad.append(str(e))
     unknown = set(args.inner_targets.split(",")) - set(PROJECTIONS)
@@ -343,8 +342,11 @@ def main(argv=None):
           f"fast weights on layers {list(adapted_layers(model_cfg.n_layer, inner.fraction))}")
 
     enc = data.gpt2()
-    pool = (data.HaystackPool(enc, args.seed) if args.data == "synthetic" else
-            babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(",")))
+    try:
+        pool = (data.HaystackPool(enc, args.seed) if args.data == "synthetic" else
+                babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(",")))
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"train.py: error: {e}")
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     log.write(json.dumps({"config": config, "start_step": start_step}) + "\n")

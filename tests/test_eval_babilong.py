@@ -52,33 +52,36 @@ def test_unknown_task_and_bad_file_fail_cleanly(tmp_path):
     assert run.returncode != 0 and run.stderr.strip().count("\n") == 0 and "missing column" in run.stderr
 
 
-@pytest.mark.parametrize("mask_kind", ["hybrid", "causal"])
-def test_kv_cache_generation_equals_recomputing_everything(monkeypatch, mask_kind):
-    """Greedy decoding with the cache == re-running the whole sequence for every new token, where the
-    prompt is one context turn and the generated tokens a response turn (causal, seeing the prompt)."""
+@pytest.mark.parametrize("mask_kind,attn", [("hybrid", "sdpa"), ("causal", "sdpa"), ("hybrid", "flex")])
+def test_kv_cache_logits_equal_recomputing_everything(monkeypatch, mask_kind, attn):
+    """Prefill + one-token decode steps == re-running the whole sequence for every token, where the prompt
+    is one context turn and the continuation a response turn (causal, seeing the prompt)."""
     import torch
     import masks
     from model import GPT
     from conftest import tiny_config
     monkeypatch.setattr(ev, "PAD_TO", 64)                      # the prompt gets padded: the cache must drop it
     torch.manual_seed(0)
-    model = GPT(tiny_config(vocab_size=50304)).eval()
+    model = GPT(tiny_config(vocab_size=50304, attn=attn)).eval()
+    with torch.no_grad():                                      # sharp attention: positions and keys matter
+        for block in model.h:
+            block.attn.q_proj.weight.mul_(20)
+            block.attn.kv_proj.weight.mul_(20)
     prompt = torch.randint(0, 50000, (45,)).tolist()
-    got = ev.generate(model, prompt, mask_kind, "cpu", max_new=8)
-    want = []
+    continuation = torch.randint(0, 50000, (6,)).tolist()
+    got = [ev.prefill(model, prompt, mask_kind, "cpu")]
+    caches = got[0][1]
+    got = [got[0][0]] + [ev.decode_step(model, t, len(prompt) + i, caches, "cpu") for i, t in enumerate(continuation)]
     with torch.no_grad():
-        for _ in range(8):
-            ids = prompt + want
-            idx = torch.tensor([ids])
-            loss_mask = torch.tensor([[0] * len(prompt) + [1] * len(want)])
-            mod = masks.hybrid(loss_mask) if mask_kind == "hybrid" else masks.causal()
-            x = model.blocks(model.wte(idx), model.rope(torch.arange(len(ids))[None]),
-                             masks.dense_mask(mod, 1, len(ids), "cpu"), range(4))
-            token = int(model.lm_head(model.ln_f(x[0, -1]))[:50257].argmax())
-            if token in (198, 50256):
-                break
-            want.append(token)
-    assert got == want and len(got) > 0
+        ids = prompt + continuation
+        loss_mask = torch.tensor([[0] * len(prompt) + [1] * len(continuation)])
+        mod = masks.hybrid(loss_mask) if mask_kind == "hybrid" else masks.causal()
+        x = model.blocks(model.wte(torch.tensor([ids])), model.rope(torch.arange(len(ids))[None]),
+                         masks.dense_mask(mod, 1, len(ids), "cpu"), range(4))
+        want = model.lm_head(model.ln_f(x[0, len(prompt) - 1:]))               # (7, vocab)
+    for step, logits in enumerate(got):
+        torch.testing.assert_close(logits, want[step], atol=2e-4, rtol=1e-4)
+    assert (want[0] - want[-1]).abs().max() > 0.1                              # the steps really differ
 
 
 def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path):
@@ -107,6 +110,9 @@ def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path):
     (["--make-data", "X", "--lengths", "1K"], "1K"),
     (["--ckpt", "/nonexistent.pt", "--data", "X", "--lengths", "0k"], "no checkpoint"),
     (["--make-data", "X", "--haystack", "/nonexistent/books"], "nonexistent"),
+    (["--make-data", "X", "--haystack", "pg19"], "pg19"),
+    (["--score", "x.csv"], "exactly one task"),
+    (["--ckpt", "/etc/hostname", "--lengths", "0k"], "cannot load"),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, argv, needle):
     run = subprocess.run([sys.executable, str(ROOT / "eval_babilong.py"), *argv], capture_output=True, text=True,
@@ -129,4 +135,5 @@ def test_official_template_holds_context_and_question():
     text = enc.decode(ev.prompt_for(enc, sample, "qa1", "official", parts))
     assert text.startswith("Answer briefly.\n\n\n\nOne word.\n\n<context>\nMary went to the garden.\n</context>")
     assert text.endswith("\n\nQuestion: Where is Mary? ")
-    assert ev.prompt_for(enc, sample, "qa1", "trained", {}) == data.prompt_ids(enc, sample["input"], "Where is Mary?")
+    trained = enc.decode(ev.prompt_for(enc, sample, "qa1", "trained", {}))
+    assert trained == " Mary went to the garden.\nQuestion: Where is Mary?\nAnswer:"
