@@ -236,11 +236,6 @@ def build_mask(args, mask_mod, batch_size: int):
     return masks.dense_mask(mask_mod, batch_size, args.ctx, args.device)
 
 
-def context_targets(batch) -> torch.Tensor:
-    """Next-token targets on context tokens only (the "context" inner loss)."""
-    return data.next_token_targets(batch["idx"], batch["document_ids"], batch["loss_mask"] == 0)
-
-
 def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of one micro-batch and the inner losses (empty without an inner loop)."""
     B = batch["idx"].size(0)
@@ -250,7 +245,7 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, to
     inner_mask = inner_targets = None
     if inner.loss == "context":   # next-token prediction under a bidirectional mask would be copying: go causal
         inner_mask = build_mask(args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
-        inner_targets = context_targets(batch)
+        inner_targets = data.next_token_targets(batch["idx"], batch["document_ids"], batch["loss_mask"] == 0)
     return focusft_loss(model, batch["idx"], batch["pos"], mask, batch["targets"], inner, inner_mask, inner_targets)
 
 
