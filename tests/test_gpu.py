@@ -58,3 +58,21 @@ def test_compiled_training_steps_run_fused(tmp_path, method):
     if method == "focusft":
         assert all(len(s["inner"]) == 2 for s in steps)
     assert (out / "ckpt.pt").exists()
+
+
+def test_kv_cache_prefill_and_decode_on_flex_match_sdpa():
+    """Evaluation's compiled-flex prefill and cached decode give the logits of the dense SDPA path."""
+    import eval_babilong as ev
+    from conftest import tiny_config
+    from model import GPT
+    torch.manual_seed(0)
+    flex_model = GPT(tiny_config(vocab_size=50304, attn="flex")).cuda().eval()
+    sdpa_model = GPT(tiny_config(vocab_size=50304, attn="sdpa")).cuda().eval()
+    sdpa_model.load_state_dict(flex_model.state_dict())
+    prompt = torch.randint(0, 50000, (1500,)).tolist()
+    for kind in ("hybrid", "causal"):
+        (a, ca), (b, cb) = ev.prefill(flex_model, prompt, kind, "cuda"), ev.prefill(sdpa_model, prompt, kind, "cuda")
+        assert rel_err(a, b) < 1e-3
+        a = ev.decode_step(flex_model, 17, len(prompt), ca, "cuda")
+        b = ev.decode_step(sdpa_model, 17, len(prompt), cb, "cuda")
+        assert rel_err(a, b) < 1e-3
