@@ -236,6 +236,12 @@ def build_mask(args, mask_mod, batch_size: int):
     return masks.dense_mask(mask_mod, batch_size, args.ctx, args.device)
 
 
+def inner_config(args) -> InnerConfig:
+    return InnerConfig(steps=args.inner_steps, lr=args.inner_lr, clip=args.inner_clip, rank=args.inner_rank,
+                       alpha=args.inner_alpha, fraction=args.inner_fraction,
+                       targets=tuple(args.inner_targets.split(",")), loss=args.inner_loss)
+
+
 def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of one micro-batch and the inner losses (empty without an inner loop)."""
     B = batch["idx"].size(0)
@@ -309,9 +315,7 @@ def main(argv=None):
         n_layer, n_head, n_kv, n_embd, hidden = PRESETS[args.model]
         model_cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=n_embd, mlp_hidden=hidden,
                               attn=args.attn)
-    inner = InnerConfig(steps=args.inner_steps, lr=args.inner_lr, clip=args.inner_clip, rank=args.inner_rank,
-                        alpha=args.inner_alpha, fraction=args.inner_fraction,
-                        targets=tuple(args.inner_targets.split(",")), loss=args.inner_loss)
+    inner = inner_config(args)
     model = GPT(model_cfg).to(args.device)
     if args.init and ckpt is None:
         model.load_state_dict(load_checkpoint(args.init)["model"])

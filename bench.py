@@ -1,0 +1,302 @@
+"""Speed on one GPU: attention kernels, SFT against FocuSFT training steps, evaluation decoding.
+
+    python bench.py [--out bench.json]   # everything (mostly compilation time); a table per section + JSON
+    python bench.py --quick              # smoke run: 8K only, few steps
+
+1. attention fwd+bwd: flex under the hybrid mask, flex causal, SDPA causal (flash, the ceiling), SDPA with the
+   hybrid mask as a dense bool tensor; 2. a whole training step from train.py's own pieces, same model and
+   data for both methods; 3. eval_babilong's prefill and KV-cache decode. Two ideas to hold: FLOPs count only
+   the (q, k) entries a mask allows, never the S x S square; timed regions hold synchronised GPU work only
+   (batches are built beforehand, compilation happens in warm-up).
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import data
+import eval_babilong
+import masks
+import train
+from model import GPT, GPTConfig, flex
+
+PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
+FWD_BWD = 3.5                # forward + backward = 3.5 x forward for attention (backward: 5 matmuls against 2)
+CONTEXT_PERCENT = 90         # attention benchmark rows: the first 90 % context, the rest one response turn
+SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSFT's long-context range
+HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
+BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
+TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does the same token work (train.py's)
+MODELS = ("small", "qwen05b")          # train.PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
+WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
+EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of PAD_TO)
+EVAL_REPEATS = 3             # timed prefill + decode repeats (after one warm-up repeat that compiles)
+DECODE_TOKENS = eval_babilong.MAX_NEW_TOKENS   # tokens decoded per repeat: the benchmark's answer budget
+QUICK_WARMUP, QUICK_TIMED, QUICK_REPEATS = 2, 2, 1   # --quick: enough to compile and run every path once
+FORMULAS = {
+    "attention_flops": "fwd+bwd = 3.5 * 4 * A * head_dim * heads, A = allowed (q, k) entries of the mask",
+    "allowed_hybrid": "C*C + R*C + R*(R+1)/2 for C context then R response tokens; causal: S*(S+1)/2",
+    "mfu": "(6 * n_params_non_embedding * tokens + attention fwd+bwd FLOPs of the batch's own mask * n_layer)"
+           f" / step time / {PEAK_FLOPS:.3g} (bf16 dense peak); tokens = batch * ctx, padding included; "
+           "the same model FLOPs for both methods: FocuSFT's inner loop is overhead, not counted",
+    "training_timing": "batches built before timing (data generation excluded); median over the timed steps",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# counting FLOPs on allowed entries
+
+def allowed_hybrid(context: int, response: int) -> int:
+    """(q, k) pairs the hybrid mask allows in a row of one context turn then one response turn."""
+    return context * context + response * context + response * (response + 1) // 2
+
+
+def allowed_causal(seq_len: int) -> int:                 # 1 + 2 + ... + S
+    return seq_len * (seq_len + 1) // 2
+
+
+def attention_flops(allowed: int, head_dim: int, heads: int, backward: bool = True) -> float:
+    """Forward: QK^T and PV, 2 FLOPs per multiply-add each, on allowed entries only; backward 2.5x that."""
+    forward = 4 * allowed * head_dim * heads
+    return FWD_BWD * forward if backward else forward
+
+
+def allowed_in_batch(batch: dict, hybrid: bool) -> int:
+    """Allowed pairs of a packed batch's mask (train.mask_mod_for), in O(S): documents and turns are contiguous
+    and padding ends a row, so a query sees keys from its document's start up to itself (causal, or a response
+    token) or up to the end of its own turn (a context token under the hybrid mask)."""
+    docs, valid = batch["document_ids"], batch["attention_mask"].bool()
+    B, S = docs.shape
+    pos = torch.arange(S, device=docs.device).expand(B, S)                              # (B, S)
+    new_doc = torch.ones_like(valid)
+    new_doc[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    start = torch.where(new_doc, pos, 0).cummax(dim=1).values                          # (B, S) document start
+    stop = pos + 1                                                                      # (B, S) one past last key
+    if hybrid:
+        turn = masks.turn_ids(batch["loss_mask"], docs)                                # (B, S)
+        end = torch.zeros(B, S, dtype=torch.long, device=docs.device).scatter_reduce(
+            1, turn, torch.where(valid, pos + 1, 0), "amax")                            # (B, S) by turn id
+        stop = torch.where(batch["loss_mask"].bool(), stop, end.gather(1, turn))
+    return int(((stop - start) * valid).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. attention kernels
+
+def bench_attention(sizes) -> list[dict]:
+    from triton.testing import do_bench               # GPU path only: triton need not exist on a CPU machine
+    rows = []
+    for S in sizes:
+        C = S * CONTEXT_PERCENT // 100
+        loss_mask = (torch.arange(S, device="cuda") >= C).long()[None]                 # (1, S)
+        hybrid_mod = masks.hybrid(loss_mask)
+        hybrid_bm = masks.block_mask(hybrid_mod, 1, S, "cuda")                          # compiled, O(S) memory
+        causal_bm = masks.block_mask(masks.causal(), 1, S, "cuda")
+        dense = masks.dense_mask(hybrid_mod, 1, S, "cuda")                              # (1, 1, S, S) bool
+        sdpa, hybrid_n, causal_n = F.scaled_dot_product_attention, allowed_hybrid(C, S - C), allowed_causal(S)
+        kernels = {  # name: (attention(q, k, v), allowed entries); flex(q) is the compiled flex_attention
+            "flex hybrid": (lambda q, k, v: flex(q)(q, k, v, block_mask=hybrid_bm), hybrid_n),
+            "flex causal": (lambda q, k, v: flex(q)(q, k, v, block_mask=causal_bm), causal_n),
+            "sdpa causal (flash)": (lambda q, k, v: sdpa(q, k, v, is_causal=True), causal_n),
+            "sdpa dense hybrid": (lambda q, k, v: sdpa(q, k, v, attn_mask=dense), hybrid_n),
+        }
+        for head_dim, heads in HEAD_SHAPES:
+            q, k, v = (torch.randn(1, heads, S, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))                                                # (1, nh, S, hs)
+            dy = torch.randn(1, heads, S, head_dim, device="cuda", dtype=torch.bfloat16)
+            for name, (attn, allowed) in kernels.items():
+                def fwd_bwd():
+                    torch.autograd.grad(attn(q, k, v), (q, k, v), dy)
+                fwd_bwd()                                                                # compile, warm up
+                ms = do_bench(fwd_bwd, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median")
+                rows.append({"S": S, "head_dim": head_dim, "heads": heads, "kernel": name, "ms": ms,
+                             "allowed": allowed, "tflops": attention_flops(allowed, head_dim, heads) / ms / 1e9})
+        del kernels, dense, hybrid_bm, causal_bm
+        free_memory()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. training steps
+
+def make_args(model: str, method: str, ctx: int, steps: int):     # train.py's own parsing and GPU defaults
+    mask = "hybrid" if method == "focusft" else "causal"
+    args = train.get_args(f"--model {model} --method {method} --mask {mask} --ctx {ctx} --steps {steps} "
+                          f"--batch-size {max(1, TOKENS_PER_STEP // ctx)} --device cuda --attn flex --compile 1 "
+                          "--dtype bf16".split())
+    train.apply_defaults(args)
+    train.check_args(args)
+    return args
+
+
+def preset_model(name: str, seed: int) -> GPT:
+    """A train.PRESETS model on the GPU with flex attention, seeded (the same weights for SFT and FocuSFT)."""
+    torch.manual_seed(seed)
+    n_layer, n_head, n_kv, n_embd, hidden = train.PRESETS[name]
+    return GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=n_embd, mlp_hidden=hidden,
+                         attn="flex")).cuda()
+
+
+def bench_training(sizes, warmup: int, timed: int) -> list[dict]:
+    enc, rows = data.gpt2(), []
+    for ctx in sizes:
+        args = make_args(MODELS[0], "sft", ctx, warmup + timed)       # the data depend on neither model nor method
+        pool = data.HaystackPool(enc, args.seed)
+        batches = [train.get_batch(args, enc, pool, step, 0) for step in range(warmup + timed)]
+        for preset in MODELS:
+            for method in ("sft", "focusft"):
+                args = make_args(preset, method, ctx, warmup + timed)
+                row = {"model": preset, "ctx": ctx, "batch": args.batch_size, "method": method}
+                try:
+                    row.update(time_steps(args, batches, warmup))
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                base = row.get("ms") if method == "sft" else base
+                row["ratio"] = row["ms"] / base if "ms" in row and base else None   # step time over SFT's
+                rows.append(row)
+                print(f"  {preset} ctx {ctx} {method}: " + (f"{row['ms']:.1f} ms" if "ms" in row else row["error"]),
+                      flush=True)
+                free_memory()
+        del batches
+    return rows
+
+
+def time_steps(args, batches, warmup: int) -> dict:
+    model, inner = preset_model(args.model, args.seed), train.inner_config(args)
+    for block in model.h:                             # as train.main: compiled blocks, one graph per shape
+        block.compile(dynamic=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=train.ADAM_BETAS,
+                                  weight_decay=args.weight_decay, fused=True)
+    times = []
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):          # train.py's step, one micro-batch
+            loss, _ = train.train_loss(args, model, inner, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times = times[warmup:]                                         # the warm-up steps compile
+    cfg, sec = model.config, statistics.median(times)
+    n_params = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()   # lm_head is tied to wte
+    tokens = args.batch_size * args.ctx                                                # every position, padding too
+    attn = statistics.mean(allowed_in_batch(b, args.mask == "hybrid") for b in batches[warmup:])
+    flops = 6 * n_params * tokens + attention_flops(attn, cfg.n_embd // cfg.n_head, cfg.n_head) * cfg.n_layer
+    return {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "mfu": flops / sec / PEAK_FLOPS,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_params_non_embedding": n_params,
+            "allowed_fraction": attn / (args.batch_size * allowed_causal(args.ctx))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. evaluation: prefill and cached decoding
+
+def bench_eval(prompts, repeats: int) -> list[dict]:
+    """eval_babilong's path as it runs: fp32 weights, uncompiled blocks, compiled flex prefill, SDPA decode."""
+    model = preset_model("small", 0).eval()
+    rows = []
+    for n in prompts:
+        prompt = torch.randint(0, data.PAD_ID, (n,)).tolist()
+        prefill, decode = [], []
+        for r in range(repeats + 1):                  # repeat 0 compiles and is not counted
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits, caches = eval_babilong.prefill(model, prompt, "hybrid", "cuda")
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            for i in range(DECODE_TOKENS):
+                token = int(logits[:data.PAD_ID + 1].argmax())                           # greedy, as generate()
+                logits = eval_babilong.decode_step(model, token, n + i, caches, "cuda")
+            torch.cuda.synchronize()
+            if r:
+                prefill.append(t1 - t0)
+                decode.append((time.perf_counter() - t1) / DECODE_TOKENS)
+        rows.append({"prompt_tokens": n, "prefill_ms": statistics.median(prefill) * 1e3,
+                     "decode_ms_per_token": statistics.median(decode) * 1e3, "repeats": repeats})
+        del caches
+        free_memory()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def free_memory():                                       # between configurations: start each from the same state
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def table(title: str, rows: list[dict], columns: list[str]):
+    cells = [columns] + [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c)) for c in columns]
+                         for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    print(f"\n{title}\n" + "\n".join(" | ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells))
+
+
+def write_json(path: str, result: dict):
+    """Temp file then rename: a crash never leaves half a file (written after every section)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench.json", help="JSON file for every number (written atomically)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 8K only, fewer steps and repeats")
+    p.add_argument("--sections", default="attention,training,eval",
+                   help="which sections to run (each fits in a 10-minute job on its own)")
+    p.add_argument("--sizes", default=None, help="sequence lengths of sections 1 and 2, e.g. 8192,16384")
+    args = p.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if sections - {"attention", "training", "eval"}:
+        sys.exit(f"bench.py: error: --sections: unknown {sorted(sections - {'attention', 'training', 'eval'})}")
+    if not torch.cuda.is_available():
+        sys.exit("bench.py: error: needs a CUDA GPU (found none)")
+    sizes, prompts = (SIZES[:1], EVAL_PROMPTS[:1]) if args.quick else (SIZES, EVAL_PROMPTS)
+    sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else sizes
+    warmup, timed, repeats = ((QUICK_WARMUP, QUICK_TIMED, QUICK_REPEATS) if args.quick else
+                              (WARMUP_STEPS, TIMED_STEPS, EVAL_REPEATS))
+    torch._dynamo.config.cache_size_limit = 64        # one graph per shape, mask and grad mode: more than 8
+    result = {"machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__},
+              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "quick": args.quick, "formulas": FORMULAS, "peak_flops": PEAK_FLOPS}
+    print(f"{result['machine']['gpu']}, torch {torch.__version__}, {result['date']}")
+    print("  " + "\n  ".join(FORMULAS.values()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if "attention" in sections:
+            result["attention"] = bench_attention(sizes)
+            table("attention fwd+bwd, batch 1, bf16 (TFLOP/s on allowed entries)", result["attention"],
+                  ["S", "head_dim", "heads", "kernel", "ms", "tflops"])
+            write_json(args.out, result)                      # after every section: a crash keeps the rest
+        if "training" in sections:
+            result["training"] = bench_training(sizes, warmup, timed)
+            table(f"training step, {TOKENS_PER_STEP} tokens, bf16, median of {timed} steps after {warmup} warm-up,"
+                  " batches pre-built (data generation excluded)", result["training"],
+                  ["model", "ctx", "batch", "method", "ms", "tokens_per_s", "mfu", "peak_gib", "ratio"])
+            write_json(args.out, result)
+        if "eval" in sections:
+            result["evaluation"] = bench_eval(prompts, repeats)
+            table(f"evaluation, small model, fp32 as eval_babilong runs it: prefill + {DECODE_TOKENS} greedy "
+                  "tokens (median ms)", result["evaluation"], ["prompt_tokens", "prefill_ms", "decode_ms_per_token"])
+    result["unfused_flex_warnings"] = [str(w.message) for w in caught if "unfused" in str(w.message)]
+    if result["unfused_flex_warnings"]:                       # some flex call fell back to the S x S path
+        print(f"WARNING: {len(result['unfused_flex_warnings'])} flex call(s) ran unfused: their numbers are wrong")
+    write_json(args.out, result)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

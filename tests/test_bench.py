@@ -1,0 +1,73 @@
+"""bench.py on the CPU: its allowed-entry counts and FLOP formulas, and its one-line refusal without a GPU.
+
+Run: python -m pytest -q tests/test_bench.py   (a few seconds; the benchmark itself needs a GPU)
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import masks
+from conftest import ROOT, random_batch
+
+
+def dense_count(mask_mod, batch: int, S: int) -> int:
+    return int(masks.dense_mask(mask_mod, batch, S, "cpu").sum())
+
+
+@pytest.mark.parametrize("S", [100, 232, 257])
+def test_closed_form_allowed_entries_match_a_dense_mask(S):
+    C = S * bench.CONTEXT_PERCENT // 100
+    loss_mask = (torch.arange(S) >= C).long()[None]                  # context, then one response turn
+    assert bench.allowed_hybrid(C, S - C) == dense_count(masks.hybrid(loss_mask), 1, S)
+    assert bench.allowed_causal(S) == dense_count(masks.causal(), 1, S)
+
+
+def test_all_context_or_all_response_rows():
+    assert bench.allowed_hybrid(10, 0) == 100                        # one bidirectional turn: the full square
+    assert bench.allowed_hybrid(0, 10) == bench.allowed_causal(10) == 55
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_count_matches_the_training_masks(seed):
+    """Packed rows with documents, several turns and padding: the O(S) count against train's dense masks."""
+    b = random_batch(B=3, S=150, seed=seed)
+    hybrid = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"])
+    causal = masks.causal(b["attention_mask"], b["document_ids"])
+    assert bench.allowed_in_batch(b, hybrid=True) == dense_count(hybrid, 3, 150)
+    assert bench.allowed_in_batch(b, hybrid=False) == dense_count(causal, 3, 150)
+
+
+def test_batch_count_on_a_real_packed_batch():
+    import data
+    import train
+    args = train.get_args(["--ctx", "1024", "--batch-size", "2", "--device", "cpu", "--min-len", "200"])
+    train.apply_defaults(args)
+    b = train.get_batch(args, data.gpt2(), data.HaystackPool(data.gpt2(), 0, n_sentences=500), 0, 0)
+    for hybrid in (True, False):
+        mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]) if hybrid else \
+            masks.causal(b["attention_mask"], b["document_ids"])
+        assert bench.allowed_in_batch(b, hybrid) == dense_count(mod, 2, 1024)
+
+
+def test_flop_formulas_by_hand():
+    # S = 4 causal: 4 + 3 + 2 + 1 = 10 entries; head dim 2, 3 heads:
+    # forward = 2 matmuls x 2 FLOPs x 10 entries x 2 x 3 = 240; backward 2.5x -> 600; total 840
+    assert bench.allowed_causal(4) == 10
+    assert bench.attention_flops(10, 2, 3, backward=False) == 240
+    assert bench.attention_flops(10, 2, 3) == 840
+    # hybrid, C = 3, R = 2: 9 + 6 + 3 = 18 entries
+    assert bench.allowed_hybrid(3, 2) == 18
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_cuda_in_one_line(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(out)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0
+    assert len(lines) == 1 and "CUDA" in lines[0] and lines[0].startswith("bench.py: error:")
+    assert not out.exists()
