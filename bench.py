@@ -26,7 +26,7 @@ import data
 import eval_babilong
 import masks
 import train
-from model import GPT, GPTConfig, flex
+from model import GPT, flex
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
 FWD_BWD = 3.5                # forward + backward = 3.5 x forward for attention (backward: 5 matmuls against 2)
@@ -140,9 +140,7 @@ def make_args(model: str, method: str, ctx: int, steps: int):     # train.py's o
 def preset_model(name: str, seed: int) -> GPT:
     """A train.PRESETS model on the GPU with flex attention, seeded (the same weights for SFT and FocuSFT)."""
     torch.manual_seed(seed)
-    n_layer, n_head, n_kv, n_embd, hidden = train.PRESETS[name]
-    return GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=n_embd, mlp_hidden=hidden,
-                         attn="flex")).cuda()
+    return GPT(train.preset(name, "flex")).cuda()
 
 
 def bench_training(sizes, warmup: int, timed: int) -> list[dict]:

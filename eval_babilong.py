@@ -83,16 +83,21 @@ def prompt_mask(kind: str, n_real: int, padded: int, device):
     return masks.hybrid(zeros, valid) if kind == "hybrid" else masks.causal(valid)
 
 
+def padded(ids: list[int], device) -> tuple[torch.Tensor, int]:
+    """(1, S) tokens padded with PAD_ID to S, the next multiple of PAD_TO: few shapes for compiled kernels."""
+    S = -(-len(ids) // PAD_TO) * PAD_TO
+    idx = torch.full((1, S), data.PAD_ID, device=device)
+    idx[0, :len(ids)] = torch.tensor(ids, device=device)
+    return idx, S
+
+
 @torch.no_grad()
 def prefill(model: GPT, prompt: list[int], mask_kind: str, device) -> tuple[torch.Tensor, list[dict]]:
     """Run the prompt once, padded to a multiple of PAD_TO; return the last token's logits (vocab,) and the
     per-layer K/V caches with the padding cut off."""
     n = len(prompt)
-    S = -(-n // PAD_TO) * PAD_TO
-    idx = torch.full((1, S), data.PAD_ID, device=device)
-    idx[0, :n] = torch.tensor(prompt, device=device)
-    mod = prompt_mask(mask_kind, n, S, device)
-    mask = masks.block_mask(mod, 1, S, device) if model.config.attn == "flex" else masks.dense_mask(mod, 1, S, device)
+    idx, S = padded(prompt, device)
+    mask = masks.for_backend(model.config.attn, prompt_mask(mask_kind, n, S, device), 1, S, device)
     caches = [{} for _ in model.h]
     x = model.blocks(model.wte(idx), model.rope(torch.arange(S, device=device)[None]), mask,
                      range(model.config.n_layer), caches=caches)
@@ -310,9 +315,8 @@ def length_stats(model, enc, sample: dict, mask_kind: str, device) -> dict:
     """Sink mass / engagement on one prompt plus its target answer as the response turn (padded to PAD_TO)."""
     ids = data.prompt_ids(enc, sample["input"], sample["question"])
     answer = data.answer_ids(enc, sample["target"])
-    n, S = len(ids) + len(answer), -(-(len(ids) + len(answer)) // PAD_TO) * PAD_TO
-    idx = torch.full((1, S), data.PAD_ID, device=device)
-    idx[0, :n] = torch.tensor(ids + answer, device=device)
+    n = len(ids) + len(answer)
+    idx, S = padded(ids + answer, device)
     loss_mask = torch.zeros(1, S, dtype=torch.long, device=device)
     loss_mask[0, len(ids):n] = 1
     valid = (torch.arange(S, device=device) < n)[None]

@@ -119,6 +119,11 @@ def dense_mask(mask_mod, batch: int, seq_len: int, device: torch.device | str) -
     return create_mask(mask_mod, batch, 1, seq_len, seq_len, device=device)
 
 
+def for_backend(attn: str, mask_mod, batch: int, seq_len: int, device: torch.device | str):
+    """The mask the model's attention backend takes: a BlockMask for "flex", a dense bool mask for "sdpa"."""
+    return (block_mask if attn == "flex" else dense_mask)(mask_mod, batch, seq_len, device)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # python masks.py: draw the masks of a short example
 

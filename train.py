@@ -231,9 +231,13 @@ def mask_mod_for(args, batch):
 
 
 def build_mask(args, mask_mod, batch_size: int):
-    if args.attn == "flex":
-        return masks.block_mask(mask_mod, batch_size, args.ctx, args.device)
-    return masks.dense_mask(mask_mod, batch_size, args.ctx, args.device)
+    return masks.for_backend(args.attn, mask_mod, batch_size, args.ctx, args.device)
+
+
+def preset(name: str, attn: str) -> GPTConfig:
+    n_layer, n_head, n_kv_head, n_embd, mlp_hidden = PRESETS[name]
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, mlp_hidden=mlp_hidden,
+                     attn=attn)
 
 
 def inner_config(args) -> InnerConfig:
@@ -307,18 +311,15 @@ def main(argv=None):
     print("config:", json.dumps(vars(args)))
 
     torch.manual_seed(args.seed)
+    init = load_checkpoint(args.init) if args.init and ckpt is None else None
     if ckpt is not None:
         model_cfg = GPTConfig(**ckpt["config"]["model"])
-    elif args.init:
-        model_cfg = GPTConfig(**{**load_checkpoint(args.init)["config"]["model"], "attn": args.attn})
     else:
-        n_layer, n_head, n_kv, n_embd, hidden = PRESETS[args.model]
-        model_cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=n_embd, mlp_hidden=hidden,
-                              attn=args.attn)
+        model_cfg = GPTConfig(**{**init["config"]["model"], "attn": args.attn}) if init else preset(args.model, args.attn)
     inner = inner_config(args)
     model = GPT(model_cfg).to(args.device)
-    if args.init and ckpt is None:
-        model.load_state_dict(load_checkpoint(args.init)["model"])
+    if init:
+        model.load_state_dict(init["model"])
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
