@@ -31,7 +31,7 @@ from pathlib import Path
 import tiktoken
 
 from babi import TASKS, Turn, babi_file, make_story, read_babi
-from data import answer_ids, gpt2, haystack_sentences, prompt_ids
+from data import answer_ids, gpt2, haystack_sentences, hide_facts, prompt_ids
 
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")  # the hub's configs up to 128K
 PROMPT_TOKENS = 300  # room the benchmark leaves in each length for instruction, question and answer
@@ -188,14 +188,7 @@ def build_sample(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], 
     sentences = [enc.decode(ids).strip() for ids in draw_haystack(enc, rng, hay, room)]
     if not sentences:  # the facts fill the budget exactly
         return sample
-    slots = sorted(rng.randrange(len(sentences)) for _ in facts)  # fact j goes in front of sentence slots[j]
-    pieces, j = [], 0
-    for i, sentence in enumerate(sentences):
-        while j < len(facts) and slots[j] == i:
-            pieces.append(facts[j])
-            j += 1
-        pieces.append(sentence)
-    return {**sample, "input": " ".join(pieces).strip()}
+    return {**sample, "input": " ".join(hide_facts(rng, sentences, facts)).strip()}
 
 
 def make_samples(enc: tiktoken.Encoding, rng: random.Random, task: str, length: str, n: int, hay: Library,

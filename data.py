@@ -159,6 +159,18 @@ STORY_TRIES = 10  # stories drawn before deciding n_tokens cannot hold even one 
 OBJECTIVES = ("sft", "lm")  # sft: predict response tokens only; lm: predict every next token of a document
 
 
+def hide_facts(rng: random.Random, sentences: list, facts: list) -> list:
+    """Facts in order, each in front of a randomly chosen haystack sentence (BABILong's placement rule)."""
+    slots = sorted(rng.randrange(len(sentences)) for _ in facts) if sentences else [0] * len(facts)
+    out, j = [], 0
+    for i, sentence in enumerate(sentences):
+        while j < len(facts) and slots[j] == i:             # fact j goes in front of sentence slots[j]
+            out.append(facts[j])
+            j += 1
+        out.append(sentence)
+    return out + facts[j:]
+
+
 def sample_from_story(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], n_tokens: int,
                       pool: HaystackPool) -> tuple[list[int], list[int]] | None:
     """Hide the story's facts in haystack: exactly n_tokens tokens, or None if not even one turn fits.
@@ -178,9 +190,7 @@ def sample_from_story(enc: tiktoken.Encoding, rng: random.Random, story: list[Tu
     for k, (facts, question, answer) in enumerate(turns):
         share = hay // len(turns) + (hay % len(turns) if k == len(turns) - 1 else 0)
         run = pool.draw(rng, share)
-        slots = sorted(rng.randrange(max(len(run), 1)) for _ in facts)  # fact j goes before sentence slots[j]
-        for j in reversed(range(len(facts))):  # back to front, so earlier slots stay where they were
-            run.insert(slots[j], facts[j])
+        run = hide_facts(rng, run, facts)
         context = [t for piece in run for t in piece] + question
         ids += context + answer
         loss_mask += [0] * len(context) + [1] * len(answer)
