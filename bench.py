@@ -147,8 +147,9 @@ def bench_training(sizes, warmup: int, timed: int) -> list[dict]:
     enc, rows = data.gpt2(), []
     for ctx in sizes:
         args = make_args(MODELS[0], "sft", ctx, warmup + timed)       # the data depend on neither model nor method
-        pool = data.HaystackPool(enc, args.seed)
-        batches = [train.get_batch(args, enc, pool, step, 0) for step in range(warmup + timed)]
+        source = train.data_source(args)
+        batches = [train.to_device(train.get_batch(args, enc, source, step, 0), "cuda")
+                   for step in range(warmup + timed)]
         for preset in MODELS:
             for method in ("sft", "focusft"):
                 args = make_args(preset, method, ctx, warmup + timed)

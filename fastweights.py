@@ -10,8 +10,10 @@ samples share one phi: use --min-len = --ctx for one sample per row). Ideas to h
      without the d phi_K / d theta term (as in the authors' code; flex attention has no double backward anyway).
   2. Nothing is computed twice that need not be: the layers below the adapted ones do not depend on phi, so
      they run once, with grad, for the outer step, and the inner loop re-runs only the upper layers on a
-     detached copy of their output; the inner backward asks for gradients of phi alone.
+     detached copy of their output; the inner backward asks for gradients of phi alone, and the base weights
+     are frozen meanwhile, so a compiled block's backward does not compute their gradients either.
 """
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -88,6 +90,21 @@ def autograd_grad(loss_fn, fast: dict[str, Tensor]) -> tuple[dict[str, Tensor], 
     return dict(zip(leaves, grads)), rows.detach()
 
 
+@contextlib.contextmanager
+def frozen(model: GPT):
+    """Base weights as constants for a while. Eager autograd.grad skips gradients nobody asked for, but a
+    compiled block's backward is one graph that computes the gradient of every input requiring it: without
+    this, the inner backward would also pay for dW of every base matrix of the upper layers."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def adapt(loss_fn, fast: dict[str, Tensor], cfg: InnerConfig, grad_fn=func_grad):
     """The inner loop. loss_fn(fast) -> (rows,) losses, row b depending on fast[...][b] alone, so the gradient
     of their sum gives each row the gradient of its own loss. Returns the adapted fast weights and the inner
@@ -125,5 +142,6 @@ def focusft_loss(model: GPT, idx: Tensor, pos: Tensor, mask, targets: Tensor, cf
         return model.loss(model.blocks(x_inner, rope, inner_mask, upper, fast, cfg.scale), inner_targets, True)
 
     grad_fn = func_grad if isinstance(mask, Tensor) else autograd_grad
-    fast, inner_losses = adapt(inner_loss, init_fast(model, cfg, idx.size(0)), cfg, grad_fn)
+    with frozen(model):
+        fast, inner_losses = adapt(inner_loss, init_fast(model, cfg, idx.size(0)), cfg, grad_fn)
     return model.loss(model.blocks(x, rope, mask, upper, fast, cfg.scale), targets), inner_losses

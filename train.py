@@ -35,6 +35,8 @@ PRESETS = {
 }
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
+RUN_ONLY = ("out", "resume", "stop_after", "workers")   # flags of this invocation, not of the recorded run
+PREFETCH = 4                 # batches each loader worker builds ahead
 ADAM_BETAS = (0.9, 0.95)     # nanoGPT's; beta2 < 0.999 is steadier for from-scratch training at small batch
 
 
@@ -47,9 +49,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n")[0])
     # --- data ---
     p.add_argument("--ctx", type=int, default=8192, help="tokens per training row")
-    p.add_argument("--data", choices=["synthetic", "babilong"], default="synthetic",
-                   help="synthetic: multi-turn stories (every question a response turn); babilong: one-question "
-                        "samples built by BABILong's recipe (babilong.py), the format eval_babilong.py uses")
+    p.add_argument("--data", choices=["babilong", "synthetic"], default="babilong",
+                   help="babilong: one-question samples built by BABILong's recipe (babilong.py), the format "
+                        "eval_babilong.py uses; synthetic: multi-turn stories (every question a response turn)")
     p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI tasks to draw samples from")
     p.add_argument("--lengths", default="0k,1k,2k,4k,8k",
                    help="--data babilong: sample lengths (Nk = N*1000 GPT-2 tokens); those longer than --ctx are dropped")
@@ -58,8 +60,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--haystack", default="synthetic",
                    help="--data babilong: synthetic, pg19 (online) or a folder of .txt books")
     p.add_argument("--babi-dir", default=None, help="--data babilong: real bAbI train files instead of the generator")
-    p.add_argument("--min-len", type=int, default=256, help="shortest sample packed into a row (tokens)")
-    p.add_argument("--max-len", type=int, default=0, help="longest sample (tokens); 0 = --ctx")
+    p.add_argument("--min-len", type=int, default=256, help="--data synthetic: shortest sample in a row (tokens)")
+    p.add_argument("--max-len", type=int, default=0, help="--data synthetic: longest sample (tokens); 0 = --ctx")
     p.add_argument("--objective", choices=["sft", "lm"], default="sft",
                    help="sft: loss on answers; lm: next-token loss on every token, causal mask (pretraining)")
     # --- method ---
@@ -94,6 +96,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; default bf16 on cuda")
     p.add_argument("--compile", type=int, choices=[0, 1], default=None, help="torch.compile each block (cuda default 1)")
     p.add_argument("--seed", type=int, default=1337, help="seed of data, init and fast weights")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes building batches ahead of the GPU; default 2 on cuda, 0 (in-line) on cpu")
     # --- output ---
     p.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue exactly from --out/ckpt.pt")
@@ -119,6 +123,7 @@ def apply_defaults(args) -> list[str]:
         default("compile", 1, "flex must run compiled on the GPU")
         default("dtype", "bf16", "bf16 autocast")
         default("batch_size", max(1, GPU_TOKENS_PER_STEP // args.ctx), f"about {GPU_TOKENS_PER_STEP:,} tokens per step")
+        default("workers", 2, "batches are built ahead in other processes while the GPU trains")
         default("steps", 4000, "about 11 minutes (159 ms/step at 8K) plus compilation on one H200")
         default("lr", 1e-3, "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
     else:
@@ -127,9 +132,12 @@ def apply_defaults(args) -> list[str]:
         default("compile", 0, "no compile on CPU")
         default("dtype", "fp32", "CPU")
         default("batch_size", 1, "CPU")
+        default("workers", 0, "a CPU step takes seconds, building its batch milliseconds")
         default("steps", 20, "about 6 minutes on 2 cores at --ctx 8192")
         default("lr", 3e-3, "a tiny model from scratch")
-    default("max_len", args.ctx, "samples up to a full row")
+    if args.data == "synthetic":
+        default("max_len", args.ctx, "samples up to a full row")
+    args.max_len = args.max_len or args.ctx
     if args.inner_lr is None:
         args.inner_lr = 1.0 if args.init else 0.1
         why.append(f"--inner-lr {args.inner_lr}: " + ("the authors' value, for a pretrained model" if args.init else
@@ -141,6 +149,7 @@ def apply_defaults(args) -> list[str]:
 def check_args(args):
     bad = [f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})"
            for k in ("ctx", "steps", "batch_size", "grad_accum") if getattr(args, k) <= 0]
+    bad.append(f"--workers must be >= 0 (got {args.workers})" if args.workers < 0 else None)
     bad += [f"--inner-steps must be >= 0 (got {args.inner_steps})" if args.inner_steps < 0 else None,
            "--inner-fraction must be in (0, 1]" if not 0 < args.inner_fraction <= 1 else None,
            f"--min-len ({args.min_len}) must be between 1 and --ctx" if not 0 < args.min_len <= args.ctx else None,
@@ -210,18 +219,56 @@ def lengths_at(args, step: int) -> list[str]:
     return babilong.training_lengths(args.lengths.split(","), args.ctx, step if args.curriculum else None, args.steps)
 
 
+def data_source(args):
+    """What batches are drawn from: the synthetic haystack pool, or (babilong) books and bAbI stories."""
+    if args.data == "synthetic":
+        return data.HaystackPool(data.gpt2(), args.seed)
+    return babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(","))
+
+
 def get_batch(args, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
-    rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")      # a batch is a function of its coordinates
+    """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro)."""
+    rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
     tasks = args.tasks.split(",")
     if args.data == "synthetic":
-        batch = data.pack_batch(enc, rng, source, rows or args.batch_size, args.ctx, tasks, args.min_len,
-                                args.max_len, objective=args.objective)
-    else:
-        hay, stories = source
-        lengths = lengths_at(args, args.steps if split == "eval" else step)
-        batch = data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories),
-                               rows or args.batch_size, args.ctx, args.objective)
-    return {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+        return data.pack_batch(enc, rng, source, rows or args.batch_size, args.ctx, tasks, args.min_len,
+                               args.max_len, objective=args.objective)
+    hay, stories = source
+    lengths = lengths_at(args, args.steps if split == "eval" else step)
+    return data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories),
+                          rows or args.batch_size, args.ctx, args.objective)
+
+
+class Batches(torch.utils.data.Dataset):
+    """The run's micro-batches from `start` on, item i = get_batch at the i-th (step, micro). Being pure
+    functions of their coordinates, they can be built ahead, in any order, by DataLoader worker processes
+    (the GPU then never waits for Python building text). Each worker makes its own source on first use."""
+
+    def __init__(self, args, start: int, last: int, source=None):
+        self.args, self.source = args, source
+        self.coords = [(step, micro) for step in range(start, last + 1) for micro in range(args.grad_accum)]
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.source is None:
+            self.source = data_source(self.args)
+        return get_batch(self.args, data.gpt2(), self.source, *self.coords[i])
+
+
+def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLoader:
+    """Batches in order; with --workers 0 built in this process from `source`, else ahead in workers."""
+    workers = args.workers
+    return torch.utils.data.DataLoader(Batches(args, start, last, None if workers else source), batch_size=None,
+                                       num_workers=workers, prefetch_factor=PREFETCH if workers else None,
+                                       pin_memory=args.device.startswith("cuda"),
+                                       generator=torch.Generator())  # else it draws a seed from the global RNG,
+                                                                     # which --resume restores: not exact
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def mask_mod_for(args, batch):
@@ -265,7 +312,7 @@ def evaluate(args, model, enc, pool) -> dict:
 
     Accuracy is the argmax at each answer's first token (for the lm objective: at every next token), with the
     base weights alone: fast weights exist only inside a training step."""
-    batch = get_batch(args, enc, pool, 0, 0, split="eval", rows=EVAL_ROWS)
+    batch = to_device(get_batch(args, enc, pool, 0, 0, split="eval", rows=EVAL_ROWS), args.device)
     mask_mod = mask_mod_for(args, batch)
     x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, EVAL_ROWS),
                      range(model.config.n_layer))
@@ -292,11 +339,11 @@ def main(argv=None):
     start_step, ckpt = 0, None
     if args.resume and os.path.exists(ckpt_path(args.out)):
         given = [k for k, v in vars(args).items() if v != vars(get_args([]))[k]
-                 and k not in ("out", "resume", "stop_after")]
+                 and k not in RUN_ONLY]
         if given:
             sys.exit(f"train.py: error: --resume continues the recorded run; drop --{given[0].replace('_', '-')}")
         ckpt = load_checkpoint(ckpt_path(args.out))
-        keep = {k: getattr(args, k) for k in ("out", "resume", "stop_after")}
+        keep = {k: getattr(args, k) for k in RUN_ONLY if getattr(args, k) is not None}
         args = argparse.Namespace(**{**ckpt["config"]["args"], **keep})
         start_step = ckpt["step"] + 1
         why = [f"resuming {ckpt_path(args.out)} at step {start_step} with its recorded configuration"]
@@ -343,8 +390,7 @@ def main(argv=None):
 
     enc = data.gpt2()
     try:
-        pool = (data.HaystackPool(enc, args.seed) if args.data == "synthetic" else
-                babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(",")))
+        pool = data_source(args)          # for evaluation here; loader workers make their own
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"train.py: error: {e}")
     os.makedirs(args.out, exist_ok=True)
@@ -352,6 +398,7 @@ def main(argv=None):
     log.write(json.dumps({"config": config, "start_step": start_step}) + "\n")
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     last = min(args.steps, args.stop_after or args.steps) - 1
+    loader = iter(batch_loader(args, start_step, last, pool))
     for step in range(start_step, last + 1):
         # ------------------------------------------------------------------ evaluation and checkpoint
         if step % args.stats_every == 0 or step == last:
@@ -370,7 +417,7 @@ def main(argv=None):
             group["lr"] = lr
         loss_sum, inner_sum, n_tokens = 0.0, 0.0, 0
         for micro in range(args.grad_accum):
-            batch = get_batch(args, enc, pool, step, micro)
+            batch = to_device(next(loader), args.device)       # built ahead by the loader's workers
             with autocast:
                 loss, inner_losses = train_loss(args, model, inner, batch)   # inner: (steps, rows)
             (loss / args.grad_accum).backward()

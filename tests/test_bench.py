@@ -43,7 +43,8 @@ def test_batch_count_matches_the_training_masks(seed):
 def test_batch_count_on_a_real_packed_batch():
     import data
     import train
-    args = train.get_args(["--ctx", "1024", "--batch-size", "2", "--device", "cpu", "--min-len", "200"])
+    args = train.get_args(["--ctx", "1024", "--data", "synthetic", "--batch-size", "2", "--device", "cpu",
+                           "--min-len", "200"])
     train.apply_defaults(args)
     b = train.get_batch(args, data.gpt2(), data.HaystackPool(data.gpt2(), 0, n_sentences=500), 0, 0)
     for hybrid in (True, False):

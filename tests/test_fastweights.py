@@ -155,3 +155,12 @@ def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss
     for got, want in zip(grads, torch.autograd.grad(naive, list(tiny_model.parameters()))):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     assert inner_losses.shape == (2, 2) and not torch.equal(loss, tiny_model(b["idx"], b["pos"], mask, b["targets"]))
+
+
+def test_frozen_makes_base_weights_constants_then_restores_them(tiny_model):
+    tiny_model.lm_head.weight.requires_grad_(False)             # a weight frozen by the user stays frozen
+    with pytest.raises(RuntimeError, match="inside"):
+        with fw.frozen(tiny_model):
+            assert not any(p.requires_grad for p in tiny_model.parameters())
+            raise RuntimeError("inside")
+    assert [n for n, p in tiny_model.named_parameters() if not p.requires_grad] == ["wte.weight"]  # tied

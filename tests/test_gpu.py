@@ -66,8 +66,8 @@ def test_kv_cache_prefill_and_decode_on_flex_match_sdpa():
     from conftest import tiny_config
     from model import GPT
     torch.manual_seed(0)
-    flex_model = GPT(tiny_config(vocab_size=50304, attn="flex")).cuda().eval()
-    sdpa_model = GPT(tiny_config(vocab_size=50304, attn="sdpa")).cuda().eval()
+    flex_model = GPT(tiny_config(vocab_size=50304, n_embd=64, attn="flex")).cuda().eval()
+    sdpa_model = GPT(tiny_config(vocab_size=50304, n_embd=64, attn="sdpa")).cuda().eval()
     sdpa_model.load_state_dict(flex_model.state_dict())
     prompt = torch.randint(0, 50000, (1500,)).tolist()
     for kind in ("hybrid", "causal"):
