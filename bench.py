@@ -26,6 +26,7 @@ import data
 import eval_babilong
 import masks
 import train
+from fastweights import adapted_layers
 from model import GPT, flex
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
@@ -48,6 +49,8 @@ FORMULAS = {
            f" / step time / {PEAK_FLOPS:.3g} (bf16 dense peak); tokens = batch * ctx, padding included; "
            "the same model FLOPs for both methods: FocuSFT's inner loop is overhead, not counted",
     "training_timing": "batches built before timing (data generation excluded); median over the timed steps",
+    "work": "matmul FLOPs the step really does, inner loop included (bench.step_work); work_ratio = over causal "
+            "SFT on the same batches: the ratio a perfectly efficient implementation would reach",
 }
 
 
@@ -127,8 +130,7 @@ def bench_attention(sizes) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # 2. training steps
 
-def make_args(model: str, method: str, ctx: int, steps: int):     # train.py's own parsing and GPU defaults
-    mask = "hybrid" if method == "focusft" else "causal"
+def make_args(model: str, method: str, mask: str, ctx: int, steps: int):   # train.py's parsing and GPU defaults
     args = train.get_args(f"--model {model} --method {method} --mask {mask} --ctx {ctx} --steps {steps} "
                           f"--batch-size {max(1, TOKENS_PER_STEP // ctx)} --device cuda --attn flex --compile 1 "
                           "--dtype bf16".split())
@@ -143,29 +145,46 @@ def preset_model(name: str, seed: int) -> GPT:
     return GPT(train.preset(name, "flex")).cuda()
 
 
+VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
+
+
 def bench_training(sizes, warmup: int, timed: int) -> list[dict]:
     enc, rows = data.gpt2(), []
     for ctx in sizes:
-        args = make_args(MODELS[0], "sft", ctx, warmup + timed)       # the data depend on neither model nor method
+        args = make_args(MODELS[0], "sft", "causal", ctx, warmup + timed)   # data depend on neither model nor method
         source = train.data_source(args)
         batches = [train.to_device(train.get_batch(args, enc, source, step, 0), "cuda")
                    for step in range(warmup + timed)]
         for preset in MODELS:
-            for method in ("sft", "focusft"):
-                args = make_args(preset, method, ctx, warmup + timed)
-                row = {"model": preset, "ctx": ctx, "batch": args.batch_size, "method": method}
+            for method, mask in VARIANTS:
+                args = make_args(preset, method, mask, ctx, warmup + timed)
+                row = {"model": preset, "ctx": ctx, "batch": args.batch_size, "method": method, "mask": mask}
                 try:
                     row.update(time_steps(args, batches, warmup))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
-                base = row.get("ms") if method == "sft" else base
-                row["ratio"] = row["ms"] / base if "ms" in row and base else None   # step time over SFT's
+                if (method, mask) == VARIANTS[0]:
+                    base = row if "ms" in row else None
+                if base and "ms" in row:     # over plain causal SFT: measured time, and matmul work (the floor)
+                    row["ratio"], row["work_ratio"] = row["ms"] / base["ms"], row["work"] / base["work"]
                 rows.append(row)
-                print(f"  {preset} ctx {ctx} {method}: " + (f"{row['ms']:.1f} ms" if "ms" in row else row["error"]),
-                      flush=True)
+                print(f"  {preset} ctx {ctx} {method} {mask}: " +
+                      (f"{row['ms']:.1f} ms" if "ms" in row else row["error"]), flush=True)
                 free_memory()
         del batches
     return rows
+
+
+def step_work(n_layer: int, layer_params: int, upper: int, inner_steps: int, tokens: int, allowed: int,
+              head_dim: int, heads: int) -> float:
+    """Matmul FLOPs of one training step, inner loop included. Outer: forward + backward of every layer
+    (linear 3 x forward, attention FWD_BWD x forward). Each inner step: a forward of the `upper` adapted
+    layers and a backward for input gradients only (base weights frozen: no dW), in which the lowest adapted
+    layer's attention needs none (its input is a constant). LoRA (rank << width) and logits are left out."""
+    linear, attn = 2 * layer_params * tokens, attention_flops(allowed, head_dim, heads, backward=False)
+    outer = n_layer * (3 * linear + FWD_BWD * attn)
+    inner = upper * (2 * linear + attn) + max(upper - 1, 0) * (FWD_BWD - 1) * attn
+    return outer + inner_steps * inner
 
 
 def time_steps(args, batches, warmup: int) -> dict:
@@ -190,13 +209,18 @@ def time_steps(args, batches, warmup: int) -> dict:
         times.append(time.perf_counter() - t0)
     times = times[warmup:]                                         # the warm-up steps compile
     cfg, sec = model.config, statistics.median(times)
+    head_dim = cfg.n_embd // cfg.n_head
     n_params = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()   # lm_head is tied to wte
     tokens = args.batch_size * args.ctx                                                # every position, padding too
     attn = statistics.mean(allowed_in_batch(b, args.mask == "hybrid") for b in batches[warmup:])
-    flops = 6 * n_params * tokens + attention_flops(attn, cfg.n_embd // cfg.n_head, cfg.n_head) * cfg.n_layer
+    flops = 6 * n_params * tokens + attention_flops(attn, head_dim, cfg.n_head) * cfg.n_layer
+    upper = len(adapted_layers(cfg.n_layer, inner.fraction)) if args.method == "focusft" else 0
+    layer_params = sum(p.numel() for p in model.h[0].parameters() if p.dim() == 2)
+    work = step_work(cfg.n_layer, layer_params, upper, inner.steps, tokens, attn, head_dim, cfg.n_head)
     return {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "mfu": flops / sec / PEAK_FLOPS,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_params_non_embedding": n_params,
-            "allowed_fraction": attn / (args.batch_size * allowed_causal(args.ctx))}
+            "allowed_fraction": attn / (args.batch_size * allowed_causal(args.ctx)), "work": work,
+            "work_tflops": work / sec / 1e12}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,7 +308,8 @@ def main(argv=None):
             result["training"] = bench_training(sizes, warmup, timed)
             table(f"training step, {TOKENS_PER_STEP} tokens, bf16, median of {timed} steps after {warmup} warm-up,"
                   " batches pre-built (data generation excluded)", result["training"],
-                  ["model", "ctx", "batch", "method", "ms", "tokens_per_s", "mfu", "peak_gib", "ratio"])
+                  ["model", "ctx", "batch", "method", "mask", "ms", "tokens_per_s", "mfu", "work_tflops",
+                   "peak_gib", "ratio", "work_ratio"])
             write_json(args.out, result)
         if "eval" in sections:
             result["evaluation"] = bench_eval(prompts, repeats)

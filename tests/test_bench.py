@@ -72,3 +72,15 @@ def test_refuses_without_cuda_in_one_line(tmp_path):
     assert r.returncode != 0
     assert len(lines) == 1 and "CUDA" in lines[0] and lines[0].startswith("bench.py: error:")
     assert not out.exists()
+
+
+def test_step_work_by_hand():
+    # 2 layers of 10 matmul params, 3 tokens, 4 allowed pairs, head dim 1, 1 head:
+    # linear forward = 2*10*3 = 60 per layer; attention forward = 4*4*1*1 = 16 per layer
+    # SFT: 2 * (3*60 + 3.5*16) = 472
+    assert bench.step_work(2, 10, 0, 2, 3, 4, 1, 1) == 472
+    # one adapted layer, 2 inner steps: each = forward 60+16, input-grad linear 60, no attention backward
+    # (the lowest adapted layer's input is a constant) -> 472 + 2 * 136 = 744
+    assert bench.step_work(2, 10, 1, 2, 3, 4, 1, 1) == 744
+    # two adapted layers: each inner step = 2*(120+16) + 1 * 2.5*16 = 312 -> 472 + 624
+    assert bench.step_work(2, 10, 2, 2, 3, 4, 1, 1) == 1096

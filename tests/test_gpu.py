@@ -76,3 +76,28 @@ def test_kv_cache_prefill_and_decode_on_flex_match_sdpa():
         a = ev.decode_step(flex_model, 17, len(prompt), ca, "cuda")
         b = ev.decode_step(sdpa_model, 17, len(prompt), cb, "cuda")
         assert rel_err(a, b) < 1e-3
+
+
+def test_compiled_focusft_step_gives_every_base_weight_its_eager_gradient():
+    """The inner loop freezes the base weights (fastweights.frozen) and compiled blocks keep one graph per
+    requires_grad state: the outer step must still reach every base weight, with the eager gradients."""
+    from conftest import tiny_config
+    from fastweights import InnerConfig, focusft_loss
+    from model import GPT
+    torch.manual_seed(0)
+    cfg, inner = tiny_config(vocab_size=50304, n_embd=64, attn="flex"), InnerConfig(rank=4, alpha=8, lr=0.5)
+    eager, compiled = GPT(cfg).cuda(), GPT(cfg).cuda()
+    compiled.load_state_dict(eager.state_dict())
+    for block in compiled.h:
+        block.compile(dynamic=False)
+    b = {k: v.cuda() for k, v in random_batch(B=2, S=300, seed=3).items()}
+    mask = masks.block_mask(masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]), 2, 300, "cuda")
+    results = []
+    for model in (eager, compiled, compiled):              # the compiled model twice: graphs cached by then
+        torch.manual_seed(1)
+        loss, _ = focusft_loss(model, b["idx"], b["pos"], mask, b["targets"], inner)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    for loss, grads in results[1:]:
+        assert abs(loss.item() - results[0][0].item()) < 1e-4
+        for g, ref in zip(grads, results[0][1]):
+            assert rel_err(g, ref) < 1e-3
