@@ -35,6 +35,7 @@ PRESETS = {
 }
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
+SCRATCH_INNER_LR = 0.01     # from scratch; 0.1 left the base weights far behind SFT on BABILong rows (README)
 RUN_ONLY = ("out", "resume", "stop_after", "workers")   # flags of this invocation, not of the recorded run
 PREFETCH = 4                 # batches each loader worker builds ahead
 ADAM_BETAS = (0.9, 0.95)     # nanoGPT's; beta2 < 0.999 is steadier for from-scratch training at small batch
@@ -71,7 +72,8 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="override the method's mask (for the 2x2 ablation); default hybrid for focusft")
     p.add_argument("--inner-steps", type=int, default=2, help="inner SGD steps (0 = no inner loop)")
     p.add_argument("--inner-lr", type=float, default=None,
-                   help="inner SGD learning rate; default 1.0 (the authors') with --init, 0.1 from scratch")
+                   help=f"inner SGD learning rate; default 1.0 (the authors') with --init, {SCRATCH_INNER_LR} "
+                        "from scratch")
     p.add_argument("--inner-clip", type=float, default=1.0, help="per-tensor gradient norm clip in the inner loop")
     p.add_argument("--inner-rank", type=int, default=32, help="LoRA rank of the fast weights")
     p.add_argument("--inner-alpha", type=float, default=64.0, help="LoRA alpha (delta scaled by alpha/rank)")
@@ -139,9 +141,9 @@ def apply_defaults(args) -> list[str]:
         default("max_len", args.ctx, "samples up to a full row")
     args.max_len = args.max_len or args.ctx
     if args.inner_lr is None:
-        args.inner_lr = 1.0 if args.init else 0.1
+        args.inner_lr = 1.0 if args.init else SCRATCH_INNER_LR
         why.append(f"--inner-lr {args.inner_lr}: " + ("the authors' value, for a pretrained model" if args.init else
-                   "from scratch the residual stream is small and lr 1.0 fast weights swamp it (README)"))
+                   "from scratch, stronger fast weights leave the base weights worse on their own (README)"))
     default("stats_every", max(1, args.steps // 5), "five measurements per run")
     return why
 
