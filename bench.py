@@ -36,6 +36,7 @@ SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSF
 HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
 BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
 TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does the same token work (train.py's)
+PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
 MODELS = ("small", "qwen05b")          # train.PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
 WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
 EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of PAD_TO)
@@ -130,9 +131,9 @@ def bench_attention(sizes) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # 2. training steps
 
-def make_args(model: str, method: str, mask: str, ctx: int, steps: int):   # train.py's parsing and GPU defaults
+def make_args(model: str, method: str, mask: str, ctx: int, steps: int, tokens: int):   # train.py's parsing
     args = train.get_args(f"--model {model} --method {method} --mask {mask} --ctx {ctx} --steps {steps} "
-                          f"--batch-size {max(1, TOKENS_PER_STEP // ctx)} --device cuda --attn flex --compile 1 "
+                          f"--batch-size {max(1, tokens // ctx)} --device cuda --attn flex --compile 1 "
                           "--dtype bf16".split())
     train.apply_defaults(args)
     train.check_args(args)
@@ -148,19 +149,19 @@ def preset_model(name: str, seed: int) -> GPT:
 VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
 
 
-def bench_training(sizes, warmup: int, timed: int) -> list[dict]:
+def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile: bool) -> list[dict]:
     enc, rows = data.gpt2(), []
     for ctx in sizes:
-        args = make_args(MODELS[0], "sft", "causal", ctx, warmup + timed)   # data depend on neither model nor method
+        args = make_args(models[0], "sft", "causal", ctx, warmup + timed, tokens)   # data: any model, method
         source = train.data_source(args)
         batches = [train.to_device(train.get_batch(args, enc, source, step, 0), "cuda")
                    for step in range(warmup + timed)]
-        for preset in MODELS:
+        for preset in models:
             for method, mask in VARIANTS:
-                args = make_args(preset, method, mask, ctx, warmup + timed)
+                args = make_args(preset, method, mask, ctx, warmup + timed, tokens)
                 row = {"model": preset, "ctx": ctx, "batch": args.batch_size, "method": method, "mask": mask}
                 try:
-                    row.update(time_steps(args, batches, warmup))
+                    row.update(time_steps(args, batches, warmup, profile))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                 if (method, mask) == VARIANTS[0]:
@@ -187,27 +188,36 @@ def step_work(n_layer: int, layer_params: int, upper: int, inner_steps: int, tok
     return outer + inner_steps * inner
 
 
-def time_steps(args, batches, warmup: int) -> dict:
+def time_steps(args, batches, warmup: int, profile: bool = False) -> dict:
     model, inner = preset_model(args.model, args.seed), train.inner_config(args)
     for block in model.h:                             # as train.main: compiled blocks, one graph per shape
         block.compile(dynamic=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=train.ADAM_BETAS,
                                   weight_decay=args.weight_decay, fused=True)
-    times = []
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def step(batch):
         with torch.autocast("cuda", dtype=torch.bfloat16):          # train.py's step, one micro-batch
             loss, _ = train.train_loss(args, model, inner, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(batch)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times = times[warmup:]                                         # the warm-up steps compile
+    if profile:                                                    # where one more step's GPU time goes
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step(batches[-1])
+            torch.cuda.synchronize()
+        print(f"  profile, {args.model} {args.method} {args.mask}:\n" +
+              prof.key_averages().table(sort_by="cuda_time_total", row_limit=PROFILE_ROWS), flush=True)
     cfg, sec = model.config, statistics.median(times)
     head_dim = cfg.n_embd // cfg.n_head
     n_params = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()   # lm_head is tied to wte
@@ -227,7 +237,8 @@ def time_steps(args, batches, warmup: int) -> dict:
 # 3. evaluation: prefill and cached decoding
 
 def bench_eval(prompts, repeats: int) -> list[dict]:
-    """eval_babilong's path as it runs: fp32 weights, uncompiled blocks, compiled flex prefill, SDPA decode."""
+    """eval_babilong's path as it runs on a GPU: bf16 autocast, uncompiled blocks, compiled flex prefill,
+    SDPA decode."""
     model = preset_model("small", 0).eval()
     rows = []
     for n in prompts:
@@ -236,12 +247,13 @@ def bench_eval(prompts, repeats: int) -> list[dict]:
         for r in range(repeats + 1):                  # repeat 0 compiles and is not counted
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            logits, caches = eval_babilong.prefill(model, prompt, "hybrid", "cuda")
-            torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            for i in range(DECODE_TOKENS):
-                token = int(logits[:data.PAD_ID + 1].argmax())                           # greedy, as generate()
-                logits = eval_babilong.decode_step(model, token, n + i, caches, "cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits, caches = eval_babilong.prefill(model, prompt, "hybrid", "cuda")
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                for i in range(DECODE_TOKENS):
+                    token = int(logits[:data.PAD_ID + 1].argmax())                       # greedy, as generate()
+                    logits = eval_babilong.decode_step(model, token, n + i, caches, "cuda")
             torch.cuda.synchronize()
             if r:
                 prefill.append(t1 - t0)
@@ -281,10 +293,17 @@ def main(argv=None):
     p.add_argument("--sections", default="attention,training,eval",
                    help="which sections to run (each fits in a 10-minute job on its own)")
     p.add_argument("--sizes", default=None, help="sequence lengths of sections 1 and 2, e.g. 8192,16384")
+    p.add_argument("--models", default=",".join(MODELS), help="section 2's models (train.PRESETS names)")
+    p.add_argument("--tokens", type=int, default=TOKENS_PER_STEP,
+                   help="section 2's tokens per step (batch = tokens // ctx; 8192 at 8K = the authors' batch 1)")
+    p.add_argument("--profile", action="store_true", help="section 2: print the top GPU kernels of one more step")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     if sections - {"attention", "training", "eval"}:
         sys.exit(f"bench.py: error: --sections: unknown {sorted(sections - {'attention', 'training', 'eval'})}")
+    models = args.models.split(",")
+    if set(models) - set(train.PRESETS) or args.tokens <= 0:
+        sys.exit(f"bench.py: error: --models must name {','.join(train.PRESETS)}; --tokens must be positive")
     if not torch.cuda.is_available():
         sys.exit("bench.py: error: needs a CUDA GPU (found none)")
     sizes, prompts = (SIZES[:1], EVAL_PROMPTS[:1]) if args.quick else (SIZES, EVAL_PROMPTS)
@@ -305,15 +324,15 @@ def main(argv=None):
                   ["S", "head_dim", "heads", "kernel", "ms", "tflops"])
             write_json(args.out, result)                      # after every section: a crash keeps the rest
         if "training" in sections:
-            result["training"] = bench_training(sizes, warmup, timed)
-            table(f"training step, {TOKENS_PER_STEP} tokens, bf16, median of {timed} steps after {warmup} warm-up,"
+            result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile)
+            table(f"training step, {args.tokens} tokens, bf16, median of {timed} steps after {warmup} warm-up,"
                   " batches pre-built (data generation excluded)", result["training"],
                   ["model", "ctx", "batch", "method", "mask", "ms", "tokens_per_s", "mfu", "work_tflops",
                    "peak_gib", "ratio", "work_ratio"])
             write_json(args.out, result)
         if "eval" in sections:
             result["evaluation"] = bench_eval(prompts, repeats)
-            table(f"evaluation, small model, fp32 as eval_babilong runs it: prefill + {DECODE_TOKENS} greedy "
+            table(f"evaluation, small model, bf16 as eval_babilong runs it: prefill + {DECODE_TOKENS} greedy "
                   "tokens (median ms)", result["evaluation"], ["prompt_tokens", "prefill_ms", "decode_ms_per_token"])
     result["unfused_flex_warnings"] = [str(w.message) for w in caught if "unfused" in str(w.message)]
     if result["unfused_flex_warnings"]:                       # some flex call fell back to the S x S path

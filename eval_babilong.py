@@ -224,6 +224,8 @@ def main(argv=None):
     p.add_argument("--babi-dir", default=None, help="--make-data: real bAbI test files instead of the generator")
     p.add_argument("--mask", choices=["hybrid", "causal"], default=None, help="prompt mask; default: as trained")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="autocast dtype of the model; default bf16 on cuda (as train.py trains), fp32 on cpu")
     p.add_argument("--out", default=None, help="folder for predictions.json and heatmap.png (default: beside --ckpt)")
     p.add_argument("--seed", type=int, default=0, help="seed of --make-data")
     args = p.parse_args(argv)
@@ -279,6 +281,8 @@ def run_eval(args, enc, tasks, lengths):
     except (OSError, ValueError) as e:
         sys.exit(f"eval_babilong.py: error: --prompt-parts: {e}")
     mask_kind = args.mask or config["args"]["mask"]
+    bf16 = (args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
+    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     acc, records = {}, []
     for length in lengths:
@@ -289,14 +293,16 @@ def run_eval(args, enc, tasks, lengths):
             except (OSError, ValueError, RuntimeError) as e:
                 sys.exit(f"eval_babilong.py: error: {e}")
             first = first or (samples[0] if samples else None)
-            recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts)
+            with autocast:
+                recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts)
             acc[task, length] = sum(r["correct"] for r in recs) / max(len(recs), 1)
             records += [{"task": task, "length": length, **r} for r in recs]
             sec = sum(r["seconds"] for r in recs) / max(len(recs), 1)
             print(f"{task} {length:>4}: acc {acc[task, length]:.3f} over {len(recs)} ({sec:.2f} s/sample)", flush=True)
         if first is None:
             continue
-        st = length_stats(model, enc, first, mask_kind, args.device)
+        with autocast:
+            st = length_stats(model, enc, first, mask_kind, args.device)
         print(f"{length:>4}: sink mass {st['sink_mass']:.3f} | sink rate {st['sink_rate']:.2f} | "
               f"engagement {st['engagement']:.3f}")
     print("\n" + "task  " + "".join(f"{n:>7}" for n in lengths))

@@ -64,13 +64,15 @@ def test_flop_formulas_by_hand():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_refuses_without_cuda_in_one_line(tmp_path):
+@pytest.mark.parametrize("argv,needle", [([], "CUDA"), (["--models", "gpt5"], "--models"),
+                                          (["--tokens", "0"], "--tokens"), (["--sections", "speed"], "speed")])
+def test_bad_input_or_no_cuda_is_one_line(tmp_path, argv, needle):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(out)], cwd=tmp_path,
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(out), *argv], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0
-    assert len(lines) == 1 and "CUDA" in lines[0] and lines[0].startswith("bench.py: error:")
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("bench.py: error:")
     assert not out.exists()
 
 
