@@ -22,12 +22,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import batches
 import data
 import eval_babilong
 import masks
 import train
 from fastweights import adapted_layers
-from model import GPT, flex
+from model import GPT, PRESETS, flex, preset
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
 FWD_BWD = 3.5                # forward + backward = 3.5 x forward for attention (backward: 5 matmuls against 2)
@@ -37,7 +38,7 @@ HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the 
 BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
 TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does the same token work (train.py's)
 PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
-MODELS = ("small", "qwen05b")          # train.PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
+MODELS = ("small", "qwen05b")          # PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
 WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
 EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of PAD_TO)
 EVAL_REPEATS = 3             # timed prefill + decode repeats (after one warm-up repeat that compiles)
@@ -141,9 +142,9 @@ def make_args(model: str, method: str, mask: str, ctx: int, steps: int, tokens: 
 
 
 def preset_model(name: str, seed: int) -> GPT:
-    """A train.PRESETS model on the GPU with flex attention, seeded (the same weights for SFT and FocuSFT)."""
+    """A PRESETS model on the GPU with flex attention, seeded (the same weights for SFT and FocuSFT)."""
     torch.manual_seed(seed)
-    return GPT(train.preset(name, "flex")).cuda()
+    return GPT(preset(name, "flex")).cuda()
 
 
 VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
@@ -153,15 +154,15 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
     enc, rows = data.gpt2(), []
     for ctx in sizes:
         args = make_args(models[0], "sft", "causal", ctx, warmup + timed, tokens)   # data: any model, method
-        source = train.data_source(args)
-        batches = [train.to_device(train.get_batch(args, enc, source, step, 0), "cuda")
+        source = batches.data_source(args)
+        prebuilt = [batches.to_device(batches.get_batch(args, enc, source, step, 0), "cuda")
                    for step in range(warmup + timed)]
-        for preset in models:
+        for name in models:
             for method, mask in VARIANTS:
-                args = make_args(preset, method, mask, ctx, warmup + timed, tokens)
-                row = {"model": preset, "ctx": ctx, "batch": args.batch_size, "method": method, "mask": mask}
+                args = make_args(name, method, mask, ctx, warmup + timed, tokens)
+                row = {"model": name, "ctx": ctx, "batch": args.batch_size, "method": method, "mask": mask}
                 try:
-                    row.update(time_steps(args, batches, warmup, profile))
+                    row.update(time_steps(args, prebuilt, warmup, profile))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                 if (method, mask) == VARIANTS[0]:
@@ -169,10 +170,10 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
                 if base and "ms" in row:     # over plain causal SFT: measured time, and matmul work (the floor)
                     row["ratio"], row["work_ratio"] = row["ms"] / base["ms"], row["work"] / base["work"]
                 rows.append(row)
-                print(f"  {preset} ctx {ctx} {method} {mask}: " +
+                print(f"  {name} ctx {ctx} {method} {mask}: " +
                       (f"{row['ms']:.1f} ms" if "ms" in row else row["error"]), flush=True)
                 free_memory()
-        del batches
+        del prebuilt
     return rows
 
 
@@ -188,7 +189,7 @@ def step_work(n_layer: int, layer_params: int, upper: int, inner_steps: int, tok
     return outer + inner_steps * inner
 
 
-def time_steps(args, batches, warmup: int, profile: bool = False) -> dict:
+def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
     model, inner = preset_model(args.model, args.seed), train.inner_config(args)
     for block in model.h:                             # as train.main: compiled blocks, one graph per shape
         block.compile(dynamic=False)
@@ -203,7 +204,7 @@ def time_steps(args, batches, warmup: int, profile: bool = False) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     times = []
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(prebuilt):
         if i == warmup:
             torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
@@ -214,7 +215,7 @@ def time_steps(args, batches, warmup: int, profile: bool = False) -> dict:
     times = times[warmup:]                                         # the warm-up steps compile
     if profile:                                                    # where one more step's GPU time goes
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            step(batches[-1])
+            step(prebuilt[-1])
             torch.cuda.synchronize()
         print(f"  profile, {args.model} {args.method} {args.mask}:\n" +
               prof.key_averages().table(sort_by="cuda_time_total", row_limit=PROFILE_ROWS), flush=True)
@@ -222,7 +223,7 @@ def time_steps(args, batches, warmup: int, profile: bool = False) -> dict:
     head_dim = cfg.n_embd // cfg.n_head
     n_params = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()   # lm_head is tied to wte
     tokens = args.batch_size * args.ctx                                                # every position, padding too
-    attn = statistics.mean(allowed_in_batch(b, args.mask == "hybrid") for b in batches[warmup:])
+    attn = statistics.mean(allowed_in_batch(b, args.mask == "hybrid") for b in prebuilt[warmup:])
     flops = 6 * n_params * tokens + attention_flops(attn, head_dim, cfg.n_head) * cfg.n_layer
     upper = len(adapted_layers(cfg.n_layer, inner.fraction)) if args.method == "focusft" else 0
     layer_params = sum(p.numel() for p in model.h[0].parameters() if p.dim() == 2)
@@ -293,7 +294,7 @@ def main(argv=None):
     p.add_argument("--sections", default="attention,training,eval",
                    help="which sections to run (each fits in a 10-minute job on its own)")
     p.add_argument("--sizes", default=None, help="sequence lengths of sections 1 and 2, e.g. 8192,16384")
-    p.add_argument("--models", default=",".join(MODELS), help="section 2's models (train.PRESETS names)")
+    p.add_argument("--models", default=",".join(MODELS), help="section 2's models (PRESETS names)")
     p.add_argument("--tokens", type=int, default=TOKENS_PER_STEP,
                    help="section 2's tokens per step (batch = tokens // ctx; 8192 at 8K = the authors' batch 1)")
     p.add_argument("--profile", action="store_true", help="section 2: print the top GPU kernels of one more step")
@@ -302,8 +303,8 @@ def main(argv=None):
     if sections - {"attention", "training", "eval"}:
         sys.exit(f"bench.py: error: --sections: unknown {sorted(sections - {'attention', 'training', 'eval'})}")
     models = args.models.split(",")
-    if set(models) - set(train.PRESETS) or args.tokens <= 0:
-        sys.exit(f"bench.py: error: --models must name {','.join(train.PRESETS)}; --tokens must be positive")
+    if set(models) - set(PRESETS) or args.tokens <= 0:
+        sys.exit(f"bench.py: error: --models must name {','.join(PRESETS)}; --tokens must be positive")
     if not torch.cuda.is_available():
         sys.exit("bench.py: error: needs a CUDA GPU (found none)")
     sizes, prompts = (SIZES[:1], EVAL_PROMPTS[:1]) if args.quick else (SIZES, EVAL_PROMPTS)

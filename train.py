@@ -14,30 +14,22 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 
 import torch
 
-import babilong
+import batches
 import data
 import masks
 from fastweights import PROJECTIONS, InnerConfig, adapted_layers, focusft_loss
-from model import GPT, GPTConfig, IGNORE
+from model import GPT, PRESETS, GPTConfig, IGNORE, preset
 from stats import attention_stats
 
-# model presets: (n_layer, n_head, n_kv_head, n_embd, mlp_hidden)
-PRESETS = {
-    "tiny": (4, 2, 2, 128, 384),       # a CPU default: an 8K-token FocuSFT step in seconds on 2 cores
-    "small": (8, 4, 4, 512, 1408),     # the GPU default: head size 128, the fast flex kernel shape
-    "qwen05b": (24, 14, 2, 896, 4864),  # Qwen2-0.5B's shape, to compare with the authors' timings
-}
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
 SCRATCH_INNER_LR = 0.01     # from scratch; 0.1 left the base weights far behind SFT on BABILong rows (README)
 RUN_ONLY = ("out", "resume", "stop_after", "workers")   # flags of this invocation, not of the recorded run
-PREFETCH = 4                 # batches each loader worker builds ahead
 ADAM_BETAS = (0.9, 0.95)     # nanoGPT's; beta2 < 0.999 is steadier for from-scratch training at small batch
 
 
@@ -166,7 +158,7 @@ def check_args(args):
     bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(data.TASKS)}" if unknown else None)
     if args.data == "babilong" and not unknown:
         try:
-            fits = lengths_at(args, args.steps)
+            fits = batches.lengths_at(args, args.steps)
             bad.append(None if fits else f"--lengths: none of {args.lengths} fits --ctx {args.ctx}")
         except (OSError, ValueError, RuntimeError) as e:
             bad.append(str(e))
@@ -216,63 +208,6 @@ def lr_at(step: int, args) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
 
 
-def lengths_at(args, step: int) -> list[str]:
-    """--data babilong: the lengths a row can hold; with --curriculum, only the first stages' so far."""
-    return babilong.training_lengths(args.lengths.split(","), args.ctx, step if args.curriculum else None, args.steps)
-
-
-def data_source(args):
-    """What batches are drawn from: the synthetic haystack pool, or (babilong) books and bAbI stories."""
-    if args.data == "synthetic":
-        return data.HaystackPool(data.gpt2(), args.seed)
-    return babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(","))
-
-
-def get_batch(args, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
-    """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro)."""
-    rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
-    tasks = args.tasks.split(",")
-    if args.data == "synthetic":
-        return data.pack_batch(enc, rng, source, rows or args.batch_size, args.ctx, tasks, args.min_len,
-                               args.max_len, objective=args.objective)
-    hay, stories = source
-    lengths = lengths_at(args, args.steps if split == "eval" else step)
-    return data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories),
-                          rows or args.batch_size, args.ctx, args.objective)
-
-
-class Batches(torch.utils.data.Dataset):
-    """The run's micro-batches from `start` on, item i = get_batch at the i-th (step, micro). Being pure
-    functions of their coordinates, they can be built ahead, in any order, by DataLoader worker processes
-    (the GPU then never waits for Python building text). Each worker makes its own source on first use."""
-
-    def __init__(self, args, start: int, last: int, source=None):
-        self.args, self.source = args, source
-        self.coords = [(step, micro) for step in range(start, last + 1) for micro in range(args.grad_accum)]
-
-    def __len__(self) -> int:
-        return len(self.coords)
-
-    def __getitem__(self, i: int) -> dict:
-        if self.source is None:
-            self.source = data_source(self.args)
-        return get_batch(self.args, data.gpt2(), self.source, *self.coords[i])
-
-
-def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLoader:
-    """Batches in order; with --workers 0 built in this process from `source`, else ahead in workers."""
-    workers = args.workers
-    return torch.utils.data.DataLoader(Batches(args, start, last, None if workers else source), batch_size=None,
-                                       num_workers=workers, prefetch_factor=PREFETCH if workers else None,
-                                       pin_memory=args.device.startswith("cuda"),
-                                       generator=torch.Generator())  # else it draws a seed from the global RNG,
-                                                                     # which --resume restores: not exact
-
-
-def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def mask_mod_for(args, batch):
     if args.mask == "hybrid":
         return masks.hybrid(batch["loss_mask"], batch["attention_mask"], batch["document_ids"])
@@ -281,12 +216,6 @@ def mask_mod_for(args, batch):
 
 def build_mask(args, mask_mod, batch_size: int):
     return masks.for_backend(args.attn, mask_mod, batch_size, args.ctx, args.device)
-
-
-def preset(name: str, attn: str) -> GPTConfig:
-    n_layer, n_head, n_kv_head, n_embd, mlp_hidden = PRESETS[name]
-    return GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, mlp_hidden=mlp_hidden,
-                     attn=attn)
 
 
 def inner_config(args) -> InnerConfig:
@@ -314,7 +243,7 @@ def evaluate(args, model, enc, pool) -> dict:
 
     Accuracy is the argmax at each answer's first token (for the lm objective: at every next token), with the
     base weights alone: fast weights exist only inside a training step."""
-    batch = to_device(get_batch(args, enc, pool, 0, 0, split="eval", rows=EVAL_ROWS), args.device)
+    batch = batches.to_device(batches.get_batch(args, enc, pool, 0, 0, split="eval", rows=EVAL_ROWS), args.device)
     mask_mod = mask_mod_for(args, batch)
     x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, EVAL_ROWS),
                      range(model.config.n_layer))
@@ -392,7 +321,7 @@ def main(argv=None):
 
     enc = data.gpt2()
     try:
-        pool = data_source(args)          # for evaluation here; loader workers make their own
+        pool = batches.data_source(args)          # for evaluation here; loader workers make their own
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"train.py: error: {e}")
     os.makedirs(args.out, exist_ok=True)
@@ -400,7 +329,7 @@ def main(argv=None):
     log.write(json.dumps({"config": config, "start_step": start_step}) + "\n")
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     last = min(args.steps, args.stop_after or args.steps) - 1
-    loader = iter(batch_loader(args, start_step, last, pool))
+    loader = iter(batches.batch_loader(args, start_step, last, pool))
     for step in range(start_step, last + 1):
         # ------------------------------------------------------------------ evaluation and checkpoint
         if step % args.stats_every == 0 or step == last:
@@ -419,7 +348,7 @@ def main(argv=None):
             group["lr"] = lr
         loss_sum, inner_sum, n_tokens = 0.0, 0.0, 0
         for micro in range(args.grad_accum):
-            batch = to_device(next(loader), args.device)       # built ahead by the loader's workers
+            batch = batches.to_device(next(loader), args.device)       # built ahead by the loader's workers
             with autocast:
                 loss, inner_losses = train_loss(args, model, inner, batch)   # inner: (steps, rows)
             (loss / args.grad_accum).backward()

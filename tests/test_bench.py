@@ -42,11 +42,12 @@ def test_batch_count_matches_the_training_masks(seed):
 
 def test_batch_count_on_a_real_packed_batch():
     import data
+    import batches
     import train
     args = train.get_args(["--ctx", "1024", "--data", "synthetic", "--batch-size", "2", "--device", "cpu",
                            "--min-len", "200"])
     train.apply_defaults(args)
-    b = train.get_batch(args, data.gpt2(), data.HaystackPool(data.gpt2(), 0, n_sentences=500), 0, 0)
+    b = batches.get_batch(args, data.gpt2(), data.HaystackPool(data.gpt2(), 0, n_sentences=500), 0, 0)
     for hybrid in (True, False):
         mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]) if hybrid else \
             masks.causal(b["attention_mask"], b["document_ids"])
@@ -86,3 +87,25 @@ def test_step_work_by_hand():
     assert bench.step_work(2, 10, 1, 2, 3, 4, 1, 1) == 744
     # two adapted layers: each inner step = 2*(120+16) + 1 * 2.5*16 = 312 -> 472 + 624
     assert bench.step_work(2, 10, 2, 2, 3, 4, 1, 1) == 1096
+
+
+def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
+    """Section 2's bookkeeping on the CPU (the timing itself needs a GPU): every variant of every model is
+    timed once on the same pre-built batches, and its ratios are over that model's causal-SFT row."""
+    import batches
+    import train
+    seen = []
+
+    def fake_time(args, prebuilt, warmup, profile):
+        seen.append((args.model, args.method, args.mask, id(prebuilt)))
+        return {"ms": {"causal": 10.0, "hybrid": 15.0}[args.mask] * (2 if args.method == "focusft" else 1),
+                "work": {"causal": 4.0, "hybrid": 5.0}[args.mask] * (2 if args.method == "focusft" else 1)}
+    monkeypatch.setattr(train, "check_args", lambda args: None)          # it would refuse --device cuda here
+    monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
+    monkeypatch.setattr(bench, "time_steps", fake_time)
+    monkeypatch.setattr(bench, "free_memory", lambda: None)
+    rows = bench.bench_training([1024], ["tiny", "small"], 1, 1, 2048, False)
+    assert [(r["model"], r["method"], r["mask"]) for r in rows] == [
+        (m, meth, mask) for m in ("tiny", "small") for meth, mask in bench.VARIANTS]
+    assert len({s[3] for s in seen}) == 1 and all(r["batch"] == 2 for r in rows)      # one set of batches
+    assert [(r["ratio"], r["work_ratio"]) for r in rows[:3]] == [(1.0, 1.0), (1.5, 1.25), (3.0, 2.5)]

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import batches
 import train
 from conftest import ROOT
 
@@ -104,10 +105,10 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, argv, needle):
 def test_babilong_data_with_a_curriculum(tmp_path):
     args = train.get_args(["--data", "babilong", "--ctx", "8192", "--lengths", "0k,1k,2k,4k,16k", "--steps", "10",
                            "--curriculum", "1"])
-    assert [train.lengths_at(args, s) for s in (0, 3, 5, 9)] == [
+    assert [batches.lengths_at(args, s) for s in (0, 3, 5, 9)] == [
         ["0k"], ["0k", "1k"], ["0k", "1k", "2k"], ["0k", "1k", "2k", "4k"]]          # 16k never fits 8192
     args.curriculum = 0
-    assert train.lengths_at(args, 0) == ["0k", "1k", "2k", "4k"]
+    assert batches.lengths_at(args, 0) == ["0k", "1k", "2k", "4k"]
     train.main(TINY + ["--ctx", "1024", "--steps", "2", "--data", "babilong", "--lengths", "0k,1k",
                        "--out", str(tmp_path)])
     assert len(losses(tmp_path)) == 2 and all(x == x for x in losses(tmp_path))
@@ -122,7 +123,7 @@ def test_evaluate_scores_each_answers_first_token(monkeypatch):
     args.mask, args.method = "hybrid", "focusft"
     batch = random_batch(B=2, S=70)
     monkeypatch.setattr(train, "EVAL_ROWS", 2)
-    monkeypatch.setattr(train, "get_batch", lambda *a, **k: batch)
+    monkeypatch.setattr(batches, "get_batch", lambda *a, **k: batch)
     torch.manual_seed(0)
     model = train.GPT(tiny_config())
     lm, docs, valid = batch["loss_mask"], batch["document_ids"], batch["attention_mask"]

@@ -1,0 +1,72 @@
+"""What a training step reads: batches of packed rows, built ahead of the GPU.
+
+A batch is a pure function of its coordinates (seed, split, step, micro-step): the same numbers give the same
+rows, whoever builds them and whenever. Two things follow. `--resume` continues bit for bit, and the batches
+can be built in DataLoader worker processes, in any order, while the GPU trains (a BABILong batch costs about
+as much Python time as a GPU step). Data-parallel ranks would add their rank to the coordinates.
+"""
+import random
+
+import torch
+
+import babilong
+import data
+
+PREFETCH = 4                 # batches each loader worker builds ahead
+
+
+def lengths_at(args, step: int) -> list[str]:
+    """--data babilong: the lengths a row can hold; with --curriculum, only the first stages' so far."""
+    return babilong.training_lengths(args.lengths.split(","), args.ctx, step if args.curriculum else None, args.steps)
+
+
+def data_source(args):
+    """What batches are drawn from: the synthetic haystack pool, or (babilong) books and bAbI stories."""
+    if args.data == "synthetic":
+        return data.HaystackPool(data.gpt2(), args.seed)
+    return babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(","))
+
+
+def get_batch(args, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
+    """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro)."""
+    rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
+    tasks = args.tasks.split(",")
+    if args.data == "synthetic":
+        return data.pack_batch(enc, rng, source, rows or args.batch_size, args.ctx, tasks, args.min_len,
+                               args.max_len, objective=args.objective)
+    hay, stories = source
+    lengths = lengths_at(args, args.steps if split == "eval" else step)
+    return data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories),
+                          rows or args.batch_size, args.ctx, args.objective)
+
+
+class Batches(torch.utils.data.Dataset):
+    """The run's micro-batches from `start` on, item i = get_batch at the i-th (step, micro). Being pure
+    functions of their coordinates, they can be built ahead, in any order, by DataLoader worker processes
+    (the GPU then never waits for Python building text). Each worker makes its own source on first use."""
+
+    def __init__(self, args, start: int, last: int, source=None):
+        self.args, self.source = args, source
+        self.coords = [(step, micro) for step in range(start, last + 1) for micro in range(args.grad_accum)]
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.source is None:
+            self.source = data_source(self.args)
+        return get_batch(self.args, data.gpt2(), self.source, *self.coords[i])
+
+
+def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLoader:
+    """Batches in order; with --workers 0 built in this process from `source`, else ahead in workers."""
+    workers = args.workers
+    return torch.utils.data.DataLoader(Batches(args, start, last, None if workers else source), batch_size=None,
+                                       num_workers=workers, prefetch_factor=PREFETCH if workers else None,
+                                       pin_memory=args.device.startswith("cuda"),
+                                       generator=torch.Generator())  # else it draws a seed from the global RNG,
+                                                                     # which --resume restores: not exact
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
