@@ -5,12 +5,14 @@
 
 1. attention fwd+bwd: flex under the hybrid mask, flex causal, SDPA causal (flash, the ceiling), SDPA with the
    hybrid mask as a dense bool tensor; 2. a whole training step from train.py's own pieces, same model and
-   data for both methods; 3. eval_babilong's prefill and KV-cache decode. Two ideas to hold: FLOPs count only
+   data for both methods; 3. eval_babilong's prefill and KV-cache decode; and, asked for with --sections tune,
+   flex's kernel options under the hybrid mask. Two ideas to hold: FLOPs count only
    the (q, k) entries a mask allows, never the S x S square; timed regions hold synchronised GPU work only
    (batches are built beforehand, compilation happens in warm-up).
 """
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -21,6 +23,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 import batches
 import data
@@ -35,6 +38,16 @@ FWD_BWD = 3.5                # forward + backward = 3.5 x forward for attention 
 CONTEXT_PERCENT = 90         # attention benchmark rows: the first 90 % context, the rest one response turn
 SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSFT's long-context range
 HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
+SECTIONS = ("attention", "tune", "training", "eval")   # "tune" runs only when asked for
+TUNE_SIZE = 16384            # the tuning section's sequence length: the middle of sections 1 and 2
+TUNE_OPTIONS = {             # flex kernel_options (torch's FlexKernelOptions) tried under the hybrid mask
+    "defaults": {},
+    "PRESCALE_QK": {"PRESCALE_QK": True},              # fold 1/sqrt(d) into q: fewer multiplies, more rounding
+    "USE_TMA": {"USE_TMA": True},                      # Hopper's bulk tensor copies for the K/V tiles
+    "BLOCKS_ARE_CONTIGUOUS": {"BLOCKS_ARE_CONTIGUOUS": True},   # true of our masks: each query block sees
+                                                                # one run of key blocks (document start..turn end)
+    "all three": {"PRESCALE_QK": True, "USE_TMA": True, "BLOCKS_ARE_CONTIGUOUS": True},
+}
 BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
 TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does the same token work (train.py's)
 PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
@@ -96,17 +109,36 @@ def allowed_in_batch(batch: dict, hybrid: bool) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # 1. attention kernels
 
-def bench_attention(sizes) -> list[dict]:
+def qkv(S: int, head_dim: int, heads: int):
+    """Random bf16 q, k, v (1, nh, S, hs) that require grad, and an upstream gradient dy of the same shape."""
+    q, k, v = (torch.randn(1, heads, S, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    return q, k, v, torch.randn(1, heads, S, head_dim, device="cuda", dtype=torch.bfloat16)
+
+
+def fwd_bwd_ms(attn, q, k, v, dy) -> float:
+    """Median milliseconds of attn's forward and backward (the first call compiles and is not timed)."""
     from triton.testing import do_bench               # GPU path only: triton need not exist on a CPU machine
+    def fwd_bwd():
+        torch.autograd.grad(attn(q, k, v), (q, k, v), dy)
+    fwd_bwd()
+    return do_bench(fwd_bwd, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median")
+
+
+def hybrid_row(S: int):
+    """One row of CONTEXT_PERCENT context then one response turn: its mask_mod and allowed entries."""
+    C = S * CONTEXT_PERCENT // 100
+    return masks.hybrid((torch.arange(S, device="cuda") >= C).long()[None]), allowed_hybrid(C, S - C)
+
+
+def bench_attention(sizes) -> list[dict]:
     rows = []
     for S in sizes:
-        C = S * CONTEXT_PERCENT // 100
-        loss_mask = (torch.arange(S, device="cuda") >= C).long()[None]                 # (1, S)
-        hybrid_mod = masks.hybrid(loss_mask)
+        hybrid_mod, hybrid_n = hybrid_row(S)
         hybrid_bm = masks.block_mask(hybrid_mod, 1, S, "cuda")                          # compiled, O(S) memory
         causal_bm = masks.block_mask(masks.causal(), 1, S, "cuda")
         dense = masks.dense_mask(hybrid_mod, 1, S, "cuda")                              # (1, 1, S, S) bool
-        sdpa, hybrid_n, causal_n = F.scaled_dot_product_attention, allowed_hybrid(C, S - C), allowed_causal(S)
+        sdpa, causal_n = F.scaled_dot_product_attention, allowed_causal(S)
         kernels = {  # name: (attention(q, k, v), allowed entries); flex(q) is the compiled flex_attention
             "flex hybrid": (lambda q, k, v: flex(q)(q, k, v, block_mask=hybrid_bm), hybrid_n),
             "flex causal": (lambda q, k, v: flex(q)(q, k, v, block_mask=causal_bm), causal_n),
@@ -114,17 +146,43 @@ def bench_attention(sizes) -> list[dict]:
             "sdpa dense hybrid": (lambda q, k, v: sdpa(q, k, v, attn_mask=dense), hybrid_n),
         }
         for head_dim, heads in HEAD_SHAPES:
-            q, k, v = (torch.randn(1, heads, S, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))                                                # (1, nh, S, hs)
-            dy = torch.randn(1, heads, S, head_dim, device="cuda", dtype=torch.bfloat16)
+            q, k, v, dy = qkv(S, head_dim, heads)
             for name, (attn, allowed) in kernels.items():
-                def fwd_bwd():
-                    torch.autograd.grad(attn(q, k, v), (q, k, v), dy)
-                fwd_bwd()                                                                # compile, warm up
-                ms = do_bench(fwd_bwd, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median")
+                ms = fwd_bwd_ms(attn, q, k, v, dy)
                 rows.append({"S": S, "head_dim": head_dim, "heads": heads, "kernel": name, "ms": ms,
                              "allowed": allowed, "tflops": attention_flops(allowed, head_dim, heads) / ms / 1e9})
         del kernels, dense, hybrid_bm, causal_bm
+        free_memory()
+    return rows
+
+
+def bench_tuning(S: int) -> list[dict]:
+    """Flex under the hybrid mask with each of TUNE_OPTIONS, and compiled with max-autotune (inductor then
+    times its own candidate block sizes). `err` = relative error of output and dq against SDPA in fp32 on the
+    dense mask: an option that breaks the result shows there, not only in its speed."""
+    hybrid_mod, allowed = hybrid_row(S)
+    bm, dense = masks.block_mask(hybrid_mod, 1, S, "cuda"), masks.dense_mask(hybrid_mod, 1, S, "cuda")
+    autotuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+    variants = {name: (lambda q, k, v, opts=opts: flex(q)(q, k, v, block_mask=bm, kernel_options=opts or None))
+                for name, opts in TUNE_OPTIONS.items()}
+    variants["max-autotune"] = functools.partial(autotuned, block_mask=bm)
+    rows = []
+    for head_dim, heads in HEAD_SHAPES:
+        q, k, v, dy = qkv(S, head_dim, heads)
+        ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=dense)
+        ref_dq, = torch.autograd.grad(ref, q, dy.float())
+        for name, attn in variants.items():
+            row = {"S": S, "head_dim": head_dim, "heads": heads, "options": name}
+            try:                          # an option this torch or GPU does not support fails alone
+                out = attn(q, k, v)
+                dq, = torch.autograd.grad(out, q, dy)
+                row["err"] = max(((a.float() - b).norm() / b.norm()).item() for a, b in ((out, ref), (dq, ref_dq)))
+                row["ms"] = fwd_bwd_ms(attn, q, k, v, dy)
+                row["tflops"] = attention_flops(allowed, head_dim, heads) / row["ms"] / 1e9
+            except Exception as e:        # noqa: BLE001 (reported in the table, not raised)
+                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+            rows.append(row)
+        del ref, ref_dq
         free_memory()
     return rows
 
@@ -292,7 +350,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench.json", help="JSON file for every number (written atomically)")
     p.add_argument("--quick", action="store_true", help="smoke run: 8K only, fewer steps and repeats")
     p.add_argument("--sections", default="attention,training,eval",
-                   help="which sections to run (each fits in a 10-minute job on its own)")
+                   help=f"which of {','.join(SECTIONS)} to run (each fits in a 10-minute job on its own)")
     p.add_argument("--sizes", default=None, help="sequence lengths of sections 1 and 2, e.g. 8192,16384")
     p.add_argument("--models", default=",".join(MODELS), help="section 2's models (PRESETS names)")
     p.add_argument("--tokens", type=int, default=TOKENS_PER_STEP,
@@ -300,8 +358,9 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="section 2: print the top GPU kernels of one more step")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
-    if sections - {"attention", "training", "eval"}:
-        sys.exit(f"bench.py: error: --sections: unknown {sorted(sections - {'attention', 'training', 'eval'})}")
+    if sections - set(SECTIONS):
+        sys.exit(f"bench.py: error: --sections: unknown {sorted(sections - set(SECTIONS))}; choose from "
+                 f"{','.join(SECTIONS)}")
     models = args.models.split(",")
     if set(models) - set(PRESETS) or args.tokens <= 0:
         sys.exit(f"bench.py: error: --models must name {','.join(PRESETS)}; --tokens must be positive")
@@ -324,6 +383,11 @@ def main(argv=None):
             table("attention fwd+bwd, batch 1, bf16 (TFLOP/s on allowed entries)", result["attention"],
                   ["S", "head_dim", "heads", "kernel", "ms", "tflops"])
             write_json(args.out, result)                      # after every section: a crash keeps the rest
+        if "tune" in sections:
+            result["tuning"] = bench_tuning(TUNE_SIZE)
+            table(f"flex hybrid fwd+bwd at {TUNE_SIZE}, kernel options (TFLOP/s; err vs fp32 SDPA)",
+                  result["tuning"], ["S", "head_dim", "heads", "options", "ms", "tflops", "err", "error"])
+            write_json(args.out, result)
         if "training" in sections:
             result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile)
             table(f"training step, {args.tokens} tokens, bf16, median of {timed} steps after {warmup} warm-up,"
