@@ -117,19 +117,25 @@ def folder_books(folder: str | Path) -> Library:
                    lambda i: split_sentences(strip_gutenberg(files[i].read_text(encoding="utf-8", errors="replace"))))
 
 
+def from_hub(what: str, read: Callable):
+    """read(datasets): the `datasets` package is imported here only, so nothing else needs it. A missing
+    package, or any failure of the download (offline, unknown revision, ...), becomes one RuntimeError."""
+    try:
+        import datasets
+    except ImportError:
+        raise RuntimeError(f"{what} needs the `datasets` package (pip install datasets)") from None
+    try:
+        return read(datasets)
+    except Exception as e:  # offline: ConnectionError, or datasets' own errors when HF_DATASETS_OFFLINE is set
+        raise RuntimeError(f"{what} failed ({type(e).__name__}: {e}); it needs the network") from None
+
+
 def pg19_books(seed: int, split: str = PG19_SPLIT) -> Library:
     """PG19_BOOKS books of PG19 streamed from the hub in a seeded order (needs `datasets` and the network)."""
-    try:
-        import datasets  # imported here, so that nothing else needs it
-    except ImportError as e:
-        raise RuntimeError("haystack 'pg19' needs the `datasets` package (pip install datasets); "
-                           "offline, use 'synthetic' or a folder of .txt books") from e
-    try:
+    def read(datasets):
         stream = datasets.load_dataset(PG19, split=split, streaming=True).shuffle(seed=seed)
-        texts = [row["text"] for _, row in zip(range(PG19_BOOKS), stream)]
-    except Exception as e:  # offline: ConnectionError, or datasets' own errors when HF_DATASETS_OFFLINE is set
-        raise RuntimeError(f"could not stream {PG19} ({type(e).__name__}: {e}); it needs the network. "
-                           "Offline, use 'synthetic' or a folder of .txt books") from e
+        return [row["text"] for _, row in zip(range(PG19_BOOKS), stream)]
+    texts = from_hub("haystack 'pg19' (offline, use 'synthetic' or a folder of .txt books)", read)
     return Library(f"pg19:{split}", len(texts), lambda i: split_sentences(texts[i]))
 
 

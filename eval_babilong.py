@@ -143,14 +143,8 @@ def read_samples(source: str, task: str, length: str, revision: str) -> list[dic
     """Samples from a local hub-layout folder, or (source "hub") from the hub itself through `datasets`."""
     if source != "hub":
         return babilong.read_hub(source, task, length)
-    try:
-        import datasets                                   # only here: nothing else needs it
-    except ImportError:
-        raise RuntimeError("--data hub needs the datasets package: pip install datasets") from None
-    try:
-        rows = datasets.load_dataset(HUB, length, split=task, revision=revision)
-    except Exception as e:                                # offline, unknown revision, ...: one clear line
-        raise RuntimeError(f"cannot load {HUB} {length}/{task}@{revision}: {type(e).__name__}: {e}") from None
+    rows = babilong.from_hub(f"--data hub ({HUB} {length}/{task}@{revision})",
+                             lambda datasets: datasets.load_dataset(HUB, length, split=task, revision=revision))
     return [{"input": r["input"], "question": r["question"], "target": r["target"]} for r in rows]
 
 
