@@ -21,9 +21,7 @@ def lengths_at(args, step: int) -> list[str]:
 
 
 def data_source(args):
-    """What batches are drawn from: the synthetic haystack pool, or (babilong) books and bAbI stories."""
-    if args.data == "synthetic":
-        return data.HaystackPool(data.gpt2(), args.seed)
+    """What batches are drawn from: haystack books, and (with --babi-dir, for --data babilong) real bAbI stories."""
     return babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(","))
 
 
@@ -31,10 +29,10 @@ def get_batch(args, enc, source, step: int, micro: int, split: str = "train", ro
     """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro)."""
     rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
     tasks = args.tasks.split(",")
-    if args.data == "synthetic":
-        return data.pack_batch(enc, rng, source, rows or args.batch_size, args.ctx, tasks, args.min_len,
-                               args.max_len, objective=args.objective)
     hay, stories = source
+    if args.data == "synthetic":
+        return data.pack_batch(enc, rng, lambda r, n: babilong.draw_haystack(enc, r, hay, n),
+                               rows or args.batch_size, args.ctx, tasks, args.min_len, args.max_len, args.objective)
     lengths = lengths_at(args, args.steps if split == "eval" else step)
     return data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories),
                           rows or args.batch_size, args.ctx, args.objective)

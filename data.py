@@ -12,7 +12,8 @@ multi-turn, so that the FocuSFT mask has turns to work with. Two ideas to hold:
 2. A row of `ctx` tokens packs several samples (documents); `document_ids` and `pos` say where each begins,
    and no target crosses a document. All randomness comes from the `random.Random` passed in.
 
-Stories come from babi.py's simulation of bAbI qa1-qa5, so every answer follows from the story so far.
+Stories come from babi.py's simulation of bAbI qa1-qa5, so every answer follows from the story so far; the
+haystack is read from books by babilong.draw_haystack (the synthetic prose of `haystack_sentences` by default).
 """
 
 import functools
@@ -21,6 +22,7 @@ import importlib.util
 import math
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -127,20 +129,9 @@ def haystack_sentences(rng: random.Random, n: int) -> list[str]:
     return out
 
 
-class HaystackPool:
-    """Haystack sentences encoded once (each with its leading space), read as one running text."""
-
-    def __init__(self, enc: tiktoken.Encoding, rng_seed: int, n_sentences: int = 20000):
-        text = haystack_sentences(random.Random(rng_seed), n_sentences)
-        self.sentences = [enc.encode_ordinary(" " + s) for s in text]  # faster than encode_ordinary_batch here
-
-    def draw(self, rng: random.Random, budget: int) -> list[list[int]]:
-        """Consecutive sentences from a random start, exactly `budget` tokens in all (the last one cut)."""
-        out, i = [], rng.randrange(len(self.sentences))
-        while budget > 0:
-            out.append(self.sentences[i % len(self.sentences)][:budget])
-            budget, i = budget - len(out[-1]), i + 1
-        return out
+# A haystack reader: draw(rng, n) -> consecutive haystack sentences as token lists, n tokens in all (the
+# last one cut). babilong.draw_haystack over a library of books is the one the training data uses.
+Draw = Callable[[random.Random, int], list[list[int]]]
 
 # ----------------------------------------------------------------------------- samples and packed rows
 
@@ -172,7 +163,7 @@ def hide_facts(rng: random.Random, sentences: list, facts: list) -> list:
 
 
 def sample_from_story(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], n_tokens: int,
-                      pool: HaystackPool) -> tuple[list[int], list[int]] | None:
+                      draw: Draw) -> tuple[list[int], list[int]] | None:
     """Hide the story's facts in haystack: exactly n_tokens tokens, or None if not even one turn fits.
 
     Later turns are dropped until the facts, questions and answers fit; the haystack left over is split
@@ -189,7 +180,7 @@ def sample_from_story(enc: tiktoken.Encoding, rng: random.Random, story: list[Tu
     ids, loss_mask = [], []
     for k, (facts, question, answer) in enumerate(turns):
         share = hay // len(turns) + (hay % len(turns) if k == len(turns) - 1 else 0)
-        run = pool.draw(rng, share)
+        run = draw(rng, share)
         run = hide_facts(rng, run, facts)
         context = [t for piece in run for t in piece] + question
         ids += context + answer
@@ -198,16 +189,16 @@ def sample_from_story(enc: tiktoken.Encoding, rng: random.Random, story: list[Tu
 
 
 def build_sample(enc: tiktoken.Encoding, rng: random.Random, task: str, n_tokens: int,
-                 pool: HaystackPool) -> tuple[list[int], list[int]]:
+                 draw: Draw) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of one multi-turn sample of `task`, n_tokens long (see sample_from_story)."""
     for _ in range(STORY_TRIES):
-        sample = sample_from_story(enc, rng, make_story(task, rng), n_tokens, pool)
+        sample = sample_from_story(enc, rng, make_story(task, rng), n_tokens, draw)
         if sample is not None:
             return sample
     raise ValueError(f"n_tokens={n_tokens} is too small to hold one turn of a {task} story")
 
 
-def pack_batch(enc: tiktoken.Encoding, rng: random.Random, pool: HaystackPool, batch_size: int, ctx: int,
+def pack_batch(enc: tiktoken.Encoding, rng: random.Random, draw: Draw, batch_size: int, ctx: int,
                tasks: list[str], min_len: int, max_len: int, objective: str = "sft") -> dict[str, torch.Tensor]:
     """Rows of multi-turn samples (build_sample) of log-uniform length in [min_len, max_len]; see pack_rows.
     min_len >= 128 holds a turn of almost every story; below that, qa3 and qa5 samples can fail."""
@@ -218,7 +209,7 @@ def pack_batch(enc: tiktoken.Encoding, rng: random.Random, pool: HaystackPool, b
         if room < min_len:
             return None
         n = round(math.exp(rng.uniform(math.log(min_len), math.log(min(max_len, room)))))
-        return build_sample(enc, rng, rng.choice(tasks), min(max(n, min_len), room), pool)
+        return build_sample(enc, rng, rng.choice(tasks), min(max(n, min_len), room), draw)
     return pack_rows(sample, batch_size, ctx, objective)
 
 
@@ -258,6 +249,7 @@ def next_token_targets(idx: torch.Tensor, document_ids: torch.Tensor, wanted: to
 
 
 if __name__ == "__main__":  # show one short sample, response tokens in [brackets]
-    enc, rng = gpt2(), random.Random(0)
-    ids, mask = build_sample(enc, rng, "qa1", 300, HaystackPool(enc, rng_seed=0, n_sentences=1000))
+    import babilong
+    enc, rng, books = gpt2(), random.Random(0), babilong.haystack("synthetic")
+    ids, mask = build_sample(enc, rng, "qa1", 300, lambda r, n: babilong.draw_haystack(enc, r, books, n))
     print("".join(f"[{enc.decode([t])}]" if m else enc.decode([t]) for t, m in zip(ids, mask)))

@@ -51,7 +51,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curriculum", type=int, choices=[0, 1], default=0,
                    help="--data babilong: 1 = allow the lengths one at a time, shortest first, in equal stages")
     p.add_argument("--haystack", default="synthetic",
-                   help="--data babilong: synthetic, pg19 (online) or a folder of .txt books")
+                   help="haystack text: synthetic, pg19 (online) or a folder of .txt books")
     p.add_argument("--babi-dir", default=None, help="--data babilong: real bAbI train files instead of the generator")
     p.add_argument("--min-len", type=int, default=256, help="--data synthetic: shortest sample in a row (tokens)")
     p.add_argument("--max-len", type=int, default=0, help="--data synthetic: longest sample (tokens); 0 = --ctx")

