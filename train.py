@@ -27,6 +27,7 @@ from model import GPT, PRESETS, GPTConfig, IGNORE, preset
 from stats import attention_stats
 
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
+GPU_EVAL_TOKENS = 262144   # on a GPU, at least this many held-out tokens (32 rows at 8K): ~200 answers, not ~26
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
 SCRATCH_INNER_LR = 0.03     # from scratch: 0.1 left the base weights behind SFT on BABILong rows (README)
 RUN_ONLY = ("out", "resume", "stop_after", "workers")   # flags of this invocation, not of the recorded run
@@ -243,9 +244,10 @@ def evaluate(args, model, enc, pool) -> dict:
 
     Accuracy is the argmax at each answer's first token (for the lm objective: at every next token), with the
     base weights alone: fast weights exist only inside a training step."""
-    batch = batches.to_device(batches.get_batch(args, enc, pool, 0, 0, split="eval", rows=EVAL_ROWS), args.device)
+    rows = EVAL_ROWS if args.device == "cpu" else max(EVAL_ROWS, GPU_EVAL_TOKENS // args.ctx)
+    batch = batches.to_device(batches.get_batch(args, enc, pool, 0, 0, split="eval", rows=rows), args.device)
     mask_mod = mask_mod_for(args, batch)
-    x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, EVAL_ROWS),
+    x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, rows),
                      range(model.config.n_layer))
     sel = batch["targets"] != IGNORE
     if args.objective == "sft":
