@@ -39,6 +39,7 @@ CONTEXT_PERCENT = 90         # attention benchmark rows: the first 90 % context,
 SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSFT's long-context range
 HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
 SECTIONS = ("attention", "tune", "training", "eval")   # "tune" runs only when asked for
+TUNE_SHAPES = ((64, 16, 16), (128, 8, 8), (64, 14, 2))   # (head dim, heads, kv heads); the last: Qwen2-0.5B's
 TUNE_SIZE = 16384            # the tuning section's sequence length: the middle of sections 1 and 2
 TUNE_OPTIONS = {             # flex kernel_options (torch's FlexKernelOptions) tried under the hybrid mask
     "defaults": {},
@@ -109,10 +110,11 @@ def allowed_in_batch(batch: dict, hybrid: bool) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # 1. attention kernels
 
-def qkv(S: int, head_dim: int, heads: int):
-    """Random bf16 q, k, v (1, nh, S, hs) that require grad, and an upstream gradient dy of the same shape."""
-    q, k, v = (torch.randn(1, heads, S, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+def qkv(S: int, head_dim: int, heads: int, kv_heads: int = 0):
+    """Random bf16 q (1, nh, S, hs) and k, v (1, kv_heads or nh, S, hs) that require grad, and an upstream
+    gradient dy shaped like q."""
+    shapes = [(1, heads, S, head_dim)] + [(1, kv_heads or heads, S, head_dim)] * 2
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for shape in shapes)
     return q, k, v, torch.randn(1, heads, S, head_dim, device="cuda", dtype=torch.bfloat16)
 
 
@@ -163,16 +165,18 @@ def bench_tuning(S: int) -> list[dict]:
     hybrid_mod, allowed = hybrid_row(S)
     bm, dense = masks.block_mask(hybrid_mod, 1, S, "cuda"), masks.dense_mask(hybrid_mod, 1, S, "cuda")
     autotuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
-    variants = {name: (lambda q, k, v, opts=opts: flex(q)(q, k, v, block_mask=bm, kernel_options=opts or None))
-                for name, opts in TUNE_OPTIONS.items()}
-    variants["max-autotune"] = functools.partial(autotuned, block_mask=bm)
     rows = []
-    for head_dim, heads in HEAD_SHAPES:
-        q, k, v, dy = qkv(S, head_dim, heads)
-        ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=dense)
+    for head_dim, heads, kv_heads in TUNE_SHAPES:
+        gqa = kv_heads != heads
+        variants = {name: (lambda q, k, v, opts=opts: flex(q)(q, k, v, block_mask=bm, enable_gqa=gqa,
+                                                               kernel_options=opts or None))
+                    for name, opts in TUNE_OPTIONS.items()}
+        variants["max-autotune"] = functools.partial(autotuned, block_mask=bm, enable_gqa=gqa)
+        q, k, v, dy = qkv(S, head_dim, heads, kv_heads)
+        ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=dense, enable_gqa=gqa)
         ref_dq, = torch.autograd.grad(ref, q, dy.float())
         for name, attn in variants.items():
-            row = {"S": S, "head_dim": head_dim, "heads": heads, "options": name}
+            row = {"S": S, "head_dim": head_dim, "heads": heads, "kv_heads": kv_heads, "options": name}
             try:                          # an option this torch or GPU does not support fails alone
                 out = attn(q, k, v)
                 dq, = torch.autograd.grad(out, q, dy)
@@ -386,7 +390,7 @@ def main(argv=None):
         if "tune" in sections:
             result["tuning"] = bench_tuning(TUNE_SIZE)
             table(f"flex hybrid fwd+bwd at {TUNE_SIZE}, kernel options (TFLOP/s; err vs fp32 SDPA)",
-                  result["tuning"], ["S", "head_dim", "heads", "options", "ms", "tflops", "err", "error"])
+                  result["tuning"], ["S", "head_dim", "heads", "kv_heads", "options", "ms", "tflops", "err", "error"])
             write_json(args.out, result)
         if "training" in sections:
             result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile)
