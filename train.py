@@ -119,7 +119,7 @@ def apply_defaults(args) -> list[str]:
         default("dtype", "bf16", "bf16 autocast")
         default("batch_size", max(1, GPU_TOKENS_PER_STEP // args.ctx), f"about {GPU_TOKENS_PER_STEP:,} tokens per step")
         default("workers", 2, "batches are built ahead in other processes while the GPU trains")
-        default("steps", 4000, "about 11 minutes (159 ms/step at 8K) plus compilation on one H200")
+        default("steps", 4000, "about 11 minutes at up to 170 ms/step (8K, measured) plus compilation, one H200")
         default("lr", 1e-3, "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
     else:
         default("model", "tiny", "2-core CPU")
@@ -128,7 +128,7 @@ def apply_defaults(args) -> list[str]:
         default("dtype", "fp32", "CPU")
         default("batch_size", 1, "CPU")
         default("workers", 0, "a CPU step takes seconds, building its batch milliseconds")
-        default("steps", 20, "about 6 minutes on 2 cores at --ctx 8192")
+        default("steps", 20, "about 7 minutes on 2 cores at --ctx 8192")
         default("lr", 3e-3, "a tiny model from scratch")
     if args.data == "synthetic":
         default("max_len", args.ctx, "samples up to a full row")
