@@ -20,6 +20,7 @@ Two ideas to hold:
 """
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -61,7 +62,8 @@ def budget(length: str) -> int:
 
 # ----------------------------------------------------------------------------- haystack sources: books
 class Library:
-    """A haystack source: `len(lib)` books, `lib[i]` a list of sentences in order, made by `load(i)` once."""
+    """A haystack source: `len(lib)` books, `lib[i]` a list of sentences in order, made by `load(i)` once.
+    The loaders below are partials of module-level functions, so a Library pickles (DataLoader workers)."""
 
     def __init__(self, name: str, n_books: int, load: Callable[[int], list[str]]):
         self.name, self.n_books, self.load, self.cache = name, n_books, load, {}
@@ -101,8 +103,11 @@ def split_sentences(text: str) -> list[str]:
 
 def synthetic_books(seed: int) -> Library:
     """SYNTHETIC_BOOKS books of data.haystack_sentences; book i depends only on (seed, i)."""
-    return Library("synthetic", SYNTHETIC_BOOKS,
-                   lambda i: haystack_sentences(random.Random(f"synthetic-{seed}-{i}"), BOOK_SENTENCES))
+    return Library("synthetic", SYNTHETIC_BOOKS, functools.partial(_synthetic_book, seed))
+
+
+def _synthetic_book(seed: int, i: int) -> list[str]:
+    return haystack_sentences(random.Random(f"synthetic-{seed}-{i}"), BOOK_SENTENCES)
 
 
 def folder_books(folder: str | Path) -> Library:
@@ -113,21 +118,24 @@ def folder_books(folder: str | Path) -> Library:
     files = sorted(folder.glob("*.txt"))
     if not files:
         raise ValueError(f"haystack folder {folder} holds no .txt books")
-    return Library(str(folder), len(files),
-                   lambda i: split_sentences(strip_gutenberg(files[i].read_text(encoding="utf-8", errors="replace"))))
+    return Library(str(folder), len(files), functools.partial(_file_book, files))
 
 
-def from_hub(what: str, read: Callable):
+def _file_book(files: list[Path], i: int) -> list[str]:
+    return split_sentences(strip_gutenberg(files[i].read_text(encoding="utf-8", errors="replace")))
+
+
+def from_hub(what: str, read: Callable, hint: str = ""):
     """read(datasets): the `datasets` package is imported here only, so nothing else needs it. A missing
     package, or any failure of the download (offline, unknown revision, ...), becomes one RuntimeError."""
     try:
         import datasets
     except ImportError:
-        raise RuntimeError(f"{what} needs the `datasets` package (pip install datasets)") from None
+        raise RuntimeError(f"{what} needs the `datasets` package (pip install datasets){hint}") from None
     try:
         return read(datasets)
     except Exception as e:  # offline: ConnectionError, or datasets' own errors when HF_DATASETS_OFFLINE is set
-        raise RuntimeError(f"{what} failed ({type(e).__name__}: {e}); it needs the network") from None
+        raise RuntimeError(f"{what} failed ({type(e).__name__}: {e}); it needs the network{hint}") from None
 
 
 def pg19_books(seed: int, split: str = PG19_SPLIT) -> Library:
@@ -135,8 +143,12 @@ def pg19_books(seed: int, split: str = PG19_SPLIT) -> Library:
     def read(datasets):
         stream = datasets.load_dataset(PG19, split=split, streaming=True).shuffle(seed=seed)
         return [row["text"] for _, row in zip(range(PG19_BOOKS), stream)]
-    texts = from_hub("haystack 'pg19' (offline, use 'synthetic' or a folder of .txt books)", read)
-    return Library(f"pg19:{split}", len(texts), lambda i: split_sentences(texts[i]))
+    texts = from_hub("haystack 'pg19'", read, hint="; offline, use 'synthetic' or a folder of .txt books")
+    return Library(f"pg19:{split}", len(texts), functools.partial(_text_book, texts))
+
+
+def _text_book(texts: list[str], i: int) -> list[str]:
+    return split_sentences(texts[i])
 
 
 def haystack(source: str, seed: int = 0) -> Library:

@@ -12,7 +12,7 @@ import torch
 import babilong
 import data
 
-PREFETCH = 4                 # batches each loader worker builds ahead
+PREFETCH = 4                 # batches each loader worker builds ahead: absorbs a slow batch (a new book)
 
 
 def lengths_at(args, step: int) -> list[str]:
@@ -21,7 +21,7 @@ def lengths_at(args, step: int) -> list[str]:
 
 
 def data_source(args):
-    """What batches are drawn from: haystack books, and (with --babi-dir, for --data babilong) real bAbI stories."""
+    """What batches are drawn from: haystack books, and (--babi-dir) real bAbI stories for --data babilong."""
     return babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(","))
 
 
@@ -41,9 +41,10 @@ def get_batch(args, enc, source, step: int, micro: int, split: str = "train", ro
 class Batches(torch.utils.data.Dataset):
     """The run's micro-batches from `start` on, item i = get_batch at the i-th (step, micro). Being pure
     functions of their coordinates, they can be built ahead, in any order, by DataLoader worker processes
-    (the GPU then never waits for Python building text). Each worker makes its own source on first use."""
+    (the GPU then never waits for Python building text). Workers get a copy of the main process's source
+    (its books pickle), so a download such as PG19 happens once, and fails in the main process."""
 
-    def __init__(self, args, start: int, last: int, source=None):
+    def __init__(self, args, start: int, last: int, source):
         self.args, self.source = args, source
         self.coords = [(step, micro) for step in range(start, last + 1) for micro in range(args.grad_accum)]
 
@@ -51,15 +52,13 @@ class Batches(torch.utils.data.Dataset):
         return len(self.coords)
 
     def __getitem__(self, i: int) -> dict:
-        if self.source is None:
-            self.source = data_source(self.args)
         return get_batch(self.args, data.gpt2(), self.source, *self.coords[i])
 
 
 def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLoader:
-    """Batches in order; with --workers 0 built in this process from `source`, else ahead in workers."""
+    """Batches in order: built ahead in --workers processes, or in this one with --workers 0."""
     workers = args.workers
-    return torch.utils.data.DataLoader(Batches(args, start, last, None if workers else source), batch_size=None,
+    return torch.utils.data.DataLoader(Batches(args, start, last, source), batch_size=None,
                                        num_workers=workers, prefetch_factor=PREFETCH if workers else None,
                                        pin_memory=args.device.startswith("cuda"),
                                        generator=torch.Generator())  # else it draws a seed from the global RNG,

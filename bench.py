@@ -52,6 +52,7 @@ TUNE_OPTIONS = {             # flex kernel_options (torch's FlexKernelOptions) t
 BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
 TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does the same token work (train.py's)
 PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
+VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
 MODELS = ("small", "qwen05b")          # PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
 WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
 EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of PAD_TO)
@@ -173,20 +174,26 @@ def bench_tuning(S: int) -> list[dict]:
                     for name, opts in TUNE_OPTIONS.items()}
         variants["max-autotune"] = functools.partial(autotuned, block_mask=bm, enable_gqa=gqa)
         q, k, v, dy = qkv(S, head_dim, heads, kv_heads)
-        ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=dense, enable_gqa=gqa)
-        ref_dq, = torch.autograd.grad(ref, q, dy.float())
+        try:                              # fp32 reference; K/V heads repeated (SDPA's GQA can fall back to math)
+            k32, v32 = (t.float().repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+            ref = F.scaled_dot_product_attention(q.float(), k32, v32, attn_mask=dense)
+            ref_dq, = torch.autograd.grad(ref, q, dy.float())
+        except torch.cuda.OutOfMemoryError:
+            ref = ref_dq = k32 = v32 = None
+            free_memory()
         for name, attn in variants.items():
             row = {"S": S, "head_dim": head_dim, "heads": heads, "kv_heads": kv_heads, "options": name}
             try:                          # an option this torch or GPU does not support fails alone
                 out = attn(q, k, v)
                 dq, = torch.autograd.grad(out, q, dy)
-                row["err"] = max(((a.float() - b).norm() / b.norm()).item() for a, b in ((out, ref), (dq, ref_dq)))
+                if ref is not None:
+                    row["err"] = max(((a.float() - b).norm() / b.norm()).item() for a, b in ((out, ref), (dq, ref_dq)))
                 row["ms"] = fwd_bwd_ms(attn, q, k, v, dy)
                 row["tflops"] = attention_flops(allowed, head_dim, heads) / row["ms"] / 1e9
             except Exception as e:        # noqa: BLE001 (reported in the table, not raised)
                 row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
             rows.append(row)
-        del ref, ref_dq
+        del ref, ref_dq, k32, v32
         free_memory()
     return rows
 
@@ -207,9 +214,6 @@ def preset_model(name: str, seed: int) -> GPT:
     """A PRESETS model on the GPU with flex attention, seeded (the same weights for SFT and FocuSFT)."""
     torch.manual_seed(seed)
     return GPT(preset(name, "flex")).cuda()
-
-
-VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
 
 
 def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile: bool) -> list[dict]:
@@ -239,15 +243,17 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
     return rows
 
 
-def step_work(n_layer: int, layer_params: int, upper: int, inner_steps: int, tokens: int, allowed: int,
-              head_dim: int, heads: int) -> float:
+def step_work(n_layer: int, layer_params: int, down_params: int, upper: int, inner_steps: int, tokens: int,
+              allowed: int, head_dim: int, heads: int) -> float:
     """Matmul FLOPs of one training step, inner loop included. Outer: forward + backward of every layer
     (linear 3 x forward, attention FWD_BWD x forward). Each inner step: a forward of the `upper` adapted
-    layers and a backward for input gradients only (base weights frozen: no dW), in which the lowest adapted
-    layer's attention needs none (its input is a constant). LoRA (rank << width) and logits are left out."""
+    layers and a backward for input gradients only (base weights frozen: no dW). The lowest adapted layer's
+    input is a constant, so its backward is only `down`'s input gradient (which the gate/up fast weights need).
+    LoRA (rank << width) and logits are left out."""
     linear, attn = 2 * layer_params * tokens, attention_flops(allowed, head_dim, heads, backward=False)
     outer = n_layer * (3 * linear + FWD_BWD * attn)
-    inner = upper * (2 * linear + attn) + max(upper - 1, 0) * (FWD_BWD - 1) * attn
+    inner = upper * (linear + attn) + (upper > 0) * 2 * down_params * tokens
+    inner += max(upper - 1, 0) * (linear + (FWD_BWD - 1) * attn)
     return outer + inner_steps * inner
 
 
@@ -289,7 +295,8 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
     flops = 6 * n_params * tokens + attention_flops(attn, head_dim, cfg.n_head) * cfg.n_layer
     upper = len(adapted_layers(cfg.n_layer, inner.fraction)) if args.method == "focusft" else 0
     layer_params = sum(p.numel() for p in model.h[0].parameters() if p.dim() == 2)
-    work = step_work(cfg.n_layer, layer_params, upper, inner.steps, tokens, attn, head_dim, cfg.n_head)
+    work = step_work(cfg.n_layer, layer_params, model.h[0].mlp.down.weight.numel(), upper, inner.steps, tokens,
+                     attn, head_dim, cfg.n_head)
     return {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "mfu": flops / sec / PEAK_FLOPS,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_params_non_embedding": n_params,
             "allowed_fraction": attn / (args.batch_size * allowed_causal(args.ctx)), "work": work,

@@ -29,7 +29,7 @@ import babilong
 import data
 import masks
 from data import NEWLINE
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, autocast as model_autocast
 from stats import attention_stats
 
 ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
@@ -275,8 +275,7 @@ def run_eval(args, enc, tasks, lengths):
     except (OSError, ValueError) as e:
         sys.exit(f"eval_babilong.py: error: --prompt-parts: {e}")
     mask_kind = args.mask or config["args"]["mask"]
-    bf16 = (args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")) == "bf16"
-    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+    autocast = model_autocast(args.device, args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     acc, records = {}, []
     for length in lengths:

@@ -77,6 +77,11 @@ def _eager_flex(*args, **kwargs):
         return flex_attention(*args, **kwargs)
 
 
+def autocast(device: str, dtype: str):
+    """The forward's precision: bf16 autocast on the device for "bf16", a no-op context for "fp32"."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
 def rope_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
     """cos/sin of each token's position: (B, 1, S, head_dim/2), broadcast over heads."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)

@@ -7,8 +7,8 @@
 One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its mask built
 once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py), then one AdamW step on the
 base weights. The loop is flat: evaluation and checkpointing at the top, the training step below. Every batch
-is a pure function of (seed, step, micro-step), so `--resume` continues exactly and parallel workers can
-draw disjoint data later.
+is a pure function of (seed, step, micro-step) (batches.py), so `--resume` continues exactly, DataLoader
+workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint data.
 """
 import argparse
 import json
@@ -23,7 +23,7 @@ import batches
 import data
 import masks
 from fastweights import PROJECTIONS, InnerConfig, adapted_layers, focusft_loss
-from model import GPT, PRESETS, GPTConfig, IGNORE, preset
+from model import GPT, IGNORE, LOSS_CHUNK, PRESETS, GPTConfig, preset, autocast as model_autocast
 from stats import attention_stats
 
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
@@ -147,9 +147,12 @@ def check_args(args):
     bad.append(f"--workers must be >= 0 (got {args.workers})" if args.workers < 0 else None)
     bad += [f"--inner-steps must be >= 0 (got {args.inner_steps})" if args.inner_steps < 0 else None,
            "--inner-fraction must be in (0, 1]" if not 0 < args.inner_fraction <= 1 else None,
-           f"--min-len ({args.min_len}) must be between 1 and --ctx" if not 0 < args.min_len <= args.ctx else None,
+           f"--min-len ({args.min_len}) must be between 1 and --ctx"
+           if args.data == "synthetic" and not 0 < args.min_len <= args.ctx else None,
            f"--max-len ({args.max_len}) must be between --min-len and --ctx"
-           if not args.min_len <= args.max_len <= args.ctx else None,
+           if args.data == "synthetic" and not args.min_len <= args.max_len <= args.ctx else None,
+           "--babi-dir serves --data babilong (the multi-turn stories come from babi.py)"
+           if args.babi_dir and args.data == "synthetic" else None,
            "--attn flex trains only on cuda (no CPU backward); use --attn sdpa"
            if args.attn == "flex" and args.device == "cpu" else None,
            f"--resume: no checkpoint at {ckpt_path(args.out)}"
@@ -239,20 +242,21 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def evaluate(args, model, enc, pool) -> dict:
+def evaluate(args, model, enc, source) -> dict:
     """Held-out answer accuracy and the attention statistics of one row.
 
     Accuracy is the argmax at each answer's first token (for the lm objective: at every next token), with the
     base weights alone: fast weights exist only inside a training step."""
     rows = EVAL_ROWS if args.device == "cpu" else max(EVAL_ROWS, GPU_EVAL_TOKENS // args.ctx)
-    batch = batches.to_device(batches.get_batch(args, enc, pool, 0, 0, split="eval", rows=rows), args.device)
+    batch = batches.to_device(batches.get_batch(args, enc, source, 0, 0, split="eval", rows=rows), args.device)
     mask_mod = mask_mod_for(args, batch)
     x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, rows),
                      range(model.config.n_layer))
     sel = batch["targets"] != IGNORE
     if args.objective == "sft":
         sel &= batch["loss_mask"] == 0                          # the last context token predicts the answer
-    pred = model.lm_head(model.ln_f(x[sel])).argmax(-1)
+    h = model.ln_f(x[sel])                                      # (N, C); N ~ all tokens for the lm objective
+    pred = torch.cat([model.lm_head(chunk).argmax(-1) for chunk in h.split(LOSS_CHUNK)])   # no (N, vocab) at once
     out = {"eval_acc": (pred == batch["targets"][sel]).float().mean().item(), "eval_n": int(sel.sum())}
     one = {k: v[:1] for k, v in batch.items()}
     out.update(attention_stats(model, one["idx"], one["pos"], mask_mod_for(args, one), one["loss_mask"],
@@ -277,7 +281,7 @@ def main(argv=None):
             sys.exit(f"train.py: error: --resume continues the recorded run; drop --{given[0].replace('_', '-')}")
         ckpt = load_checkpoint(ckpt_path(args.out))
         keep = {k: getattr(args, k) for k in RUN_ONLY if getattr(args, k) is not None}
-        args = argparse.Namespace(**{**ckpt["config"]["args"], **keep})
+        args = argparse.Namespace(**{"workers": 0, **ckpt["config"]["args"], **keep})   # 0: runs before --workers
         start_step = ckpt["step"] + 1
         why = [f"resuming {ckpt_path(args.out)} at step {start_step} with its recorded configuration"]
         if args.stop_after and args.stop_after <= start_step:
@@ -323,20 +327,20 @@ def main(argv=None):
 
     enc = data.gpt2()
     try:
-        pool = batches.data_source(args)          # for evaluation here; loader workers make their own
+        source = batches.data_source(args)        # books (and stories) for the loader and the evaluation
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"train.py: error: {e}")
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     log.write(json.dumps({"config": config, "start_step": start_step}) + "\n")
-    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1
-    loader = iter(batches.batch_loader(args, start_step, last, pool))
+    loader = iter(batches.batch_loader(args, start_step, last, source))
     for step in range(start_step, last + 1):
         # ------------------------------------------------------------------ evaluation and checkpoint
         if step % args.stats_every == 0 or step == last:
             with autocast:
-                ev = evaluate(args, model, enc, pool)
+                ev = evaluate(args, model, enc, source)
             print(f"eval step {step}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | sink mass {ev['sink_mass']:.3f} | "
                   f"sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
             log.write(json.dumps({"step": step, **ev}) + "\n")
@@ -350,7 +354,7 @@ def main(argv=None):
             group["lr"] = lr
         loss_sum, inner_sum, n_tokens = 0.0, 0.0, 0
         for micro in range(args.grad_accum):
-            batch = batches.to_device(next(loader), args.device)       # built ahead by the loader's workers
+            batch = batches.to_device(next(loader), args.device)       # built ahead (in workers unless --workers 0)
             with autocast:
                 loss, inner_losses = train_loss(args, model, inner, batch)   # inner: (steps, rows)
             (loss / args.grad_accum).backward()

@@ -78,15 +78,16 @@ def test_bad_input_or_no_cuda_is_one_line(tmp_path, argv, needle):
 
 
 def test_step_work_by_hand():
-    # 2 layers of 10 matmul params, 3 tokens, 4 allowed pairs, head dim 1, 1 head:
+    # 2 layers of 10 matmul params (4 of them in `down`), 3 tokens, 4 allowed pairs, head dim 1, 1 head:
     # linear forward = 2*10*3 = 60 per layer; attention forward = 4*4*1*1 = 16 per layer
     # SFT: 2 * (3*60 + 3.5*16) = 472
-    assert bench.step_work(2, 10, 0, 2, 3, 4, 1, 1) == 472
-    # one adapted layer, 2 inner steps: each = forward 60+16, input-grad linear 60, no attention backward
-    # (the lowest adapted layer's input is a constant) -> 472 + 2 * 136 = 744
-    assert bench.step_work(2, 10, 1, 2, 3, 4, 1, 1) == 744
-    # two adapted layers: each inner step = 2*(120+16) + 1 * 2.5*16 = 312 -> 472 + 624
-    assert bench.step_work(2, 10, 2, 2, 3, 4, 1, 1) == 1096
+    assert bench.step_work(2, 10, 4, 0, 2, 3, 4, 1, 1) == 472
+    # one adapted layer, 2 inner steps: each = forward 60+16, then only down's input gradient 2*4*3 = 24
+    # (the layer's input is a constant) -> 472 + 2 * 100 = 672
+    assert bench.step_work(2, 10, 4, 1, 2, 3, 4, 1, 1) == 672
+    # two adapted layers: each inner step = 2*76 forward + 24 (lowest) + 60 + 2.5*16 (the upper one's input
+    # gradient through linear layers and attention) = 276 -> 472 + 552
+    assert bench.step_work(2, 10, 4, 2, 2, 3, 4, 1, 1) == 1024
 
 
 def test_training_rows_are_ratios_over_causal_sft(monkeypatch):

@@ -41,7 +41,7 @@ def enc() -> tiktoken.Encoding:
 
 
 @pytest.fixture(scope="module")
-def pool(enc) -> data.Draw:
+def draw(enc) -> data.Draw:
     """The haystack reader the training data uses: babilong.draw_haystack over the synthetic books."""
     import babilong
     books = babilong.haystack("synthetic", seed=0)
@@ -121,19 +121,19 @@ def find(haystack: list[int], needle: list[int], start: int) -> int:
 
 @pytest.mark.parametrize("task", data.TASKS)
 @pytest.mark.parametrize("n_tokens", [512, 1000, 3000])
-def test_build_sample_length(enc, pool, task, n_tokens):
+def test_build_sample_length(enc, draw, task, n_tokens):
     rng = random.Random(n_tokens)
     for _ in range(5):
-        ids, mask = data.build_sample(enc, rng, task, n_tokens, pool)
+        ids, mask = data.build_sample(enc, rng, task, n_tokens, draw)
         assert 0.9 * n_tokens <= len(ids) <= n_tokens and len(mask) == len(ids) and set(mask) == {0, 1}
 
 
 @pytest.mark.parametrize("task", data.TASKS)
-def test_sample_is_the_story_in_order_hidden_in_haystack(enc, pool, task):
+def test_sample_is_the_story_in_order_hidden_in_haystack(enc, draw, task):
     for seed, n_tokens in enumerate([40, 120, 400, 3000] * 3):
         rng = random.Random(seed)
         story = data.make_story(task, rng)
-        sample = data.sample_from_story(enc, rng, story, n_tokens, pool)
+        sample = data.sample_from_story(enc, rng, story, n_tokens, draw)
         if sample is None:  # allowed only when even the first turn cannot fit
             assert turn_size(enc, story[0]) > n_tokens
             continue
@@ -156,21 +156,21 @@ def test_sample_is_the_story_in_order_hidden_in_haystack(enc, pool, task):
         assert not BABI_WORDS & {w.lower() for w in re.findall(r"[A-Za-z]+", enc.decode(hay))}
 
 
-def test_haystack_is_spread_evenly_over_turns(enc, pool):
+def test_haystack_is_spread_evenly_over_turns(enc, draw):
     rng = random.Random(0)
     story = data.make_story("qa1", rng)
-    ids, mask = data.sample_from_story(enc, rng, story, 2000, pool)
+    ids, mask = data.sample_from_story(enc, rng, story, 2000, draw)
     starts = [0] + [end for _, end in split_turns(mask)]
     fixed = [turn_size(enc, turn) for turn in story]
     shares = [b - a - f for a, b, f in zip(starts, starts[1:], fixed)]
     assert max(shares[:-1]) == min(shares[:-1]) and 0 <= shares[-1] - shares[0] < len(story)
 
 
-def test_too_few_tokens_means_fewer_turns_then_an_error(enc, pool):
-    ids, mask = data.build_sample(enc, random.Random(0), "qa1", 60, pool)
+def test_too_few_tokens_means_fewer_turns_then_an_error(enc, draw):
+    ids, mask = data.build_sample(enc, random.Random(0), "qa1", 60, draw)
     assert len(ids) == 60 and 1 <= len(split_turns(mask)) < 5
     with pytest.raises(ValueError, match="too small"):
-        data.build_sample(enc, random.Random(0), "qa1", 10, pool)
+        data.build_sample(enc, random.Random(0), "qa1", 10, draw)
 
 # ----------------------------------------------------------------------------- packed batches
 
@@ -186,9 +186,9 @@ def slow_targets(batch: dict, objective: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("objective", ["sft", "lm"])
-def test_pack_batch(enc, pool, objective):
+def test_pack_batch(enc, draw, objective):
     B, ctx, min_len, max_len = 4, 1500, 128, 600
-    batch = data.pack_batch(enc, random.Random(0), pool, B, ctx, list(data.TASKS), min_len, max_len, objective)
+    batch = data.pack_batch(enc, random.Random(0), draw, B, ctx, list(data.TASKS), min_len, max_len, objective)
     assert set(batch) == {"idx", "loss_mask", "document_ids", "attention_mask", "pos", "targets"}
     for name, tensor in batch.items():
         assert tensor.shape == (B, ctx) and tensor.dtype == (torch.bool if name == "attention_mask" else torch.long)
@@ -212,14 +212,14 @@ def test_pack_batch(enc, pool, objective):
     assert (batch["targets"][:, -1] == -100).all()
 
 
-def test_pack_batch_pads_a_short_tail_and_is_deterministic(enc, pool):
-    make = lambda seed: data.pack_batch(enc, random.Random(seed), pool, 2, 1000, ["qa1", "qa4"], 600, 700)
+def test_pack_batch_pads_a_short_tail_and_is_deterministic(enc, draw):
+    make = lambda seed: data.pack_batch(enc, random.Random(seed), draw, 2, 1000, ["qa1", "qa4"], 600, 700)
     batch = make(1)
     assert ((batch["document_ids"] == -1).sum(1) >= 300).all()  # one 600–700 sample, then < 600 left
     assert all(torch.equal(batch[k], make(1)[k]) for k in batch)
     assert not torch.equal(batch["idx"], make(2)["idx"])
 
 
-def test_pack_batch_refuses_an_unknown_objective(enc, pool):
+def test_pack_batch_refuses_an_unknown_objective(enc, draw):
     with pytest.raises(ValueError, match="objective"):
-        data.pack_batch(enc, random.Random(0), pool, 1, 256, ["qa1"], 64, 128, objective="dpo")
+        data.pack_batch(enc, random.Random(0), draw, 1, 256, ["qa1"], 64, 128, objective="dpo")

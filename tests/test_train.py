@@ -39,9 +39,10 @@ def test_twenty_steps_loss_falls_and_checkpoint_is_written(tmp_path, method):
     assert ckpt["config"]["inner"]["rank"] == 8 and ckpt["config"]["model"]["n_layer"] == 4
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "1"])   # batches built in-line, or ahead in a worker process
+def test_resume_continues_exactly(tmp_path, workers):
     straight, chunked = tmp_path / "straight", tmp_path / "chunked"
-    common = TINY + ["--steps", "6", "--method", "focusft"]
+    common = TINY + ["--steps", "6", "--method", "focusft", "--workers", workers]
     train.main(common + ["--out", str(straight)])
     train.main(common + ["--out", str(chunked), "--stop-after", "3"])
     assert train.load_checkpoint(train.ckpt_path(str(chunked)))["step"] == 2
@@ -52,10 +53,24 @@ def test_resume_continues_exactly(tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert losses(straight) == losses(chunked)
+    if workers == "1":                                                # a worker builds the same batches
+        inline = tmp_path / "inline"
+        train.main(TINY + ["--steps", "6", "--method", "focusft", "--workers", "0", "--out", str(inline)])
+        assert losses(inline) == losses(straight)
     with pytest.raises(SystemExit, match="not past"):                # an earlier stop would corrupt the step
         train.main(["--out", str(chunked), "--resume", "--stop-after", "2"])
     with pytest.raises(SystemExit, match="drop --steps"):            # resume runs the recorded config only
         train.main(["--out", str(chunked), "--resume", "--steps", "9"])
+
+
+def test_resume_of_a_checkpoint_from_before_workers_existed(tmp_path):
+    train.main(TINY + ["--steps", "2", "--stop-after", "1", "--out", str(tmp_path)])
+    path = train.ckpt_path(str(tmp_path))
+    ckpt = train.load_checkpoint(path)
+    del ckpt["config"]["args"]["workers"]
+    torch.save(ckpt, path)
+    train.main(["--out", str(tmp_path), "--resume"])
+    assert train.load_checkpoint(path)["step"] == 1
 
 
 def test_lm_objective_then_init(tmp_path):
