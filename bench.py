@@ -38,7 +38,7 @@ FWD_BWD = 3.5                # forward + backward = 3.5 x forward for attention 
 CONTEXT_PERCENT = 90         # attention benchmark rows: the first 90 % context, the rest one response turn
 SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSFT's long-context range
 HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
-SECTIONS = ("attention", "tune", "training", "eval")   # "tune" runs only when asked for
+SECTIONS = ("attention", "tune", "training", "work", "eval")   # "tune" and "work" run only when asked for
 TUNE_SHAPES = ((64, 16, 16), (128, 8, 8), (64, 14, 2))   # (head dim, heads, kv heads); the last: Qwen2-0.5B's
 TUNE_SIZE = 16384            # the tuning section's sequence length: the middle of sections 1 and 2
 TUNE_OPTIONS = {             # flex kernel_options (torch's FlexKernelOptions) tried under the hybrid mask
@@ -201,10 +201,10 @@ def bench_tuning(S: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # 2. training steps
 
-def make_args(model: str, method: str, mask: str, ctx: int, steps: int, tokens: int):   # train.py's parsing
+def make_args(model: str, method: str, mask: str, ctx: int, steps: int, tokens: int, device: str = "cuda"):
+    system = "--attn flex --compile 1 --dtype bf16" if device == "cuda" else "--attn sdpa --compile 0 --dtype fp32"
     args = train.get_args(f"--model {model} --method {method} --mask {mask} --ctx {ctx} --steps {steps} "
-                          f"--batch-size {max(1, tokens // ctx)} --device cuda --attn flex --compile 1 "
-                          "--dtype bf16".split())
+                          f"--batch-size {max(1, tokens // ctx)} --device {device} {system}".split())
     train.apply_defaults(args)
     train.check_args(args)
     return args
@@ -257,6 +257,36 @@ def step_work(n_layer: int, layer_params: int, down_params: int, upper: int, inn
     return outer + inner_steps * inner
 
 
+def batch_work(args, cfg, inner, allowed: float) -> float:
+    """step_work of a train.py configuration whose batch allows `allowed` (q, k) pairs."""
+    C, H, head_dim = cfg.n_embd, cfg.mlp_hidden, cfg.n_embd // cfg.n_head
+    layer_params = 2 * C * C + C * 2 * cfg.n_kv_head * head_dim + 3 * C * H     # q, c_proj, kv, gate/up/down
+    upper = len(adapted_layers(cfg.n_layer, inner.fraction)) if args.method == "focusft" else 0
+    return step_work(cfg.n_layer, layer_params, H * C, upper, inner.steps, args.batch_size * args.ctx, allowed,
+                     head_dim, cfg.n_head)
+
+
+def bench_work(sizes, models, warmup: int, timed: int, tokens: int) -> list[dict]:
+    """Section 2's matmul work and work ratios with no GPU: the same batches (those of the timed steps),
+    FLOPs counted, nothing run. The ratio a perfect implementation of each variant would reach."""
+    enc, rows = data.gpt2(), []
+    for ctx in sizes:
+        args = make_args(models[0], "sft", "causal", ctx, warmup + timed, tokens, "cpu")
+        source = batches.data_source(args)
+        timed_batches = [batches.get_batch(args, enc, source, step, 0) for step in range(warmup, warmup + timed)]
+        allowed = {mask: statistics.mean(allowed_in_batch(b, mask == "hybrid") for b in timed_batches)
+                   for mask in ("causal", "hybrid")}
+        for name in models:
+            work = {}
+            for method, mask in VARIANTS:                     # VARIANTS[0], causal SFT, is the denominator
+                args = make_args(name, method, mask, ctx, warmup + timed, tokens, "cpu")
+                work[method, mask] = batch_work(args, preset(name, "sdpa"), train.inner_config(args), allowed[mask])
+                rows.append({"model": name, "ctx": ctx, "batch": args.batch_size, "method": method, "mask": mask,
+                             "work_tflop": work[method, mask] / 1e12,
+                             "work_ratio": work[method, mask] / work[VARIANTS[0]]})
+    return rows
+
+
 def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
     model, inner = preset_model(args.model, args.seed), train.inner_config(args)
     for block in model.h:                             # as train.main: compiled blocks, one graph per shape
@@ -293,10 +323,7 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
     tokens = args.batch_size * args.ctx                                                # every position, padding too
     attn = statistics.mean(allowed_in_batch(b, args.mask == "hybrid") for b in prebuilt[warmup:])
     flops = 6 * n_params * tokens + attention_flops(attn, head_dim, cfg.n_head) * cfg.n_layer
-    upper = len(adapted_layers(cfg.n_layer, inner.fraction)) if args.method == "focusft" else 0
-    layer_params = sum(p.numel() for p in model.h[0].parameters() if p.dim() == 2)
-    work = step_work(cfg.n_layer, layer_params, model.h[0].mlp.down.weight.numel(), upper, inner.steps, tokens,
-                     attn, head_dim, cfg.n_head)
+    work = batch_work(args, cfg, inner, attn)
     return {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "mfu": flops / sec / PEAK_FLOPS,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_params_non_embedding": n_params,
             "allowed_fraction": attn / (args.batch_size * allowed_causal(args.ctx)), "work": work,
@@ -375,17 +402,18 @@ def main(argv=None):
     models = args.models.split(",")
     if set(models) - set(PRESETS) or args.tokens <= 0:
         sys.exit(f"bench.py: error: --models must name {','.join(PRESETS)}; --tokens must be positive")
-    if not torch.cuda.is_available():
-        sys.exit("bench.py: error: needs a CUDA GPU (found none)")
+    if sections - {"work"} and not torch.cuda.is_available():
+        sys.exit("bench.py: error: needs a CUDA GPU (found none); only --sections work runs without one")
     sizes, prompts = (SIZES[:1], EVAL_PROMPTS[:1]) if args.quick else (SIZES, EVAL_PROMPTS)
     sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else sizes
     warmup, timed, repeats = ((QUICK_WARMUP, QUICK_TIMED, QUICK_REPEATS) if args.quick else
                               (WARMUP_STEPS, TIMED_STEPS, EVAL_REPEATS))
     torch._dynamo.config.cache_size_limit = 64        # one graph per shape, mask and grad mode: more than 8
-    result = {"machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__},
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    result = {"machine": {"gpu": gpu, "torch": torch.__version__},
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "quick": args.quick, "formulas": FORMULAS, "peak_flops": PEAK_FLOPS}
-    print(f"{result['machine']['gpu']}, torch {torch.__version__}, {result['date']}")
+    print(f"{gpu}, torch {torch.__version__}, {result['date']}")
     print("  " + "\n  ".join(FORMULAS.values()))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -405,6 +433,11 @@ def main(argv=None):
                   " batches pre-built (data generation excluded)", result["training"],
                   ["model", "ctx", "batch", "method", "mask", "ms", "tokens_per_s", "mfu", "work_tflops",
                    "peak_gib", "ratio", "work_ratio"])
+            write_json(args.out, result)
+        if "work" in sections:
+            result["work"] = bench_work(sizes, models, warmup, timed, args.tokens)
+            table(f"matmul work of a training step, {args.tokens} tokens, over causal SFT on the same batches",
+                  result["work"], ["model", "ctx", "batch", "method", "mask", "work_tflop", "work_ratio"])
             write_json(args.out, result)
         if "eval" in sections:
             result["evaluation"] = bench_eval(prompts, repeats)

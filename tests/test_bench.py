@@ -110,3 +110,15 @@ def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
         (m, meth, mask) for m in ("tiny", "small") for meth, mask in bench.VARIANTS]
     assert len({s[3] for s in seen}) == 1 and all(r["batch"] == 2 for r in rows)      # one set of batches
     assert [(r["ratio"], r["work_ratio"]) for r in rows[:3]] == [(1.0, 1.0), (1.5, 1.25), (3.0, 2.5)]
+
+
+def test_work_section_runs_without_a_gpu(tmp_path):
+    """--sections work needs no GPU: the FocuSFT step does more matmul work than hybrid SFT, which does more
+    than causal SFT (its contexts attend both ways), and the written JSON holds the same rows."""
+    import json
+    out = tmp_path / "work.json"
+    bench.main(["--sections", "work", "--sizes", "1024", "--models", "tiny", "--tokens", "2048", "--out", str(out)])
+    rows = json.loads(out.read_text())["work"]
+    assert [(r["method"], r["mask"]) for r in rows] == list(bench.VARIANTS) and all(r["batch"] == 2 for r in rows)
+    ratios = [r["work_ratio"] for r in rows]
+    assert ratios[0] == 1 and 1 < ratios[1] < ratios[2]
