@@ -239,6 +239,30 @@ def test_pg19_errors_clearly_without_datasets_or_network(monkeypatch):
         bl.haystack("pg19", seed=0)
 
 
+def test_pg19_books_from_a_stream(monkeypatch, enc):
+    """The online path with a stand-in for `datasets`: the seeded shuffle is asked for, the first PG19_BOOKS
+    texts become books of sentences, and the library pickles (DataLoader workers get a copy, not a download)."""
+    import pickle
+    calls = []
+
+    class Stream:
+        def shuffle(self, seed):
+            calls.append(seed)
+            return iter({"text": f"Book {i} begins here. It has a second sentence that is long enough!"}
+                        for i in range(1000))
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        return Stream()
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    hay = bl.haystack("pg19:validation", seed=7)
+    assert calls == [(bl.PG19, "validation", True), 7] and len(hay) == bl.PG19_BOOKS
+    assert hay[3] == ["Book 3 begins here.", "It has a second sentence that is long enough!"]
+    assert pickle.loads(pickle.dumps(hay))[5] == hay[5]
+    drawn = bl.draw_haystack(enc, random.Random(0), hay, 40)
+    assert sum(map(len, drawn)) == 40 and all("long enough" in enc.decode(d) for d in drawn[:-1])
+
+
 # ----------------------------------------------------------------------------- hub layout, determinism
 def test_hub_round_trip(enc, hay, tmp_path):
     samples = bl.make_samples(enc, random.Random(0), "qa3", "1k", 3, hay)
