@@ -127,6 +127,21 @@ def test_hub_source_without_datasets_or_network_is_one_clear_line(tmp_path, monk
         ev.read_samples("hub", "qa1", "1k", "main")
 
 
+def test_hub_source_asks_for_the_pinned_revision(monkeypatch):
+    """--data hub with a stand-in `datasets`: config = length, split = task, the given revision, and the
+    hub's rows come back as plain samples."""
+    import types
+    calls = []
+
+    def load_dataset(name, config, split, revision):
+        calls.append((name, config, split, revision))
+        return [{"input": "Mary went to the garden.", "question": "Where is Mary? ", "target": "garden", "x": 1}]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    samples = ev.read_samples("hub", "qa1", "8k", "abc123")
+    assert calls == [(ev.HUB, "8k", "qa1", "abc123")]
+    assert samples == [{"input": "Mary went to the garden.", "question": "Where is Mary? ", "target": "garden"}]
+
+
 def test_official_template_holds_context_and_question():
     import data
     enc = data.gpt2()
