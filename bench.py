@@ -216,13 +216,17 @@ def preset_model(name: str, seed: int) -> GPT:
     return GPT(preset(name, "flex")).cuda()
 
 
+def section_batches(model: str, ctx: int, steps: range, tokens: int, device: str) -> list[dict]:
+    """train.py's batches of these steps, the same for every model and method (the data depend on neither)."""
+    args = make_args(model, "sft", "causal", ctx, steps.stop, tokens, device)
+    source = batches.data_source(args)
+    return [batches.to_device(batches.get_batch(args, data.gpt2(), source, step, 0), device) for step in steps]
+
+
 def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile: bool) -> list[dict]:
-    enc, rows = data.gpt2(), []
+    rows = []
     for ctx in sizes:
-        args = make_args(models[0], "sft", "causal", ctx, warmup + timed, tokens)   # data: any model, method
-        source = batches.data_source(args)
-        prebuilt = [batches.to_device(batches.get_batch(args, enc, source, step, 0), "cuda")
-                   for step in range(warmup + timed)]
+        prebuilt = section_batches(models[0], ctx, range(warmup + timed), tokens, "cuda")
         for name in models:
             for method, mask in VARIANTS:
                 args = make_args(name, method, mask, ctx, warmup + timed, tokens)
@@ -269,11 +273,9 @@ def batch_work(args, cfg, inner, allowed: float) -> float:
 def bench_work(sizes, models, warmup: int, timed: int, tokens: int) -> list[dict]:
     """Section 2's matmul work and work ratios with no GPU: the same batches (those of the timed steps),
     FLOPs counted, nothing run. The ratio a perfect implementation of each variant would reach."""
-    enc, rows = data.gpt2(), []
+    rows = []
     for ctx in sizes:
-        args = make_args(models[0], "sft", "causal", ctx, warmup + timed, tokens, "cpu")
-        source = batches.data_source(args)
-        timed_batches = [batches.get_batch(args, enc, source, step, 0) for step in range(warmup, warmup + timed)]
+        timed_batches = section_batches(models[0], ctx, range(warmup, warmup + timed), tokens, "cpu")
         allowed = {mask: statistics.mean(allowed_in_batch(b, mask == "hybrid") for b in timed_batches)
                    for mask in ("causal", "hybrid")}
         for name in models:

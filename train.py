@@ -7,7 +7,7 @@
 One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its mask built
 once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py), then one AdamW step on the
 base weights. The loop is flat: evaluation and checkpointing at the top, the training step below. Every batch
-is a pure function of (seed, step, micro-step) (batches.py), so `--resume` continues exactly, DataLoader
+is a pure function of (seed, split, step, micro-step) (batches.py), so `--resume` continues exactly, DataLoader
 workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint data.
 """
 import argparse
@@ -132,7 +132,6 @@ def apply_defaults(args) -> list[str]:
         default("lr", 3e-3, "a tiny model from scratch")
     if args.data == "synthetic":
         default("max_len", args.ctx, "samples up to a full row")
-    args.max_len = args.max_len or args.ctx
     if args.inner_lr is None:
         args.inner_lr = 1.0 if args.init else SCRATCH_INNER_LR
         why.append(f"--inner-lr {args.inner_lr}: " + ("the authors' value, for a pretrained model" if args.init else
