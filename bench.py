@@ -11,6 +11,7 @@
    (batches are built beforehand, compilation happens in warm-up).
 """
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
@@ -31,7 +32,7 @@ import eval_babilong
 import masks
 import train
 from fastweights import adapted_layers
-from model import GPT, PRESETS, flex, preset
+from model import FLEX_OPTIONS, GPT, PRESETS, flex, preset
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
 FWD_BWD = 3.5                # forward + backward = 3.5 x forward for attention (backward: 5 matmuls against 2)
@@ -54,6 +55,12 @@ TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does th
 PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
 VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
 MODELS = ("small", "qwen05b")          # PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
+ATTN_CONFIGS = {             # --attn-config: how the model's flex calls compile: (inductor config, kernel_options)
+    "default": ({}, {}),
+    "no-prologue": ({"prologue_fusion": False}, {}),   # keep q/k/v's view, split and RoPE out of the flex kernel
+    "fwd-64x128": ({}, {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}),   # the forward tiles max-autotune chose at 16K, d64
+    "max-autotune": ({"max_autotune": True}, {}),      # inductor times candidate tiles for every kernel (slow compile)
+}
 WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
 EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of PAD_TO)
 EVAL_REPEATS = 3             # timed prefill + decode repeats (after one warm-up repeat that compiles)
@@ -193,6 +200,8 @@ def bench_tuning(S: int) -> list[dict]:
             except Exception as e:        # noqa: BLE001 (reported in the table, not raised)
                 row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
             rows.append(row)
+            print(f"  tune d{head_dim} {heads}/{kv_heads} heads {name}: " +
+                  (f"{row['tflops']:.1f} TFLOP/s" if "tflops" in row else row["error"]), flush=True)
         del ref, ref_dq, k32, v32
         free_memory()
     return rows
@@ -223,28 +232,52 @@ def section_batches(model: str, ctx: int, steps: range, tokens: int, device: str
     return [batches.to_device(batches.get_batch(args, data.gpt2(), source, step, 0), device) for step in steps]
 
 
-def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile: bool) -> list[dict]:
+def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile: bool,
+                   configs=("default",)) -> list[dict]:
     rows = []
     for ctx in sizes:
         prebuilt = section_batches(models[0], ctx, range(warmup + timed), tokens, "cuda")
-        for name in models:
+        for name, config in ((n, c) for n in models for c in configs):
             for method, mask in VARIANTS:
                 args = make_args(name, method, mask, ctx, warmup + timed, tokens)
-                row = {"model": name, "ctx": ctx, "batch": args.batch_size, "method": method, "mask": mask}
+                row = {"model": name, "ctx": ctx, "batch": args.batch_size, "config": config, "method": method,
+                       "mask": mask}
                 try:
-                    row.update(time_steps(args, prebuilt, warmup, profile))
+                    with attn_config(config):
+                        row.update(time_steps(args, prebuilt, warmup, profile))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
+                except Exception as e:    # noqa: BLE001 (a configuration this torch lacks fails alone, in the table)
+                    row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
                 if (method, mask) == VARIANTS[0]:
                     base = row if "ms" in row else None
                 if base and "ms" in row:     # over plain causal SFT: measured time, and matmul work (the floor)
                     row["ratio"], row["work_ratio"] = row["ms"] / base["ms"], row["work"] / base["work"]
                 rows.append(row)
-                print(f"  {name} ctx {ctx} {method} {mask}: " +
+                print(f"  {name} ctx {ctx} {config} {method} {mask}: " +
                       (f"{row['ms']:.1f} ms" if "ms" in row else row["error"]), flush=True)
                 free_memory()
         del prebuilt
     return rows
+
+
+@contextlib.contextmanager
+def attn_config(name: str):
+    """Compile under one of ATTN_CONFIGS: inductor settings patched and FLEX_OPTIONS (model.py) set for the
+    duration; dynamo starts afresh, so nothing compiled under another configuration is reused."""
+    import torch._inductor.config as inductor_config
+    inductor, options = ATTN_CONFIGS[name]
+    saved = dict(FLEX_OPTIONS)
+    torch._dynamo.reset()
+    FLEX_OPTIONS.clear()
+    FLEX_OPTIONS.update(options)
+    try:
+        with inductor_config.patch(inductor):
+            yield
+    finally:
+        FLEX_OPTIONS.clear()
+        FLEX_OPTIONS.update(saved)
+        torch._dynamo.reset()
 
 
 def step_work(n_layer: int, layer_params: int, down_params: int, upper: int, inner_steps: int, tokens: int,
@@ -396,14 +429,18 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=TOKENS_PER_STEP,
                    help="section 2's tokens per step (batch = tokens // ctx; 8192 at 8K = the authors' batch 1)")
     p.add_argument("--profile", action="store_true", help="section 2: print the top GPU kernels of one more step")
+    p.add_argument("--attn-config", default="default",
+                   help=f"section 2: how flex compiles, one or more of {','.join(ATTN_CONFIGS)} (compared row by row)")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     if sections - set(SECTIONS):
         sys.exit(f"bench.py: error: --sections: unknown {sorted(sections - set(SECTIONS))}; choose from "
                  f"{','.join(SECTIONS)}")
     models = args.models.split(",")
-    if set(models) - set(PRESETS) or args.tokens <= 0:
-        sys.exit(f"bench.py: error: --models must name {','.join(PRESETS)}; --tokens must be positive")
+    configs = args.attn_config.split(",")
+    if set(models) - set(PRESETS) or args.tokens <= 0 or set(configs) - set(ATTN_CONFIGS):
+        sys.exit(f"bench.py: error: --models must name {','.join(PRESETS)}, --attn-config {','.join(ATTN_CONFIGS)};"
+                 " --tokens must be positive")
     if sections - {"work"} and not torch.cuda.is_available():
         sys.exit("bench.py: error: needs a CUDA GPU (found none); only --sections work runs without one")
     sizes, prompts = (SIZES[:1], EVAL_PROMPTS[:1]) if args.quick else (SIZES, EVAL_PROMPTS)
@@ -430,10 +467,10 @@ def main(argv=None):
                   result["tuning"], ["S", "head_dim", "heads", "kv_heads", "options", "ms", "tflops", "err", "error"])
             write_json(args.out, result)
         if "training" in sections:
-            result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile)
+            result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile, configs)
             table(f"training step, {args.tokens} tokens, bf16, median of {timed} steps after {warmup} warm-up,"
                   " batches pre-built (data generation excluded)", result["training"],
-                  ["model", "ctx", "batch", "method", "mask", "ms", "tokens_per_s", "mfu", "work_tflops",
+                  ["model", "ctx", "batch", "config", "method", "mask", "ms", "tokens_per_s", "mfu", "work_tflops",
                    "peak_gib", "ratio", "work_ratio"])
             write_json(args.out, result)
         if "work" in sections:

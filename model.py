@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100          # target value of positions without a loss (PyTorch's cross_entropy default)
 LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
+FLEX_OPTIONS: dict = {}  # flex_attention kernel_options for every layer (block sizes, ...); {} = torch's choice.
+                         # Set before the first compiled call; bench.py --attn-config times the candidates
 
 
 @dataclass
@@ -133,7 +135,8 @@ class CausalSelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         gqa = self.n_kv_head != self.n_head
         if isinstance(mask, BlockMask):
-            y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa)                            # (B, nh, T, hs)
+            y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa,
+                        kernel_options=FLEX_OPTIONS or None)                                   # (B, nh, T, hs)
         else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex; None = see all
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)    # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))                              # (B, T, C)

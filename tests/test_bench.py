@@ -66,7 +66,8 @@ def test_flop_formulas_by_hand():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("argv,needle", [([], "CUDA"), (["--models", "gpt5"], "--models"),
-                                          (["--tokens", "0"], "--tokens"), (["--sections", "speed"], "speed")])
+                                          (["--tokens", "0"], "--tokens"), (["--sections", "speed"], "speed"),
+                                          (["--attn-config", "turbo"], "--attn-config")])
 def test_bad_input_or_no_cuda_is_one_line(tmp_path, argv, needle):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(out), *argv], cwd=tmp_path,
@@ -122,3 +123,45 @@ def test_work_section_runs_without_a_gpu(tmp_path):
     assert [(r["method"], r["mask"]) for r in rows] == list(bench.VARIANTS) and all(r["batch"] == 2 for r in rows)
     ratios = [r["work_ratio"] for r in rows]
     assert ratios[0] == 1 and 1 < ratios[1] < ratios[2]
+
+
+def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
+    """--attn-config: every configuration times every variant with its own kernel options in force (and
+    none left behind after), and its ratios are over its own causal-SFT row."""
+    import batches
+    import model
+    import train
+    seen = []
+
+    def fake_time(args, prebuilt, warmup, profile):
+        seen.append(dict(model.FLEX_OPTIONS))
+        slow = 2.0 if model.FLEX_OPTIONS else 1.0
+        return {"ms": slow * (3.0 if args.method == "focusft" else 1.0), "work": 1.0}
+    monkeypatch.setattr(train, "check_args", lambda args: None)
+    monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
+    monkeypatch.setattr(bench, "time_steps", fake_time)
+    monkeypatch.setattr(bench, "free_memory", lambda: None)
+    rows = bench.bench_training([1024], ["tiny"], 1, 1, 1024, False, ("default", "fwd-64x128"))
+    options = bench.ATTN_CONFIGS["fwd-64x128"][1]
+    assert seen == [{}] * 3 + [options] * 3 and model.FLEX_OPTIONS == {}
+    assert [r["config"] for r in rows] == ["default"] * 3 + ["fwd-64x128"] * 3
+    assert [r["ratio"] for r in rows] == [1.0, 1.0, 3.0] * 2
+
+
+def test_attention_passes_flex_options_to_the_kernel(monkeypatch):
+    """model.FLEX_OPTIONS reaches every flex_attention call as kernel_options (None when empty)."""
+    import model
+    from masks import block_mask, causal
+    calls = []
+
+    def fake_flex(q, k, v, block_mask=None, enable_gqa=False, kernel_options=None):
+        calls.append(kernel_options)
+        return q
+    monkeypatch.setattr(model, "flex", lambda q: fake_flex)
+    m = model.GPT(model.GPTConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=32, mlp_hidden=64, attn="flex"))
+    idx = torch.zeros(1, 16, dtype=torch.long)
+    bm = block_mask(causal(), 1, 16, "cpu")
+    m.blocks(m.wte(idx), m.rope(torch.arange(16)[None]), bm, range(2))
+    monkeypatch.setitem(model.FLEX_OPTIONS, "fwd_BLOCK_M", 64)
+    m.blocks(m.wte(idx), m.rope(torch.arange(16)[None]), bm, range(2))
+    assert calls == [None, None, {"fwd_BLOCK_M": 64}, {"fwd_BLOCK_M": 64}]
