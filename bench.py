@@ -213,7 +213,7 @@ def bench_tuning(S: int) -> list[dict]:
 def make_args(model: str, method: str, mask: str, ctx: int, steps: int, tokens: int, device: str = "cuda"):
     system = "--attn flex --compile 1 --dtype bf16" if device == "cuda" else "--attn sdpa --compile 0 --dtype fp32"
     args = train.get_args(f"--model {model} --method {method} --mask {mask} --ctx {ctx} --steps {steps} "
-                          f"--batch-size {max(1, tokens // ctx)} --device {device} {system}".split())
+                          f"--batch-size {max(1, tokens // ctx)} --device {device} --curriculum 0 {system}".split())
     train.apply_defaults(args)
     train.check_args(args)
     return args
