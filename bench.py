@@ -350,8 +350,12 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step(prebuilt[-1])
             torch.cuda.synchronize()
+        averages = prof.key_averages()
         print(f"  profile, {args.model} {args.method} {args.mask}:\n" +
-              prof.key_averages().table(sort_by="cuda_time_total", row_limit=PROFILE_ROWS), flush=True)
+              averages.table(sort_by="cuda_time_total", row_limit=PROFILE_ROWS), flush=True)
+        for e in averages:                                         # the attention kernels, per call
+            if "flex_attention" in e.key:
+                print(f"    {e.key[:90]}: {e.count} calls, {e.self_device_time_total / e.count / 1e3:.3f} ms each")
     cfg, sec = model.config, statistics.median(times)
     head_dim = cfg.n_embd // cfg.n_head
     n_params = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()   # lm_head is tied to wte
