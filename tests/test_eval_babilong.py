@@ -42,6 +42,29 @@ def test_rule_and_its_quirks(target, output, question, task, want):
     assert ev.is_correct(target, output, question, task) is want
 
 
+@pytest.mark.parametrize("text,question,task,want", [
+    ("Mary went to the kitchen. John moved to the garden.", "Where is Mary? ", "qa1", "garden"),
+    ("The office is north of the kitchen. The garden is south of the kitchen.", "What is north of the kitchen? ",
+     "qa4", "garden"),                                                  # labels the question names are skipped
+    ("Fred gave the milk to Bill. Bill handed the apple to Jeff.", "What did Fred give to Bill? ", "qa5", "jeff"),
+    ("Nothing happens here.", "Where is Mary? ", "qa1", ""),
+])
+def test_last_mentioned_baseline(text, question, task, want):
+    assert ev.last_mentioned({"input": text, "question": question}, task) == want
+
+
+def test_last_mentioned_is_a_guess_not_the_answer():
+    """On generated qa1 stories (every sentence ends with a room) the baseline is right exactly when the last
+    sentence's room is the answer, and that is neither never nor always."""
+    import random
+    import babilong
+    import data
+    samples = babilong.make_samples(data.gpt2(), random.Random(3), "qa1", "0k", 200, babilong.haystack("synthetic"))
+    right = [ev.is_correct(s["target"], ev.last_mentioned(s, "qa1"), s["question"], "qa1") for s in samples]
+    last_room = [s["input"].rstrip(".").split(". ")[-1].split()[-1] == s["target"] for s in samples]
+    assert right == last_room and 0 < sum(right) < len(right)
+
+
 def test_unknown_task_and_bad_file_fail_cleanly(tmp_path):
     with pytest.raises(ValueError, match="qa9"):
         ev.is_correct("kitchen", "kitchen", "Where?", "qa9")
@@ -102,6 +125,7 @@ def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path):
     assert len(preds) == 8 and {p["task"] for p in preds} == {"qa1", "qa5"}
     for p in preds:
         assert p["correct"] == ev.is_correct(p["target"], p["output"], p["question"], p["task"])
+        assert p["baseline_correct"] == ev.is_correct(p["target"], p["last_mentioned"], p["question"], p["task"])
     assert (tmp_path / "eval" / "heatmap.png").stat().st_size > 1000
 
 
