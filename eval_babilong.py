@@ -32,6 +32,7 @@ import masks
 from data import NEWLINE
 from model import GPT, GPTConfig, autocast as model_autocast
 from stats import attention_stats
+from train import progress
 
 ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
 TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,
@@ -165,7 +166,8 @@ def prompt_for(enc, sample: dict, task: str, style: str, parts: dict) -> list[in
 
 
 def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device, style: str = "trained",
-             parts: dict | None = None) -> list[dict]:
+             parts: dict | None = None, tick=lambda: None) -> list[dict]:
+    """Greedy answers to the samples, scored; tick() after each one (the progress bar)."""
     records = []
     stop = (NEWLINE, data.PAD_ID) if style == "trained" else (data.PAD_ID,)   # our answers end at a newline
     for s in samples:
@@ -177,6 +179,7 @@ def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device,
                         "last_mentioned": guess, "baseline_correct": is_correct(s["target"], guess, s["question"], task),
                         "prompt_tokens": len(prompt), "seconds": time.perf_counter() - t0})
         records[-1].pop("input")
+        tick()
     return records
 
 
@@ -287,21 +290,31 @@ def run_eval(args, enc, tasks, lengths):
     mask_kind = args.mask or config["args"]["mask"]
     autocast = model_autocast(args.device, args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    try:                                                    # all samples first: a missing file fails before any work
+        todo = {(t, n): read_samples(args.data, t, n, args.revision)[:args.n] for n in lengths for t in tasks}
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"eval_babilong.py: error: {e}")
+    total, done = sum(len(v) for v in todo.values()), 0
+    def tick():                                             # a progress bar on a terminal, nothing in a log file
+        nonlocal done
+        done += 1
+        if sys.stderr.isatty():
+            end = "\r" + " " * 60 + "\r" if done == total else ""
+            print(f"\r{progress(done, total)} {task} {length}", end=end, file=sys.stderr, flush=True)
     acc, base, records = {}, {}, []
     for length in lengths:
         first = None
         for task in tasks:
-            try:
-                samples = read_samples(args.data, task, length, args.revision)[:args.n]
-            except (OSError, ValueError, RuntimeError) as e:
-                sys.exit(f"eval_babilong.py: error: {e}")
+            samples = todo[task, length]
             first = first or (samples[0] if samples else None)
             with autocast:
-                recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts)
+                recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts, tick)
             acc[task, length] = sum(r["correct"] for r in recs) / max(len(recs), 1)
             base[task, length] = sum(r["baseline_correct"] for r in recs) / max(len(recs), 1)
             records += [{"task": task, "length": length, **r} for r in recs]
             sec = sum(r["seconds"] for r in recs) / max(len(recs), 1)
+            clear = "\r" + " " * 60 + "\r" if sys.stderr.isatty() else ""     # the bar's line, before a result line
+            print(clear, end="", file=sys.stderr)
             print(f"{task} {length:>4}: acc {acc[task, length]:.3f} over {len(recs)} ({sec:.2f} s/sample)", flush=True)
         if first is None:
             continue

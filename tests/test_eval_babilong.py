@@ -107,9 +107,14 @@ def test_kv_cache_logits_equal_recomputing_everything(monkeypatch, mask_kind, at
     assert (want[0] - want[-1]).abs().max() > 0.1                              # the steps really differ
 
 
-def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path):
+def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path, monkeypatch):
+    import io
     import json
     import train
+
+    class Terminal(io.StringIO):                  # stderr as a terminal: the progress bar is drawn there
+        def isatty(self):
+            return True
     run = tmp_path / "run"
     train.main(["--ctx", "512", "--model", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "2",
                 "--inner-rank", "4", "--out", str(run)])
@@ -119,8 +124,11 @@ def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path):
         for length in ("0k", "1k"):
             rows = json.loads((bench / "data" / task / f"{length}.json").read_text())
             assert len(rows) == 2 and set(rows[0]) == {"input", "question", "target"}
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     ev.main(["--ckpt", str(run / "ckpt.pt"), "--data", str(bench), "--tasks", "qa1,qa5", "--lengths", "0k,1k",
              "--n", "2", "--device", "cpu", "--out", str(tmp_path / "eval")])
+    assert "[####################] 8/8" in terminal.getvalue()
     preds = json.loads((tmp_path / "eval" / "predictions.json").read_text())
     assert len(preds) == 8 and {p["task"] for p in preds} == {"qa1", "qa5"}
     for p in preds:
