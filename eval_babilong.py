@@ -294,13 +294,12 @@ def run_eval(args, enc, tasks, lengths):
         todo = {(t, n): read_samples(args.data, t, n, args.revision)[:args.n] for n in lengths for t in tasks}
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"eval_babilong.py: error: {e}")
-    total, done = sum(len(v) for v in todo.values()), 0
-    def tick():                                             # a progress bar on a terminal, nothing in a log file
+    total, done, bar = sum(len(v) for v in todo.values()), 0, sys.stderr.isatty()
+    def tick():                 # a progress bar on a terminal (nothing in a log file); task, length: the loop's
         nonlocal done
         done += 1
-        if sys.stderr.isatty():
-            end = "\r" + " " * 60 + "\r" if done == total else ""
-            print(f"\r{progress(done, total)} {task} {length}", end=end, file=sys.stderr, flush=True)
+        if bar:
+            print(f"\r{progress(done, total)} {task} {length}", end="", file=sys.stderr, flush=True)
     acc, base, records = {}, {}, []
     for length in lengths:
         first = None
@@ -313,8 +312,8 @@ def run_eval(args, enc, tasks, lengths):
             base[task, length] = sum(r["baseline_correct"] for r in recs) / max(len(recs), 1)
             records += [{"task": task, "length": length, **r} for r in recs]
             sec = sum(r["seconds"] for r in recs) / max(len(recs), 1)
-            clear = "\r" + " " * 60 + "\r" if sys.stderr.isatty() else ""     # the bar's line, before a result line
-            print(clear, end="", file=sys.stderr)
+            if bar:                                         # wipe the bar's line before a result line
+                print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
             print(f"{task} {length:>4}: acc {acc[task, length]:.3f} over {len(recs)} ({sec:.2f} s/sample)", flush=True)
         if first is None:
             continue
