@@ -32,7 +32,8 @@ import eval_babilong
 import masks
 import train
 from fastweights import adapted_layers
-from model import FLEX_OPTIONS, GPT, PRESETS, flex, preset
+import model as gpt   # model.py as a module (FLEX_OPTIONS); `model` below is a GPT instance
+from model import GPT, PRESETS, flex, preset
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
 FWD_BWD = 3.5                # forward + backward = 3.5 x forward for attention (backward: 5 matmuls against 2)
@@ -55,10 +56,11 @@ TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does th
 PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
 VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
 MODELS = ("small", "qwen05b")          # PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
-ATTN_CONFIGS = {             # --attn-config: how the model's flex calls compile: (inductor config, kernel_options)
-    "default": ({}, {}),
+ATTN_CONFIGS = {  # --attn-config: how the model's flex calls compile: (inductor config, gpt.FLEX_OPTIONS)
+    "default": ({}, None),                             # the model's choice (model.flex_options)
+    "torch": ({}, {}),                                 # torch's own tiles at every head size
     "no-prologue": ({"prologue_fusion": False}, {}),   # keep q/k/v's view, split and RoPE out of the flex kernel
-    "fwd-64x128": ({}, {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}),   # the forward tiles max-autotune chose at 16K, d64
+    "fwd-64x128": ({}, gpt.HEAD64_TILES),              # the forward tiles max-autotune chose at 16K, d64
     "max-autotune": ({"max_autotune": True}, {}),      # inductor times candidate tiles for every kernel (slow compile)
 }
 WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
@@ -263,20 +265,18 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
 
 @contextlib.contextmanager
 def attn_config(name: str):
-    """Compile under one of ATTN_CONFIGS: inductor settings patched and FLEX_OPTIONS (model.py) set for the
+    """Compile under one of ATTN_CONFIGS: inductor settings patched and model.FLEX_OPTIONS set for the
     duration; dynamo starts afresh, so nothing compiled under another configuration is reused."""
     import torch._inductor.config as inductor_config
     inductor, options = ATTN_CONFIGS[name]
-    saved = dict(FLEX_OPTIONS)
+    saved = gpt.FLEX_OPTIONS
     torch._dynamo.reset()
-    FLEX_OPTIONS.clear()
-    FLEX_OPTIONS.update(options)
+    gpt.FLEX_OPTIONS = options
     try:
         with inductor_config.patch(inductor):
             yield
     finally:
-        FLEX_OPTIONS.clear()
-        FLEX_OPTIONS.update(saved)
+        gpt.FLEX_OPTIONS = saved
         torch._dynamo.reset()
 
 

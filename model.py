@@ -26,8 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100          # target value of positions without a loss (PyTorch's cross_entropy default)
 LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
-FLEX_OPTIONS: dict = {}  # flex_attention kernel_options for every layer (block sizes, ...); {} = torch's choice.
-                         # Set before the first compiled call; bench.py --attn-config times the candidates
+FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
+                                   # own; set before the first compiled call (bench.py --attn-config does)
+HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}   # the forward tiles max-autotune picked at head size 64
 
 
 @dataclass
@@ -71,6 +72,16 @@ def flex(q: Tensor):
     if torch.compiler.is_compiling():
         return flex_attention
     return _compiled_flex() if q.is_cuda else _eager_flex
+
+
+def flex_options(head_dim: int) -> dict | None:
+    """kernel_options for flex_attention (None = torch's choice). At head size 64 torch's forward tiles run
+    slowly inside the compiled model: on the Qwen2-0.5B shape (14 heads, 2 KV heads, 8K, H200) the forward
+    took 2.75 ms per layer, 1.20 ms with HEAD64_TILES; at head size 128 these tiles are slower (bench.py
+    --attn-config default,torch,fwd-64x128 compares them). The backward keeps torch's tiles."""
+    if FLEX_OPTIONS is not None:
+        return FLEX_OPTIONS or None
+    return HEAD64_TILES if head_dim == 64 else None
 
 
 def _eager_flex(*args, **kwargs):
@@ -136,7 +147,7 @@ class CausalSelfAttention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if isinstance(mask, BlockMask):
             y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa,
-                        kernel_options=FLEX_OPTIONS or None)                                   # (B, nh, T, hs)
+                        kernel_options=flex_options(self.head_dim))                            # (B, nh, T, hs)
         else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex; None = see all
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)    # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))                              # (B, T, C)

@@ -134,7 +134,7 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
     seen = []
 
     def fake_time(args, prebuilt, warmup, profile):
-        seen.append(dict(model.FLEX_OPTIONS))
+        seen.append(model.FLEX_OPTIONS)
         slow = 2.0 if model.FLEX_OPTIONS else 1.0
         return {"ms": slow * (3.0 if args.method == "focusft" else 1.0), "work": 1.0}
     monkeypatch.setattr(train, "check_args", lambda args: None)
@@ -143,13 +143,14 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     rows = bench.bench_training([1024], ["tiny"], 1, 1, 1024, False, ("default", "fwd-64x128"))
     options = bench.ATTN_CONFIGS["fwd-64x128"][1]
-    assert seen == [{}] * 3 + [options] * 3 and model.FLEX_OPTIONS == {}
+    assert seen == [None] * 3 + [options] * 3 and model.FLEX_OPTIONS is None
     assert [r["config"] for r in rows] == ["default"] * 3 + ["fwd-64x128"] * 3
     assert [r["ratio"] for r in rows] == [1.0, 1.0, 3.0] * 2
 
 
 def test_attention_passes_flex_options_to_the_kernel(monkeypatch):
-    """model.FLEX_OPTIONS reaches every flex_attention call as kernel_options (None when empty)."""
+    """Every flex_attention call gets model.flex_options: by default the head-64 forward tiles at head size 64
+    and torch's choice (None) otherwise; model.FLEX_OPTIONS overrides it ({} = torch's choice everywhere)."""
     import model
     from masks import block_mask, causal
     calls = []
@@ -158,10 +159,15 @@ def test_attention_passes_flex_options_to_the_kernel(monkeypatch):
         calls.append(kernel_options)
         return q
     monkeypatch.setattr(model, "flex", lambda q: fake_flex)
-    m = model.GPT(model.GPTConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=32, mlp_hidden=64, attn="flex"))
-    idx = torch.zeros(1, 16, dtype=torch.long)
     bm = block_mask(causal(), 1, 16, "cpu")
-    m.blocks(m.wte(idx), m.rope(torch.arange(16)[None]), bm, range(2))
-    monkeypatch.setitem(model.FLEX_OPTIONS, "fwd_BLOCK_M", 64)
-    m.blocks(m.wte(idx), m.rope(torch.arange(16)[None]), bm, range(2))
-    assert calls == [None, None, {"fwd_BLOCK_M": 64}, {"fwd_BLOCK_M": 64}]
+
+    def run(n_embd):   # two layers, two heads: head size n_embd / 2
+        m = model.GPT(model.GPTConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=n_embd, mlp_hidden=64, attn="flex"))
+        m.blocks(m.wte(torch.zeros(1, 16, dtype=torch.long)), m.rope(torch.arange(16)[None]), bm, range(2))
+    run(32)
+    run(128)
+    monkeypatch.setattr(model, "FLEX_OPTIONS", {"fwd_BLOCK_M": 32})
+    run(128)
+    monkeypatch.setattr(model, "FLEX_OPTIONS", {})
+    run(128)
+    assert calls == [None] * 2 + [model.HEAD64_TILES] * 2 + [{"fwd_BLOCK_M": 32}] * 2 + [None] * 2
