@@ -1,4 +1,5 @@
-"""bench.py on the CPU: its allowed-entry counts and FLOP formulas, and its one-line refusal without a GPU.
+"""bench.py and flops.py on the CPU: allowed-entry counts, FLOP and work formulas, the benchmark's one-line
+refusal without a GPU.
 
 Run: python -m pytest -q tests/test_bench.py   (a few seconds; the benchmark itself needs a GPU)
 """
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import bench
+import flops
 import masks
 from conftest import ROOT, random_batch
 
@@ -21,13 +23,13 @@ def dense_count(mask_mod, batch: int, S: int) -> int:
 def test_closed_form_allowed_entries_match_a_dense_mask(S):
     C = S * bench.CONTEXT_PERCENT // 100
     loss_mask = (torch.arange(S) >= C).long()[None]                  # context, then one response turn
-    assert bench.allowed_hybrid(C, S - C) == dense_count(masks.hybrid(loss_mask), 1, S)
-    assert bench.allowed_causal(S) == dense_count(masks.causal(), 1, S)
+    assert flops.allowed_hybrid(C, S - C) == dense_count(masks.hybrid(loss_mask), 1, S)
+    assert flops.allowed_causal(S) == dense_count(masks.causal(), 1, S)
 
 
 def test_all_context_or_all_response_rows():
-    assert bench.allowed_hybrid(10, 0) == 100                        # one bidirectional turn: the full square
-    assert bench.allowed_hybrid(0, 10) == bench.allowed_causal(10) == 55
+    assert flops.allowed_hybrid(10, 0) == 100                        # one bidirectional turn: the full square
+    assert flops.allowed_hybrid(0, 10) == flops.allowed_causal(10) == 55
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -36,8 +38,8 @@ def test_batch_count_matches_the_training_masks(seed):
     b = random_batch(B=3, S=150, seed=seed)
     hybrid = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"])
     causal = masks.causal(b["attention_mask"], b["document_ids"])
-    assert bench.allowed_in_batch(b, hybrid=True) == dense_count(hybrid, 3, 150)
-    assert bench.allowed_in_batch(b, hybrid=False) == dense_count(causal, 3, 150)
+    assert flops.allowed_in_batch(b, hybrid=True) == dense_count(hybrid, 3, 150)
+    assert flops.allowed_in_batch(b, hybrid=False) == dense_count(causal, 3, 150)
 
 
 def test_batch_count_on_a_real_packed_batch():
@@ -51,17 +53,17 @@ def test_batch_count_on_a_real_packed_batch():
     for hybrid in (True, False):
         mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]) if hybrid else \
             masks.causal(b["attention_mask"], b["document_ids"])
-        assert bench.allowed_in_batch(b, hybrid) == dense_count(mod, 2, 1024)
+        assert flops.allowed_in_batch(b, hybrid) == dense_count(mod, 2, 1024)
 
 
 def test_flop_formulas_by_hand():
     # S = 4 causal: 4 + 3 + 2 + 1 = 10 entries; head dim 2, 3 heads:
     # forward = 2 matmuls x 2 FLOPs x 10 entries x 2 x 3 = 240; backward 2.5x -> 600; total 840
-    assert bench.allowed_causal(4) == 10
-    assert bench.attention_flops(10, 2, 3, backward=False) == 240
-    assert bench.attention_flops(10, 2, 3) == 840
+    assert flops.allowed_causal(4) == 10
+    assert flops.attention_flops(10, 2, 3, backward=False) == 240
+    assert flops.attention_flops(10, 2, 3) == 840
     # hybrid, C = 3, R = 2: 9 + 6 + 3 = 18 entries
-    assert bench.allowed_hybrid(3, 2) == 18
+    assert flops.allowed_hybrid(3, 2) == 18
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -82,13 +84,13 @@ def test_step_work_by_hand():
     # 2 layers of 10 matmul params (4 of them in `down`), 3 tokens, 4 allowed pairs, head dim 1, 1 head:
     # linear forward = 2*10*3 = 60 per layer; attention forward = 4*4*1*1 = 16 per layer
     # SFT: 2 * (3*60 + 3.5*16) = 472
-    assert bench.step_work(2, 10, 4, 0, 2, 3, 4, 1, 1) == 472
+    assert flops.step_work(2, 10, 4, 0, 2, 3, 4, 1, 1) == 472
     # one adapted layer, 2 inner steps: each = forward 60+16, then only down's input gradient 2*4*3 = 24
     # (the layer's input is a constant) -> 472 + 2 * 100 = 672
-    assert bench.step_work(2, 10, 4, 1, 2, 3, 4, 1, 1) == 672
+    assert flops.step_work(2, 10, 4, 1, 2, 3, 4, 1, 1) == 672
     # two adapted layers: each inner step = 2*76 forward + 24 (lowest) + 60 + 2.5*16 (the upper one's input
     # gradient through linear layers and attention) = 276 -> 472 + 552
-    assert bench.step_work(2, 10, 4, 2, 2, 3, 4, 1, 1) == 1024
+    assert flops.step_work(2, 10, 4, 2, 2, 3, 4, 1, 1) == 1024
 
 
 def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
