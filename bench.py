@@ -61,8 +61,13 @@ ATTN_CONFIGS = {  # --attn-config: how the model's flex calls compile: (inductor
     "torch": ({}, {}),                                 # torch's own tiles at every head size
     "no-prologue": ({"prologue_fusion": False}, {}),   # keep q/k/v's view, split and RoPE out of the flex kernel
     "fwd-64x128": ({}, gpt.HEAD64_TILES),              # the forward tiles max-autotune chose at 16K, d64
+    # smaller backward tiles at head size 64 (torch's on H100/H200: 64/128/128/64, 8 warps): less work wasted
+    # on the partly masked tiles of short packed documents
+    "bwd-64x64": ({}, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}),
+    "bwd-32x64": ({}, {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}),
     "max-autotune": ({"max_autotune": True}, {}),      # inductor times candidate tiles for every kernel (slow compile)
-}
+    "autotune-flex": ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}, {}),  # flex's tiles timed,
+}                                                      # matmuls left to cuBLAS (a shorter compile)
 WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
 EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of PAD_TO)
 EVAL_REPEATS = 3             # timed prefill + decode repeats (after one warm-up repeat that compiles)
@@ -228,10 +233,13 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
 
 @contextlib.contextmanager
 def attn_config(name: str):
-    """Compile under one of ATTN_CONFIGS: inductor settings patched and model.FLEX_OPTIONS set for the
-    duration; dynamo starts afresh, so nothing compiled under another configuration is reused."""
+    """Compile under ATTN_CONFIGS[name] ("a+b" joins several: their settings and options merged, over
+    torch's tiles): inductor settings patched and model.FLEX_OPTIONS set for the duration; dynamo starts
+    afresh, so nothing compiled under another configuration is reused."""
     import torch._inductor.config as inductor_config
-    inductor, options = ATTN_CONFIGS[name]
+    parts = [ATTN_CONFIGS[part] for part in name.split("+")]
+    inductor = {k: v for settings, _ in parts for k, v in settings.items()}
+    options = None if all(o is None for _, o in parts) else {k: v for _, o in parts for k, v in (o or {}).items()}
     saved = gpt.FLEX_OPTIONS
     torch._dynamo.reset()
     gpt.FLEX_OPTIONS = options
@@ -374,7 +382,8 @@ def main(argv=None):
                    help="section 2's tokens per step (batch = tokens // ctx; 8192 at 8K = the authors' batch 1)")
     p.add_argument("--profile", action="store_true", help="section 2: print the top GPU kernels of one more step")
     p.add_argument("--attn-config", default="default",
-                   help=f"section 2: how flex compiles, one or more of {','.join(ATTN_CONFIGS)} (compared row by row)")
+                   help=f"section 2: how flex compiles, one or more of {','.join(ATTN_CONFIGS)} (compared row by "
+                        "row); a+b joins two, e.g. fwd-64x128+bwd-64x64")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     if sections - set(SECTIONS):
@@ -382,9 +391,10 @@ def main(argv=None):
                  f"{','.join(SECTIONS)}")
     models = args.models.split(",")
     configs = args.attn_config.split(",")
-    if set(models) - set(PRESETS) or args.tokens <= 0 or set(configs) - set(ATTN_CONFIGS):
-        sys.exit(f"bench.py: error: --models must name {','.join(PRESETS)}, --attn-config {','.join(ATTN_CONFIGS)};"
-                 " --tokens must be positive")
+    unknown = {part for config in configs for part in config.split("+")} - set(ATTN_CONFIGS)
+    if set(models) - set(PRESETS) or args.tokens <= 0 or unknown:
+        sys.exit(f"bench.py: error: --models must name {','.join(PRESETS)}, --attn-config {','.join(ATTN_CONFIGS)}"
+                 " (a+b joins two); --tokens must be positive")
     if sections - {"work"} and not torch.cuda.is_available():
         sys.exit("bench.py: error: needs a CUDA GPU (found none); only --sections work runs without one")
     sizes, prompts = (SIZES[:1], EVAL_PROMPTS[:1]) if args.quick else (SIZES, EVAL_PROMPTS)

@@ -69,7 +69,8 @@ def test_flop_formulas_by_hand():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("argv,needle", [([], "CUDA"), (["--models", "gpt5"], "--models"),
                                           (["--tokens", "0"], "--tokens"), (["--sections", "speed"], "speed"),
-                                          (["--attn-config", "turbo"], "--attn-config")])
+                                          (["--attn-config", "turbo"], "--attn-config"),
+                                          (["--attn-config", "default,fwd-64x128+turbo"], "--attn-config")])
 def test_bad_input_or_no_cuda_is_one_line(tmp_path, argv, needle):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(out), *argv], cwd=tmp_path,
@@ -173,3 +174,19 @@ def test_attention_passes_flex_options_to_the_kernel(monkeypatch):
     monkeypatch.setattr(model, "FLEX_OPTIONS", {})
     run(128)
     assert calls == [None] * 2 + [model.HEAD64_TILES] * 2 + [{"fwd_BLOCK_M": 32}] * 2 + [None] * 2
+
+
+def test_joined_attn_configs_merge_their_options_and_settings():
+    """"a+b": both configurations' kernel options (over torch's tiles) and inductor settings in force at once;
+    everything restored after."""
+    import torch._inductor.config as inductor_config
+    import model
+    with bench.attn_config("fwd-64x128+bwd-32x64+no-prologue"):
+        assert model.FLEX_OPTIONS == {**model.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
+                                      "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
+        assert inductor_config.prologue_fusion is False
+    with bench.attn_config("default"):
+        assert model.FLEX_OPTIONS is None
+    with bench.attn_config("torch+default"):
+        assert model.FLEX_OPTIONS == {}
+    assert model.FLEX_OPTIONS is None and inductor_config.prologue_fusion is not False
