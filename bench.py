@@ -111,6 +111,10 @@ def hybrid_row(S: int):
     return masks.hybrid((torch.arange(S, device="cuda") >= C).long()[None]), allowed_hybrid(C, S - C)
 
 
+def tiles(q) -> dict | None:                              # the kernel options the model would use at q's head size
+    return gpt.flex_options(q.shape[-1])
+
+
 def bench_attention(sizes) -> list[dict]:
     rows = []
     for S in sizes:
@@ -120,8 +124,8 @@ def bench_attention(sizes) -> list[dict]:
         dense = masks.dense_mask(hybrid_mod, 1, S, "cuda")                              # (1, 1, S, S) bool
         sdpa, causal_n = F.scaled_dot_product_attention, allowed_causal(S)
         kernels = {  # name: (attention(q, k, v), allowed entries); flex(q) is the compiled flex_attention
-            "flex hybrid": (lambda q, k, v: flex(q)(q, k, v, block_mask=hybrid_bm), hybrid_n),
-            "flex causal": (lambda q, k, v: flex(q)(q, k, v, block_mask=causal_bm), causal_n),
+            "flex hybrid": (lambda q, k, v: flex(q)(q, k, v, block_mask=hybrid_bm, kernel_options=tiles(q)), hybrid_n),
+            "flex causal": (lambda q, k, v: flex(q)(q, k, v, block_mask=causal_bm, kernel_options=tiles(q)), causal_n),
             "sdpa causal (flash)": (lambda q, k, v: sdpa(q, k, v, is_causal=True), causal_n),
             "sdpa dense hybrid": (lambda q, k, v: sdpa(q, k, v, attn_mask=dense), hybrid_n),
         }
