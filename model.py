@@ -75,9 +75,10 @@ def flex(q: Tensor):
 
 
 def flex_options(head_dim: int) -> dict | None:
-    """kernel_options for flex_attention (None = torch's choice). At head size 64 torch's forward tiles run
-    slowly inside the compiled model: on the Qwen2-0.5B shape (14 heads, 2 KV heads, 8K, H200) the forward
-    took 2.75 ms per layer, 1.20 ms with HEAD64_TILES; at head size 128 these tiles are slower (bench.py
+    """kernel_options for flex_attention (None = torch's choice). At head size 64 torch's forward tiles on an
+    H100/H200 (128 x 128) run slowly inside the compiled model: on the Qwen2-0.5B shape (14 heads, 2 KV heads,
+    8K, packed BABILong rows) the forward took 2.78 ms per layer under the causal mask and 6.98 under the
+    hybrid one; with HEAD64_TILES 0.76 and 1.20. At head size 128 these tiles are slower (bench.py
     --attn-config default,torch,fwd-64x128 compares them). The backward keeps torch's tiles."""
     if FLEX_OPTIONS is not None:
         return FLEX_OPTIONS or None
