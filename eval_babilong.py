@@ -325,6 +325,7 @@ def run_eval(args, enc, tasks, lengths):
         print(f"\n{title}\ntask  " + "".join(f"{n:>7}" for n in lengths))
         for t in tasks:
             print(f"{t:<6}" + "".join(f"{table[t, n]:>7.2f}" for n in lengths))
+        print("mean  " + "".join(f"{sum(table[t, n] for t in tasks) / len(tasks):>7.2f}" for n in lengths))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "predictions.json.tmp"), "w") as f:
         json.dump(records, f, indent=1)

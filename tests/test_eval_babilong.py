@@ -107,7 +107,7 @@ def test_kv_cache_logits_equal_recomputing_everything(monkeypatch, mask_kind, at
     assert (want[0] - want[-1]).abs().max() > 0.1                              # the steps really differ
 
 
-def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path, monkeypatch):
+def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path, monkeypatch, capsys):
     import io
     import json
     import train
@@ -135,6 +135,10 @@ def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path, monkeypa
         assert p["correct"] == ev.is_correct(p["target"], p["output"], p["question"], p["task"])
         assert p["baseline_correct"] == ev.is_correct(p["target"], p["last_mentioned"], p["question"], p["task"])
     assert (tmp_path / "eval" / "heatmap.png").stat().st_size > 1000
+    means = [line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.startswith("mean ")]
+    for row, key in zip(means, ("correct", "baseline_correct")):   # the accuracy table's, then the baseline's
+        assert row == [f"{sum(p[key] for p in preds if p['length'] == n) / 4:.2f}" for n in ("0k", "1k")]
+    assert len(means) == 2
 
 
 @pytest.mark.parametrize("argv,needle", [
