@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import masks
 from conftest import random_batch
-from model import flex
+from model import flex, flex_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -20,8 +20,9 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("S,heads,kv_heads,hd", [(1000, 8, 8, 64), (2305, 8, 2, 128)])
+@pytest.mark.parametrize("S,heads,kv_heads,hd", [(1000, 8, 8, 64), (1000, 14, 2, 64), (2305, 8, 2, 128)])
 def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads, hd):
+    """With the kernel options the model uses at this head size (model.flex_options)."""
     b = {k: v.cuda() for k, v in random_batch(B=2, S=S, seed=S).items()}
     mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"])
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -29,7 +30,8 @@ def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads
     k = torch.randn(2, kv_heads, S, hd, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     v = torch.randn(2, kv_heads, S, hd, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     gqa = heads != kv_heads
-    out = flex(q)(q, k, v, block_mask=masks.block_mask(mod, 2, S, "cuda"), enable_gqa=gqa)
+    out = flex(q)(q, k, v, block_mask=masks.block_mask(mod, 2, S, "cuda"), enable_gqa=gqa,
+                  kernel_options=flex_options(hd))
     dense = masks.dense_mask(mod, 2, S, "cuda")
     ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=dense, enable_gqa=gqa)
     dy = torch.randn_like(out)
