@@ -123,8 +123,8 @@ def apply_defaults(args) -> list[str]:
                               "Python (stories simulated one by one), a GPU step 60-120 ms")
         default("steps", 4000, "about 11 minutes at up to 170 ms/step (8K, measured) plus compilation, one H200")
         default("lr", 1e-3, "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
-        default("curriculum", 1, "short samples first (470 answers per step at first, 70 without): a model "
-                                 "from scratch learns to read the facts before it must find them in haystacks")
+        default("curriculum", 1, "short samples first (470 answers per step at first, 70 without): more "
+                                 "answers while a model from scratch learns to read (README, 'Learning')")
     else:
         default("model", "tiny", "2-core CPU")
         default("attn", "sdpa", "flex_attention has no CPU backward")
