@@ -40,6 +40,8 @@ TOKENS_PER_FACT = 8  # a story with more than budget/8 facts is skipped, as the 
 MIN_SENTENCE_TOKENS = 10  # shorter haystack sentences ("CHAPTER I.", "Yes.") are skipped
 MAX_SKIPPED = 10_000  # short sentences in a row before we decide a haystack has no usable text
 STORY_TRIES = 1000  # skipped stories in a row before we decide no story of a task fits a length
+FIRST_STAGE = 0.5  # curriculum: share of the steps on the shortest length alone. From scratch, reading is
+                   # learned on short samples (README, "Learning"); 1/5 of 4,000 steps taught one task
 ROOM_TRIES = 10  # samples drawn for the room left in a training row before leaving the rest as padding
 SYNTHETIC_BOOKS = 100  # books of the synthetic haystack (PG19's test split also has 100)
 BOOK_SENTENCES = 5000  # sentences per synthetic book: ~100K tokens, about a novel
@@ -233,10 +235,15 @@ def training_source(source: str, seed: int, babi_dir: str | None, tasks: list[st
 
 
 def training_lengths(lengths: list[str], ctx: int, step: int | None = None, steps: int = 1) -> list[str]:
-    """The lengths whose whole budget fits a row of ctx tokens; with step (a curriculum), only the first
-    1 + step * n // steps of them: the lengths arrive one at a time, shortest first, in equal stages."""
+    """The lengths whose whole budget fits a row of ctx tokens; with step (a curriculum), only those allowed so
+    far: the shortest alone for the first FIRST_STAGE of the steps, then one more in each of equal stages."""
     fits = sorted((n for n in lengths if budget(n) + PROMPT_TOKENS <= ctx), key=budget)
-    return fits if step is None else fits[:1 + step * len(fits) // steps]
+    if step is None:
+        return fits
+    first = int(FIRST_STAGE * steps)
+    if step < first:
+        return fits[:1]
+    return fits[:2 + (step - first) * (len(fits) - 1) // max(1, steps - first)]
 
 
 def training_sample(enc: tiktoken.Encoding, rng: random.Random, hay: Library, tasks: list[str],

@@ -120,8 +120,10 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, argv, needle):
 def test_babilong_data_with_a_curriculum(tmp_path):
     args = train.get_args(["--data", "babilong", "--ctx", "8192", "--lengths", "0k,1k,2k,4k,16k", "--steps", "10",
                            "--curriculum", "1"])
-    assert [batches.lengths_at(args, s) for s in (0, 3, 5, 9)] == [
-        ["0k"], ["0k", "1k"], ["0k", "1k", "2k"], ["0k", "1k", "2k", "4k"]]          # 16k never fits 8192
+    # the first half on 0k alone, then 1k, 2k, 4k one per stage over the other five steps; 16k never fits 8192
+    assert [batches.lengths_at(args, s) for s in (0, 4, 5, 6, 7, 8, 9, 10)] == [
+        ["0k"], ["0k"], ["0k", "1k"], ["0k", "1k"], ["0k", "1k", "2k"], ["0k", "1k", "2k"],
+        ["0k", "1k", "2k", "4k"], ["0k", "1k", "2k", "4k"]]
     args.curriculum = 0
     assert batches.lengths_at(args, 0) == ["0k", "1k", "2k", "4k"]
     train.main(TINY + ["--ctx", "1024", "--steps", "2", "--data", "babilong", "--lengths", "0k,1k",
