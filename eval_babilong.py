@@ -27,10 +27,11 @@ import time
 import torch
 
 import babilong
+import checkpoint
 import data
 import masks
 from data import NEWLINE
-from model import GPT, GPTConfig, autocast as model_autocast
+from model import GPT, autocast as model_autocast
 from stats import attention_stats
 from train import progress
 
@@ -141,10 +142,8 @@ def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int
 # ----------------------------------------------------------------------------------------------------------
 
 def load_model(path: str, device: str) -> tuple[GPT, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = GPTConfig(**{**ckpt["config"]["model"], "attn": "flex" if device.startswith("cuda") else "sdpa"})
-    model = GPT(cfg)
-    model.load_state_dict(ckpt["model"])
+    ckpt = checkpoint.load(path)
+    model = checkpoint.model_from(ckpt, attn="flex" if device.startswith("cuda") else "sdpa")
     return model.to(device).eval(), ckpt["config"]
 
 

@@ -20,10 +20,11 @@ import time
 import torch
 
 import batches
+import checkpoint
 import data
 import masks
 from fastweights import PROJECTIONS, InnerConfig, adapted_layers, focusft_loss
-from model import GPT, IGNORE, LOSS_CHUNK, PRESETS, GPTConfig, preset, autocast as model_autocast
+from model import GPT, IGNORE, LOSS_CHUNK, PRESETS, preset, autocast as model_autocast
 from stats import attention_stats
 
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
@@ -160,8 +161,8 @@ def check_args(args):
            if args.babi_dir and args.data == "synthetic" else None,
            "--attn flex trains only on cuda (no CPU backward); use --attn sdpa"
            if args.attn == "flex" and args.device == "cpu" else None,
-           f"--resume: no checkpoint at {ckpt_path(args.out)}"
-           if args.resume and not os.path.exists(ckpt_path(args.out)) else None,
+           f"--resume: no checkpoint at {checkpoint.path(args.out)}"
+           if args.resume and not os.path.exists(checkpoint.path(args.out)) else None,
            f"--init: no checkpoint at {args.init}" if args.init and not os.path.exists(args.init) else None]
     unknown = set(args.tasks.split(",")) - set(data.TASKS)
     bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(data.TASKS)}" if unknown else None)
@@ -190,24 +191,6 @@ def check_args(args):
 
 # ----------------------------------------------------------------------------------------------------------
 # pieces of the loop
-
-def ckpt_path(out: str) -> str:
-    return os.path.join(out, "ckpt.pt")
-
-
-def save_checkpoint(path: str, model, optimizer, config: dict, step: int):
-    """Plain dict, written to a temp file and renamed, so a crash never leaves half a checkpoint."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "step": step,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
 
 def lr_at(step: int, args) -> float:
     """Linear warm-up over the first --warmup of the steps, then cosine decay to zero."""
@@ -279,16 +262,16 @@ def progress(step: int, total: int, width: int = 20) -> str:
 def main(argv=None):
     args = get_args(argv)
     start_step, ckpt = 0, None
-    if args.resume and os.path.exists(ckpt_path(args.out)):
+    if args.resume and os.path.exists(checkpoint.path(args.out)):
         given = [k for k, v in vars(args).items() if v != vars(get_args([]))[k]
                  and k not in RUN_ONLY]
         if given:
             sys.exit(f"train.py: error: --resume continues the recorded run; drop --{given[0].replace('_', '-')}")
-        ckpt = load_checkpoint(ckpt_path(args.out))
+        ckpt = checkpoint.load(checkpoint.path(args.out))
         keep = {k: getattr(args, k) for k in RUN_ONLY if getattr(args, k) is not None}
         args = argparse.Namespace(**{"workers": 0, **ckpt["config"]["args"], **keep})   # 0: runs before --workers
         start_step = ckpt["step"] + 1
-        why = [f"resuming {ckpt_path(args.out)} at step {start_step} with its recorded configuration"]
+        why = [f"resuming {checkpoint.path(args.out)} at step {start_step} with its recorded configuration"]
         if args.stop_after and args.stop_after <= start_step:
             sys.exit(f"train.py: error: --stop-after {args.stop_after} is not past the checkpoint's step {start_step}")
     else:
@@ -300,22 +283,19 @@ def main(argv=None):
     print("config:", json.dumps(vars(args)))
 
     torch.manual_seed(args.seed)
-    init = load_checkpoint(args.init) if args.init and ckpt is None else None
+    init = checkpoint.load(args.init) if args.init and ckpt is None else None
     if ckpt is not None:
-        model_cfg = GPTConfig(**ckpt["config"]["model"])
+        model = checkpoint.model_from(ckpt)
     else:
-        model_cfg = GPTConfig(**{**init["config"]["model"], "attn": args.attn}) if init else preset(args.model, args.attn)
-    inner = inner_config(args)
-    model = GPT(model_cfg).to(args.device)
-    if init:
-        model.load_state_dict(init["model"])
+        model = checkpoint.model_from(init, attn=args.attn) if init else GPT(preset(args.model, args.attn))
+    model_cfg, inner = model.config, inner_config(args)
+    model.to(args.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=ADAM_BETAS, fused=args.device.startswith("cuda"))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"]:
@@ -350,8 +330,8 @@ def main(argv=None):
                   f"sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
             log.write(json.dumps({"step": step, **ev}) + "\n")
         if args.ckpt_every and step > start_step and step % args.ckpt_every == 0:
-            save_checkpoint(ckpt_path(args.out), model, optimizer, config, step - 1)
-            print(f"saved {ckpt_path(args.out)} at step {step - 1}")
+            checkpoint.save(checkpoint.path(args.out), model, optimizer, config, step - 1)
+            print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
 
         # ------------------------------------------------------------------ one training step
         t0 = time.perf_counter()
@@ -382,10 +362,10 @@ def main(argv=None):
                               "ms": dt * 1000}) + "\n")
         log.flush()
 
-    save_checkpoint(ckpt_path(args.out), model, optimizer, config, last)
+    checkpoint.save(checkpoint.path(args.out), model, optimizer, config, last)
     if args.device.startswith("cuda"):
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    print(f"saved {ckpt_path(args.out)} at step {last}")
+    print(f"saved {checkpoint.path(args.out)} at step {last}")
     log.close()
 
 

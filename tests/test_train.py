@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import batches
+import checkpoint
 import train
 from conftest import ROOT
+from model import GPT
 
 TINY = ["--ctx", "512", "--data", "synthetic", "--model", "tiny", "--device", "cpu", "--batch-size", "2",
         "--lr", "3e-3", "--inner-rank", "8", "--stats-every", "100"]   # ctx 512 fits only 0k BABILong samples
@@ -30,11 +32,11 @@ def test_twenty_steps_loss_falls_and_checkpoint_is_written(tmp_path, method):
     if method == "focusft":  # inner[0] is the loss of the base weights alone (fresh fast weights): it falls too
         base = [r["inner"][0] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "inner" in r]
         assert sum(base[-5:]) / 5 < 0.7 * sum(base[:5]) / 5
-    ckpt = train.load_checkpoint(train.ckpt_path(str(tmp_path)))       # weights_only=True
+    ckpt = checkpoint.load(checkpoint.path(str(tmp_path)))       # weights_only=True
     assert ckpt["step"] == 19 and ckpt["config"]["args"]["method"] == method
     assert not [k for k in ckpt["model"] if k.endswith((".A", ".B"))]  # fast weights are never saved
     state = ckpt["optimizer"]["state"]
-    n_params = len(list(train.GPT(train.GPTConfig(**ckpt["config"]["model"])).parameters()))
+    n_params = len(list(checkpoint.model_from(ckpt).parameters()))
     assert len(state) == n_params                                       # optimizer holds base weights only
     assert ckpt["config"]["inner"]["rank"] == 8 and ckpt["config"]["model"]["n_layer"] == 4
 
@@ -45,10 +47,10 @@ def test_resume_continues_exactly(tmp_path, workers):
     common = TINY + ["--steps", "6", "--method", "focusft", "--workers", workers]
     train.main(common + ["--out", str(straight)])
     train.main(common + ["--out", str(chunked), "--stop-after", "3"])
-    assert train.load_checkpoint(train.ckpt_path(str(chunked)))["step"] == 2
+    assert checkpoint.load(checkpoint.path(str(chunked)))["step"] == 2
     train.main(["--out", str(chunked), "--resume"])
-    a = train.load_checkpoint(train.ckpt_path(str(straight)))
-    b = train.load_checkpoint(train.ckpt_path(str(chunked)))
+    a = checkpoint.load(checkpoint.path(str(straight)))
+    b = checkpoint.load(checkpoint.path(str(chunked)))
     assert a["step"] == b["step"] == 5
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -65,22 +67,22 @@ def test_resume_continues_exactly(tmp_path, workers):
 
 def test_resume_of_a_checkpoint_from_before_workers_existed(tmp_path):
     train.main(TINY + ["--steps", "2", "--stop-after", "1", "--out", str(tmp_path)])
-    path = train.ckpt_path(str(tmp_path))
-    ckpt = train.load_checkpoint(path)
+    path = checkpoint.path(str(tmp_path))
+    ckpt = checkpoint.load(path)
     del ckpt["config"]["args"]["workers"]
     torch.save(ckpt, path)
     train.main(["--out", str(tmp_path), "--resume"])
-    assert train.load_checkpoint(path)["step"] == 1
+    assert checkpoint.load(path)["step"] == 1
 
 
 def test_lm_objective_then_init(tmp_path):
     base = tmp_path / "base"
     train.main(TINY + ["--steps", "4", "--objective", "lm", "--out", str(base)])
-    ckpt = train.load_checkpoint(train.ckpt_path(str(base)))
+    ckpt = checkpoint.load(checkpoint.path(str(base)))
     assert ckpt["config"]["args"]["mask"] == "causal" and ckpt["config"]["args"]["method"] == "sft"
     ft = tmp_path / "ft"
-    train.main(TINY + ["--steps", "1", "--init", train.ckpt_path(str(base)), "--out", str(ft), "--lr", "1e-12"])
-    after = train.load_checkpoint(train.ckpt_path(str(ft)))["model"]
+    train.main(TINY + ["--steps", "1", "--init", checkpoint.path(str(base)), "--out", str(ft), "--lr", "1e-12"])
+    after = checkpoint.load(checkpoint.path(str(ft)))["model"]
     for k, v in ckpt["model"].items():                                # a 1e-12 step keeps the base weights
         torch.testing.assert_close(after[k], v, atol=1e-8, rtol=0)
 
@@ -92,7 +94,7 @@ def test_ablation_flags_reach_the_step(tmp_path):
         train.main(TINY + ["--steps", "2", "--method", "focusft", "--mask", "causal", "--inner-loss", inner_loss,
                            "--inner-steps", "3", "--out", str(out)])
         runs[inner_loss] = [r["inner"] for r in map(json.loads, open(out / "log.jsonl")) if "inner" in r]
-        assert train.load_checkpoint(train.ckpt_path(str(out)))["config"]["args"]["mask"] == "causal"
+        assert checkpoint.load(checkpoint.path(str(out)))["config"]["args"]["mask"] == "causal"
     assert [len(i) for i in runs["context"]] == [3, 3]
     assert runs["context"][0][0] != runs["response"][0][0]          # a different inner loss was optimised
 
@@ -129,7 +131,7 @@ def test_babilong_data_with_a_curriculum(tmp_path):
     train.main(TINY + ["--ctx", "1024", "--steps", "2", "--data", "babilong", "--lengths", "0k,1k",
                        "--out", str(tmp_path)])
     assert len(losses(tmp_path)) == 2 and all(x == x for x in losses(tmp_path))
-    assert train.load_checkpoint(train.ckpt_path(str(tmp_path)))["config"]["args"]["data"] == "babilong"
+    assert checkpoint.load(checkpoint.path(str(tmp_path)))["config"]["args"]["data"] == "babilong"
 
 
 def test_evaluate_scores_each_answers_first_token(monkeypatch):
@@ -142,7 +144,7 @@ def test_evaluate_scores_each_answers_first_token(monkeypatch):
     monkeypatch.setattr(train, "EVAL_ROWS", 2)
     monkeypatch.setattr(batches, "get_batch", lambda *a, **k: batch)
     torch.manual_seed(0)
-    model = train.GPT(tiny_config())
+    model = GPT(tiny_config())
     lm, docs, valid = batch["loss_mask"], batch["document_ids"], batch["attention_mask"]
     starts = [(b, t) for b in range(2) for t in range(69)                        # context -> answer, same doc
               if lm[b, t] == 0 and lm[b, t + 1] == 1 and docs[b, t] == docs[b, t + 1] and valid[b, t + 1]]

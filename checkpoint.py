@@ -1,0 +1,41 @@
+"""Checkpoints: what a run writes, and how it is read back.
+
+A checkpoint is a plain dict: {"model": the GPT's state (never fast weights: they live inside one training step),
+"optimizer": AdamW's state, "config": the whole run (train.py's args, the model's GPTConfig, the inner loop's
+InnerConfig), "step": the last finished step, "rng": the RNG states}. With the config inside, the file alone
+rebuilds the model (eval_babilong.py, --init) and continues the run exactly (--resume). It is written to a temp
+file and renamed, so a crash never leaves half a checkpoint, and read with weights_only=True, so loading one runs
+no pickled code.
+"""
+import os
+
+import torch
+
+from model import GPT, GPTConfig
+
+FILE = "ckpt.pt"   # one checkpoint per run folder, overwritten as the run goes
+
+
+def path(out: str) -> str:
+    return os.path.join(out, FILE)
+
+
+def save(file: str, model: GPT, optimizer: torch.optim.Optimizer, config: dict, step: int):
+    """Write atomically: to file + ".tmp", then rename over the old checkpoint. `model` is the uncompiled module."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "step": step,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    tmp = file + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, file)
+
+
+def load(file: str) -> dict:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def model_from(ckpt: dict, **changes) -> GPT:
+    """The checkpoint's model with its weights, on the CPU; `changes` replace config fields (e.g. attn="sdpa")."""
+    model = GPT(GPTConfig(**{**ckpt["config"]["model"], **changes}))
+    model.load_state_dict(ckpt["model"])
+    return model
