@@ -22,6 +22,7 @@ Two ideas to hold:
 import argparse
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -236,14 +237,15 @@ def training_source(source: str, seed: int, babi_dir: str | None, tasks: list[st
 
 def training_lengths(lengths: list[str], ctx: int, step: int | None = None, steps: int = 1) -> list[str]:
     """The lengths whose whole budget fits a row of ctx tokens; with step (a curriculum), only those allowed so
-    far: the shortest alone for the first FIRST_STAGE of the steps, then one more in each of equal stages."""
+    far: the shortest alone for the first FIRST_STAGE of the steps, then the others one at a time, shortest
+    first, in equal stages (the last one arrives by the last step, however few the steps)."""
     fits = sorted((n for n in lengths if budget(n) + PROMPT_TOKENS <= ctx), key=budget)
     if step is None:
         return fits
     first = int(FIRST_STAGE * steps)
     if step < first:
         return fits[:1]
-    return fits[:2 + (step - first) * (len(fits) - 1) // max(1, steps - first)]
+    return fits[:1 + math.ceil((step - first + 1) * (len(fits) - 1) / (steps - first))]
 
 
 def training_sample(enc: tiktoken.Encoding, rng: random.Random, hay: Library, tasks: list[str],

@@ -120,10 +120,10 @@ def apply_defaults(args) -> list[str]:
         default("compile", 1, "flex must run compiled on the GPU")
         default("dtype", "bf16", "bf16 autocast")
         default("batch_size", max(1, GPU_TOKENS_PER_STEP // args.ctx), f"about {GPU_TOKENS_PER_STEP:,} tokens per step")
-        default("workers", min(8, os.cpu_count() or 1), "batches are built ahead in other processes: a batch of "
-                "0k samples is ~0.3 s of Python (470 stories simulated one by one), a GPU step 45-120 ms")
-        default("steps", 6000, "half on 0k rows (SFT 45 ms/step measured, FocuSFT ~1.5x), half with rows up to "
-                               "8K (FocuSFT 116 ms, bench.py): about 10 minutes plus compilation on one H200")
+        default("workers", min(8, usable_cpus()), "batches are built ahead in other processes: a batch of 0k "
+                "samples is ~0.3 s of Python (470 stories simulated one by one), a GPU step 45-120 ms")
+        default("steps", 5000, "half on 0k rows, half with rows up to 8K (FocuSFT 116 ms/step, bench.py): "
+                               "estimated 8-12 minutes plus compilation on one H200")
         default("lr", 1e-3, "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
         default("curriculum", 1, "0k samples alone for the first half (470 answers per step, 70 at 0k-8k): "
                                  "from scratch, reading is learned on short samples (README, 'Learning')")
@@ -145,6 +145,10 @@ def apply_defaults(args) -> list[str]:
                    "from scratch, stronger fast weights leave the base weights worse on their own (README)"))
     default("stats_every", max(1, args.steps // 5), "five measurements per run")
     return why
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_args(args):
