@@ -43,6 +43,7 @@ MAX_NEW_TOKENS = 20                               # the benchmark's generation b
 HUB = "RMT-team/babilong"                         # the benchmark on the Hugging Face hub (configs = lengths)
 OFFICIAL = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
 PAD_TO = 1024                                     # prompt lengths are rounded up to this: few compiled shapes
+READING_TITLE = "reading: accuracy where the baseline is wrong (echoing the last-named label scores 0 here)"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,6 +275,23 @@ def make_data(args, enc, tasks, lengths):
         sys.exit(f"eval_babilong.py: error: {e}")
 
 
+def reading_accuracy(records: list[dict]) -> float | None:
+    """Accuracy on the samples the not-reading baseline gets wrong: echoing the last-named label scores 0 there,
+    reading the facts scores as anywhere else. None if the baseline gets every sample right."""
+    missed = [r["correct"] for r in records if not r["baseline_correct"]]
+    return sum(missed) / len(missed) if missed else None
+
+
+def mean(values: list) -> float | None:
+    """The mean of the values that exist (None: a cell without samples)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def cell(value: float | None) -> str:
+    return f"{value:>7.2f}" if value is not None else f"{'-':>7}"
+
+
 def run_eval(args, enc, tasks, lengths):
     if not os.path.exists(args.ckpt):
         sys.exit(f"eval_babilong.py: error: no checkpoint at {args.ckpt}")
@@ -299,7 +317,7 @@ def run_eval(args, enc, tasks, lengths):
         done += 1
         if bar:
             print(f"\r{progress(done, total)} {task} {length}", end="", file=sys.stderr, flush=True)
-    acc, base, records = {}, {}, []
+    acc, base, reading, records = {}, {}, {}, []
     for length in lengths:
         first = None
         for task in tasks:
@@ -309,6 +327,7 @@ def run_eval(args, enc, tasks, lengths):
                 recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts, tick)
             acc[task, length] = sum(r["correct"] for r in recs) / max(len(recs), 1)
             base[task, length] = sum(r["baseline_correct"] for r in recs) / max(len(recs), 1)
+            reading[task, length] = reading_accuracy(recs)
             records += [{"task": task, "length": length, **r} for r in recs]
             sec = sum(r["seconds"] for r in recs) / max(len(recs), 1)
             if bar:                                         # wipe the bar's line before a result line
@@ -320,11 +339,12 @@ def run_eval(args, enc, tasks, lengths):
             st = length_stats(model, enc, first, mask_kind, args.device)
         print(f"{length:>4}: sink mass {st['sink_mass']:.3f} | sink rate {st['sink_rate']:.2f} | "
               f"engagement {st['engagement']:.3f}")
-    for title, table in (("accuracy", acc), ("baseline: the label named last in the context", base)):
+    for title, table in (("accuracy", acc), ("baseline: the label named last in the context", base),
+                         (READING_TITLE, reading)):
         print(f"\n{title}\ntask  " + "".join(f"{n:>7}" for n in lengths))
         for t in tasks:
-            print(f"{t:<6}" + "".join(f"{table[t, n]:>7.2f}" for n in lengths))
-        print("mean  " + "".join(f"{sum(table[t, n] for t in tasks) / len(tasks):>7.2f}" for n in lengths))
+            print(f"{t:<6}" + "".join(cell(table[t, n]) for n in lengths))
+        print("mean  " + "".join(cell(mean([table[t, n] for t in tasks])) for n in lengths))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "predictions.json.tmp"), "w") as f:
         json.dump(records, f, indent=1)

@@ -138,7 +138,30 @@ def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path, monkeypa
     means = [line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.startswith("mean ")]
     for row, key in zip(means, ("correct", "baseline_correct")):   # the accuracy table's, then the baseline's
         assert row == [f"{sum(p[key] for p in preds if p['length'] == n) / 4:.2f}" for n in ("0k", "1k")]
-    assert len(means) == 2
+    reading = []                                   # the third table's: per task over the baseline's misses, then mean
+    for n in ("0k", "1k"):
+        per_task = []
+        for t in ("qa1", "qa5"):
+            missed = [p["correct"] for p in preds if (p["task"], p["length"]) == (t, n) and not p["baseline_correct"]]
+            per_task += [sum(missed) / len(missed)] if missed else []
+        reading.append(f"{sum(per_task) / len(per_task):.2f}" if per_task else "-")
+    assert len(means) == 3 and means[2] == reading
+
+
+def test_reading_table_counts_only_the_baselines_misses():
+    """A model that echoes the last-named label scores 0 in the reading table, whatever its accuracy, and one
+    that reads scores 1; cells where the baseline never misses print '-' and stay out of the mean."""
+    targets, last = ["office", "garden", "kitchen", "hallway"], ["kitchen", "garden", "bedroom", "hallway"]
+    def records(outputs):
+        return [{"correct": ev.is_correct(t, o, "Where is Mary? ", "qa1"),
+                 "baseline_correct": ev.is_correct(t, g, "Where is Mary? ", "qa1")}
+                for t, g, o in zip(targets, last, outputs)]
+    echo, reader = records(last), records(targets)
+    assert sum(r["correct"] for r in echo) == 2 and ev.reading_accuracy(echo) == 0.0     # half right, reads nothing
+    assert ev.reading_accuracy(reader) == 1.0
+    assert ev.reading_accuracy([r for r in echo if r["baseline_correct"]]) is None
+    assert ev.mean([0.5, None, 1.0]) == 0.75 and ev.mean([None]) is None
+    assert ev.cell(None).strip() == "-" and ev.cell(0.25).strip() == "0.25"
 
 
 @pytest.mark.parametrize("argv,needle", [
