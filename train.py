@@ -233,14 +233,19 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, to
     return focusft_loss(model, batch["idx"], batch["pos"], mask, batch["targets"], inner, inner_mask, inner_targets)
 
 
+def held_out_batch(args, enc, source) -> dict:
+    """The rows every evaluation of the run measures, on the device (the eval split, all lengths)."""
+    rows = EVAL_ROWS if args.device == "cpu" else max(EVAL_ROWS, GPU_EVAL_TOKENS // args.ctx)
+    return batches.to_device(batches.get_batch(args, enc, source, 0, 0, split="eval", rows=rows), args.device)
+
+
 @torch.no_grad()
-def evaluate(args, model, enc, source) -> dict:
-    """Held-out answer accuracy and the attention statistics of one row.
+def evaluate(args, model, batch: dict) -> dict:
+    """Held-out answer accuracy and the attention statistics of the batch's first row.
 
     Accuracy is the argmax at each answer's first token (for the lm objective: at every next token), with the
     base weights alone: fast weights exist only inside a training step."""
-    rows = EVAL_ROWS if args.device == "cpu" else max(EVAL_ROWS, GPU_EVAL_TOKENS // args.ctx)
-    batch = batches.to_device(batches.get_batch(args, enc, source, 0, 0, split="eval", rows=rows), args.device)
+    rows = batch["idx"].size(0)
     mask_mod = mask_mod_for(args, batch)
     x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, rows),
                      range(model.config.n_layer))
@@ -325,11 +330,12 @@ def main(argv=None):
     autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1
     loader = iter(batches.batch_loader(args, start_step, last, source))
+    held_out = held_out_batch(args, enc, source)         # built once: the same rows at every evaluation
     for step in range(start_step, last + 1):
         # ------------------------------------------------------------------ evaluation and checkpoint
         if step % args.stats_every == 0 or step == last:
             with autocast:
-                ev = evaluate(args, model, enc, source)
+                ev = evaluate(args, model, held_out)
             print(f"eval step {step}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | sink mass {ev['sink_mass']:.3f} | "
                   f"sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
             log.write(json.dumps({"step": step, **ev}) + "\n")

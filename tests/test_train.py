@@ -136,22 +136,20 @@ def test_babilong_data_with_a_curriculum(tmp_path):
     assert checkpoint.load(checkpoint.path(str(tmp_path)))["config"]["args"]["data"] == "babilong"
 
 
-def test_evaluate_scores_each_answers_first_token(monkeypatch):
+def test_evaluate_scores_each_answers_first_token():
     """eval_acc is measured at the positions that predict the first token of each answer, nowhere else."""
     from conftest import random_batch, tiny_config
     args = train.get_args(["--ctx", "70", "--device", "cpu", "--model", "tiny", "--min-len", "10"])
     train.apply_defaults(args)
     args.mask, args.method = "hybrid", "focusft"
     batch = random_batch(B=2, S=70)
-    monkeypatch.setattr(train, "EVAL_ROWS", 2)
-    monkeypatch.setattr(batches, "get_batch", lambda *a, **k: batch)
     torch.manual_seed(0)
     model = GPT(tiny_config())
     lm, docs, valid = batch["loss_mask"], batch["document_ids"], batch["attention_mask"]
     starts = [(b, t) for b in range(2) for t in range(69)                        # context -> answer, same doc
               if lm[b, t] == 0 and lm[b, t + 1] == 1 and docs[b, t] == docs[b, t + 1] and valid[b, t + 1]]
     with torch.no_grad():
-        out = train.evaluate(args, model, None, None)
+        out = train.evaluate(args, model, batch)
         x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]),
                          train.build_mask(args, train.mask_mod_for(args, batch), 2), range(4))
         hits = [int(model.lm_head(model.ln_f(x[b, t])).argmax() == batch["idx"][b, t + 1]) for b, t in starts]
