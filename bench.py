@@ -56,18 +56,22 @@ TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does th
 PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
 VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
 MODELS = ("small", "qwen05b")          # PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
-ATTN_CONFIGS = {  # --attn-config: how the model's flex calls compile: (inductor config, gpt.FLEX_OPTIONS)
-    "default": ({}, None),                             # the model's choice (model.flex_options)
-    "torch": ({}, {}),                                 # torch's own tiles at every head size
-    "no-prologue": ({"prologue_fusion": False}, {}),   # keep q/k/v's view, split and RoPE out of the flex kernel
-    "fwd-64x128": ({}, gpt.HEAD64_TILES),              # the forward tiles max-autotune chose at 16K, d64
+ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor config, model.py switches)
+    "default": ({}, {}),                                              # the model's choices (model.flex_options)
+    "torch": ({}, {"FLEX_OPTIONS": {}}),                              # torch's own tiles at every head size
+    "no-prologue": ({"prologue_fusion": False}, {"FLEX_OPTIONS": {}}),  # q/k/v's view, split, RoPE out of flex
+    "fwd-64x128": ({}, {"FLEX_OPTIONS": gpt.HEAD64_TILES}),           # the forward tiles max-autotune chose
     # smaller backward tiles at head size 64 (torch's on H100/H200: 64/128/128/64, 8 warps): less work wasted
     # on the partly masked tiles of short packed documents
-    "bwd-64x64": ({}, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}),
-    "bwd-32x64": ({}, {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}),
-    "max-autotune": ({"max_autotune": True}, {}),      # inductor times candidate tiles for every kernel (slow compile)
-    "autotune-flex": ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}, {}),  # flex's tiles timed,
-}                                                      # matmuls left to cuBLAS (a shorter compile)
+    "bwd-64x64": ({}, {"FLEX_OPTIONS": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                                        "bwd_BLOCK_N2": 64}}),
+    "bwd-32x64": ({}, {"FLEX_OPTIONS": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                                        "bwd_BLOCK_N2": 32}}),
+    "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
+    "max-autotune": ({"max_autotune": True}, {"FLEX_OPTIONS": {}}),   # inductor times candidate tiles for
+                                                                      # every kernel (slow compile)
+    "autotune-flex": ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}, {"FLEX_OPTIONS": {}}),
+}                                                 # flex's tiles timed, matmuls left to cuBLAS (shorter compile)
 WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
 EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of PAD_TO)
 EVAL_REPEATS = 3             # timed prefill + decode repeats (after one warm-up repeat that compiles)
@@ -237,21 +241,26 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
 
 @contextlib.contextmanager
 def attn_config(name: str):
-    """Compile under ATTN_CONFIGS[name] ("a+b" joins several: their settings and options merged, over
-    torch's tiles): inductor settings patched and model.FLEX_OPTIONS set for the duration; dynamo starts
-    afresh, so nothing compiled under another configuration is reused."""
+    """Compile under ATTN_CONFIGS[name] ("a+b" joins several: their settings in force together, their
+    kernel options merged over torch's tiles): inductor settings patched and model.py's switches set for the
+    duration; dynamo starts afresh, so nothing compiled under another configuration is reused."""
     import torch._inductor.config as inductor_config
     parts = [ATTN_CONFIGS[part] for part in name.split("+")]
     inductor = {k: v for settings, _ in parts for k, v in settings.items()}
-    options = None if all(o is None for _, o in parts) else {k: v for _, o in parts for k, v in (o or {}).items()}
-    saved = gpt.FLEX_OPTIONS
+    switches = {k: v for _, sw in parts for k, v in sw.items() if k != "FLEX_OPTIONS"}
+    options = [sw["FLEX_OPTIONS"] for _, sw in parts if "FLEX_OPTIONS" in sw]
+    if options:
+        switches["FLEX_OPTIONS"] = {k: v for o in options for k, v in o.items()}
+    saved = {k: getattr(gpt, k) for k in switches}
     torch._dynamo.reset()
-    gpt.FLEX_OPTIONS = options
+    for k, v in switches.items():
+        setattr(gpt, k, v)
     try:
         with inductor_config.patch(inductor):
             yield
     finally:
-        gpt.FLEX_OPTIONS = saved
+        for k, v in saved.items():
+            setattr(gpt, k, v)
         torch._dynamo.reset()
 
 

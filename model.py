@@ -29,6 +29,8 @@ LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tenso
 FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
                                    # own; set before the first compiled call (bench.py --attn-config does)
 HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}   # the forward tiles max-autotune picked at head size 64
+FLEX_EXPAND_KV = False # grouped-query K/V copied to every query head before a flex call that needs a backward
+                       # (flex_gqa_kv); set before the first compiled call (bench.py --attn-config expand-kv)
 
 
 @dataclass
@@ -83,6 +85,23 @@ def flex_options(head_dim: int) -> dict | None:
     if FLEX_OPTIONS is not None:
         return FLEX_OPTIONS or None
     return HEAD64_TILES if head_dim == 64 else None
+
+
+def flex_gqa_kv(k: Tensor, v: Tensor, n_head: int, backward: bool) -> tuple[Tensor, Tensor, bool]:
+    """K and V as the flex call takes them, and its enable_gqa. Flex's backward gives each KV head one program
+    per key block, and that program loops over all the query heads sharing the KV head: on the Qwen2-0.5B
+    shape (2 KV heads, 7 query heads each) 2 x 64 programs at 8K, each with 7 heads of work, not enough to fill
+    132 SMs. With FLEX_EXPAND_KV, a call that will be differentiated gets K and V repeated to n_head heads
+    (their gradients summed back by autograd), so the backward sees plain multi-head attention; the forward
+    and generation keep the shared heads (their kernels split the work by query head)."""
+    n_kv = k.size(1)
+    if n_kv == n_head:
+        return k, v, False
+    if not (FLEX_EXPAND_KV and backward):
+        return k, v, True
+    B, _, T, hs = k.shape
+    expand = lambda x: x[:, :, None].expand(B, n_kv, n_head // n_kv, T, hs).reshape(B, n_head, T, hs)
+    return expand(k), expand(v), False          # (B, nh, T, hs): kv head j serves query heads j*g ... j*g+g-1
 
 
 def _eager_flex(*args, **kwargs):
@@ -145,12 +164,13 @@ class CausalSelfAttention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nkv, S+T, hs)
             cache["k"], cache["v"] = k, v
-        gqa = self.n_kv_head != self.n_head
         if isinstance(mask, BlockMask):
+            k, v, gqa = flex_gqa_kv(k, v, self.n_head, backward=q.requires_grad)
             y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa,
                         kernel_options=flex_options(self.head_dim))                            # (B, nh, T, hs)
         else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex; None = see all
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)    # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               enable_gqa=self.n_kv_head != self.n_head)   # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))                              # (B, T, C)
 
 

@@ -145,7 +145,7 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
     monkeypatch.setattr(bench, "time_steps", fake_time)
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     rows = bench.bench_training([1024], ["tiny"], 1, 1, 1024, False, ("default", "fwd-64x128"))
-    options = bench.ATTN_CONFIGS["fwd-64x128"][1]
+    options = bench.ATTN_CONFIGS["fwd-64x128"][1]["FLEX_OPTIONS"]
     assert seen == [None] * 3 + [options] * 3 and model.FLEX_OPTIONS is None
     assert [r["config"] for r in rows] == ["default"] * 3 + ["fwd-64x128"] * 3
     assert [r["ratio"] for r in rows] == [1.0, 1.0, 3.0] * 2
@@ -189,4 +189,7 @@ def test_joined_attn_configs_merge_their_options_and_settings():
         assert model.FLEX_OPTIONS is None
     with bench.attn_config("torch+default"):
         assert model.FLEX_OPTIONS == {}
+    with bench.attn_config("expand-kv+fwd-64x128"):
+        assert model.FLEX_EXPAND_KV is True and model.FLEX_OPTIONS == model.HEAD64_TILES
     assert model.FLEX_OPTIONS is None and inductor_config.prologue_fusion is not False
+    assert model.FLEX_EXPAND_KV is False

@@ -58,6 +58,30 @@ def test_flex_and_sdpa_backends_agree_on_the_model():
     torch.testing.assert_close(f[valid], a[valid], atol=2e-5, rtol=1e-4)
 
 
+def test_expanded_kv_is_grouped_query_attention_with_its_gradients(monkeypatch):
+    """model.FLEX_EXPAND_KV: K/V repeated so query head h reads KV head h // group (the enable_gqa rule),
+    only for calls that will be differentiated; attention on the copies gives enable_gqa's output and, summed
+    back by autograd, its K/V gradients, and flex's grouping is the same."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 50, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 50, 8, generator=g, requires_grad=True) for _ in range(2))
+    assert M.flex_gqa_kv(k, v, 6, backward=True) == (k, v, True)           # off by default
+    monkeypatch.setattr(M, "FLEX_EXPAND_KV", True)
+    assert M.flex_gqa_kv(k, v, 6, backward=False) == (k, v, True)          # forward only: kept shared
+    assert M.flex_gqa_kv(q, q, 6, backward=True) == (q, q, False)          # multi-head: nothing to do
+    ke, ve, gqa = M.flex_gqa_kv(k, v, 6, backward=True)
+    assert not gqa and torch.equal(ke, k.repeat_interleave(3, dim=1)) and torch.equal(ve, v.repeat_interleave(3, dim=1))
+    dy = torch.randn(2, 6, 50, 8, generator=g)
+    out = F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)):
+        torch.testing.assert_close(a, b)
+    bm = create_block_mask(masks.causal(), 2, None, 50, 50, device="cpu")   # flex (forward only on a CPU)
+    q, k, v, ke, ve = (t.detach() for t in (q, k, v, ke, ve))
+    torch.testing.assert_close(M.flex(q)(q, ke, ve, block_mask=bm), M.flex(q)(q, k, v, block_mask=bm, enable_gqa=True))
+
+
 def test_rope_is_relative():
     """Shifting every position by a constant leaves q.k unchanged: positions enter only as differences."""
     torch.manual_seed(0)
