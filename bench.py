@@ -5,7 +5,7 @@
 
 1. attention fwd+bwd: flex under the hybrid mask, flex causal, SDPA causal (flash, the ceiling), SDPA with the
    hybrid mask as a dense bool tensor; 2. a whole training step from train.py's own pieces, same model and
-   data for both methods; 3. eval_babilong's prefill and KV-cache decode; and, asked for with --sections tune,
+   data for both methods; 3. generate.py's prefill and KV-cache decode; and, asked for with --sections tune,
    flex's kernel options under the hybrid mask, and with --sections work (no GPU), each step's matmul work.
    Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
    counts them); timed regions hold synchronised GPU work only (batches are built beforehand, compilation
@@ -30,6 +30,7 @@ from torch.nn.attention.flex_attention import flex_attention
 import batches
 import data
 import eval_babilong
+import generate
 import masks
 import train
 from flops import allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops, batch_work
@@ -73,7 +74,7 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
     "autotune-flex": ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}, {"FLEX_OPTIONS": {}}),
 }                                                 # flex's tiles timed, matmuls left to cuBLAS (shorter compile)
 WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
-EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of PAD_TO)
+EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of generate.PAD_TO)
 EVAL_REPEATS = 3             # timed prefill + decode repeats (after one warm-up repeat that compiles)
 DECODE_TOKENS = eval_babilong.MAX_NEW_TOKENS   # tokens decoded per repeat: the benchmark's answer budget
 QUICK_WARMUP, QUICK_TIMED, QUICK_REPEATS = 2, 2, 1   # --quick: enough to compile and run every path once
@@ -334,7 +335,7 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
 # 3. evaluation: prefill and cached decoding
 
 def bench_eval(prompts, repeats: int) -> list[dict]:
-    """eval_babilong's path as it runs on a GPU: bf16 autocast, uncompiled blocks, compiled flex prefill,
+    """generate.py as eval_babilong runs it on a GPU: bf16 autocast, uncompiled blocks, compiled flex prefill,
     SDPA decode."""
     model = preset_model("small", 0).eval()
     rows = []
@@ -345,12 +346,12 @@ def bench_eval(prompts, repeats: int) -> list[dict]:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits, caches = eval_babilong.prefill(model, prompt, "hybrid", "cuda")
+                logits, caches = generate.prefill(model, prompt, "hybrid", "cuda")
                 torch.cuda.synchronize()
                 t1 = time.perf_counter()
                 for i in range(DECODE_TOKENS):
                     token = int(logits[:data.PAD_ID + 1].argmax())                       # greedy, as generate()
-                    logits = eval_babilong.decode_step(model, token, n + i, caches, "cuda")
+                    logits = generate.decode_step(model, token, n + i, caches, "cuda")
             torch.cuda.synchronize()
             if r:
                 prefill.append(t1 - t0)

@@ -7,9 +7,8 @@
 
 BABILong (Kuratov et al. 2024; booydar/babilong) hides bAbI facts in long haystack text and asks one question.
 Two ideas to hold:
-  1. Decoding is greedy with a KV cache: the prompt is run once (prefill, under the chosen mask: with `hybrid`
-     it is one bidirectional context turn), its keys and values kept, then each new token attends to all of
-     them. The prompt is padded to a multiple of PAD_TO tokens so compiled kernels see few shapes.
+  1. Decoding is greedy with a KV cache (generate.py): the prompt is run once under the chosen mask (with
+     `hybrid` it is one bidirectional context turn), then each new token attends to all of it.
   2. The score is the official rule, quirks included (`is_correct`): keep the output's first sentence
      (before the first '.'), lower-cased, cut at '<context>' / '<example>' (the official code also cuts at
      'Question', which never matches after lower-casing); drop the task's labels that the question names;
@@ -31,6 +30,7 @@ import checkpoint
 import data
 import masks
 from data import NEWLINE
+from generate import generate, padded
 from model import GPT, autocast as model_autocast
 from stats import attention_stats
 from train import progress
@@ -42,7 +42,6 @@ CUT_AT = ("<context>", "<example>", "Question")   # the official cut list; 'Ques
 MAX_NEW_TOKENS = 20                               # the benchmark's generation budget
 HUB = "RMT-team/babilong"                         # the benchmark on the Hugging Face hub (configs = lengths)
 OFFICIAL = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
-PAD_TO = 1024                                     # prompt lengths are rounded up to this: few compiled shapes
 READING_TITLE = "reading: accuracy where the baseline is wrong (echoing the last-named label scores 0 here)"
 
 
@@ -85,62 +84,6 @@ def score_file(path: str, task: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# greedy decoding with a KV cache
-
-def prompt_mask(kind: str, n_real: int, padded: int, device):
-    """Mask of a prompt of n_real tokens padded to `padded`: one context turn (hybrid) or causal."""
-    valid = (torch.arange(padded, device=device) < n_real)[None]                    # (1, S)
-    zeros = torch.zeros(1, padded, dtype=torch.long, device=device)                 # all context, no response
-    return masks.hybrid(zeros, valid) if kind == "hybrid" else masks.causal(valid)
-
-
-def padded(ids: list[int], device) -> tuple[torch.Tensor, int]:
-    """(1, S) tokens padded with PAD_ID to S, the next multiple of PAD_TO: few shapes for compiled kernels."""
-    S = -(-len(ids) // PAD_TO) * PAD_TO
-    idx = torch.full((1, S), data.PAD_ID, device=device)
-    idx[0, :len(ids)] = torch.tensor(ids, device=device)
-    return idx, S
-
-
-@torch.no_grad()
-def prefill(model: GPT, prompt: list[int], mask_kind: str, device) -> tuple[torch.Tensor, list[dict]]:
-    """Run the prompt once, padded to a multiple of PAD_TO; return the last token's logits (vocab,) and the
-    per-layer K/V caches with the padding cut off."""
-    n = len(prompt)
-    idx, S = padded(prompt, device)
-    mask = masks.for_backend(model.config.attn, prompt_mask(mask_kind, n, S, device), 1, S, device)
-    caches = [{} for _ in model.h]
-    x = model.blocks(model.wte(idx), model.rope(torch.arange(S, device=device)[None]), mask,
-                     range(model.config.n_layer), caches=caches)
-    for cache in caches:                                                              # forget the padding
-        cache["k"], cache["v"] = cache["k"][:, :, :n], cache["v"][:, :, :n]
-    return model.logits_at(x, torch.tensor([[n - 1]], device=device))[0, 0], caches
-
-
-@torch.no_grad()
-def decode_step(model: GPT, token: int, position: int, caches: list[dict], device) -> torch.Tensor:
-    """One new token at `position`: it attends to every cached key (a response sees all before it)."""
-    x = model.blocks(model.wte(torch.tensor([[token]], device=device)),
-                     model.rope(torch.tensor([[position]], device=device)), None, range(model.config.n_layer),
-                     caches=caches)
-    return model.logits_at(x, torch.zeros(1, 1, dtype=torch.long, device=device))[0, 0]   # (vocab,)
-
-
-def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int = MAX_NEW_TOKENS,
-             stop: tuple = (NEWLINE, data.PAD_ID)) -> list[int]:
-    """Greedy continuation of `prompt`, ending at a `stop` token or after max_new tokens."""
-    logits, caches = prefill(model, prompt, mask_kind, device)
-    out = []
-    for i in range(max_new):
-        token = int(logits[:data.PAD_ID + 1].argmax())                                # real GPT-2 ids only
-        if token in stop:
-            break
-        out.append(token)
-        logits = decode_step(model, token, len(prompt) + i, caches, device)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 def load_model(path: str, device: str) -> tuple[GPT, dict]:
     ckpt = checkpoint.load(path)
@@ -173,7 +116,7 @@ def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device,
     for s in samples:
         prompt = prompt_for(enc, s, task, style, parts or {})
         t0 = time.perf_counter()
-        output = enc.decode(generate(model, prompt, mask_kind, device, stop=stop))
+        output = enc.decode(generate(model, prompt, mask_kind, device, MAX_NEW_TOKENS, stop))
         guess = last_mentioned(s, task)
         records.append({**s, "output": output, "correct": is_correct(s["target"], output, s["question"], task),
                         "last_mentioned": guess, "baseline_correct": is_correct(s["target"], guess, s["question"], task),
@@ -355,7 +298,8 @@ def run_eval(args, enc, tasks, lengths):
 
 @torch.no_grad()
 def length_stats(model, enc, sample: dict, mask_kind: str, device) -> dict:
-    """Sink mass / engagement on one prompt plus its target answer as the response turn (padded to PAD_TO)."""
+    """Sink mass / engagement on one prompt plus its target answer as the response turn (padded as generate
+    pads prompts)."""
     ids = data.prompt_ids(enc, sample["input"], sample["question"])
     answer = data.answer_ids(enc, sample["target"])
     n = len(ids) + len(answer)

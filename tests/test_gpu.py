@@ -69,7 +69,7 @@ def test_compiled_training_steps_run_fused(tmp_path, method):
 
 def test_kv_cache_prefill_and_decode_on_flex_match_sdpa():
     """Evaluation's compiled-flex prefill and cached decode give the logits of the dense SDPA path."""
-    import eval_babilong as ev
+    import generate
     from conftest import tiny_config
     from model import GPT
     torch.manual_seed(0)
@@ -78,10 +78,11 @@ def test_kv_cache_prefill_and_decode_on_flex_match_sdpa():
     sdpa_model.load_state_dict(flex_model.state_dict())
     prompt = torch.randint(0, 50000, (1500,)).tolist()
     for kind in ("hybrid", "causal"):
-        (a, ca), (b, cb) = ev.prefill(flex_model, prompt, kind, "cuda"), ev.prefill(sdpa_model, prompt, kind, "cuda")
+        (a, ca) = generate.prefill(flex_model, prompt, kind, "cuda")
+        (b, cb) = generate.prefill(sdpa_model, prompt, kind, "cuda")
         assert rel_err(a, b) < 1e-3
-        a = ev.decode_step(flex_model, 17, len(prompt), ca, "cuda")
-        b = ev.decode_step(sdpa_model, 17, len(prompt), cb, "cuda")
+        a = generate.decode_step(flex_model, 17, len(prompt), ca, "cuda")
+        b = generate.decode_step(sdpa_model, 17, len(prompt), cb, "cuda")
         assert rel_err(a, b) < 1e-3
 
 
