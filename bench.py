@@ -58,7 +58,7 @@ PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by t
 VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
 MODELS = ("small", "qwen05b")          # PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
 ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor config, model.py switches)
-    "default": ({}, {}),                                              # the model's choices (model.flex_options)
+    "default": ({}, {"FLEX_OPTIONS": None}),                          # the model's choices (model.flex_options)
     "torch": ({}, {"FLEX_OPTIONS": {}}),                              # torch's own tiles at every head size
     "no-prologue": ({"prologue_fusion": False}, {"FLEX_OPTIONS": {}}),  # q/k/v's view, split, RoPE out of flex
     "fwd-64x128": ({}, {"FLEX_OPTIONS": gpt.HEAD64_TILES}),           # the forward tiles max-autotune chose
@@ -249,14 +249,13 @@ def attn_config(name: str):
     parts = [ATTN_CONFIGS[part] for part in name.split("+")]
     inductor = {k: v for settings, _ in parts for k, v in settings.items()}
     switches = {k: v for _, sw in parts for k, v in sw.items() if k != "FLEX_OPTIONS"}
-    options = [sw["FLEX_OPTIONS"] for _, sw in parts if "FLEX_OPTIONS" in sw]
-    if options:
-        switches["FLEX_OPTIONS"] = {k: v for o in options for k, v in o.items()}
+    options = [sw["FLEX_OPTIONS"] for _, sw in parts if sw.get("FLEX_OPTIONS") is not None]
+    switches["FLEX_OPTIONS"] = {k: v for o in options for k, v in o.items()} if options else None
     saved = {k: getattr(gpt, k) for k in switches}
     torch._dynamo.reset()
-    for k, v in switches.items():
-        setattr(gpt, k, v)
     try:
+        for k, v in switches.items():
+            setattr(gpt, k, v)
         with inductor_config.patch(inductor):
             yield
     finally:

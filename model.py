@@ -88,12 +88,14 @@ def flex_options(head_dim: int) -> dict | None:
 
 
 def flex_gqa_kv(k: Tensor, v: Tensor, n_head: int, backward: bool) -> tuple[Tensor, Tensor, bool]:
-    """K and V as the flex call takes them, and its enable_gqa. Flex's backward gives each KV head one program
-    per key block, and that program loops over all the query heads sharing the KV head: on the Qwen2-0.5B
-    shape (2 KV heads, 7 query heads each) 2 x 64 programs at 8K, each with 7 heads of work, not enough to fill
-    132 SMs. With FLEX_EXPAND_KV, a call that will be differentiated gets K and V repeated to n_head heads
-    (their gradients summed back by autograd), so the backward sees plain multi-head attention; the forward
-    and generation keep the shared heads (their kernels split the work by query head)."""
+    """K and V as the flex call takes them, and its enable_gqa. Flex's backward computes dK and dV in one
+    program per KV head and key block, which loops over all the query heads sharing that KV head (dQ has one
+    program per query head and query block): on the Qwen2-0.5B shape (2 KV heads of 7 query heads) at 8K and
+    batch 1, 128 dK/dV programs with 7 heads of work each, so the backward may end on a tail of long programs.
+    With FLEX_EXPAND_KV, a call that will be differentiated gets K and V repeated to n_head heads (their
+    gradients summed back by autograd): the backward sees plain multi-head attention, at the price of saving
+    the repeated K and V for it (n_head / n_kv times their memory). The forward and generation keep the shared
+    heads (their kernels split the work by query head)."""
     n_kv = k.size(1)
     if n_kv == n_head:
         return k, v, False
@@ -165,7 +167,7 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nkv, S+T, hs)
             cache["k"], cache["v"] = k, v
         if isinstance(mask, BlockMask):
-            k, v, gqa = flex_gqa_kv(k, v, self.n_head, backward=q.requires_grad)
+            k, v, gqa = flex_gqa_kv(k, v, self.n_head, backward=q.requires_grad or k.requires_grad)
             y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa,
                         kernel_options=flex_options(self.head_dim))                            # (B, nh, T, hs)
         else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex; None = see all

@@ -176,17 +176,20 @@ def test_attention_passes_flex_options_to_the_kernel(monkeypatch):
     assert calls == [None] * 2 + [model.HEAD64_TILES] * 2 + [{"fwd_BLOCK_M": 32}] * 2 + [None] * 2
 
 
-def test_joined_attn_configs_merge_their_options_and_settings():
+def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
     """"a+b": both configurations' kernel options (over torch's tiles) and inductor settings in force at once;
-    everything restored after."""
+    "default" is the model's own choice whatever was set before; everything restored after."""
     import torch._inductor.config as inductor_config
     import model
     with bench.attn_config("fwd-64x128+bwd-32x64+no-prologue"):
         assert model.FLEX_OPTIONS == {**model.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
                                       "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
         assert inductor_config.prologue_fusion is False
+    monkeypatch.setattr(model, "FLEX_OPTIONS", {"fwd_BLOCK_M": 32})
     with bench.attn_config("default"):
         assert model.FLEX_OPTIONS is None
+    assert model.FLEX_OPTIONS == {"fwd_BLOCK_M": 32}
+    monkeypatch.setattr(model, "FLEX_OPTIONS", None)
     with bench.attn_config("torch+default"):
         assert model.FLEX_OPTIONS == {}
     with bench.attn_config("expand-kv+fwd-64x128"):

@@ -82,6 +82,33 @@ def test_expanded_kv_is_grouped_query_attention_with_its_gradients(monkeypatch):
     torch.testing.assert_close(M.flex(q)(q, ke, ve, block_mask=bm), M.flex(q)(q, k, v, block_mask=bm, enable_gqa=True))
 
 
+def test_attention_expands_kv_only_for_flex_calls_that_will_be_differentiated(monkeypatch):
+    """The model asks for the repeated K/V exactly when a backward will follow (grad on, weights trainable),
+    never in a no-grad forward or in generation, whose cache keeps the shared KV heads."""
+    monkeypatch.setattr(M, "FLEX_EXPAND_KV", True)
+    heads = []
+
+    def fake_flex(q):
+        def call(q, k, v, block_mask, enable_gqa, kernel_options):
+            heads.append((k.size(1), enable_gqa))
+            return q.new_zeros(q.shape)                            # (B, nh, T, hs)
+        return call
+    monkeypatch.setattr(M, "flex", fake_flex)
+    torch.manual_seed(0)
+    m, b = M.GPT(tiny_config(attn="flex")), random_batch(S=64)      # 4 query heads, 2 KV heads
+    bm = create_block_mask(masks.causal(), 2, None, 64, 64, device="cpu")
+    run = lambda cache=None: m.blocks(m.wte(b["idx"]), m.rope(b["pos"]), bm, range(1), caches=cache)
+    run()
+    with torch.no_grad():
+        run()
+    m.requires_grad_(False)
+    run()
+    caches = [{}]
+    with torch.no_grad():
+        run(caches)
+    assert heads == [(4, False), (2, True), (2, True), (2, True)] and caches[0]["k"].size(1) == 2
+
+
 def test_rope_is_relative():
     """Shifting every position by a constant leaves q.k unchanged: positions enter only as differences."""
     torch.manual_seed(0)
