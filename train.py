@@ -122,8 +122,8 @@ def apply_defaults(args) -> list[str]:
         default("batch_size", max(1, GPU_TOKENS_PER_STEP // args.ctx), f"about {GPU_TOKENS_PER_STEP:,} tokens per step")
         default("workers", min(8, usable_cpus()), "batches are built ahead in other processes: a batch of 0k "
                 "samples is ~0.3 s of Python (470 stories simulated one by one), a GPU step 45-120 ms")
-        default("steps", 5000, "half on 0k rows (FocuSFT 81 ms/step), half with rows up to 8K (111 ms): "
-                               "about 12 minutes on one H200 with start-up and compilation, reads qa4-qa5 (README)")
+        default("steps", 5000, "half on 0k rows (FocuSFT 80 ms/step), half as 1k-8k join (85-126 ms): about "
+                               "12 minutes on one H200 with start-up and compilation; reads qa5 (README)")
         default("lr", 1e-3, "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
         default("curriculum", 1, "0k samples alone for the first half (470 answers per step, 70 at 0k-8k): "
                                  "from scratch, reading is learned on short samples (README, 'Learning')")
