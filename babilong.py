@@ -230,8 +230,12 @@ def make_samples(enc: tiktoken.Encoding, rng: random.Random, task: str, length: 
 
 
 def training_source(source: str, seed: int, babi_dir: str | None, tasks: list[str]) -> tuple:
-    """What training samples are drawn from: a haystack, and real bAbI train stories per task (or None)."""
-    stories = {t: read_babi(babi_file(babi_dir, t, "train")) for t in tasks} if babi_dir else None
+    """What training samples are drawn from: a haystack, and (with babi_dir) real bAbI stories per split and
+    task: the train files for training, the test files for the held-out check (None: generated stories)."""
+    if babi_dir is None:
+        return haystack(source, seed), None
+    files = {"train": "train", "eval": "test"}          # the held-out check reads stories training never sees
+    stories = {split: {t: read_babi(babi_file(babi_dir, t, f)) for t in tasks} for split, f in files.items()}
     return haystack(source, seed), stories
 
 

@@ -29,7 +29,7 @@ def get_batch(args, enc, source, step: int, micro: int, split: str = "train", ro
     """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro)."""
     rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
     tasks = args.tasks.split(",")
-    hay, stories = source
+    hay, stories = source[0], source[1][split] if source[1] else None
     if args.data == "synthetic":
         return data.pack_batch(enc, rng, lambda r, n: babilong.draw_haystack(enc, r, hay, n),
                                rows or args.batch_size, args.ctx, tasks, args.min_len, args.max_len, args.objective)

@@ -55,7 +55,8 @@ def get_args(argv=None) -> argparse.Namespace:
                         "the others one at a time, shortest first (default 1 on a GPU, 0 on a CPU)")
     p.add_argument("--haystack", default="synthetic",
                    help="haystack text: synthetic, pg19 (online) or a folder of .txt books")
-    p.add_argument("--babi-dir", default=None, help="--data babilong: real bAbI train files instead of the generator")
+    p.add_argument("--babi-dir", default=None, help="--data babilong: real bAbI stories instead of the generator "
+                                                    "(train files; the held-out check: test files)")
     p.add_argument("--min-len", type=int, default=256, help="--data synthetic: shortest sample in a row (tokens)")
     p.add_argument("--max-len", type=int, default=0, help="--data synthetic: longest sample (tokens); 0 = --ctx")
     p.add_argument("--objective", choices=["sft", "lm"], default="sft",

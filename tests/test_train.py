@@ -12,11 +12,14 @@ import torch
 import batches
 import checkpoint
 import train
-from conftest import ROOT
+from conftest import ROOT, SHARED
 from model import GPT
 
 TINY = ["--ctx", "512", "--data", "synthetic", "--model", "tiny", "--device", "cpu", "--batch-size", "2",
         "--lr", "3e-3", "--inner-rank", "8", "--stats-every", "100"]   # ctx 512 fits only 0k BABILong samples
+
+
+BABI_EN = SHARED / "data" / "babi" / "en"
 
 
 def losses(out):
@@ -134,6 +137,27 @@ def test_babilong_data_with_a_curriculum(tmp_path):
                        "--out", str(tmp_path)])
     assert len(losses(tmp_path)) == 2 and all(x == x for x in losses(tmp_path))
     assert checkpoint.load(checkpoint.path(str(tmp_path)))["config"]["args"]["data"] == "babilong"
+
+
+@pytest.mark.skipif(not BABI_EN.is_dir(), reason="needs ../shared/data/babi")
+def test_real_babi_stories_train_on_train_files_and_hold_out_test_files(monkeypatch):
+    """--babi-dir: training batches draw stories from the bAbI train files, the held-out check from the test
+    files, so the logged accuracy is on stories the model never trained on."""
+    import babi
+    import babilong
+    import data
+    args = train.get_args(["--data", "babilong", "--ctx", "1024", "--lengths", "0k", "--tasks", "qa1,qa4",
+                           "--babi-dir", str(BABI_EN), "--device", "cpu", "--batch-size", "1"])
+    train.apply_defaults(args)
+    source = batches.data_source(args)
+    for split, file in (("train", "train"), ("eval", "test")):
+        assert source[1][split]["qa4"] == babi.read_babi(babi.babi_file(str(BABI_EN), "qa4", file))
+    drawn = []
+    real_sample = babilong.training_sample
+    monkeypatch.setattr(babilong, "training_sample", lambda *a: drawn.append(a[-1]) or real_sample(*a))
+    for split in ("train", "eval"):
+        batches.get_batch(args, data.gpt2(), source, 0, 0, split)
+        assert drawn[-1] is source[1][split]
 
 
 def test_evaluate_scores_each_answers_first_token():
