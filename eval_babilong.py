@@ -25,6 +25,7 @@ import time
 
 import torch
 
+import babi
 import babilong
 import checkpoint
 import data
@@ -67,10 +68,12 @@ def is_correct(target: str, output: str, question: str, task: str) -> bool:
 
 
 def last_mentioned(sample: dict, task: str) -> str:
-    """A baseline that does not read: the task's label named last in the context, leaving out those the
-    question names ("" if none). A model at this accuracy may only have learned to answer with a recent word."""
+    """A baseline that does not read: the task's label named last in the context's bAbI facts (not in the
+    haystack prose, which may name rooms and people too), leaving out those the question names ("" if none).
+    A model at this accuracy may only have learned to answer with a recent word."""
     labels = {label.lower() for label in TASK_LABELS[task]} - set(re.findall(r"[a-z]+", sample["question"].lower()))
-    return next((w for w in reversed(re.findall(r"[a-z]+", sample["input"].lower())) if w in labels), "")
+    words = re.findall(r"[a-z]+", " ".join(babi.fact_sentences(sample["input"])).lower())
+    return next((w for w in reversed(words) if w in labels), "")
 
 
 def score_file(path: str, task: str) -> tuple[int, int]:
@@ -105,7 +108,8 @@ def prompt_for(enc, sample: dict, task: str, style: str, parts: dict) -> list[in
     if style == "trained":
         return data.prompt_ids(enc, sample["input"], sample["question"])
     fill = {k: parts.get(task, {}).get(k, "") for k in ("instruction", "examples", "post_prompt")}
-    return enc.encode_ordinary(OFFICIAL.format(**fill, context=sample["input"], question=sample["question"]))
+    text = OFFICIAL.format(**fill, context=sample["input"].strip(), question=sample["question"])
+    return enc.encode_ordinary(text.strip())          # both strips as the benchmark's get_formatted_input
 
 
 def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device, style: str = "trained",
@@ -207,7 +211,6 @@ def make_data(args, enc, tasks, lengths):
         for task in tasks:
             stories = None
             if args.babi_dir:
-                import babi
                 stories = babi.read_babi(babi.babi_file(args.babi_dir, task, "test"))
             for length in lengths:
                 rng = random.Random(f"{args.seed}-{task}-{length}")

@@ -117,6 +117,18 @@ def test_generated_stories_keep_facts_and_answers(enc, hay, task):
         assert fits, (task, sample["question"], sample["target"])
 
 
+@pytest.mark.skipif(not GUTENBERG.is_dir(), reason="needs ../shared/data/gutenberg")
+def test_fact_finder_sees_the_story_and_not_the_book(enc):
+    """babi.fact_sentences (the not-reading baseline's view) on real books: exactly the facts told, in order,
+    though the novels name rooms and people of their own."""
+    books, rng = bl.haystack(str(GUTENBERG), seed=0), random.Random(1)
+    for _ in range(10):
+        story = distinct_story()
+        sample = bl.build_sample(enc, rng, story, "4k", books)
+        k = next(k for k, (_, q, a) in enumerate(story) if q == sample["question"].strip())
+        assert babi.fact_sentences(sample["input"]) == [f for facts, _, _ in story[:k + 1] for f in facts]
+
+
 def test_facts_hide_between_sentences(enc, hay):
     sample = bl.build_sample(enc, random.Random(0), distinct_story(), "2k", hay)
     sentences = re.split(r"(?<=\.) ", sample["input"])

@@ -48,6 +48,10 @@ def test_rule_and_its_quirks(target, output, question, task, want):
      "qa4", "garden"),                                                  # labels the question names are skipped
     ("Fred gave the milk to Bill. Bill handed the apple to Jeff.", "What did Fred give to Bill? ", "qa5", "jeff"),
     ("Nothing happens here.", "Where is Mary? ", "qa1", ""),
+    ("In the hall Mary moved to the office. He sat in the garden", "Where is Mary? ", "qa1", "office"),
+    ("Mary went to the office. As said Tom John went to the garden.", "Where is Mary? ", "qa1", "garden"),
+    ("Mary went to the kitchen. They spoke of Mary and the garden. We left the office.", "Where is Mary? ", "qa1",
+     "kitchen"),                                                        # prose that names labels is not a fact
 ])
 def test_last_mentioned_baseline(text, question, task, want):
     assert ev.last_mentioned({"input": text, "question": question}, task) == want
@@ -172,10 +176,12 @@ def test_hub_source_asks_for_the_pinned_revision(monkeypatch):
 def test_official_template_holds_context_and_question():
     import data
     enc = data.gpt2()
-    sample = {"input": "Mary went to the garden.", "question": "Where is Mary? ", "target": "garden"}
+    sample = {"input": " Mary went to the garden. ", "question": "Where is Mary? ", "target": "garden"}
     parts = {"qa1": {"instruction": "Answer briefly.", "examples": "", "post_prompt": "One word."}}
     text = enc.decode(ev.prompt_for(enc, sample, "qa1", "official", parts))
     assert text.startswith("Answer briefly.\n\n\n\nOne word.\n\n<context>\nMary went to the garden.\n</context>")
-    assert text.endswith("\n\nQuestion: Where is Mary? ")
+    assert text.endswith("\n\nQuestion: Where is Mary?")               # stripped, as the official prompt
+    bare = enc.decode(ev.prompt_for(enc, sample, "qa2", "official", parts))   # no parts for qa2: no blank head
+    assert bare.startswith("<context>\nMary went")
     trained = enc.decode(ev.prompt_for(enc, sample, "qa1", "trained", {}))
     assert trained == " Mary went to the garden.\nQuestion: Where is Mary?\nAnswer:"
