@@ -188,14 +188,15 @@ def draw_haystack(enc: tiktoken.Encoding, rng: random.Random, hay: Library, n_to
 
 
 def build_sample(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], length: str,
-                 hay: Library) -> dict | None:
-    """One sample {"input", "question", "target"} of a random question of the story, or None to skip it.
+                 hay: Library, k: int | None = None) -> dict | None:
+    """One sample {"input", "question", "target"} of the story's question k (None: a random one), or None to
+    skip it.
 
     The story is skipped if it has more than budget/TOKENS_PER_FACT facts up to that question (never at "0k"),
     or if its facts alone overflow the budget. The question keeps bAbI's trailing space, as on the hub.
     """
     total = budget(length)
-    k = rng.randrange(len(story))
+    k = rng.randrange(len(story)) if k is None else k
     facts = [fact for turn_facts, _, _ in story[:k + 1] for fact in turn_facts]
     question, target = story[k][1].strip() + " ", story[k][2]
     sample = {"input": " ".join(facts), "question": question, "target": target}
@@ -213,20 +214,50 @@ def build_sample(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], 
 
 
 def make_samples(enc: tiktoken.Encoding, rng: random.Random, task: str, length: str, n: int, hay: Library,
-                 stories: list[list[Turn]] | None = None) -> list[dict]:
-    """n samples of a task: stories from babi.make_story, or drawn at random from `stories` when given."""
+                 stories: list[list[Turn]] | None = None,
+                 questions: Iterator[tuple[list[Turn], int]] | None = None) -> list[dict]:
+    """n samples of a task: the (story, question index) pairs of `questions` in order when given (those too
+    long for the length skipped), else a random question of a story from babi.make_story or drawn at random
+    from `stories`."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
     out, misses = [], 0
     while len(out) < n:
-        story = make_story(task, rng) if stories is None else rng.choice(stories)
-        sample = build_sample(enc, rng, story, length, hay)
+        if questions is None:
+            story, k = make_story(task, rng) if stories is None else rng.choice(stories), None
+        elif (pair := next(questions, None)) is None:
+            raise ValueError(f"{task} has only {len(out)} distinct questions that fit length {length}, not {n}")
+        else:
+            story, k = pair
+        sample = build_sample(enc, rng, story, length, hay, k)
         if sample is not None:
             out.append(sample)
             misses = 0
         elif (misses := misses + 1) >= STORY_TRIES:
             raise ValueError(f"{STORY_TRIES} {task} stories in a row have too many facts for length {length}")
     return out
+
+
+def distinct_questions(rng: random.Random, task: str,
+                       stories: list[list[Turn]] | None = None) -> Iterator[tuple[list[Turn], int]]:
+    """(story, question index) pairs, none twice: every question of `stories` in a shuffled order, or
+    generated stories with a random question each, repeats (the same facts and question) passed over.
+    An evaluation set draws from this, so no question counts twice and, with the same rng at every length,
+    the lengths ask the same questions (their accuracies then differ by the haystack alone)."""
+    if stories is not None:
+        pairs = [(story, k) for story in stories for k in range(len(story))]
+        rng.shuffle(pairs)
+        yield from pairs
+        return
+    seen, repeats = set(), 0
+    while repeats < STORY_TRIES:
+        story = make_story(task, rng)
+        k = rng.randrange(len(story))
+        key = (tuple(fact for facts, _, _ in story[:k + 1] for fact in facts), story[k][1])
+        repeats = repeats + 1 if key in seen else 0
+        if key not in seen:
+            seen.add(key)
+            yield story, k
 
 
 def training_source(source: str, seed: int, babi_dir: str | None, tasks: list[str]) -> tuple:

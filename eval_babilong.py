@@ -212,9 +212,10 @@ def make_data(args, enc, tasks, lengths):
             stories = None
             if args.babi_dir:
                 stories = babi.read_babi(babi.babi_file(args.babi_dir, task, "test"))
-            for length in lengths:
-                rng = random.Random(f"{args.seed}-{task}-{length}")
-                samples = babilong.make_samples(enc, rng, task, length, args.n, hay, stories)
+            for length in lengths:                         # the same questions at every length, in order
+                questions = babilong.distinct_questions(random.Random(f"{args.seed}-{task}"), task, stories)
+                rng = random.Random(f"{args.seed}-{task}-{length}")      # its haystack and where the facts go
+                samples = babilong.make_samples(enc, rng, task, length, args.n, hay, questions=questions)
                 babilong.write_hub(args.make_data, task, length, samples)
                 print(f"wrote {len(samples)} samples: {args.make_data}/data/{task}/{length}.json")
     except (OSError, ValueError, RuntimeError) as e:

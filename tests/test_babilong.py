@@ -129,6 +129,24 @@ def test_fact_finder_sees_the_story_and_not_the_book(enc):
         assert babi.fact_sentences(sample["input"]) == [f for facts, _, _ in story[:k + 1] for f in facts]
 
 
+def test_evaluation_sets_ask_distinct_questions_the_same_at_every_length(enc, hay):
+    """distinct_questions: no question twice (qa4's small story space repeats often when drawn freely), the same
+    questions in the same order at 0k and 1k; from a list of stories, each (story, question) once."""
+    sets = {length: bl.make_samples(enc, random.Random(length), "qa4", length, 150, hay,
+                                    questions=bl.distinct_questions(random.Random(7), "qa4"))
+            for length in ("0k", "1k")}
+    assert len({(s["input"], s["question"]) for s in sets["0k"]}) == 150     # at 0k the input is the facts alone
+    assert [(s["question"], s["target"]) for s in sets["0k"]] == [(s["question"], s["target"]) for s in sets["1k"]]
+    free = bl.make_samples(enc, random.Random(7), "qa4", "0k", 150, hay)
+    assert len({(s["input"], s["question"]) for s in free}) < 150             # what the old draw gave
+    stories = [distinct_story(turns=2) for _ in range(3)]
+    assert len(bl.make_samples(enc, random.Random(0), "qa1", "0k", 6, hay,
+                               questions=bl.distinct_questions(random.Random(0), "qa1", stories))) == 6
+    with pytest.raises(ValueError, match="only 6 distinct"):
+        bl.make_samples(enc, random.Random(0), "qa1", "0k", 7, hay,
+                        questions=bl.distinct_questions(random.Random(0), "qa1", stories))
+
+
 def test_facts_hide_between_sentences(enc, hay):
     sample = bl.build_sample(enc, random.Random(0), distinct_story(), "2k", hay)
     sentences = re.split(r"(?<=\.) ", sample["input"])
