@@ -17,6 +17,7 @@ Two ideas to hold:
 import argparse
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -123,7 +124,8 @@ def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device,
         output = enc.decode(generate(model, prompt, mask_kind, device, MAX_NEW_TOKENS, stop))
         guess = last_mentioned(s, task)
         records.append({**s, "output": output, "correct": is_correct(s["target"], output, s["question"], task),
-                        "last_mentioned": guess, "baseline_correct": is_correct(s["target"], guess, s["question"], task),
+                        "last_mentioned": guess,
+                        "baseline_correct": is_correct(s["target"], guess, s["question"], task),
                         "prompt_tokens": len(prompt), "seconds": time.perf_counter() - t0})
         records[-1].pop("input")
         tick()
@@ -139,14 +141,14 @@ def heatmap(acc: dict, tasks: list[str], lengths: list[str], path: str):
     except ImportError:
         print("(no matplotlib: heatmap skipped)")
         return
-    grid = [[acc[t, n] for n in lengths] for t in tasks]
+    grid = [[math.nan if acc[t, n] is None else acc[t, n] for n in lengths] for t in tasks]   # nan: no samples
     fig, ax = plt.subplots(figsize=(1 + 0.8 * len(lengths), 1 + 0.5 * len(tasks)))
     ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
     ax.set_xticks(range(len(lengths)), lengths)
     ax.set_yticks(range(len(tasks)), tasks)
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center")
+            ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
@@ -269,21 +271,22 @@ def run_eval(args, enc, tasks, lengths):
         first = None
         for task in tasks:
             samples = todo[task, length]
-            first = first or (samples[0] if samples else None)
+            first = first or ((task, samples[0]) if samples else None)
             with autocast:
                 recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts, tick)
-            acc[task, length] = sum(r["correct"] for r in recs) / max(len(recs), 1)
-            base[task, length] = sum(r["baseline_correct"] for r in recs) / max(len(recs), 1)
+            acc[task, length] = mean([float(r["correct"]) for r in recs])            # None: no samples
+            base[task, length] = mean([float(r["baseline_correct"]) for r in recs])
             reading[task, length] = reading_accuracy(recs)
             records += [{"task": task, "length": length, **r} for r in recs]
             sec = sum(r["seconds"] for r in recs) / max(len(recs), 1)
             if bar:                                         # wipe the bar's line before a result line
                 print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
-            print(f"{task} {length:>4}: acc {acc[task, length]:.3f} over {len(recs)} ({sec:.2f} s/sample)", flush=True)
+            print(f"{task} {length:>4}: acc{cell(acc[task, length])} over {len(recs)} ({sec:.2f} s/sample)",
+                  flush=True)
         if first is None:
             continue
         with autocast:
-            st = length_stats(model, enc, first, mask_kind, args.device)
+            st = length_stats(model, enc, first[1], first[0], mask_kind, args.device, args.prompt, parts)
         print(f"{length:>4}: sink mass {st['sink_mass']:.3f} | sink rate {st['sink_rate']:.2f} | "
               f"engagement {st['engagement']:.3f}")
     for title, table in (("accuracy", acc), ("baseline: the label named last in the context", base),
@@ -301,10 +304,10 @@ def run_eval(args, enc, tasks, lengths):
 
 
 @torch.no_grad()
-def length_stats(model, enc, sample: dict, mask_kind: str, device) -> dict:
-    """Sink mass / engagement on one prompt plus its target answer as the response turn (padded as generate
-    pads prompts)."""
-    ids = data.prompt_ids(enc, sample["input"], sample["question"])
+def length_stats(model, enc, sample: dict, task: str, mask_kind: str, device, style: str, parts: dict) -> dict:
+    """Sink mass / engagement on one prompt (as evaluated) plus its target answer as the response turn
+    (padded as generate pads prompts)."""
+    ids = prompt_for(enc, sample, task, style, parts)
     answer = data.answer_ids(enc, sample["target"])
     n = len(ids) + len(answer)
     idx, S = padded(ids + answer, device)

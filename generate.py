@@ -67,5 +67,6 @@ def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int
         if token in stop:
             break
         out.append(token)
-        logits = decode_step(model, token, len(prompt) + i, caches, device)
+        if len(out) < max_new:                                                          # else nothing to read
+            logits = decode_step(model, token, len(prompt) + i, caches, device)
     return out

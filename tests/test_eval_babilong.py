@@ -185,3 +185,26 @@ def test_official_template_holds_context_and_question():
     assert bare.startswith("<context>\nMary went")
     trained = enc.decode(ev.prompt_for(enc, sample, "qa1", "trained", {}))
     assert trained == " Mary went to the garden.\nQuestion: Where is Mary?\nAnswer:"
+
+
+def test_a_length_without_samples_is_blank_not_zero(tmp_path, monkeypatch, capsys):
+    """A data file with no samples gives '-' in every table and the heatmap, and no mean counts it as 0."""
+    import json
+    import torch
+    from conftest import tiny_config
+    from model import GPT
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=50304)).eval()
+    monkeypatch.setattr(ev, "load_model", lambda path, device: (model, {"args": {"mask": "hybrid"}}))
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    ev.main(["--make-data", str(tmp_path / "bench"), "--tasks", "qa1", "--lengths", "0k,1k", "--n", "2"])
+    (tmp_path / "bench" / "data" / "qa1" / "1k.json").write_text("[]")
+    capsys.readouterr()
+    ev.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "bench"), "--tasks", "qa1",
+             "--lengths", "0k,1k", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    assert "qa1   1k: acc      - over 0" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("qa1 ", "mean ")) and "acc" not in line]
+    assert len(rows) == 6 and all(row[-1] == "-" for row in rows)          # accuracy, baseline, reading tables
+    assert all(row[-2] != "-" for row in rows[:4])                         # 0k: accuracy and baseline exist
+    assert len(json.loads((tmp_path / "eval" / "predictions.json").read_text())) == 2

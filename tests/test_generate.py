@@ -60,3 +60,4 @@ def test_generate_is_greedy_over_real_ids_and_stops(monkeypatch):
     assert seen == [(7, 2), (9, 3)]
     seen.clear()
     assert generate.generate(None, [1, 2], "hybrid", "cpu", max_new=2, stop=(4,)) == [7, 9]
+    assert seen == [(7, 2)]                                  # no forward pass for a token that will not come
