@@ -234,6 +234,24 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, to
     return focusft_loss(model, batch["idx"], batch["pos"], mask, batch["targets"], inner, inner_mask, inner_targets)
 
 
+def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict], autocast) -> tuple[float, torch.Tensor]:
+    """The backward of one optimizer step over its micro-batches: of the mean loss over all their target tokens,
+    each micro-batch's mean weighted by its share of the targets (a micro-batch of few answers counts as few).
+    Returns that loss and the inner losses of each inner step, averaged over rows, weighted the same way."""
+    counts = [int((b["targets"] != IGNORE).sum()) for b in micro_batches]
+    loss_sum, inner_sum = 0.0, 0.0
+    for batch, count in zip(micro_batches, counts):
+        if count == 0:                                  # nothing to learn from (and a mean over nothing is NaN)
+            continue
+        weight = count / sum(counts)
+        with autocast:
+            loss, inner_losses = train_loss(args, model, inner, batch)   # inner: (steps, rows)
+        (loss * weight).backward()
+        loss_sum += loss.item() * weight
+        inner_sum = inner_sum + inner_losses.float().mean(dim=1).cpu() * weight        # (steps,)
+    return loss_sum, inner_sum if isinstance(inner_sum, torch.Tensor) else torch.zeros(0)
+
+
 def held_out_batch(args, enc, source) -> dict:
     """The rows every evaluation of the run measures, on the device (the eval split, all lengths)."""
     rows = EVAL_ROWS if args.device == "cpu" else max(EVAL_ROWS, GPU_EVAL_TOKENS // args.ctx)
@@ -332,14 +350,17 @@ def main(argv=None):
     last = min(args.steps, args.stop_after or args.steps) - 1
     loader = iter(batches.batch_loader(args, start_step, last, source))
     held_out = held_out_batch(args, enc, source)         # built once: the same rows at every evaluation
+    def report(updates: int):                           # "eval step N": the model after N optimizer steps
+        with autocast:
+            ev = evaluate(args, model, held_out)
+        print(f"eval step {updates}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | sink mass "
+              f"{ev['sink_mass']:.3f} | sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
+        log.write(json.dumps({"step": updates, **ev}) + "\n")
+
     for step in range(start_step, last + 1):
         # ------------------------------------------------------------------ evaluation and checkpoint
-        if step % args.stats_every == 0 or step == last:
-            with autocast:
-                ev = evaluate(args, model, held_out)
-            print(f"eval step {step}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | sink mass {ev['sink_mass']:.3f} | "
-                  f"sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
-            log.write(json.dumps({"step": step, **ev}) + "\n")
+        if step % args.stats_every == 0:
+            report(step)
         if args.ckpt_every and step > start_step and step % args.ckpt_every == 0:
             checkpoint.save(checkpoint.path(args.out), model, optimizer, config, step - 1)
             print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
@@ -349,15 +370,10 @@ def main(argv=None):
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, inner_sum, n_tokens = 0.0, 0.0, 0
-        for micro in range(args.grad_accum):
-            batch = batches.to_device(next(loader), args.device)       # built ahead (in workers unless --workers 0)
-            with autocast:
-                loss, inner_losses = train_loss(args, model, inner, batch)   # inner: (steps, rows)
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.item() / args.grad_accum
-            inner_sum = inner_sum + inner_losses.float().mean(dim=1) / args.grad_accum
-            n_tokens += int(batch["attention_mask"].sum())
+        micro_batches = [batches.to_device(next(loader), args.device)   # built ahead (in workers unless
+                         for _ in range(args.grad_accum)]                 # --workers 0)
+        loss_sum, inner_sum = accumulate(args, model, inner, micro_batches, autocast)
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
@@ -365,7 +381,7 @@ def main(argv=None):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        il = inner_sum.tolist() if isinstance(inner_sum, torch.Tensor) else []
+        il = inner_sum.tolist()
         inner_txt = f" | inner {il[0]:.3f}->{il[-1]:.3f}" if il else ""
         print(f"{progress(step + 1, args.steps)} | loss {loss_sum:.4f}{inner_txt} | lr {lr:.2e} | "
               f"{n_tokens / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)
@@ -373,6 +389,7 @@ def main(argv=None):
                               "ms": dt * 1000}) + "\n")
         log.flush()
 
+    report(last + 1)                                    # the model the checkpoint holds
     checkpoint.save(checkpoint.path(args.out), model, optimizer, config, last)
     if args.device.startswith("cuda"):
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_train.py
 """
 import json
+import math
 import subprocess
 import sys
 
@@ -35,6 +36,8 @@ def test_twenty_steps_loss_falls_and_checkpoint_is_written(tmp_path, method):
     if method == "focusft":  # inner[0] is the loss of the base weights alone (fresh fast weights): it falls too
         base = [r["inner"][0] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "inner" in r]
         assert sum(base[-5:]) / 5 < 0.7 * sum(base[:5]) / 5
+    evals = [r["step"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "eval_acc" in r]
+    assert evals == [0, 20]                      # before training, and the trained model the checkpoint holds
     ckpt = checkpoint.load(checkpoint.path(str(tmp_path)))       # weights_only=True
     assert ckpt["step"] == 19 and ckpt["config"]["args"]["method"] == method
     assert not [k for k in ckpt["model"] if k.endswith((".A", ".B"))]  # fast weights are never saved
@@ -158,6 +161,31 @@ def test_real_babi_stories_train_on_train_files_and_hold_out_test_files(monkeypa
     for split in ("train", "eval"):
         batches.get_batch(args, data.gpt2(), source, 0, 0, split)
         assert drawn[-1] is source[1][split]
+
+
+def test_accumulated_micro_batches_weigh_every_answer_token_alike():
+    """--grad-accum: the step's loss and gradient are those of one batch holding all the micro-batches' rows
+    (a mean over all their target tokens), though the micro-batches hold different numbers of targets."""
+    import contextlib
+    from conftest import random_batch, tiny_config
+    args = train.get_args(["--method", "sft", "--mask", "causal", "--device", "cpu", "--model", "tiny", "--ctx", "90"])
+    train.apply_defaults(args)
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    micro = [random_batch(B=1, S=90, seed=seed) for seed in (1, 2, 3)]
+    answers = (micro[1]["targets"][0] != -100).nonzero()[:, 0]
+    micro[1]["targets"][0, answers[:-3]] = -100             # few answers in the second micro-batch
+    counts = [int((b["targets"] != -100).sum()) for b in micro]
+    assert counts[1] == 3 and counts[0] > 3
+    loss, inner = train.accumulate(args, model, train.inner_config(args), micro, contextlib.nullcontext())
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    whole = {k: torch.cat([b[k] for b in micro]) for k in micro[0]}
+    want = train.train_loss(args, model, train.inner_config(args), whole)[0]
+    want.backward()
+    assert math.isclose(loss, want.item(), rel_tol=1e-5) and inner.numel() == 0
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_evaluate_scores_each_answers_first_token():
