@@ -4,7 +4,8 @@ Every training step FocuSFT (1) resets small LoRA "fast weights" phi on the MLPs
 (2) adapts them to the sample with a few SGD steps (the inner loop), and (3) takes the ordinary SFT step on the
 base weights theta with the adapted phi active (the outer loop); then phi is thrown away. Each batch row gets
 its own phi, adapted on that row's own mean loss (the authors adapt per sample; rows packed with several
-samples share one phi: use --min-len = --ctx for one sample per row). Ideas to hold:
+samples share one phi: train.py --data synthetic --min-len = --ctx gives one sample per row; BABILong rows
+are always packed). Ideas to hold:
   1. The inner loop is first-order: phi_k+1 = phi_k - lr * clip(grad_phi L_inner(theta, phi_k)), with phi_k
      treated as a constant. No graph runs through the update, so the outer gradient is grad_theta L(theta, phi_K)
      without the d phi_K / d theta term (as in the authors' code; flex attention has no double backward anyway).
@@ -112,7 +113,9 @@ def adapt(loss_fn, fast: dict[str, Tensor], cfg: InnerConfig, grad_fn=func_grad)
     losses = []
     for _ in range(cfg.steps):
         grads, rows = grad_fn(loss_fn, fast)
-        ok = torch.isfinite(rows)          # a row whose inner loss is NaN/inf skips the step (no host sync)
+        ok = torch.isfinite(rows)          # a row whose inner loss or gradient is NaN/inf skips the step
+        for g in grads.values():           # (bf16 can overflow in the backward of a finite loss); no host sync
+            ok = ok & torch.isfinite(g).flatten(1).all(1)
         fast = {k: torch.where(ok.view(-1, *[1] * (phi.dim() - 1)),
                                phi - cfg.lr * clip_per_tensor(grads[k], cfg.clip), phi).detach()
                 for k, phi in fast.items()}

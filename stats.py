@@ -36,12 +36,14 @@ def flex_lse(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
 
 
 def dense_lse(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-    """The same logsumexp from a (B, 1, S, S) bool mask, QUERY_BLOCK queries at a time."""
+    """The same logsumexp from a (B, 1, S, S) bool mask, QUERY_BLOCK queries at a time, in fp32 (also under
+    a bf16 autocast, which would round the scores the first-key term is compared with)."""
     k = k.repeat_interleave(q.size(1) // k.size(1), dim=1).float()                    # (B, nh, S, hs)
     out = []
-    for s in range(0, q.size(2), QUERY_BLOCK):
-        scores = q[:, :, s:s + QUERY_BLOCK].float() @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, nh, b, S)
-        out.append(scores.masked_fill(~allowed[:, :, s:s + QUERY_BLOCK], float("-inf")).logsumexp(-1))
+    with torch.autocast(q.device.type, enabled=False):
+        for s in range(0, q.size(2), QUERY_BLOCK):
+            scores = q[:, :, s:s + QUERY_BLOCK].float() @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B,nh,b,S)
+            out.append(scores.masked_fill(~allowed[:, :, s:s + QUERY_BLOCK], float("-inf")).logsumexp(-1))
     return torch.cat(out, dim=2)                                                      # (B, nh, S)
 
 

@@ -91,6 +91,15 @@ def test_non_finite_inner_loss_skips_the_step_for_that_row_only():
     assert not torch.equal(new["w"][1], phi["w"][1]) and torch.isfinite(new["w"][1]).all()
 
 
+def test_non_finite_gradient_of_a_finite_loss_skips_the_step_for_that_row_only():
+    """sqrt(|w|) at w = 0: the loss is 0, its gradient NaN. That row keeps its weights, the other one steps."""
+    phi = {"w": torch.stack([torch.zeros(2, 2), torch.ones(2, 2)])}
+    new, losses = fw.adapt(lambda f: f["w"].abs().sqrt().flatten(1).sum(1), phi, fw.InnerConfig(steps=2, lr=0.1),
+                           fw.autograd_grad)
+    assert torch.isfinite(losses).all() and torch.equal(new["w"][0], phi["w"][0])
+    assert (new["w"][1] < 1).all() and torch.isfinite(new["w"]).all()
+
+
 def model_inner_loss(model, b, mask, cfg, targets=None):
     """The inner loss computed the plain way: the whole model, every layer, from the tokens -> (rows,)."""
     targets = b["targets"] if targets is None else targets

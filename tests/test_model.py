@@ -144,6 +144,15 @@ def dense_stats(model, b, mask_mod):
     return {"sink_mass": hs.mean().item(), "engagement": torch.stack(eng).mean().item()}, hs
 
 
+def test_dense_logsumexp_stays_fp32_under_a_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 40, 16, generator=g) * 3, torch.randn(1, 1, 40, 16, generator=g) * 3
+    allowed = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
+    want = stats.dense_lse(q, k, k, allowed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(stats.dense_lse(q, k, k, allowed), want)
+
+
 def test_attention_stats_from_logsumexp_match_dense_softmax(monkeypatch):
     monkeypatch.setattr(stats, "QUERY_BLOCK", 64)                           # several query blocks
     torch.manual_seed(0)
