@@ -12,8 +12,9 @@ templates and question forms, and its rhythm, measured on the train files of ../
    may ask after a pair about what that pair told; right after a question, about anything the last `WINDOW`
    facts told (bAbI often asks the same question again at once).
 2. bAbI's conventions make every answer unique: "Where was the milk before the kitchen?" asks about the
-   milk's latest arrival in the kitchen (its current room 79 % of the time, an earlier one 21 %); qa5 asks about the latest gift, and "Who received
-   the milk?" means its latest receiver; in qa4, "north of" means "the room directly north of".
+   milk's latest arrival in the kitchen (its current room 79 % of the time, an earlier one 21 %); qa5 asks
+   about the latest gift, and "Who received the milk?" means its latest receiver; in qa4, "north of" means
+   "the room directly north of".
 
 `read_babi` parses the real files into the same turns, and `shape` / `coverage` compare the sentence shapes
 ("{person} moved to the {place}.") of real and generated stories. All randomness comes from the
