@@ -26,7 +26,10 @@ def save(file: str, model: GPT, optimizer: torch.optim.Optimizer, config: dict, 
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     tmp = file + ".tmp"
-    torch.save(ckpt, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())       # on disk before the rename: a crash then leaves the old file or the new one
     os.replace(tmp, file)
 
 
