@@ -33,7 +33,7 @@ import eval_babilong
 import generate
 import masks
 import train
-from flops import allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops, batch_work
+from flops import MODEL_FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops, batch_work
 import model as gpt   # model.py as a module (FLEX_OPTIONS); `model` below is a GPT instance
 from model import GPT, PRESETS, flex, preset
 
@@ -81,9 +81,10 @@ QUICK_WARMUP, QUICK_TIMED, QUICK_REPEATS = 2, 2, 1   # --quick: enough to compil
 FORMULAS = {
     "attention_flops": "fwd+bwd = 3.5 * 4 * A * head_dim * heads, A = allowed (q, k) entries of the mask",
     "allowed_hybrid": "C*C + R*C + R*(R+1)/2 for C context then R response tokens; causal: S*(S+1)/2",
-    "mfu": "(6 * n_params_non_embedding * tokens + attention fwd+bwd FLOPs of the batch's own mask * n_layer)"
-           f" / step time / {PEAK_FLOPS:.3g} (bf16 dense peak); tokens = batch * ctx, padding included; "
-           "the same model FLOPs for both methods: FocuSFT's inner loop is overhead, not counted",
+    "mfu": "sum over the timed steps of (6 * n_params_non_embedding * tokens + 3 * 4 * A * head_dim * heads * "
+           f"n_layer, A of the batch's own mask) / their summed time / {PEAK_FLOPS:.3g} (bf16 dense peak); model "
+           "FLOPs as PaLM counts them (attention backward 2x forward, no recompute); tokens = batch * ctx, "
+           "padding included; the same model FLOPs for both methods: FocuSFT's inner loop is overhead",
     "training_timing": "batches built before timing (data generation excluded); median over the timed steps",
     "work": "matmul FLOPs the step really does, inner loop included (flops.step_work); work_ratio = over causal "
             "SFT on the same batches: the ratio a perfectly efficient implementation would reach",
@@ -321,13 +322,14 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
     head_dim = cfg.n_embd // cfg.n_head
     n_params = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()   # lm_head is tied to wte
     tokens = args.batch_size * args.ctx                                                # every position, padding too
-    attn = statistics.mean(allowed_in_batch(b, args.mask == "hybrid") for b in prebuilt[warmup:])
-    flops = 6 * n_params * tokens + attention_flops(attn, head_dim, cfg.n_head) * cfg.n_layer
-    work = batch_work(args, cfg, inner, attn)
-    return {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "mfu": flops / sec / PEAK_FLOPS,
+    allowed = [allowed_in_batch(b, args.mask == "hybrid") for b in prebuilt[warmup:]]  # per timed batch
+    model_flops = [6 * n_params * tokens + attention_flops(a, head_dim, cfg.n_head, MODEL_FWD_BWD) * cfg.n_layer
+                   for a in allowed]
+    work = [batch_work(args, cfg, inner, a) for a in allowed]
+    return {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "mfu": sum(model_flops) / sum(times) / PEAK_FLOPS,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_params_non_embedding": n_params,
-            "allowed_fraction": attn / (args.batch_size * allowed_causal(args.ctx)), "work": work,
-            "work_tflops": work / sec / 1e12}
+            "allowed_fraction": statistics.mean(allowed) / (args.batch_size * allowed_causal(args.ctx)),
+            "work": statistics.mean(work), "work_tflops": sum(work) / sum(times) / 1e12}
 
 
 # ----------------------------------------------------------------------------------------------------------

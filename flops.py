@@ -12,7 +12,9 @@ import torch
 import masks
 from fastweights import adapted_layers
 
-FWD_BWD = 3.5                # forward + backward = 3.5 x forward for attention (backward: 5 matmuls against 2)
+FWD_BWD = 3.5          # forward + backward = 3.5 x forward for attention as the kernels run it (the backward's
+                       # 5 matmuls against the forward's 2, QK^T recomputed: FlashAttention's benchmark counts so)
+MODEL_FWD_BWD = 3.0    # the same in model FLOPs (MFU, as PaLM counts): the backward 2 x forward, no recompute
 
 
 def allowed_hybrid(context: int, response: int) -> int:
@@ -24,10 +26,10 @@ def allowed_causal(seq_len: int) -> int:                 # 1 + 2 + ... + S
     return seq_len * (seq_len + 1) // 2
 
 
-def attention_flops(allowed: int, head_dim: int, heads: int, backward: bool = True) -> float:
-    """Forward: QK^T and PV, 2 FLOPs per multiply-add each, on allowed entries only; backward 2.5x that."""
-    forward = 4 * allowed * head_dim * heads
-    return FWD_BWD * forward if backward else forward
+def attention_flops(allowed: int, head_dim: int, heads: int, times_forward: float = FWD_BWD) -> float:
+    """Forward: QK^T and PV, 2 FLOPs per multiply-add each, on allowed entries only; times_forward = 1 for the
+    forward alone, FWD_BWD for forward and backward as run, MODEL_FWD_BWD as MFU counts them."""
+    return times_forward * 4 * allowed * head_dim * heads
 
 
 def allowed_in_batch(batch: dict, hybrid: bool) -> int:
@@ -56,7 +58,7 @@ def step_work(n_layer: int, layer_params: int, down_params: int, upper: int, inn
     layers and a backward for input gradients only (base weights frozen: no dW). The lowest adapted layer's
     input is a constant, so its backward is only `down`'s input gradient (which the gate/up fast weights need).
     LoRA (rank << width) and logits are left out."""
-    linear, attn = 2 * layer_params * tokens, attention_flops(allowed, head_dim, heads, backward=False)
+    linear, attn = 2 * layer_params * tokens, attention_flops(allowed, head_dim, heads, times_forward=1)
     outer = n_layer * (3 * linear + FWD_BWD * attn)
     inner = upper * (linear + attn) + (upper > 0) * 2 * down_params * tokens
     inner += max(upper - 1, 0) * (linear + (FWD_BWD - 1) * attn)

@@ -60,8 +60,8 @@ def test_flop_formulas_by_hand():
     # S = 4 causal: 4 + 3 + 2 + 1 = 10 entries; head dim 2, 3 heads:
     # forward = 2 matmuls x 2 FLOPs x 10 entries x 2 x 3 = 240; backward 2.5x -> 600; total 840
     assert flops.allowed_causal(4) == 10
-    assert flops.attention_flops(10, 2, 3, backward=False) == 240
-    assert flops.attention_flops(10, 2, 3) == 840
+    assert flops.attention_flops(10, 2, 3, times_forward=1) == 240
+    assert flops.attention_flops(10, 2, 3) == 840 and flops.attention_flops(10, 2, 3, flops.MODEL_FWD_BWD) == 720
     # hybrid, C = 3, R = 2: 9 + 6 + 3 = 18 entries
     assert flops.allowed_hybrid(3, 2) == 18
 
