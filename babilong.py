@@ -13,7 +13,8 @@ Two ideas to hold:
    with a leading space; haystack fills what the facts leave, the last sentence cut to hit the budget, so
    the decoded `input` re-encodes to the budget give or take a few tokens at the joins.
 2. The haystack is read, not shuffled: consecutive sentences from a random place in a random book (too-short
-   sentences skipped), and each fact goes in front of a randomly chosen sentence, keeping the facts' order.
+   sentences skipped), and each fact goes into a random gap between sentences (after the last one too),
+   keeping the facts' order.
 
 `python babilong.py --length 1k --haystack synthetic` prints one sample. All randomness comes from the
 `random.Random` passed in (and, for the synthetic books and PG19's order, the haystack's seed).
@@ -21,6 +22,7 @@ Two ideas to hold:
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -44,6 +46,7 @@ STORY_TRIES = 1000  # skipped stories in a row before we decide no story of a ta
 FIRST_STAGE = 0.5  # curriculum: share of the steps on the shortest length alone. From scratch, reading is
                    # learned on short samples (README, "Learning"); 1/5 of 4,000 steps taught one task
 ROOM_TRIES = 10  # samples drawn for the room left in a training row before leaving the rest as padding
+HOLDOUT = 10  # 1 in 10 of all possible generated questions is for evaluation only (`held_out`)
 SYNTHETIC_BOOKS = 100  # books of the synthetic haystack (PG19's test split also has 100)
 BOOK_SENTENCES = 5000  # sentences per synthetic book: ~100K tokens, about a novel
 PG19 = "deepmind/pg19"  # the hub name of PG19, the books BABILong's haystack comes from
@@ -213,18 +216,36 @@ def build_sample(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], 
     return {**sample, "input": " ".join(hide_facts(rng, sentences, facts)).strip()}
 
 
+def facts_and_question(story: list[Turn], k: int) -> tuple[str, ...]:
+    """What a sample of the story's question k asks from: the facts told up to it, then the question."""
+    return (*[fact for facts, _, _ in story[:k + 1] for fact in facts], story[k][1].strip())
+
+
+def held_out(story: list[Turn], k: int) -> bool:
+    """Whether a generated question is one of the 1 in HOLDOUT kept for evaluation, by a hash of its facts and
+    question: training never draws one, evaluation sets draw only these. Needed because some tasks repeat
+    themselves: qa4 (two facts) has only a few thousand different questions, which training would all see."""
+    digest = hashlib.blake2b("\n".join(facts_and_question(story, k)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % HOLDOUT == 0
+
+
 def make_samples(enc: tiktoken.Encoding, rng: random.Random, task: str, length: str, n: int, hay: Library,
                  stories: list[list[Turn]] | None = None,
-                 questions: Iterator[tuple[list[Turn], int]] | None = None) -> list[dict]:
+                 questions: Iterator[tuple[list[Turn], int]] | None = None, split: str = "train") -> list[dict]:
     """n samples of a task: the (story, question index) pairs of `questions` in order when given (those too
-    long for the length skipped), else a random question of a story from babi.make_story or drawn at random
-    from `stories`."""
+    long for the length skipped), else a random question drawn at random from `stories` (real stories, whose
+    file is the split), or of a story from babi.make_story, held out for evaluation or not as `split` says."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
     out, misses = [], 0
     while len(out) < n:
-        if questions is None:
-            story, k = make_story(task, rng) if stories is None else rng.choice(stories), None
+        if questions is None and stories is not None:
+            story, k = rng.choice(stories), None
+        elif questions is None:
+            story = make_story(task, rng)
+            k = rng.randrange(len(story))
+            if held_out(story, k) != (split == "eval"):
+                continue
         elif (pair := next(questions, None)) is None:
             raise ValueError(f"{task} has only {len(out)} distinct questions that fit length {length}, not {n}")
         else:
@@ -238,14 +259,15 @@ def make_samples(enc: tiktoken.Encoding, rng: random.Random, task: str, length: 
     return out
 
 
-def distinct_questions(rng: random.Random, task: str,
-                       stories: list[list[Turn]] | None = None) -> Iterator[tuple[list[Turn], int]]:
-    """(story, question index) pairs, none twice: every question of `stories` in a shuffled order, or
-    generated stories with a random question each, repeats (the same facts and question) passed over.
-    An evaluation set draws from this, so no question counts twice and, with the same rng at every length,
-    the lengths ask the same questions (their accuracies then differ by the haystack alone)."""
+def distinct_questions(rng: random.Random, task: str, stories: list[list[Turn]] | None = None,
+                       max_facts: int | None = None) -> Iterator[tuple[list[Turn], int]]:
+    """(story, question index) pairs for an evaluation set, none twice and none with more than max_facts facts:
+    every question of `stories` in a shuffled order, or generated stories with a random held-out question each
+    (`held_out`), repeats passed over. With the same rng and a max_facts that every length allows, the lengths
+    of a set ask the same questions in the same order (their accuracies then differ by the haystack alone)."""
+    fits = lambda story, k: max_facts is None or len(facts_and_question(story, k)) - 1 <= max_facts
     if stories is not None:
-        pairs = [(story, k) for story in stories for k in range(len(story))]
+        pairs = [(story, k) for story in stories for k in range(len(story)) if fits(story, k)]
         rng.shuffle(pairs)
         yield from pairs
         return
@@ -253,7 +275,9 @@ def distinct_questions(rng: random.Random, task: str,
     while repeats < STORY_TRIES:
         story = make_story(task, rng)
         k = rng.randrange(len(story))
-        key = (tuple(fact for facts, _, _ in story[:k + 1] for fact in facts), story[k][1])
+        if not (held_out(story, k) and fits(story, k)):
+            continue
+        key = facts_and_question(story, k)
         repeats = repeats + 1 if key in seen else 0
         if key not in seen:
             seen.add(key)
@@ -284,14 +308,17 @@ def training_lengths(lengths: list[str], ctx: int, step: int | None = None, step
 
 
 def training_sample(enc: tiktoken.Encoding, rng: random.Random, hay: Library, tasks: list[str],
-                    lengths: list[str], room: int, stories: dict | None = None) -> tuple[list[int], list[int]] | None:
+                    lengths: list[str], room: int, stories: dict | None = None,
+                    split: str = "train") -> tuple[list[int], list[int]] | None:
     """One sample as training tokens, (ids, loss_mask): the prompt in the format evaluation uses, then the
     answer and a newline as the response. The length is drawn from those whose whole budget (N*1000 tokens,
-    prompt included) fits in `room`; None when none fits. `stories`: real bAbI stories per task."""
+    prompt included) fits in `room`; None when none fits. `stories`: real bAbI stories per task; `split`:
+    "eval" for the held-out rows of the training log (generated questions held out, see `held_out`)."""
     fits = training_lengths(lengths, room)
     for _ in range(ROOM_TRIES if fits else 0):   # "0k" samples (facts alone) of long stories may not fit
         task = rng.choice(tasks)
-        s = make_samples(enc, rng, task, rng.choice(fits), 1, hay, stories[task] if stories else None)[0]
+        s = make_samples(enc, rng, task, rng.choice(fits), 1, hay, stories[task] if stories else None,
+                         split=split)[0]
         prompt = prompt_ids(enc, s["input"], s["question"])
         answer = answer_ids(enc, s["target"])
         if len(prompt) + len(answer) <= room:

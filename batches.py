@@ -34,7 +34,7 @@ def get_batch(args, enc, source, step: int, micro: int, split: str = "train", ro
         return data.pack_batch(enc, rng, lambda r, n: babilong.draw_haystack(enc, r, hay, n),
                                rows or args.batch_size, args.ctx, tasks, args.min_len, args.max_len, args.objective)
     lengths = lengths_at(args, args.steps if split == "eval" else step)
-    return data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories),
+    return data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split),
                           rows or args.batch_size, args.ctx, args.objective)
 
 

@@ -214,8 +214,11 @@ def make_data(args, enc, tasks, lengths):
             stories = None
             if args.babi_dir:
                 stories = babi.read_babi(babi.babi_file(args.babi_dir, task, "test"))
+            budgets = [babilong.budget(n) for n in lengths if babilong.budget(n) > 0]
+            max_facts = min(budgets) // babilong.TOKENS_PER_FACT if budgets else None   # what every length fits
             for length in lengths:                         # the same questions at every length, in order
-                questions = babilong.distinct_questions(random.Random(f"{args.seed}-{task}"), task, stories)
+                questions = babilong.distinct_questions(random.Random(f"{args.seed}-{task}"), task, stories,
+                                                        max_facts)
                 rng = random.Random(f"{args.seed}-{task}-{length}")      # its haystack and where the facts go
                 samples = babilong.make_samples(enc, rng, task, length, args.n, hay, questions=questions)
                 babilong.write_hub(args.make_data, task, length, samples)
@@ -289,7 +292,7 @@ def run_eval(args, enc, tasks, lengths):
             st = length_stats(model, enc, first[1], first[0], mask_kind, args.device, args.prompt, parts)
         print(f"{length:>4}: sink mass {st['sink_mass']:.3f} | sink rate {st['sink_rate']:.2f} | "
               f"engagement {st['engagement']:.3f}")
-    for title, table in (("accuracy", acc), ("baseline: the label named last in the context", base),
+    for title, table in (("accuracy", acc), ("baseline: the label named last in the context's bAbI facts", base),
                          (READING_TITLE, reading)):
         print(f"\n{title}\ntask  " + "".join(f"{n:>7}" for n in lengths))
         for t in tasks:

@@ -147,6 +147,32 @@ def test_evaluation_sets_ask_distinct_questions_the_same_at_every_length(enc, ha
                         questions=bl.distinct_questions(random.Random(0), "qa1", stories))
 
 
+def test_held_out_questions_are_never_trained_on(enc, hay):
+    """1 in HOLDOUT generated questions, fixed by their text, is for evaluation: training samples never ask one,
+    evaluation sets and the log's held-out rows ask only those. qa4, whose questions repeat, shows it matters."""
+    rng = random.Random(0)
+    pairs = [(story, rng.randrange(len(story))) for story in (babi.make_story("qa4", rng) for _ in range(3000))]
+    share = sum(bl.held_out(story, k) for story, k in pairs) / len(pairs)
+    assert abs(share - 1 / bl.HOLDOUT) < 0.03 and bl.held_out(*pairs[0]) == bl.held_out(*pairs[0])
+    key = lambda s: (s["input"], s["question"])                     # at 0k the input is the facts alone
+    trained = {key(s) for s in bl.make_samples(enc, random.Random(1), "qa4", "0k", 3000, hay)}
+    logged = {key(s) for s in bl.make_samples(enc, random.Random(2), "qa4", "0k", 200, hay, split="eval")}
+    evaluated = {key(s) for s in bl.make_samples(enc, random.Random(3), "qa4", "0k", 200, hay,
+                                                 questions=bl.distinct_questions(random.Random(3), "qa4"))}
+    assert len(trained) > 1000 and not trained & logged and not trained & evaluated
+    assert logged & evaluated                                       # both draw from the same small held-out set
+
+
+def test_evaluation_sets_fit_every_length_so_lengths_ask_alike(enc, hay):
+    """With max_facts at the shortest length's limit, long qa3 stories are left out of every length, not only
+    the short ones: 1k and 4k ask the same questions in the same order."""
+    limit = bl.budget("1k") // bl.TOKENS_PER_FACT
+    sets = {n: bl.make_samples(enc, random.Random(n), "qa3", n, 40, hay,
+                               questions=bl.distinct_questions(random.Random(5), "qa3", max_facts=limit))
+            for n in ("1k", "4k")}
+    assert [s["question"] + s["target"] for s in sets["1k"]] == [s["question"] + s["target"] for s in sets["4k"]]
+
+
 def test_facts_hide_between_sentences(enc, hay):
     sample = bl.build_sample(enc, random.Random(0), distinct_story(), "2k", hay)
     sentences = re.split(r"(?<=\.) ", sample["input"])
