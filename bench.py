@@ -1,6 +1,6 @@
 """Speed on one GPU: attention kernels, SFT against FocuSFT training steps, evaluation decoding.
 
-    python bench.py [--out bench.json]   # everything (mostly compilation time); a table per section + JSON
+    python bench.py [--out bench.json]   # attention, training, eval (mostly compilation); tables + JSON
     python bench.py --quick              # smoke run: 8K only, few steps
 
 1. attention fwd+bwd: flex under the hybrid mask, flex causal, SDPA causal (flash, the ceiling), SDPA with the

@@ -168,7 +168,8 @@ def sample_from_story(enc: tiktoken.Encoding, rng: random.Random, story: list[Tu
     """Hide the story's facts in haystack: exactly n_tokens tokens, or None if not even one turn fits.
 
     Later turns are dropped until the facts, questions and answers fit; the haystack left over is split
-    evenly over the turns, and each fact goes in front of a random haystack sentence of its turn, in order.
+    evenly over the turns, and each fact goes into a random gap between its turn's haystack sentences (after
+    the last one too), in order.
     """
     turns = [([enc.encode_ordinary(" " + f) for f in facts], enc.encode_ordinary(QUESTION.format(question)),
               answer_ids(enc, answer)) for facts, question, answer in story]

@@ -6,7 +6,8 @@
 
 One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its mask built
 once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py), then one AdamW step on the
-base weights. The loop is flat: evaluation and checkpointing at the top, the training step below. Every batch
+base weights. The loop is flat: evaluation and checkpointing at the top, the training step below, and one
+last evaluation after it. Every batch
 is a pure function of (seed, split, step, micro-step) (batches.py), so `--resume` continues exactly, DataLoader
 workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint data.
 """
@@ -144,7 +145,7 @@ def apply_defaults(args) -> list[str]:
         args.inner_lr = 1.0 if args.init else SCRATCH_INNER_LR
         why.append(f"--inner-lr {args.inner_lr}: " + ("the authors' value, for a pretrained model" if args.init else
                    "from scratch, stronger fast weights leave the base weights worse on their own (README)"))
-    default("stats_every", max(1, args.steps // 5), "five measurements per run")
+    default("stats_every", max(1, args.steps // 5), "six measurements a run: untrained, every fifth, trained")
     return why
 
 
