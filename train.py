@@ -169,7 +169,8 @@ def check_args(args):
            if args.attn == "flex" and args.device == "cpu" else None,
            f"--resume: no checkpoint at {checkpoint.path(args.out)}"
            if args.resume and not os.path.exists(checkpoint.path(args.out)) else None,
-           f"--init: no checkpoint at {args.init}" if args.init and not os.path.exists(args.init) else None]
+           f"--init: no checkpoint at {args.init}"              # a resumed run has its weights already
+           if args.init and not args.resume and not os.path.exists(args.init) else None]
     unknown = set(args.tasks.split(",")) - set(data.TASKS)
     bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(data.TASKS)}" if unknown else None)
     if args.data == "babilong" and not unknown:

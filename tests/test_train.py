@@ -188,6 +188,20 @@ def test_accumulated_micro_batches_weigh_every_answer_token_alike():
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_resume_does_not_need_the_init_checkpoint_any_more(tmp_path):
+    """--init is read at the start of a run only: resuming works after its file is gone, starting does not."""
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    argv = ["--device", "cpu", "--ctx", "512", "--data", "synthetic", "--out", str(tmp_path),
+            "--init", str(tmp_path / "gone.pt")]
+    def check(extra):
+        args = train.get_args(argv + extra)
+        train.apply_defaults(args)
+        train.check_args(args)
+    check(["--resume"])
+    with pytest.raises(SystemExit, match="--init: no checkpoint"):
+        check([])
+
+
 def test_evaluate_scores_each_answers_first_token():
     """eval_acc is measured at the positions that predict the first token of each answer, nowhere else."""
     from conftest import random_batch, tiny_config
