@@ -221,11 +221,19 @@ def facts_and_question(story: list[Turn], k: int) -> tuple[str, ...]:
     return (*[fact for facts, _, _ in story[:k + 1] for fact in facts], story[k][1].strip())
 
 
+def question_key(story: list[Turn], k: int) -> tuple[str, ...]:
+    """What makes two questions the same for holding out: the facts as a set (qa4 tells its two facts in
+    either order, the same question either way), then the question."""
+    *facts, question = facts_and_question(story, k)
+    return (*sorted(facts), question)
+
+
 def held_out(story: list[Turn], k: int) -> bool:
-    """Whether a generated question is one of the 1 in HOLDOUT kept for evaluation, by a hash of its facts and
-    question: training never draws one, evaluation sets draw only these. Needed because some tasks repeat
-    themselves: qa4 (two facts) has only a few thousand different questions, which training would all see."""
-    digest = hashlib.blake2b("\n".join(facts_and_question(story, k)).encode(), digest_size=8).digest()
+    """Whether a generated question is one of the 1 in HOLDOUT kept for evaluation, by a hash of its key:
+    training (--data babilong) never draws one, evaluation sets draw only these. Needed because some tasks
+    repeat themselves: qa4 (two facts) has only a few thousand different questions, which training would all
+    see."""
+    digest = hashlib.blake2b("\n".join(question_key(story, k)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % HOLDOUT == 0
 
 
@@ -271,17 +279,17 @@ def distinct_questions(rng: random.Random, task: str, stories: list[list[Turn]] 
         rng.shuffle(pairs)
         yield from pairs
         return
-    seen, repeats = set(), 0
-    while repeats < STORY_TRIES:
+    seen, misses = set(), 0
+    while misses < STORY_TRIES * HOLDOUT:       # draws in a row without a new question: the set is exhausted
         story = make_story(task, rng)
         k = rng.randrange(len(story))
-        if not (held_out(story, k) and fits(story, k)):
+        key = question_key(story, k)
+        if not (held_out(story, k) and fits(story, k)) or key in seen:
+            misses += 1
             continue
-        key = facts_and_question(story, k)
-        repeats = repeats + 1 if key in seen else 0
-        if key not in seen:
-            seen.add(key)
-            yield story, k
+        seen.add(key)
+        misses = 0
+        yield story, k
 
 
 def training_source(source: str, seed: int, babi_dir: str | None, tasks: list[str]) -> tuple:

@@ -161,6 +161,11 @@ def test_held_out_questions_are_never_trained_on(enc, hay):
                                                  questions=bl.distinct_questions(random.Random(3), "qa4"))}
     assert len(trained) > 1000 and not trained & logged and not trained & evaluated
     assert logged & evaluated                                       # both draw from the same small held-out set
+    twins = [([(f, q, a)], [(f[::-1], q, a)]) for ((f, q, a),), _ in pairs]   # qa4's two facts in either order:
+    assert all(bl.held_out(one, 0) == bl.held_out(other, 0) for one, other in twins)   # one question, one side
+    with pytest.raises(ValueError, match="only 0 distinct"):       # nothing fits: the draw gives up, no hang
+        bl.make_samples(enc, random.Random(0), "qa1", "0k", 1, hay,
+                        questions=bl.distinct_questions(random.Random(0), "qa1", max_facts=1))
 
 
 def test_evaluation_sets_fit_every_length_so_lengths_ask_alike(enc, hay):
