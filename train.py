@@ -243,7 +243,7 @@ def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict], autoc
     counts = [int((b["targets"] != IGNORE).sum()) for b in micro_batches]
     loss_sum, inner_sum = 0.0, 0.0
     for batch, count in zip(micro_batches, counts):
-        if count == 0:                                  # nothing to learn from (and a mean over nothing is NaN)
+        if count == 0:                                  # nothing to learn from
             continue
         weight = count / sum(counts)
         with autocast:
@@ -304,6 +304,9 @@ def main(argv=None):
         why = [f"resuming {checkpoint.path(args.out)} at step {start_step} with its recorded configuration"]
         if args.stop_after and args.stop_after <= start_step:
             sys.exit(f"train.py: error: --stop-after {args.stop_after} is not past the checkpoint's step {start_step}")
+        if start_step >= args.steps:
+            print(f"{checkpoint.path(args.out)} has finished its {args.steps} steps: nothing to resume")
+            return
     else:
         why = apply_defaults(args)
         args.method = args.method or ("sft" if args.objective == "lm" else "focusft")
@@ -361,7 +364,7 @@ def main(argv=None):
 
     for step in range(start_step, last + 1):
         # ------------------------------------------------------------------ evaluation and checkpoint
-        if step % args.stats_every == 0:
+        if step % args.stats_every == 0 and (ckpt is None or step > start_step):   # a resumed run logged it
             report(step)
         if args.ckpt_every and step > start_step and step % args.ckpt_every == 0:
             checkpoint.save(checkpoint.path(args.out), model, optimizer, config, step - 1)

@@ -50,7 +50,7 @@ def test_twenty_steps_loss_falls_and_checkpoint_is_written(tmp_path, method):
 @pytest.mark.parametrize("workers", ["0", "1"])   # batches built in-line, or ahead in a worker process
 def test_resume_continues_exactly(tmp_path, workers):
     straight, chunked = tmp_path / "straight", tmp_path / "chunked"
-    common = TINY + ["--steps", "6", "--method", "focusft", "--workers", workers]
+    common = TINY + ["--steps", "6", "--method", "focusft", "--workers", workers, "--stats-every", "3"]
     train.main(common + ["--out", str(straight)])
     train.main(common + ["--out", str(chunked), "--stop-after", "3"])
     assert checkpoint.load(checkpoint.path(str(chunked)))["step"] == 2
@@ -61,6 +61,10 @@ def test_resume_continues_exactly(tmp_path, workers):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert losses(straight) == losses(chunked)
+    evals = lambda out: [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "eval_acc" in r]
+    assert evals(chunked) == evals(straight) == [0, 3, 6]     # --stats-every 3: the resumed run does not repeat 3
+    train.main(["--out", str(chunked), "--resume"])            # finished: nothing to do, nothing written
+    assert evals(chunked) == [0, 3, 6] and checkpoint.load(checkpoint.path(str(chunked)))["step"] == 5
     if workers == "1":                                                # a worker builds the same batches
         inline = tmp_path / "inline"
         train.main(TINY + ["--steps", "6", "--method", "focusft", "--workers", "0", "--out", str(inline)])
