@@ -136,7 +136,7 @@ def apply_defaults(args) -> list[str]:
         default("dtype", "fp32", "CPU")
         default("batch_size", 1, "CPU")
         default("workers", 0, "a CPU step takes seconds, building its batch milliseconds")
-        default("steps", 20, "about 7 minutes on 2 cores at --ctx 8192")
+        default("steps", 20, "about 6 minutes on 2 cores at --ctx 8192")
         default("lr", 3e-3, "a tiny model from scratch")
         default("curriculum", 0, "20 steps: every length from the start")
     if args.data == "synthetic":
