@@ -200,8 +200,8 @@ def build_sample(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], 
     """
     total = budget(length)
     k = rng.randrange(len(story)) if k is None else k
-    facts = [fact for turn_facts, _, _ in story[:k + 1] for fact in turn_facts]
-    question, target = story[k][1].strip() + " ", story[k][2]
+    *facts, question = facts_and_question(story, k)
+    question, target = question + " ", story[k][2]
     sample = {"input": " ".join(facts), "question": question, "target": target}
     if total == 0:
         return sample

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import batches
+import config as run_config   # train.py's command line (`config` below is an --attn-config)
 import data
 import eval_babilong
 import generate
@@ -192,10 +193,10 @@ def bench_tuning(S: int) -> list[dict]:
 
 def make_args(model: str, method: str, mask: str, ctx: int, steps: int, tokens: int, device: str = "cuda"):
     system = "--attn flex --compile 1 --dtype bf16" if device == "cuda" else "--attn sdpa --compile 0 --dtype fp32"
-    args = train.get_args(f"--model {model} --method {method} --mask {mask} --ctx {ctx} --steps {steps} "
+    args = run_config.get_args(f"--model {model} --method {method} --mask {mask} --ctx {ctx} --steps {steps} "
                           f"--batch-size {max(1, tokens // ctx)} --device {device} --curriculum 0 {system}".split())
-    train.apply_defaults(args)
-    train.check_args(args)
+    run_config.apply_defaults(args)
+    run_config.check_args(args)
     return args
 
 

@@ -45,10 +45,10 @@ def test_batch_count_matches_the_training_masks(seed):
 def test_batch_count_on_a_real_packed_batch():
     import data
     import batches
-    import train
-    args = train.get_args(["--ctx", "1024", "--data", "synthetic", "--batch-size", "2", "--device", "cpu",
+    import config
+    args = config.get_args(["--ctx", "1024", "--data", "synthetic", "--batch-size", "2", "--device", "cpu",
                            "--min-len", "200"])
-    train.apply_defaults(args)
+    config.apply_defaults(args)
     b = batches.get_batch(args, data.gpt2(), batches.data_source(args), 0, 0)
     for hybrid in (True, False):
         mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]) if hybrid else \
@@ -98,14 +98,13 @@ def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
     """Section 2's bookkeeping on the CPU (the timing itself needs a GPU): every variant of every model is
     timed once on the same pre-built batches, and its ratios are over that model's causal-SFT row."""
     import batches
-    import train
     seen = []
 
     def fake_time(args, prebuilt, warmup, profile):
         seen.append((args.model, args.method, args.mask, id(prebuilt)))
         return {"ms": {"causal": 10.0, "hybrid": 15.0}[args.mask] * (2 if args.method == "focusft" else 1),
                 "work": {"causal": 4.0, "hybrid": 5.0}[args.mask] * (2 if args.method == "focusft" else 1)}
-    monkeypatch.setattr(train, "check_args", lambda args: None)          # it would refuse --device cuda here
+    monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)   # it would refuse --device cuda here
     monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
     monkeypatch.setattr(bench, "time_steps", fake_time)
     monkeypatch.setattr(bench, "free_memory", lambda: None)
@@ -133,14 +132,13 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
     none left behind after), and its ratios are over its own causal-SFT row."""
     import batches
     import model
-    import train
     seen = []
 
     def fake_time(args, prebuilt, warmup, profile):
         seen.append(model.FLEX_OPTIONS)
         slow = 2.0 if model.FLEX_OPTIONS else 1.0
         return {"ms": slow * (3.0 if args.method == "focusft" else 1.0), "work": 1.0}
-    monkeypatch.setattr(train, "check_args", lambda args: None)
+    monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)
     monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
     monkeypatch.setattr(bench, "time_steps", fake_time)
     monkeypatch.setattr(bench, "free_memory", lambda: None)

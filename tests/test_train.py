@@ -12,6 +12,7 @@ import torch
 
 import batches
 import checkpoint
+import config
 import train
 from conftest import ROOT, SHARED
 from model import GPT
@@ -130,7 +131,7 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, argv, needle):
 
 
 def test_babilong_data_with_a_curriculum(tmp_path):
-    args = train.get_args(["--data", "babilong", "--ctx", "8192", "--lengths", "0k,1k,2k,4k,16k", "--steps", "10",
+    args = config.get_args(["--data", "babilong", "--ctx", "8192", "--lengths", "0k,1k,2k,4k,16k", "--steps", "10",
                            "--curriculum", "1"])
     # the first half on 0k alone, then 1k, 2k, 4k one per stage over the other five steps; 16k never fits 8192
     assert [batches.lengths_at(args, s) for s in range(11)] == [["0k"]] * 5 + [
@@ -153,9 +154,9 @@ def test_real_babi_stories_train_on_train_files_and_hold_out_test_files(monkeypa
     import babi
     import babilong
     import data
-    args = train.get_args(["--data", "babilong", "--ctx", "1024", "--lengths", "0k", "--tasks", "qa1,qa4",
+    args = config.get_args(["--data", "babilong", "--ctx", "1024", "--lengths", "0k", "--tasks", "qa1,qa4",
                            "--babi-dir", str(BABI_EN), "--device", "cpu", "--batch-size", "1"])
-    train.apply_defaults(args)
+    config.apply_defaults(args)
     source = batches.data_source(args)
     for split, file in (("train", "train"), ("eval", "test")):
         assert source[1][split]["qa4"] == babi.read_babi(babi.babi_file(str(BABI_EN), "qa4", file))
@@ -172,8 +173,8 @@ def test_accumulated_micro_batches_weigh_every_answer_token_alike():
     (a mean over all their target tokens), though the micro-batches hold different numbers of targets."""
     import contextlib
     from conftest import random_batch, tiny_config
-    args = train.get_args(["--method", "sft", "--mask", "causal", "--device", "cpu", "--model", "tiny", "--ctx", "90"])
-    train.apply_defaults(args)
+    args = config.get_args(["--method", "sft", "--mask", "causal", "--device", "cpu", "--model", "tiny", "--ctx", "90"])
+    config.apply_defaults(args)
     torch.manual_seed(0)
     model = GPT(tiny_config())
     micro = [random_batch(B=1, S=90, seed=seed) for seed in (1, 2, 3)]
@@ -198,9 +199,9 @@ def test_resume_does_not_need_the_init_checkpoint_any_more(tmp_path):
     argv = ["--device", "cpu", "--ctx", "512", "--data", "synthetic", "--out", str(tmp_path),
             "--init", str(tmp_path / "gone.pt")]
     def check(extra):
-        args = train.get_args(argv + extra)
-        train.apply_defaults(args)
-        train.check_args(args)
+        args = config.get_args(argv + extra)
+        config.apply_defaults(args)
+        config.check_args(args)
     check(["--resume"])
     with pytest.raises(SystemExit, match="--init: no checkpoint"):
         check([])
@@ -209,8 +210,8 @@ def test_resume_does_not_need_the_init_checkpoint_any_more(tmp_path):
 def test_evaluate_scores_each_answers_first_token():
     """eval_acc is measured at the positions that predict the first token of each answer, nowhere else."""
     from conftest import random_batch, tiny_config
-    args = train.get_args(["--ctx", "70", "--device", "cpu", "--model", "tiny", "--min-len", "10"])
-    train.apply_defaults(args)
+    args = config.get_args(["--ctx", "70", "--device", "cpu", "--model", "tiny", "--min-len", "10"])
+    config.apply_defaults(args)
     args.mask, args.method = "hybrid", "focusft"
     batch = random_batch(B=2, S=70)
     torch.manual_seed(0)

@@ -1,0 +1,212 @@
+"""A training run's configuration: train.py's command line, the defaults each machine fills in (and why), the
+checks that turn bad input into one clear line, and --resume's rule that a run continues as it was recorded.
+
+Everything a run does follows from the Namespace this returns; train.py records it in every checkpoint and
+log, so a run can be resumed, inspected or repeated from its files alone.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import batches
+import checkpoint
+import data
+from fastweights import PROJECTIONS
+from model import PRESETS
+
+GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
+SCRATCH_INNER_LR = 0.03      # from scratch: 0.1 left the base weights behind SFT on BABILong rows (README)
+RUN_ONLY = ("out", "resume", "stop_after", "workers")   # flags of this invocation, not of the recorded run
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                      # one clear line, non-zero exit
+        sys.exit(f"train.py: error: {message}")
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = Parser(description=__doc__.split("\n")[0])
+    # --- data ---
+    p.add_argument("--ctx", type=int, default=8192, help="tokens per training row")
+    p.add_argument("--data", choices=["babilong", "synthetic"], default="babilong",
+                   help="babilong: one-question samples built by BABILong's recipe (babilong.py), the format "
+                        "eval_babilong.py uses; synthetic: multi-turn stories (every question a response turn)")
+    p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI tasks to draw samples from")
+    p.add_argument("--lengths", default="0k,1k,2k,4k,8k",
+                   help="--data babilong: sample lengths (Nk = N*1000 GPT-2 tokens); those longer than --ctx are "
+                        "dropped")
+    p.add_argument("--curriculum", type=int, choices=[0, 1], default=None,
+                   help="--data babilong: 1 = the shortest length alone for the first half of the steps, then "
+                        "the others one at a time, shortest first (default 1 on a GPU, 0 on a CPU)")
+    p.add_argument("--haystack", default="synthetic",
+                   help="haystack text: synthetic, pg19 (online) or a folder of .txt books")
+    p.add_argument("--babi-dir", default=None, help="--data babilong: real bAbI stories instead of the generator "
+                                                    "(train files; the held-out check: test files)")
+    p.add_argument("--min-len", type=int, default=256, help="--data synthetic: shortest sample in a row (tokens)")
+    p.add_argument("--max-len", type=int, default=0, help="--data synthetic: longest sample (tokens); 0 = --ctx")
+    p.add_argument("--objective", choices=["sft", "lm"], default="sft",
+                   help="sft: loss on answers; lm: next-token loss on every token, causal mask (pretraining)")
+    # --- method ---
+    p.add_argument("--method", choices=["focusft", "sft"], default=None,
+                   help="focusft (default): inner loop + hybrid mask; sft: causal mask, no inner loop")
+    p.add_argument("--mask", choices=["hybrid", "causal"], default=None,
+                   help="override the method's mask (for the 2x2 ablation); default hybrid for focusft")
+    p.add_argument("--inner-steps", type=int, default=2, help="inner SGD steps (0 = no inner loop)")
+    p.add_argument("--inner-lr", type=float, default=None,
+                   help=f"inner SGD learning rate; default 1.0 (the authors') with --init, {SCRATCH_INNER_LR} "
+                        "from scratch")
+    p.add_argument("--inner-clip", type=float, default=1.0, help="per-tensor gradient norm clip in the inner loop")
+    p.add_argument("--inner-rank", type=int, default=32, help="LoRA rank of the fast weights")
+    p.add_argument("--inner-alpha", type=float, default=64.0, help="LoRA alpha (delta scaled by alpha/rank)")
+    p.add_argument("--inner-fraction", type=float, default=0.35, help="top fraction of layers with fast weights")
+    p.add_argument("--inner-targets", default="gate,up,down", help="MLP projections with fast weights")
+    p.add_argument("--inner-loss", choices=["response", "context"], default="response",
+                   help="response: the outer SFT loss; context: next-token loss on context tokens (causal)")
+    # --- optimisation ---
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps; 0 = the machine's default")
+    p.add_argument("--batch-size", type=int, default=0, help="rows per micro-batch; 0 = the machine's default")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=0.0, help="peak AdamW learning rate; 0 = the machine's default")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (then cosine to 0)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient norm clip (0 = off)")
+    # --- model ---
+    p.add_argument("--model", choices=sorted(PRESETS), default=None, help="size preset; default by device")
+    p.add_argument("--init", default=None, help="start from the weights (and model config) of this checkpoint")
+    p.add_argument("--attn", choices=["flex", "sdpa"], default=None, help="attention backend; default by device")
+    # --- system ---
+    p.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; default bf16 on cuda")
+    p.add_argument("--compile", type=int, choices=[0, 1], default=None,
+                   help="torch.compile each block (cuda default 1)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of data, init and fast weights")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes building batches ahead of the GPU; default up to 8 on cuda, 0 (in-line) on cpu")
+    # --- output ---
+    p.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue exactly from --out/ckpt.pt")
+    p.add_argument("--stop-after", type=int, default=0, help="end this run after this step (continue with --resume)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--stats-every", type=int, default=0, help="sink/engagement/accuracy every N steps; 0 = steps/5")
+    return p.parse_args(argv)
+
+
+def apply_defaults(args) -> list[str]:
+    """Fill what the user left open by the machine; return the reasons, for printing."""
+    why = []
+    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
+    args.device = args.device or ("cuda" if cuda else "cpu")
+    def default(name, value, reason):   # None (and 0 for counts) means "not given"
+        if getattr(args, name) is None or (name in ("steps", "batch_size", "lr", "max_len", "stats_every")
+                                           and getattr(args, name) == 0):
+            setattr(args, name, value)
+            why.append(f"--{name.replace('_', '-')} {value}: {reason}")
+    if cuda:
+        default("model", "small", "8 x 512, head size 128 (flex's fast kernel shape), 51.5M parameters")
+        default("attn", "flex", "fused flex_attention kernels with a sparse BlockMask")
+        default("compile", 1, "flex must run compiled on the GPU")
+        default("dtype", "bf16", "bf16 autocast")
+        default("batch_size", max(1, GPU_TOKENS_PER_STEP // args.ctx), f"about {GPU_TOKENS_PER_STEP:,} tokens per step")
+        default("workers", min(8, usable_cpus()), "batches are built ahead in other processes: a batch of 0k "
+                "samples is ~0.3 s of Python (470 stories simulated one by one), a GPU step 45-120 ms")
+        default("steps", 5000, "half on 0k rows (FocuSFT 80 ms/step), half as 1k-8k join (85-126 ms): about "
+                               "12 minutes on one H200 with start-up and compilation; reads qa5 (README)")
+        default("lr", 1e-3, "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
+        default("curriculum", 1, "0k samples alone for the first half (470 answers per step, 70 at 0k-8k): "
+                                 "from scratch, reading is learned on short samples (README, 'Learning')")
+    else:
+        default("model", "tiny", "2-core CPU")
+        default("attn", "sdpa", "flex_attention has no CPU backward")
+        default("compile", 0, "no compile on CPU")
+        default("dtype", "fp32", "CPU")
+        default("batch_size", 1, "CPU")
+        default("workers", 0, "a CPU step takes seconds, building its batch milliseconds")
+        default("steps", 20, "about 6 minutes on 2 cores at --ctx 8192")
+        default("lr", 3e-3, "a tiny model from scratch")
+        default("curriculum", 0, "20 steps: every length from the start")
+    if args.data == "synthetic":
+        default("max_len", args.ctx, "samples up to a full row")
+    if args.inner_lr is None:
+        args.inner_lr = 1.0 if args.init else SCRATCH_INNER_LR
+        why.append(f"--inner-lr {args.inner_lr}: " + ("the authors' value, for a pretrained model" if args.init else
+                   "from scratch, stronger fast weights leave the base weights worse on their own (README)"))
+    default("stats_every", max(1, args.steps // 5), "six measurements a run: untrained, every fifth, trained")
+    return why
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_args(args):
+    bad = [f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})"
+           for k in ("ctx", "steps", "batch_size", "grad_accum") if getattr(args, k) <= 0]
+    bad.append(f"--workers must be >= 0 (got {args.workers})" if args.workers < 0 else None)
+    bad += [f"--inner-steps must be >= 0 (got {args.inner_steps})" if args.inner_steps < 0 else None,
+           "--inner-fraction must be in (0, 1]" if not 0 < args.inner_fraction <= 1 else None,
+           f"--min-len ({args.min_len}) must be between 1 and --ctx"
+           if args.data == "synthetic" and not 0 < args.min_len <= args.ctx else None,
+           f"--max-len ({args.max_len}) must be between --min-len and --ctx"
+           if args.data == "synthetic" and not args.min_len <= args.max_len <= args.ctx else None,
+           "--babi-dir serves --data babilong (the multi-turn stories come from babi.py)"
+           if args.babi_dir and args.data == "synthetic" else None,
+           "--attn flex trains only on cuda (no CPU backward); use --attn sdpa"
+           if args.attn == "flex" and args.device == "cpu" else None,
+           f"--resume: no checkpoint at {checkpoint.path(args.out)}"
+           if args.resume and not os.path.exists(checkpoint.path(args.out)) else None,
+           f"--init: no checkpoint at {args.init}"              # a resumed run has its weights already
+           if args.init and not args.resume and not os.path.exists(args.init) else None]
+    unknown = set(args.tasks.split(",")) - set(data.TASKS)
+    bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(data.TASKS)}" if unknown else None)
+    if args.data == "babilong" and not unknown:
+        try:
+            fits = batches.lengths_at(args, args.steps)
+            bad.append(None if fits else f"--lengths: none of {args.lengths} fits --ctx {args.ctx}")
+        except (OSError, ValueError, RuntimeError) as e:
+            bad.append(str(e))
+    unknown = set(args.inner_targets.split(",")) - set(PROJECTIONS)
+    bad.append(f"--inner-targets: unknown {sorted(unknown)}; choose from {','.join(PROJECTIONS)}" if unknown else None)
+    bad.append("--objective lm is plain pretraining: it has no inner loop (use --method sft)"
+               if args.objective == "lm" and args.method == "focusft" else None)
+    bad.append("--objective lm predicts every next token: under the hybrid mask a context token sees its own "
+               "target; use --mask causal" if args.objective == "lm" and args.mask == "hybrid" else None)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        bad.append("--device cuda: no CUDA device here")
+    try:
+        data.gpt2()
+    except RuntimeError as e:
+        bad.append(str(e))
+    for b in bad:
+        if b:
+            sys.exit(f"train.py: error: {b}")
+
+
+def from_command_line(argv=None) -> tuple[argparse.Namespace | None, int, dict | None, list[str]]:
+    """(args, first step, checkpoint or None, the reasons for each default): a new run's flags with the
+    machine's defaults, or with --resume the recorded run's (only RUN_ONLY flags may be given again). args is
+    None when --resume finds the run finished."""
+    args = get_args(argv)
+    start_step, ckpt = 0, None
+    if args.resume and os.path.exists(checkpoint.path(args.out)):
+        given = [k for k, v in vars(args).items() if v != vars(get_args([]))[k]
+                 and k not in RUN_ONLY]
+        if given:
+            sys.exit(f"train.py: error: --resume continues the recorded run; drop --{given[0].replace('_', '-')}")
+        ckpt = checkpoint.load(checkpoint.path(args.out))
+        keep = {k: getattr(args, k) for k in RUN_ONLY if getattr(args, k) is not None}
+        args = argparse.Namespace(**{"workers": 0, **ckpt["config"]["args"], **keep})   # 0: runs before --workers
+        start_step = ckpt["step"] + 1
+        why = [f"resuming {checkpoint.path(args.out)} at step {start_step} with its recorded configuration"]
+        if args.stop_after and args.stop_after <= start_step:
+            sys.exit(f"train.py: error: --stop-after {args.stop_after} is not past the checkpoint's step {start_step}")
+        if start_step >= args.steps:
+            print(f"{checkpoint.path(args.out)} has finished its {args.steps} steps: nothing to resume")
+            return None, start_step, ckpt, []
+    else:
+        why = apply_defaults(args)
+        args.method = args.method or ("sft" if args.objective == "lm" else "focusft")
+        args.mask = args.mask or ("hybrid" if args.method == "focusft" else "causal")
+    check_args(args)
+    return args, start_step, ckpt, why
