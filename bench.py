@@ -70,6 +70,7 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
     "bwd-32x64": ({}, {"FLEX_OPTIONS": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
                                         "bwd_BLOCK_N2": 32}}),
     "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
+    "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too
     "max-autotune": ({"max_autotune": True}, {"FLEX_OPTIONS": {}}),   # inductor times candidate tiles for
                                                                       # every kernel (slow compile)
     "autotune-flex": ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}, {"FLEX_OPTIONS": {}}),

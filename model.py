@@ -29,8 +29,8 @@ LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tenso
 FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
                                    # own; set before the first compiled call (bench.py --attn-config does)
 HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}   # the forward tiles max-autotune picked at head size 64
-FLEX_EXPAND_KV = False # grouped-query K/V copied to every query head before a flex call that needs a backward
-                       # (flex_gqa_kv); set before the first compiled call (bench.py --attn-config expand-kv)
+FLEX_EXPAND_KV = True  # grouped-query K/V copied to every query head before a flex call that needs a backward
+                       # (flex_gqa_kv); set before the first compiled call (bench.py --attn-config shared-kv)
 
 
 @dataclass

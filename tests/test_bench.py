@@ -190,7 +190,7 @@ def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
     monkeypatch.setattr(model, "FLEX_OPTIONS", None)
     with bench.attn_config("torch+default"):
         assert model.FLEX_OPTIONS == {}
-    with bench.attn_config("expand-kv+fwd-64x128"):
-        assert model.FLEX_EXPAND_KV is True and model.FLEX_OPTIONS == model.HEAD64_TILES
+    with bench.attn_config("shared-kv+fwd-64x128"):
+        assert model.FLEX_EXPAND_KV is False and model.FLEX_OPTIONS == model.HEAD64_TILES
     assert model.FLEX_OPTIONS is None and inductor_config.prologue_fusion is not False
-    assert model.FLEX_EXPAND_KV is False
+    assert model.FLEX_EXPAND_KV is True

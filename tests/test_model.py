@@ -65,7 +65,8 @@ def test_expanded_kv_is_grouped_query_attention_with_its_gradients(monkeypatch):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 6, 50, 8, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 2, 50, 8, generator=g, requires_grad=True) for _ in range(2))
-    assert M.flex_gqa_kv(k, v, 6, backward=True) == (k, v, True)           # off by default
+    monkeypatch.setattr(M, "FLEX_EXPAND_KV", False)
+    assert M.flex_gqa_kv(k, v, 6, backward=True) == (k, v, True)           # switched off: flex's own GQA
     monkeypatch.setattr(M, "FLEX_EXPAND_KV", True)
     assert M.flex_gqa_kv(k, v, 6, backward=False) == (k, v, True)          # forward only: kept shared
     assert M.flex_gqa_kv(q, q, 6, backward=True) == (q, q, False)          # multi-head: nothing to do
