@@ -6,7 +6,8 @@
 1. attention fwd+bwd: flex under the hybrid mask, flex causal, SDPA causal (flash, the ceiling), SDPA with the
    hybrid mask as a dense bool tensor; 2. a whole training step from train.py's own pieces, same model and
    data for both methods; 3. generate.py's prefill and KV-cache decode; and, asked for with --sections tune,
-   flex's kernel options under the hybrid mask, and with --sections work (no GPU), each step's matmul work.
+   flex's forward under each of several kernel options on a training batch's masks (the backward apart),
+   and with --sections work (no GPU), each step's matmul work.
    Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
    counts them); timed regions hold synchronised GPU work only (batches are built beforehand, compilation
    happens in warm-up).
@@ -14,7 +15,6 @@
 import argparse
 import contextlib
 import datetime
-import functools
 import gc
 import json
 import os
@@ -25,7 +25,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
 
 import batches
 import config as run_config   # train.py's command line (`config` below is an --attn-config)
@@ -34,7 +33,7 @@ import eval_babilong
 import generate
 import masks
 import train
-from flops import MODEL_FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops, batch_work
+from flops import FWD_BWD, MODEL_FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops, batch_work
 import model as gpt   # model.py as a module (FLEX_OPTIONS); `model` below is a GPT instance
 from model import GPT, PRESETS, flex, preset
 
@@ -43,16 +42,16 @@ CONTEXT_PERCENT = 90         # attention benchmark rows: the first 90 % context,
 SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSFT's long-context range
 HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
 SECTIONS = ("attention", "tune", "training", "work", "eval")   # "tune" and "work" run only when asked for
-TUNE_SHAPES = ((64, 16, 16), (128, 8, 8), (64, 14, 2))   # (head dim, heads, kv heads); the last: Qwen2-0.5B's
-TUNE_SIZE = 16384            # the tuning section's sequence length: the middle of sections 1 and 2
-TUNE_OPTIONS = {             # flex kernel_options (torch's FlexKernelOptions) tried under the hybrid mask. Left out,
-    "defaults": {},          # as training's packed rows break their promise: BLOCKS_ARE_CONTIGUOUS (the partial
-                             # blocks at a document's start and its turn's end are not adjacent) and
-                             # ROWS_GUARANTEED_SAFE (padding rows see nothing)
-    "PRESCALE_QK": {"PRESCALE_QK": True},              # fold 1/sqrt(d) into q: fewer multiplies, more rounding
-    "USE_TMA": {"USE_TMA": True},                      # Hopper's bulk tensor copies for the K/V tiles
-    "both": {"PRESCALE_QK": True, "USE_TMA": True},
-}
+TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training batch's own masks, forward alone.
+    "model": None,                           # what the model uses (model.flex_options)
+    "torch": {},                             # torch's tiles for this head size and GPU
+    **{f"{m}x{n} w{w} s{st}": {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_warps": w, "fwd_num_stages": st}
+       for m, n, w, st in ((128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                           (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4))},   # BLOCK_M x BLOCK_N, warps, stages
+    "PRESCALE_QK": {"PRESCALE_QK": True},    # fold 1/sqrt(d) into q: fewer multiplies, more rounding
+    "USE_TMA": {"USE_TMA": True},            # Hopper's bulk tensor copies for the K/V tiles
+}   # Left out, as packed rows break their promise: BLOCKS_ARE_CONTIGUOUS (the partial blocks at a document's
+    # start and its turn's end are not adjacent) and ROWS_GUARANTEED_SAFE (padding rows see nothing)
 BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
 TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does the same token work (train.py's)
 PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
@@ -96,21 +95,26 @@ FORMULAS = {
 # ----------------------------------------------------------------------------------------------------------
 # 1. attention kernels
 
-def qkv(S: int, head_dim: int, heads: int, kv_heads: int = 0):
-    """Random bf16 q (1, nh, S, hs) and k, v (1, kv_heads or nh, S, hs) that require grad, and an upstream
-    gradient dy shaped like q."""
-    shapes = [(1, heads, S, head_dim)] + [(1, kv_heads or heads, S, head_dim)] * 2
+def qkv(S: int, head_dim: int, heads: int, kv_heads: int = 0, batch: int = 1):
+    """Random bf16 q (batch, nh, S, hs) and k, v (batch, kv_heads or nh, S, hs) that require grad, and an
+    upstream gradient dy shaped like q."""
+    shapes = [(batch, heads, S, head_dim)] + [(batch, kv_heads or heads, S, head_dim)] * 2
     q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for shape in shapes)
-    return q, k, v, torch.randn(1, heads, S, head_dim, device="cuda", dtype=torch.bfloat16)
+    return q, k, v, torch.randn(batch, heads, S, head_dim, device="cuda", dtype=torch.bfloat16)
+
+
+def median_ms(fn) -> float:
+    """Median milliseconds of fn() by triton's do_bench (call fn once first if it compiles)."""
+    from triton.testing import do_bench               # GPU path only: triton need not exist on a CPU machine
+    return do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median")
 
 
 def fwd_bwd_ms(attn, q, k, v, dy) -> float:
     """Median milliseconds of attn's forward and backward (the first call compiles and is not timed)."""
-    from triton.testing import do_bench               # GPU path only: triton need not exist on a CPU machine
     def fwd_bwd():
         torch.autograd.grad(attn(q, k, v), (q, k, v), dy)
     fwd_bwd()
-    return do_bench(fwd_bwd, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median")
+    return median_ms(fwd_bwd)
 
 
 def hybrid_row(S: int):
@@ -148,43 +152,45 @@ def bench_attention(sizes) -> list[dict]:
     return rows
 
 
-def bench_tuning(S: int) -> list[dict]:
-    """Flex under the hybrid mask with each of TUNE_OPTIONS, and compiled with max-autotune (inductor then
-    times its own candidate block sizes). `err` = relative error of output and dq against SDPA in fp32 on the
-    dense mask: an option that breaks the result shows there, not only in its speed."""
-    hybrid_mod, allowed = hybrid_row(S)
-    bm, dense = masks.block_mask(hybrid_mod, 1, S, "cuda"), masks.dense_mask(hybrid_mod, 1, S, "cuda")
-    autotuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+def bench_tuning(model_name: str, ctx: int, tokens: int, step: int) -> list[dict]:
+    """Flex on the masks of a real training batch (train.py's batch of `step`, as section 2 times and
+    profiles it: packed documents, so many partly masked tiles) with the model's head shape and its K/V as
+    a training step passes them (model.flex_gqa_kv): the forward under each of TUNE_OPTIONS and, with the
+    model's options, the backward (fwd+bwd minus fwd). Inside the model prologue fusion may fold q/k/v's
+    producers into the kernel; here q, k, v are plain tensors, so a gap between this forward and
+    --profile's shows that cost. `diff` = relative difference of the output from the model options'
+    (bf16): an option that breaks the result shows there, not only in its speed."""
+    batch = section_batches(model_name, ctx, range(step, step + 1), tokens, "cuda")[0]
+    cfg = preset(model_name, "flex")
+    B, hd = batch["idx"].size(0), cfg.n_embd // cfg.n_head
+    q, k, v, dy = qkv(ctx, hd, cfg.n_head, cfg.n_kv_head, B)
+    kf, vf, gqa = gpt.flex_gqa_kv(k, v, cfg.n_head, backward=True)
     rows = []
-    for head_dim, heads, kv_heads in TUNE_SHAPES:
-        gqa = kv_heads != heads
-        variants = {name: (lambda q, k, v, opts=opts: flex(q)(q, k, v, block_mask=bm, enable_gqa=gqa,
-                                                               kernel_options=opts or None))
-                    for name, opts in TUNE_OPTIONS.items()}
-        variants["max-autotune"] = functools.partial(autotuned, block_mask=bm, enable_gqa=gqa)
-        q, k, v, dy = qkv(S, head_dim, heads, kv_heads)
-        try:                              # fp32 reference; K/V heads repeated (SDPA's GQA can fall back to math)
-            k32, v32 = (t.float().repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
-            ref = F.scaled_dot_product_attention(q.float(), k32, v32, attn_mask=dense)
-            ref_dq, = torch.autograd.grad(ref, q, dy.float())
-        except torch.cuda.OutOfMemoryError:
-            ref = ref_dq = k32 = v32 = None
-            free_memory()
-        for name, attn in variants.items():
-            row = {"S": S, "head_dim": head_dim, "heads": heads, "kv_heads": kv_heads, "options": name}
+    for mask in ("causal", "hybrid"):
+        args = make_args(model_name, "sft", mask, ctx, step + 1, tokens)
+        bm = train.build_mask(args, train.mask_mod_for(args, batch), B)
+        allowed, ref = allowed_in_batch(batch, mask == "hybrid"), None
+        for name, opts in TUNE_OPTIONS.items():
+            row = {"model": model_name, "ctx": ctx, "batch": B, "mask": mask, "options": name}
+            options = tiles(q) if opts is None else (opts or None)
+            attn = lambda: flex(q)(q, kf, vf, block_mask=bm, enable_gqa=gqa, kernel_options=options)
             try:                          # an option this torch or GPU does not support fails alone
-                out = attn(q, k, v)
-                dq, = torch.autograd.grad(out, q, dy)
-                if ref is not None:
-                    row["err"] = max(((a.float() - b).norm() / b.norm()).item() for a, b in ((out, ref), (dq, ref_dq)))
-                row["ms"] = fwd_bwd_ms(attn, q, k, v, dy)
-                row["tflops"] = attention_flops(allowed, head_dim, heads) / row["ms"] / 1e9
+                with torch.no_grad():
+                    out = attn()
+                    ref = out if ref is None else ref
+                    row["diff"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                    row["fwd_ms"] = median_ms(attn)
+                row["fwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, 1) / row["fwd_ms"] / 1e9
+                if opts is None:
+                    row["bwd_ms"] = fwd_bwd_ms(lambda *_: attn(), q, kf, vf, dy) - median_ms(attn)
+                    row["bwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, FWD_BWD - 1) / row["bwd_ms"] / 1e9
             except Exception as e:        # noqa: BLE001 (reported in the table, not raised)
                 row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
             rows.append(row)
-            print(f"  tune d{head_dim} {heads}/{kv_heads} heads {name}: " +
-                  (f"{row['tflops']:.1f} TFLOP/s" if "tflops" in row else row["error"]), flush=True)
-        del ref, ref_dq, k32, v32
+            print(f"  tune {model_name} {ctx} {mask} {name}: " +
+                  (f"forward {row['fwd_ms']:.3f} ms" if "fwd_ms" in row else row["error"]) +
+                  (f", backward {row['bwd_ms']:.3f} ms" if "bwd_ms" in row else ""), flush=True)
+        del bm, ref
         free_memory()
     return rows
 
@@ -433,9 +439,12 @@ def main(argv=None):
                   ["S", "head_dim", "heads", "kernel", "ms", "tflops"])
             write_json(args.out, result)                      # after every section: a crash keeps the rest
         if "tune" in sections:
-            result["tuning"] = bench_tuning(TUNE_SIZE)
-            table(f"flex hybrid fwd+bwd at {TUNE_SIZE}, kernel options (TFLOP/s; err vs fp32 SDPA)",
-                  result["tuning"], ["S", "head_dim", "heads", "kv_heads", "options", "ms", "tflops", "err", "error"])
+            result["tuning"] = [row for model in models for ctx in sizes
+                                for row in bench_tuning(model, ctx, args.tokens, warmup + timed - 1)]
+            table(f"flex on a training batch's masks, {args.tokens} tokens: forward per kernel option, backward "
+                  "with the model's (TFLOP/s on allowed entries; diff = vs the model's output)", result["tuning"],
+                  ["model", "ctx", "batch", "mask", "options", "fwd_ms", "fwd_tflops", "bwd_ms", "bwd_tflops",
+                   "diff", "error"])
             write_json(args.out, result)
         if "training" in sections:
             result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile, configs)

@@ -194,3 +194,57 @@ def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
         assert model.FLEX_EXPAND_KV is False and model.FLEX_OPTIONS == model.HEAD64_TILES
     assert model.FLEX_OPTIONS is None and inductor_config.prologue_fusion is not False
     assert model.FLEX_EXPAND_KV is True
+
+
+def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
+    """--sections tune on the CPU (timing faked): both masks of one real training batch, every option's
+    forward with its own kernel options (the model's = model.flex_options), the backward only with the
+    model's, FLOPs on the batch's allowed entries, and an option that fails reported alone."""
+    import batches
+    import model
+    import train
+    from flops import FWD_BWD, allowed_in_batch
+    seen, built = [], {}
+
+    def fake_build_mask(args, mask_mod, batch_size):
+        built[args.mask] = batch_size
+        return args.mask
+    def fake_qkv(S, head_dim, heads, kv_heads=0, batch=1):
+        q, k, v = (torch.randn(batch, h, S, head_dim, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+        return q, k, v, torch.randn_like(q)
+    def fake_flex(q):
+        def call(q, k, v, block_mask, enable_gqa, kernel_options):
+            if kernel_options == {"USE_TMA": True}:
+                raise RuntimeError("not on this GPU")
+            seen.append((block_mask, kernel_options))
+            return q * (1.5 if kernel_options == {"PRESCALE_QK": True} else 1.0)
+        return call
+    monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)
+    monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
+    monkeypatch.setattr(train, "build_mask", fake_build_mask)
+    monkeypatch.setattr(bench, "qkv", fake_qkv)
+    monkeypatch.setattr(bench, "flex", fake_flex)
+    monkeypatch.setattr(bench, "median_ms", lambda fn: 2.0)
+    monkeypatch.setattr(bench, "fwd_bwd_ms", lambda attn, q, k, v, dy: 7.0)
+    monkeypatch.setattr(bench, "free_memory", lambda: None)
+    rows = bench.bench_tuning("tiny", 1024, 2048, 1)          # tiny: 2 heads of size 64
+    names = list(bench.TUNE_OPTIONS)
+    assert [(r["mask"], r["options"]) for r in rows] == [(m, n) for m in ("causal", "hybrid") for n in names]
+    assert built == {"causal": 2, "hybrid": 2} and all(r["batch"] == 2 for r in rows)
+    calls = [o for mask, o in seen if mask == "causal"]
+    expected = [model.HEAD64_TILES, None] + [o for n, o in bench.TUNE_OPTIONS.items()
+                                            if n not in ("model", "torch", "USE_TMA")]
+    assert calls == expected            # tiny's head size is 64: the model's options are the head-64 tiles
+    batch = bench.section_batches("tiny", 1024, range(1, 2), 2048, "cpu")[0]
+    for r in rows:
+        allowed = allowed_in_batch(batch, r["mask"] == "hybrid")
+        if r["options"] == "USE_TMA":
+            assert "not on this GPU" in r["error"] and "fwd_ms" not in r
+            continue
+        assert r["fwd_tflops"] == pytest.approx(4 * allowed * 64 * 2 / 2.0 / 1e9)
+        assert r["diff"] == pytest.approx(0.5 if r["options"] == "PRESCALE_QK" else 0.0)
+        if r["options"] == "model":
+            assert r["bwd_ms"] == 5.0
+            assert r["bwd_tflops"] == pytest.approx((FWD_BWD - 1) * 4 * allowed * 64 * 2 / 5.0 / 1e9)
+        else:
+            assert "bwd_ms" not in r
