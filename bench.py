@@ -158,22 +158,26 @@ def bench_tuning(model_name: str, ctx: int, tokens: int, step: int) -> list[dict
     a training step passes them (model.flex_gqa_kv): the forward under each of TUNE_OPTIONS and, with the
     model's options, the backward (fwd+bwd minus fwd). Inside the model prologue fusion may fold q/k/v's
     producers into the kernel; here q, k, v are plain tensors, so a gap between this forward and
-    --profile's shows that cost. `diff` = relative difference of the output from the model options'
-    (bf16): an option that breaks the result shows there, not only in its speed."""
+    --profile's shows that cost; "model, BSHD" lays them out in memory as (B, S, H, D), the projections'
+    layout (whether the compiled model keeps it through RoPE is inductor's choice). `diff` = relative difference of the output from the model options' (bf16): an option
+    that breaks the result shows there, not only in its speed."""
     batch = section_batches(model_name, ctx, range(step, step + 1), tokens, "cuda")[0]
     cfg = preset(model_name, "flex")
     B, hd = batch["idx"].size(0), cfg.n_embd // cfg.n_head
     q, k, v, dy = qkv(ctx, hd, cfg.n_head, cfg.n_kv_head, B)
     kf, vf, gqa = gpt.flex_gqa_kv(k, v, cfg.n_head, backward=True)
+    bshd = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, kf, vf)]   # (B, S, H, D) memory
+    variants = [(name, opts, (q, kf, vf)) for name, opts in TUNE_OPTIONS.items()]
+    variants.append(("model, BSHD", None, bshd))
     rows = []
     for mask in ("causal", "hybrid"):
         args = make_args(model_name, "sft", mask, ctx, step + 1, tokens)
         bm = train.build_mask(args, train.mask_mod_for(args, batch), B)
         allowed, ref = allowed_in_batch(batch, mask == "hybrid"), None
-        for name, opts in TUNE_OPTIONS.items():
+        for name, opts, (qq, kk, vv) in variants:
             row = {"model": model_name, "ctx": ctx, "batch": B, "mask": mask, "options": name}
             options = tiles(q) if opts is None else (opts or None)
-            attn = lambda: flex(q)(q, kf, vf, block_mask=bm, enable_gqa=gqa, kernel_options=options)
+            attn = lambda: flex(qq)(qq, kk, vv, block_mask=bm, enable_gqa=gqa, kernel_options=options)
             try:                          # an option this torch or GPU does not support fails alone
                 with torch.no_grad():
                     out = attn()
@@ -181,7 +185,7 @@ def bench_tuning(model_name: str, ctx: int, tokens: int, step: int) -> list[dict
                     row["diff"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                     row["fwd_ms"] = median_ms(attn)
                 row["fwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, 1) / row["fwd_ms"] / 1e9
-                if opts is None:
+                if name == "model":
                     row["bwd_ms"] = fwd_bwd_ms(lambda *_: attn(), q, kf, vf, dy) - median_ms(attn)
                     row["bwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, FWD_BWD - 1) / row["bwd_ms"] / 1e9
             except Exception as e:        # noqa: BLE001 (reported in the table, not raised)
@@ -221,7 +225,7 @@ def section_batches(model: str, ctx: int, steps: range, tokens: int, device: str
 
 
 def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile: bool,
-                   configs=("default",)) -> list[dict]:
+                   configs=("default",), trace: str | None = None) -> list[dict]:
     rows = []
     for ctx in sizes:
         prebuilt = section_batches(models[0], ctx, range(warmup + timed), tokens, "cuda")
@@ -232,7 +236,8 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
                        "mask": mask}
                 try:
                     with attn_config(config):
-                        row.update(time_steps(args, prebuilt, warmup, profile))
+                        row.update(time_steps(args, prebuilt, warmup, profile or bool(trace),
+                                              trace and os.path.join(trace, config)))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                 except Exception as e:    # noqa: BLE001 (a configuration this torch lacks fails alone, in the table)
@@ -292,7 +297,7 @@ def bench_work(sizes, models, warmup: int, timed: int, tokens: int) -> list[dict
     return rows
 
 
-def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
+def time_steps(args, prebuilt, warmup: int, profile: bool = False, trace: str | None = None) -> dict:
     model, inner = preset_model(args.model, args.seed), train.inner_config(args)
     for block in model.h:                             # as train.main: compiled blocks, one graph per shape
         block.compile(dynamic=False)
@@ -316,8 +321,10 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times = times[warmup:]                                         # the warm-up steps compile
+    sec = statistics.median(times)
     if profile:                                                    # where one more step's GPU time goes
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CUDA] + [torch.profiler.ProfilerActivity.CPU] * bool(trace)
+        with torch.profiler.profile(activities=activities) as prof:
             step(prebuilt[-1])
             torch.cuda.synchronize()
         averages = prof.key_averages()
@@ -326,7 +333,13 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False) -> dict:
         for e in averages:                                         # the attention kernels, per call
             if "flex_attention" in e.key:
                 print(f"    {e.key[:90]}: {e.count} calls, {e.self_device_time_total / e.count / 1e3:.3f} ms each")
-    cfg, sec = model.config, statistics.median(times)
+        busy = sum(e.self_device_time_total for e in averages                   # ms of kernels and copies
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3   # (one stream: no overlap)
+        print(f"    GPU busy {busy:.1f} ms of the median step's {sec * 1e3:.1f} ms", flush=True)
+        if trace:                                                  # the CPU and GPU timelines (chrome://tracing)
+            os.makedirs(trace, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(trace, f"{args.model}_{args.ctx}_{args.method}_{args.mask}.json"))
+    cfg = model.config
     head_dim = cfg.n_embd // cfg.n_head
     n_params = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()   # lm_head is tied to wte
     tokens = args.batch_size * args.ctx                                                # every position, padding too
@@ -404,6 +417,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=TOKENS_PER_STEP,
                    help="section 2's tokens per step (batch = tokens // ctx; 8192 at 8K = the authors' batch 1)")
     p.add_argument("--profile", action="store_true", help="section 2: print the top GPU kernels of one more step")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="section 2: --profile, and that step's CPU and GPU timeline as DIR/CONFIG/*.json")
     p.add_argument("--attn-config", default="default",
                    help=f"section 2: how flex compiles, one or more of {','.join(ATTN_CONFIGS)} (compared row by "
                         "row); a+b joins two, e.g. fwd-64x128+bwd-64x64")
@@ -447,7 +462,8 @@ def main(argv=None):
                    "diff", "error"])
             write_json(args.out, result)
         if "training" in sections:
-            result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile, configs)
+            result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile, configs,
+                                                args.trace)
             table(f"training step, {args.tokens} tokens, bf16, median of {timed} steps after {warmup} warm-up,"
                   " batches pre-built (data generation excluded)", result["training"],
                   ["model", "ctx", "batch", "config", "method", "mask", "ms", "tokens_per_s", "mfu", "work_tflops",

@@ -52,15 +52,15 @@ def adapted_layers(n_layer: int, fraction: float) -> range:
 
 
 def init_fast(model: GPT, cfg: InnerConfig, rows: int) -> dict[str, Tensor]:
-    """Fresh fast weights for `rows` batch rows: A (rows, r, in) kaiming-uniform (a=sqrt 5, as nn.Linear),
-    B (rows, out, r) = 0, so the delta B A x starts at exactly 0."""
+    """Fresh fast weights for `rows` batch rows: A (rows, r, in) kaiming-uniform as nn.Linear's (a = sqrt 5:
+    U(-1/sqrt(in), 1/sqrt(in)), fan_in = in for each row's (r, in) matrix), B (rows, out, r) = 0, so the delta
+    B A x starts at exactly 0."""
     fast = {}
     for i in adapted_layers(model.config.n_layer, cfg.fraction):
         for name in cfg.targets:
             linear = getattr(model.h[i].mlp, name)
-            A = torch.empty(rows, cfg.rank, linear.in_features, device=linear.weight.device)
-            for a in A:                   # fan_in = in_features for each row's (r, in) matrix
-                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            bound = 1 / math.sqrt(linear.in_features)      # kaiming_uniform_(a=sqrt 5) of each row, in one call
+            A = torch.empty(rows, cfg.rank, linear.in_features, device=linear.weight.device).uniform_(-bound, bound)
             fast[f"h.{i}.mlp.{name}.A"] = A
             fast[f"h.{i}.mlp.{name}.B"] = torch.zeros(rows, linear.out_features, cfg.rank, device=A.device)
     return fast

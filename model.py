@@ -258,8 +258,8 @@ class GPT(nn.Module):
         if not per_row:
             return losses.sum() / max(len(sel), 1)
         row = sel // targets.size(1)                                                          # (N,)
-        count = torch.bincount(row, minlength=targets.size(0)).clamp(min=1)                  # (B,)
-        return torch.zeros(targets.size(0), device=x.device).index_add(0, row, losses) / count
+        per = lambda values: torch.zeros(targets.size(0), device=x.device).index_add(0, row, values)   # (B,)
+        return per(losses) / per(torch.ones_like(losses)).clamp(min=1)    # counted so (bincount syncs the host)
 
     def _chunk_loss(self, h: Tensor, y: Tensor) -> Tensor:
         logits = self.lm_head(self.ln_f(h)).float()                                            # (n, vocab)

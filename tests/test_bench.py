@@ -100,7 +100,7 @@ def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
     import batches
     seen = []
 
-    def fake_time(args, prebuilt, warmup, profile):
+    def fake_time(args, prebuilt, warmup, profile, trace=None):
         seen.append((args.model, args.method, args.mask, id(prebuilt)))
         return {"ms": {"causal": 10.0, "hybrid": 15.0}[args.mask] * (2 if args.method == "focusft" else 1),
                 "work": {"causal": 4.0, "hybrid": 5.0}[args.mask] * (2 if args.method == "focusft" else 1)}
@@ -134,7 +134,7 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
     import model
     seen = []
 
-    def fake_time(args, prebuilt, warmup, profile):
+    def fake_time(args, prebuilt, warmup, profile, trace=None):
         seen.append(model.FLEX_OPTIONS)
         slow = 2.0 if model.FLEX_OPTIONS else 1.0
         return {"ms": slow * (3.0 if args.method == "focusft" else 1.0), "work": 1.0}
@@ -204,7 +204,7 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     import model
     import train
     from flops import FWD_BWD, allowed_in_batch
-    seen, built = [], {}
+    seen, built, layouts = [], {}, set()
 
     def fake_build_mask(args, mask_mod, batch_size):
         built[args.mask] = batch_size
@@ -217,6 +217,7 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
             if kernel_options == {"USE_TMA": True}:
                 raise RuntimeError("not on this GPU")
             seen.append((block_mask, kernel_options))
+            layouts.add((q.transpose(1, 2).is_contiguous(), k.transpose(1, 2).is_contiguous()))
             return q * (1.5 if kernel_options == {"PRESCALE_QK": True} else 1.0)
         return call
     monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)
@@ -228,12 +229,12 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     monkeypatch.setattr(bench, "fwd_bwd_ms", lambda attn, q, k, v, dy: 7.0)
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     rows = bench.bench_tuning("tiny", 1024, 2048, 1)          # tiny: 2 heads of size 64
-    names = list(bench.TUNE_OPTIONS)
+    names = list(bench.TUNE_OPTIONS) + ["model, BSHD"]
     assert [(r["mask"], r["options"]) for r in rows] == [(m, n) for m in ("causal", "hybrid") for n in names]
     assert built == {"causal": 2, "hybrid": 2} and all(r["batch"] == 2 for r in rows)
     calls = [o for mask, o in seen if mask == "causal"]
     expected = [model.HEAD64_TILES, None] + [o for n, o in bench.TUNE_OPTIONS.items()
-                                            if n not in ("model", "torch", "USE_TMA")]
+                                            if n not in ("model", "torch", "USE_TMA")] + [model.HEAD64_TILES]
     assert calls == expected            # tiny's head size is 64: the model's options are the head-64 tiles
     batch = bench.section_batches("tiny", 1024, range(1, 2), 2048, "cpu")[0]
     for r in rows:
@@ -243,8 +244,9 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
             continue
         assert r["fwd_tflops"] == pytest.approx(4 * allowed * 64 * 2 / 2.0 / 1e9)
         assert r["diff"] == pytest.approx(0.5 if r["options"] == "PRESCALE_QK" else 0.0)
-        if r["options"] == "model":
+        if r["options"] == "model":                           # the backward as a training step runs it
             assert r["bwd_ms"] == 5.0
             assert r["bwd_tflops"] == pytest.approx((FWD_BWD - 1) * 4 * allowed * 64 * 2 / 5.0 / 1e9)
         else:
             assert "bwd_ms" not in r
+    assert layouts == {(False, False), (True, True)}         # (B, H, S, D) memory, then the model's (B, S, H, D)
