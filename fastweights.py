@@ -124,12 +124,14 @@ def adapt(loss_fn, fast: dict[str, Tensor], cfg: InnerConfig, grad_fn=func_grad)
 
 
 def focusft_loss(model: GPT, idx: Tensor, pos: Tensor, mask, targets: Tensor, cfg: InnerConfig,
-                 inner_mask=None, inner_targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 inner_mask=None, inner_targets: Tensor | None = None,
+                 index: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One FocuSFT forward: adapt fresh fast weights on each row, then the outer loss with them active.
     Returns the outer loss and the inner losses (steps, rows).
 
     The inner loss uses `inner_targets` under `inner_mask` (default: the outer targets and mask). A different
-    inner mask (the causal one of the "context" inner loss) needs its own pass over the lower layers."""
+    inner mask (the causal one of the "context" inner loss) needs its own pass over the lower layers.
+    `index`: the flat positions of `targets` that have one, if known (model.loss)."""
     rope = model.rope(pos)
     upper = adapted_layers(model.config.n_layer, cfg.fraction)
     lower = range(upper.start)
@@ -139,12 +141,13 @@ def focusft_loss(model: GPT, idx: Tensor, pos: Tensor, mask, targets: Tensor, cf
     else:
         with torch.no_grad():
             x_inner = model.blocks(model.wte(idx), rope, inner_mask, lower)
-    inner_targets = targets if inner_targets is None else inner_targets
+    inner_targets, inner_index = (targets, index) if inner_targets is None else (inner_targets, None)
 
     def inner_loss(fast: dict[str, Tensor]) -> Tensor:                 # (rows,): each row's own mean loss
-        return model.loss(model.blocks(x_inner, rope, inner_mask, upper, fast, cfg.scale), inner_targets, True)
+        x_top = model.blocks(x_inner, rope, inner_mask, upper, fast, cfg.scale)
+        return model.loss(x_top, inner_targets, per_row=True, index=inner_index)
 
     grad_fn = func_grad if isinstance(mask, Tensor) else autograd_grad
     with frozen(model):
         fast, inner_losses = adapt(inner_loss, init_fast(model, cfg, idx.size(0)), cfg, grad_fn)
-    return model.loss(model.blocks(x, rope, mask, upper, fast, cfg.scale), targets), inner_losses
+    return model.loss(model.blocks(x, rope, mask, upper, fast, cfg.scale), targets, index=index), inner_losses

@@ -244,10 +244,11 @@ class GPT(nn.Module):
             x = self.h[i](x, rope, mask, mine, scale, caches[i] if caches else None)
         return x
 
-    def loss(self, x: Tensor, targets: Tensor, per_row: bool = False) -> Tensor:
+    def loss(self, x: Tensor, targets: Tensor, per_row: bool = False, index: Tensor | None = None) -> Tensor:
         """Mean cross-entropy at positions with a target, over the batch or (per_row) per row -> (B,).
-        Logits exist only at those positions, LOSS_CHUNK at a time."""
-        sel = (targets != IGNORE).flatten().nonzero().squeeze(1)                              # (N,)
+        Logits exist only at those positions, LOSS_CHUNK at a time. `index`: those positions, flat (N,), if
+        known (batches.to_device finds them on the host; nonzero() here waits for the GPU)."""
+        sel = (targets != IGNORE).flatten().nonzero().squeeze(1) if index is None else index   # (N,)
         h, y = x.flatten(0, 1).index_select(0, sel), targets.flatten().index_select(0, sel)  # (N, C), (N,)
         # recompute each chunk's logits in backward; torch.func transforms refuse checkpoint's hooks
         in_func = torch._C._functorch.peek_interpreter_stack() is not None
@@ -271,6 +272,6 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(h)).float()
 
     def forward(self, idx: Tensor, pos: Tensor, mask: BlockMask | Tensor, targets: Tensor,
-                fast: dict[str, Tensor] | None = None, scale: float = 1.0) -> Tensor:
+                fast: dict[str, Tensor] | None = None, scale: float = 1.0, index: Tensor | None = None) -> Tensor:
         x = self.blocks(self.wte(idx), self.rope(pos), mask, range(self.config.n_layer), fast, scale)
-        return self.loss(x, targets)
+        return self.loss(x, targets, index=index)

@@ -65,13 +65,15 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, to
     """Loss of one micro-batch and the inner losses (empty without an inner loop)."""
     B = batch["idx"].size(0)
     mask = build_mask(args, mask_mod_for(args, batch), B)
+    index = batch.get("target_index")                  # from batches.to_device (None: found on the device)
     if args.method == "sft" or inner.steps == 0:
-        return model(batch["idx"], batch["pos"], mask, batch["targets"]), torch.zeros(0, B)
+        return model(batch["idx"], batch["pos"], mask, batch["targets"], index=index), torch.zeros(0, B)
     inner_mask = inner_targets = None
     if inner.loss == "context":   # next-token prediction under a bidirectional mask would be copying: go causal
         inner_mask = build_mask(args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
         inner_targets = data.next_token_targets(batch["idx"], batch["document_ids"], batch["loss_mask"] == 0)
-    return focusft_loss(model, batch["idx"], batch["pos"], mask, batch["targets"], inner, inner_mask, inner_targets)
+    return focusft_loss(model, batch["idx"], batch["pos"], mask, batch["targets"], inner, inner_mask, inner_targets,
+                        index)
 
 
 def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict], autocast) -> tuple[float, torch.Tensor]:
@@ -114,7 +116,7 @@ def evaluate(args, model, batch: dict) -> dict:
     h = model.ln_f(x[sel])                                      # (N, C); N ~ all tokens for the lm objective
     pred = torch.cat([model.lm_head(chunk).argmax(-1) for chunk in h.split(LOSS_CHUNK)])   # no (N, vocab) at once
     out = {"eval_acc": (pred == batch["targets"][sel]).float().mean().item(), "eval_n": int(sel.sum())}
-    one = {k: v[:1] for k, v in batch.items()}
+    one = {k: v[:1] for k, v in batch.items() if v.dim() == 2}        # the first row of each (B, S) tensor
     out.update(attention_stats(model, one["idx"], one["pos"], mask_mod_for(args, one), one["loss_mask"],
                                one["attention_mask"]))
     return out

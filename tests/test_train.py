@@ -226,3 +226,34 @@ def test_evaluate_scores_each_answers_first_token():
         hits = [int(model.lm_head(model.ln_f(x[b, t])).argmax() == batch["idx"][b, t + 1]) for b, t in starts]
     assert out["eval_n"] == len(starts) == 4
     assert out["eval_acc"] == sum(hits) / len(hits)
+
+
+@pytest.mark.parametrize("method", ["sft", "focusft"])
+def test_target_positions_found_on_the_host_give_the_same_loss(method):
+    """batches.to_device adds the flat positions that have a target ("target_index", so no loss waits on a
+    device nonzero()); the step's outer and inner losses and gradients are those found without it, and the
+    index is really what the losses read (a wrong one changes them)."""
+    from conftest import random_batch, tiny_config
+    args = config.get_args(["--method", method, "--device", "cpu", "--model", "tiny", "--ctx", "90",
+                            "--inner-rank", "4"])
+    config.apply_defaults(args)
+    torch.manual_seed(0)
+    model, inner = GPT(tiny_config()), train.inner_config(args)
+    plain = random_batch(B=2, S=90, seed=5)
+    moved = batches.to_device(plain, "cpu")
+    assert torch.equal(moved["target_index"], (plain["targets"].flatten() != -100).nonzero()[:, 0])
+
+    def step(batch):
+        torch.manual_seed(1)                                   # the same fresh fast weights
+        model.zero_grad()
+        loss, inner_losses = train.train_loss(args, model, inner, batch)
+        loss.backward()
+        return loss, inner_losses, [p.grad.clone() for p in model.parameters()]
+    want, got = step(plain), step(moved)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for g, w in zip(got[2], want[2]):
+        assert torch.equal(g, w)
+    wrong = step({**moved, "target_index": moved["target_index"][:-1]})
+    assert not torch.equal(wrong[0], want[0])
+    if method == "focusft":                                    # the inner loss reads it too
+        assert want[1].numel() == 2 * 2 and not torch.equal(wrong[1], want[1])
