@@ -11,7 +11,7 @@ import torch
 
 import babilong
 import data
-from model import IGNORE
+from model import target_positions
 
 PREFETCH = 4                 # batches each loader worker builds ahead: absorbs a slow batch (a new book)
 
@@ -69,6 +69,7 @@ def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLo
 def to_device(batch: dict, device: str) -> dict:
     """The batch on `device`, with "target_index": the flat positions that have a target (B * S indexing),
     found here on the host so that the loss needs no nonzero() on the device, a host synchronisation that
-    would stall the GPU in every inner and outer loss."""
-    index = (batch["targets"] != IGNORE).flatten().nonzero().squeeze(1)                       # (N,)
-    return {k: v.to(device, non_blocking=True) for k, v in {**batch, "target_index": index}.items()}
+    would stall the GPU in every inner and outer loss. It describes these rows as they are: slice or join
+    them afterwards and it is wrong (build such a batch first, then call this)."""
+    return {k: v.to(device, non_blocking=True)
+            for k, v in {**batch, "target_index": target_positions(batch["targets"])}.items()}

@@ -156,11 +156,14 @@ def bench_tuning(model_name: str, ctx: int, tokens: int, step: int) -> list[dict
     """Flex on the masks of a real training batch (train.py's batch of `step`, as section 2 times and
     profiles it: packed documents, so many partly masked tiles) with the model's head shape and its K/V as
     a training step passes them (model.flex_gqa_kv): the forward under each of TUNE_OPTIONS and, with the
-    model's options, the backward (fwd+bwd minus fwd). Inside the model prologue fusion may fold q/k/v's
-    producers into the kernel; here q, k, v are plain tensors, so a gap between this forward and
-    --profile's shows that cost; "model, BSHD" lays them out in memory as (B, S, H, D), the projections'
-    layout (whether the compiled model keeps it through RoPE is inductor's choice). `diff` = relative difference of the output from the model options' (bf16): an option
-    that breaks the result shows there, not only in its speed."""
+    model's options, the backward (fwd+bwd minus the forward in grad mode). The sweep's forward runs under
+    no_grad, so it skips the logsumexp store (4 bytes per query and head; a forward-only compile is quicker).
+    Inside the model prologue fusion may fold q/k/v's producers into the kernel; here q, k, v are plain
+    tensors, so a gap between this forward and --profile's shows that cost; "model, BSHD" lays them out in
+    memory as (B, S, H, D), the projections' layout (whether the compiled model keeps it through RoPE is
+    inductor's choice). `diff` = relative difference of the output from the model options' (bf16): an
+    option that breaks the result shows there, not only in its speed. About 30 compilations per call."""
+    torch._dynamo.reset()                  # each call starts with the whole recompile budget (cache_size_limit)
     batch = section_batches(model_name, ctx, range(step, step + 1), tokens, "cuda")[0]
     cfg = preset(model_name, "flex")
     B, hd = batch["idx"].size(0), cfg.n_embd // cfg.n_head
@@ -329,12 +332,12 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False, trace: str | 
             torch.cuda.synchronize()
         averages = prof.key_averages()
         print(f"  profile, {args.model} {args.method} {args.mask}:\n" +
-              averages.table(sort_by="cuda_time_total", row_limit=PROFILE_ROWS), flush=True)
-        for e in averages:                                         # the attention kernels, per call
+              averages.table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS), flush=True)
+        on_gpu = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]   # kernels, copies
+        for e in on_gpu:                                           # the attention kernels, per call
             if "flex_attention" in e.key:
                 print(f"    {e.key[:90]}: {e.count} calls, {e.self_device_time_total / e.count / 1e3:.3f} ms each")
-        busy = sum(e.self_device_time_total for e in averages                   # ms of kernels and copies
-                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3   # (one stream: no overlap)
+        busy = sum(e.self_device_time_total for e in on_gpu) / 1e3      # ms (one stream: no overlap)
         print(f"    GPU busy {busy:.1f} ms of the median step's {sec * 1e3:.1f} ms", flush=True)
         if trace:                                                  # the CPU and GPU timelines (chrome://tracing)
             os.makedirs(trace, exist_ok=True)
@@ -411,7 +414,8 @@ def main(argv=None):
     p.add_argument("--out", default="bench.json", help="JSON file for every number (written atomically)")
     p.add_argument("--quick", action="store_true", help="smoke run: 8K only, fewer steps and repeats")
     p.add_argument("--sections", default="attention,training,eval",
-                   help=f"which of {','.join(SECTIONS)} to run (each fits in a 10-minute job on its own)")
+                   help=f"which of {','.join(SECTIONS)} to run (each of the default ones fits in a 10-minute job "
+                        "on its own; tune: give one model and one size)")
     p.add_argument("--sizes", default=None, help="sequence lengths of sections 1 and 2, e.g. 8192,16384")
     p.add_argument("--models", default=",".join(MODELS), help="section 2's models (PRESETS names)")
     p.add_argument("--tokens", type=int, default=TOKENS_PER_STEP,

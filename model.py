@@ -209,6 +209,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x), fast, scale)
 
 
+def target_positions(targets: Tensor) -> Tensor:
+    """Flat positions (B * S indexing) that have a target: (N,). On a GPU, nonzero() waits for the device."""
+    return (targets != IGNORE).flatten().nonzero().squeeze(1)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -248,7 +253,7 @@ class GPT(nn.Module):
         """Mean cross-entropy at positions with a target, over the batch or (per_row) per row -> (B,).
         Logits exist only at those positions, LOSS_CHUNK at a time. `index`: those positions, flat (N,), if
         known (batches.to_device finds them on the host; nonzero() here waits for the GPU)."""
-        sel = (targets != IGNORE).flatten().nonzero().squeeze(1) if index is None else index   # (N,)
+        sel = target_positions(targets) if index is None else index                           # (N,)
         h, y = x.flatten(0, 1).index_select(0, sel), targets.flatten().index_select(0, sel)  # (N, C), (N,)
         # recompute each chunk's logits in backward; torch.func transforms refuse checkpoint's hooks
         in_func = torch._C._functorch.peek_interpreter_stack() is not None

@@ -76,11 +76,14 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, to
                         index)
 
 
-def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict], autocast) -> tuple[float, torch.Tensor]:
+def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],
+               autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward of one optimizer step over its micro-batches: of the mean loss over all their target tokens,
     each micro-batch's mean weighted by its share of the targets (a micro-batch of few answers counts as few).
-    Returns that loss and the inner losses of each inner step, averaged over rows, weighted the same way."""
-    counts = [int((b["targets"] != IGNORE).sum()) for b in micro_batches]
+    Returns that loss () and the inner losses of each inner step (steps,), averaged over rows, weighted the same
+    way: device tensors, read after the optimizer step so that nothing here waits for the GPU."""
+    counts = [len(b["target_index"]) if "target_index" in b else int((b["targets"] != IGNORE).sum())
+              for b in micro_batches]               # the host's count (batches.to_device) needs no sync
     losses, inners = [], []
     for batch, count in zip(micro_batches, counts):
         if count == 0:                                  # nothing to learn from
@@ -89,9 +92,9 @@ def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict], autoc
         with autocast:
             loss, inner_losses = train_loss(args, model, inner, batch)   # inner: (steps, rows)
         (loss * weight).backward()
-        losses.append(loss.item() * weight)
-        inners.append(inner_losses.float().mean(dim=1).cpu() * weight)          # (steps,)
-    return sum(losses), sum(inners) if inners else torch.zeros(0)
+        losses.append(loss.detach().float() * weight)
+        inners.append(inner_losses.detach().float().mean(dim=1) * weight)       # (steps,)
+    return sum(losses, torch.zeros(())), sum(inners) if inners else torch.zeros(0)
 
 
 def held_out_batch(args, enc, source) -> dict:
@@ -199,7 +202,6 @@ def main(argv=None):
         micro_batches = [batches.to_device(next(loader), args.device)   # built ahead (in workers unless
                          for _ in range(args.grad_accum)]                 # --workers 0)
         loss_sum, inner_sum = accumulate(args, model, inner, micro_batches, autocast)
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
@@ -207,7 +209,8 @@ def main(argv=None):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        il = inner_sum.tolist()
+        loss_sum, il = loss_sum.item(), inner_sum.tolist()             # the step is done: reading costs nothing
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         inner_txt = f" | inner {il[0]:.3f}->{il[-1]:.3f}" if il else ""
         print(f"{progress(step + 1, args.steps)} | loss {loss_sum:.4f}{inner_txt} | lr {lr:.2e} | "
               f"{n_tokens / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)

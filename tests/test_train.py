@@ -228,14 +228,16 @@ def test_evaluate_scores_each_answers_first_token():
     assert out["eval_acc"] == sum(hits) / len(hits)
 
 
-@pytest.mark.parametrize("method", ["sft", "focusft"])
-def test_target_positions_found_on_the_host_give_the_same_loss(method):
+@pytest.mark.parametrize("method,inner_loss", [("sft", "response"), ("focusft", "response"),
+                                               ("focusft", "context")])
+def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_loss):
     """batches.to_device adds the flat positions that have a target ("target_index", so no loss waits on a
     device nonzero()); the step's outer and inner losses and gradients are those found without it, and the
-    index is really what the losses read (a wrong one changes them)."""
+    index is really what the losses read (a wrong one changes them), except the "context" inner loss's,
+    whose targets are other positions."""
     from conftest import random_batch, tiny_config
     args = config.get_args(["--method", method, "--device", "cpu", "--model", "tiny", "--ctx", "90",
-                            "--inner-rank", "4"])
+                            "--inner-rank", "4", "--inner-loss", inner_loss])
     config.apply_defaults(args)
     torch.manual_seed(0)
     model, inner = GPT(tiny_config()), train.inner_config(args)
@@ -255,5 +257,5 @@ def test_target_positions_found_on_the_host_give_the_same_loss(method):
         assert torch.equal(g, w)
     wrong = step({**moved, "target_index": moved["target_index"][:-1]})
     assert not torch.equal(wrong[0], want[0])
-    if method == "focusft":                                    # the inner loss reads it too
-        assert want[1].numel() == 2 * 2 and not torch.equal(wrong[1], want[1])
+    if method == "focusft":                                    # the response inner loss reads it too
+        assert want[1].numel() == 2 * 2 and torch.equal(wrong[1], want[1]) == (inner_loss == "context")
