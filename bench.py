@@ -4,10 +4,10 @@
     python bench.py --quick              # smoke run: 8K only, few steps
 
 1. attention fwd+bwd: flex under the hybrid mask, flex causal, SDPA causal (flash, the ceiling), SDPA with the
-   hybrid mask as a dense bool tensor; 2. a whole training step from train.py's own pieces, same model and
-   data for both methods; 3. generate.py's prefill and KV-cache decode; and, asked for with --sections tune,
-   flex's forward under each of several kernel options on a training batch's masks (the backward apart),
-   and with --sections work (no GPU), each step's matmul work.
+   hybrid mask as a dense bool tensor (bench_kernels.py); 2. a whole training step from train.py's own pieces,
+   same model and data for both methods; 3. generate.py's prefill and KV-cache decode; and, asked for with
+   --sections tune, flex's forward under each of several kernel options on a training batch's masks
+   (bench_kernels.py), and with --sections work (no GPU), each step's matmul work.
    Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
    counts them); timed regions hold synchronised GPU work only (batches are built beforehand, compilation
    happens in warm-up).
@@ -15,7 +15,6 @@
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import os
 import statistics
@@ -24,35 +23,21 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 import batches
 import config as run_config   # train.py's command line (`config` below is an --attn-config)
 import data
 import eval_babilong
 import generate
-import masks
 import train
-from flops import FWD_BWD, MODEL_FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops, batch_work
+from bench_kernels import bench_attention, bench_tuning, free_memory
+from flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
 import model as gpt   # model.py as a module (FLEX_OPTIONS); `model` below is a GPT instance
-from model import GPT, PRESETS, flex, preset
+from model import GPT, PRESETS, preset
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
-CONTEXT_PERCENT = 90         # attention benchmark rows: the first 90 % context, the rest one response turn
 SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSFT's long-context range
-HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
 SECTIONS = ("attention", "tune", "training", "work", "eval")   # "tune" and "work" run only when asked for
-TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training batch's own masks, forward alone.
-    "model": None,                           # what the model uses (model.flex_options)
-    "torch": {},                             # torch's tiles for this head size and GPU
-    **{f"{m}x{n} w{w} s{st}": {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_warps": w, "fwd_num_stages": st}
-       for m, n, w, st in ((128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
-                           (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4))},   # BLOCK_M x BLOCK_N, warps, stages
-    "PRESCALE_QK": {"PRESCALE_QK": True},    # fold 1/sqrt(d) into q: fewer multiplies, more rounding
-    "USE_TMA": {"USE_TMA": True},            # Hopper's bulk tensor copies for the K/V tiles
-}   # Left out, as packed rows break their promise: BLOCKS_ARE_CONTIGUOUS (the partial blocks at a document's
-    # start and its turn's end are not adjacent) and ROWS_GUARANTEED_SAFE (padding rows see nothing)
-BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
 TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does the same token work (train.py's)
 PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
 VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
@@ -90,116 +75,6 @@ FORMULAS = {
     "work": "matmul FLOPs the step really does, inner loop included (flops.step_work); work_ratio = over causal "
             "SFT on the same batches: the ratio a perfectly efficient implementation would reach",
 }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 1. attention kernels
-
-def qkv(S: int, head_dim: int, heads: int, kv_heads: int = 0, batch: int = 1):
-    """Random bf16 q (batch, nh, S, hs) and k, v (batch, kv_heads or nh, S, hs) that require grad, and an
-    upstream gradient dy shaped like q."""
-    shapes = [(batch, heads, S, head_dim)] + [(batch, kv_heads or heads, S, head_dim)] * 2
-    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for shape in shapes)
-    return q, k, v, torch.randn(batch, heads, S, head_dim, device="cuda", dtype=torch.bfloat16)
-
-
-def median_ms(fn) -> float:
-    """Median milliseconds of fn() by triton's do_bench (call fn once first if it compiles)."""
-    from triton.testing import do_bench               # GPU path only: triton need not exist on a CPU machine
-    return do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median")
-
-
-def fwd_bwd_ms(attn, q, k, v, dy) -> float:
-    """Median milliseconds of attn's forward and backward (the first call compiles and is not timed)."""
-    def fwd_bwd():
-        torch.autograd.grad(attn(q, k, v), (q, k, v), dy)
-    fwd_bwd()
-    return median_ms(fwd_bwd)
-
-
-def hybrid_row(S: int):
-    """One row of CONTEXT_PERCENT context then one response turn: its mask_mod and allowed entries."""
-    C = S * CONTEXT_PERCENT // 100
-    return masks.hybrid((torch.arange(S, device="cuda") >= C).long()[None]), allowed_hybrid(C, S - C)
-
-
-def tiles(q) -> dict | None:                              # the kernel options the model would use at q's head size
-    return gpt.flex_options(q.shape[-1])
-
-
-def bench_attention(sizes) -> list[dict]:
-    rows = []
-    for S in sizes:
-        hybrid_mod, hybrid_n = hybrid_row(S)
-        hybrid_bm = masks.block_mask(hybrid_mod, 1, S, "cuda")                          # compiled, O(S) memory
-        causal_bm = masks.block_mask(masks.causal(), 1, S, "cuda")
-        dense = masks.dense_mask(hybrid_mod, 1, S, "cuda")                              # (1, 1, S, S) bool
-        sdpa, causal_n = F.scaled_dot_product_attention, allowed_causal(S)
-        kernels = {  # name: (attention(q, k, v), allowed entries); flex(q) is the compiled flex_attention
-            "flex hybrid": (lambda q, k, v: flex(q)(q, k, v, block_mask=hybrid_bm, kernel_options=tiles(q)), hybrid_n),
-            "flex causal": (lambda q, k, v: flex(q)(q, k, v, block_mask=causal_bm, kernel_options=tiles(q)), causal_n),
-            "sdpa causal (flash)": (lambda q, k, v: sdpa(q, k, v, is_causal=True), causal_n),
-            "sdpa dense hybrid": (lambda q, k, v: sdpa(q, k, v, attn_mask=dense), hybrid_n),
-        }
-        for head_dim, heads in HEAD_SHAPES:
-            q, k, v, dy = qkv(S, head_dim, heads)
-            for name, (attn, allowed) in kernels.items():
-                ms = fwd_bwd_ms(attn, q, k, v, dy)
-                rows.append({"S": S, "head_dim": head_dim, "heads": heads, "kernel": name, "ms": ms,
-                             "allowed": allowed, "tflops": attention_flops(allowed, head_dim, heads) / ms / 1e9})
-        del kernels, dense, hybrid_bm, causal_bm
-        free_memory()
-    return rows
-
-
-def bench_tuning(model_name: str, ctx: int, tokens: int, step: int) -> list[dict]:
-    """Flex on the masks of a real training batch (train.py's batch of `step`, as section 2 times and
-    profiles it: packed documents, so many partly masked tiles) with the model's head shape and its K/V as
-    a training step passes them (model.flex_gqa_kv): the forward under each of TUNE_OPTIONS and, with the
-    model's options, the backward (fwd+bwd minus the forward in grad mode). The sweep's forward runs under
-    no_grad, so it skips the logsumexp store (4 bytes per query and head; a forward-only compile is quicker).
-    Inside the model prologue fusion may fold q/k/v's producers into the kernel; here q, k, v are plain
-    tensors, so a gap between this forward and --profile's shows that cost; "model, BSHD" lays them out in
-    memory as (B, S, H, D), the projections' layout (whether the compiled model keeps it through RoPE is
-    inductor's choice). `diff` = relative difference of the output from the model options' (bf16): an
-    option that breaks the result shows there, not only in its speed. About 30 compilations per call."""
-    torch._dynamo.reset()                  # each call starts with the whole recompile budget (cache_size_limit)
-    batch = section_batches(model_name, ctx, range(step, step + 1), tokens, "cuda")[0]
-    cfg = preset(model_name, "flex")
-    B, hd = batch["idx"].size(0), cfg.n_embd // cfg.n_head
-    q, k, v, dy = qkv(ctx, hd, cfg.n_head, cfg.n_kv_head, B)
-    kf, vf, gqa = gpt.flex_gqa_kv(k, v, cfg.n_head, backward=True)
-    bshd = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, kf, vf)]   # (B, S, H, D) memory
-    variants = [(name, opts, (q, kf, vf)) for name, opts in TUNE_OPTIONS.items()]
-    variants.append(("model, BSHD", None, bshd))
-    rows = []
-    for mask in ("causal", "hybrid"):
-        args = make_args(model_name, "sft", mask, ctx, step + 1, tokens)
-        bm = train.build_mask(args, train.mask_mod_for(args, batch), B)
-        allowed, ref = allowed_in_batch(batch, mask == "hybrid"), None
-        for name, opts, (qq, kk, vv) in variants:
-            row = {"model": model_name, "ctx": ctx, "batch": B, "mask": mask, "options": name}
-            options = tiles(q) if opts is None else (opts or None)
-            attn = lambda: flex(qq)(qq, kk, vv, block_mask=bm, enable_gqa=gqa, kernel_options=options)
-            try:                          # an option this torch or GPU does not support fails alone
-                with torch.no_grad():
-                    out = attn()
-                    ref = out if ref is None else ref
-                    row["diff"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                    row["fwd_ms"] = median_ms(attn)
-                row["fwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, 1) / row["fwd_ms"] / 1e9
-                if name == "model":
-                    row["bwd_ms"] = fwd_bwd_ms(lambda *_: attn(), q, kf, vf, dy) - median_ms(attn)
-                    row["bwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, FWD_BWD - 1) / row["bwd_ms"] / 1e9
-            except Exception as e:        # noqa: BLE001 (reported in the table, not raised)
-                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
-            rows.append(row)
-            print(f"  tune {model_name} {ctx} {mask} {name}: " +
-                  (f"forward {row['fwd_ms']:.3f} ms" if "fwd_ms" in row else row["error"]) +
-                  (f", backward {row['bwd_ms']:.3f} ms" if "bwd_ms" in row else ""), flush=True)
-        del bm, ref
-        free_memory()
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,11 +265,6 @@ def bench_eval(prompts, repeats: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------------------
 
-def free_memory():                                       # between configurations: start each from the same state
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def table(title: str, rows: list[dict], columns: list[str]):
     cells = [columns] + [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c)) for c in columns]
                          for r in rows]
@@ -458,8 +328,9 @@ def main(argv=None):
                   ["S", "head_dim", "heads", "kernel", "ms", "tflops"])
             write_json(args.out, result)                      # after every section: a crash keeps the rest
         if "tune" in sections:
-            result["tuning"] = [row for model in models for ctx in sizes
-                                for row in bench_tuning(model, ctx, args.tokens, warmup + timed - 1)]
+            profiled = range(warmup + timed - 1, warmup + timed)            # the batch section 2 profiles
+            result["tuning"] = [row for model in models for ctx in sizes for row in
+                                bench_tuning(model, section_batches(model, ctx, profiled, args.tokens, "cuda")[0])]
             table(f"flex on a training batch's masks, {args.tokens} tokens: forward per kernel option, backward "
                   "with the model's (TFLOP/s on allowed entries; diff = vs the model's output)", result["tuning"],
                   ["model", "ctx", "batch", "mask", "options", "fwd_ms", "fwd_tflops", "bwd_ms", "bwd_tflops",

@@ -45,8 +45,9 @@ def lr_at(step: int, args) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
 
 
-def mask_mod_for(args, batch):
-    if args.mask == "hybrid":
+def mask_mod_for(mask: str, batch):
+    """The batch's mask_mod: "hybrid" (FocuSFT's) or "causal" (SFT's), with its padding and documents."""
+    if mask == "hybrid":
         return masks.hybrid(batch["loss_mask"], batch["attention_mask"], batch["document_ids"])
     return masks.causal(batch["attention_mask"], batch["document_ids"])
 
@@ -64,7 +65,7 @@ def inner_config(args) -> InnerConfig:
 def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of one micro-batch and the inner losses (empty without an inner loop)."""
     B = batch["idx"].size(0)
-    mask = build_mask(args, mask_mod_for(args, batch), B)
+    mask = build_mask(args, mask_mod_for(args.mask, batch), B)
     index = batch.get("target_index")                  # from batches.to_device (None: found on the device)
     if args.method == "sft" or inner.steps == 0:
         return model(batch["idx"], batch["pos"], mask, batch["targets"], index=index), torch.zeros(0, B)
@@ -110,7 +111,7 @@ def evaluate(args, model, batch: dict) -> dict:
     Accuracy is the argmax at each answer's first token (for the lm objective: at every next token), with the
     base weights alone: fast weights exist only inside a training step."""
     rows = batch["idx"].size(0)
-    mask_mod = mask_mod_for(args, batch)
+    mask_mod = mask_mod_for(args.mask, batch)
     x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, rows),
                      range(model.config.n_layer))
     sel = batch["targets"] != IGNORE
@@ -120,7 +121,7 @@ def evaluate(args, model, batch: dict) -> dict:
     pred = torch.cat([model.lm_head(chunk).argmax(-1) for chunk in h.split(LOSS_CHUNK)])   # no (N, vocab) at once
     out = {"eval_acc": (pred == batch["targets"][sel]).float().mean().item(), "eval_n": int(sel.sum())}
     one = {k: v[:1] for k, v in batch.items() if v.dim() == 2}        # the first row of each (B, S) tensor
-    out.update(attention_stats(model, one["idx"], one["pos"], mask_mod_for(args, one), one["loss_mask"],
+    out.update(attention_stats(model, one["idx"], one["pos"], mask_mod_for(args.mask, one), one["loss_mask"],
                                one["attention_mask"]))
     return out
 

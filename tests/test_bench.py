@@ -1,5 +1,5 @@
-"""bench.py and flops.py on the CPU: allowed-entry counts, FLOP and work formulas, the benchmark's one-line
-refusal without a GPU.
+"""bench.py, bench_kernels.py and flops.py on the CPU: allowed-entry counts, FLOP and work formulas, each
+section's bookkeeping with the GPU work faked, the benchmark's one-line refusal without a GPU.
 
 Run: python -m pytest -q tests/test_bench.py   (a few seconds; the benchmark itself needs a GPU)
 """
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bench
+import bench_kernels
 import flops
 import masks
 from conftest import ROOT, random_batch
@@ -21,7 +22,7 @@ def dense_count(mask_mod, batch: int, S: int) -> int:
 
 @pytest.mark.parametrize("S", [100, 232, 257])
 def test_closed_form_allowed_entries_match_a_dense_mask(S):
-    C = S * bench.CONTEXT_PERCENT // 100
+    C = S * bench_kernels.CONTEXT_PERCENT // 100
     loss_mask = (torch.arange(S) >= C).long()[None]                  # context, then one response turn
     assert flops.allowed_hybrid(C, S - C) == dense_count(masks.hybrid(loss_mask), 1, S)
     assert flops.allowed_causal(S) == dense_count(masks.causal(), 1, S)
@@ -200,15 +201,13 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     """--sections tune on the CPU (timing faked): both masks of one real training batch, every option's
     forward with its own kernel options (the model's = model.flex_options), the backward only with the
     model's, FLOPs on the batch's allowed entries, and an option that fails reported alone."""
-    import batches
     import model
-    import train
     from flops import FWD_BWD, allowed_in_batch
     seen, built, layouts = [], {}, set()
 
-    def fake_build_mask(args, mask_mod, batch_size):
-        built[args.mask] = batch_size
-        return args.mask
+    def fake_block_mask(mask_mod, batch_size, seq_len, device):
+        built[mask_mod.__name__] = (batch_size, seq_len)
+        return mask_mod.__name__
     def fake_qkv(S, head_dim, heads, kv_heads=0, batch=1):
         q, k, v = (torch.randn(batch, h, S, head_dim, requires_grad=True) for h in (heads, kv_heads, kv_heads))
         return q, k, v, torch.randn_like(q)
@@ -220,23 +219,21 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
             layouts.add((q.transpose(1, 2).is_contiguous(), k.transpose(1, 2).is_contiguous()))
             return q * (1.5 if kernel_options == {"PRESCALE_QK": True} else 1.0)
         return call
-    monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)
-    monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
-    monkeypatch.setattr(train, "build_mask", fake_build_mask)
-    monkeypatch.setattr(bench, "qkv", fake_qkv)
-    monkeypatch.setattr(bench, "flex", fake_flex)
-    monkeypatch.setattr(bench, "median_ms", lambda fn: 2.0)
-    monkeypatch.setattr(bench, "fwd_bwd_ms", lambda attn, q, k, v, dy: 7.0)
-    monkeypatch.setattr(bench, "free_memory", lambda: None)
-    rows = bench.bench_tuning("tiny", 1024, 2048, 1)          # tiny: 2 heads of size 64
-    names = list(bench.TUNE_OPTIONS) + ["model, BSHD"]
+    monkeypatch.setattr(masks, "block_mask", fake_block_mask)
+    monkeypatch.setattr(bench_kernels, "qkv", fake_qkv)
+    monkeypatch.setattr(bench_kernels, "flex", fake_flex)
+    monkeypatch.setattr(bench_kernels, "median_ms", lambda fn: 2.0)
+    monkeypatch.setattr(bench_kernels, "fwd_bwd_ms", lambda attn, q, k, v, dy: 7.0)
+    monkeypatch.setattr(bench_kernels, "free_memory", lambda: None)
+    batch = bench.section_batches("tiny", 1024, range(1, 2), 2048, "cpu")[0]
+    rows = bench_kernels.bench_tuning("tiny", batch)          # tiny: 2 heads of size 64
+    names = list(bench_kernels.TUNE_OPTIONS) + ["model, BSHD"]
     assert [(r["mask"], r["options"]) for r in rows] == [(m, n) for m in ("causal", "hybrid") for n in names]
-    assert built == {"causal": 2, "hybrid": 2} and all(r["batch"] == 2 for r in rows)
+    assert built == {"causal": (2, 1024), "hybrid": (2, 1024)} and all(r["batch"] == 2 for r in rows)
     calls = [o for mask, o in seen if mask == "causal"]
-    expected = [model.HEAD64_TILES, None] + [o for n, o in bench.TUNE_OPTIONS.items()
+    expected = [model.HEAD64_TILES, None] + [o for n, o in bench_kernels.TUNE_OPTIONS.items()
                                             if n not in ("model", "torch", "USE_TMA")] + [model.HEAD64_TILES]
     assert calls == expected            # tiny's head size is 64: the model's options are the head-64 tiles
-    batch = bench.section_batches("tiny", 1024, range(1, 2), 2048, "cpu")[0]
     for r in rows:
         allowed = allowed_in_batch(batch, r["mask"] == "hybrid")
         if r["options"] == "USE_TMA":
@@ -249,4 +246,4 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
             assert r["bwd_tflops"] == pytest.approx((FWD_BWD - 1) * 4 * allowed * 64 * 2 / 5.0 / 1e9)
         else:
             assert "bwd_ms" not in r
-    assert layouts == {(False, False), (True, True)}         # (B, H, S, D) memory, then the model's (B, S, H, D)
+    assert layouts == {(False, False), (True, True)}         # (B, H, S, D) memory, then (B, S, H, D)

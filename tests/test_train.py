@@ -222,7 +222,7 @@ def test_evaluate_scores_each_answers_first_token():
     with torch.no_grad():
         out = train.evaluate(args, model, batch)
         x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]),
-                         train.build_mask(args, train.mask_mod_for(args, batch), 2), range(4))
+                         train.build_mask(args, train.mask_mod_for(args.mask, batch), 2), range(4))
         hits = [int(model.lm_head(model.ln_f(x[b, t])).argmax() == batch["idx"][b, t + 1]) for b, t in starts]
     assert out["eval_n"] == len(starts) == 4
     assert out["eval_acc"] == sum(hits) / len(hits)

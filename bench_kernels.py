@@ -1,0 +1,142 @@
+"""Attention kernels on one GPU: flex_attention under FocuSFT's masks against SDPA, and flex's kernel options.
+
+bench.py's section 1 (`--sections attention`: forward + backward of flex under the hybrid mask, flex causal,
+SDPA causal = flash, the ceiling, and SDPA with the hybrid mask as a dense bool tensor) and its tuning section
+(`--sections tune`: flex's forward under each of several kernel options on a real training batch's masks).
+Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
+counts them), and flex is always timed compiled (eager flex materialises the scores).
+"""
+import gc
+
+import torch
+import torch.nn.functional as F
+
+import masks
+import model as gpt   # model.py as a module (flex_options, flex_gqa_kv)
+import train
+from flops import FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops
+from model import flex, preset
+
+CONTEXT_PERCENT = 90         # attention benchmark rows: the first 90 % context, the rest one response turn
+HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
+TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training batch's own masks, forward alone.
+    "model": None,                           # what the model uses (model.flex_options)
+    "torch": {},                             # torch's tiles for this head size and GPU
+    **{f"{m}x{n} w{w} s{st}": {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_warps": w, "fwd_num_stages": st}
+       for m, n, w, st in ((128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                           (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4))},   # BLOCK_M x BLOCK_N, warps, stages
+    "PRESCALE_QK": {"PRESCALE_QK": True},    # fold 1/sqrt(d) into q: fewer multiplies, more rounding
+    "USE_TMA": {"USE_TMA": True},            # Hopper's bulk tensor copies for the K/V tiles
+}   # Left out, as packed rows break their promise: BLOCKS_ARE_CONTIGUOUS (the partial blocks at a document's
+    # start and its turn's end are not adjacent) and ROWS_GUARANTEED_SAFE (padding rows see nothing)
+BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
+
+
+def qkv(S: int, head_dim: int, heads: int, kv_heads: int = 0, batch: int = 1):
+    """Random bf16 q (batch, nh, S, hs) and k, v (batch, kv_heads or nh, S, hs) that require grad, and an
+    upstream gradient dy shaped like q."""
+    shapes = [(batch, heads, S, head_dim)] + [(batch, kv_heads or heads, S, head_dim)] * 2
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for shape in shapes)
+    return q, k, v, torch.randn(batch, heads, S, head_dim, device="cuda", dtype=torch.bfloat16)
+
+
+def median_ms(fn) -> float:
+    """Median milliseconds of fn() by triton's do_bench (call fn once first if it compiles)."""
+    from triton.testing import do_bench               # GPU path only: triton need not exist on a CPU machine
+    return do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median")
+
+
+def fwd_bwd_ms(attn, q, k, v, dy) -> float:
+    """Median milliseconds of attn's forward and backward (the first call compiles and is not timed)."""
+    def fwd_bwd():
+        torch.autograd.grad(attn(q, k, v), (q, k, v), dy)
+    fwd_bwd()
+    return median_ms(fwd_bwd)
+
+
+def hybrid_row(S: int):
+    """One row of CONTEXT_PERCENT context then one response turn: its mask_mod and allowed entries."""
+    C = S * CONTEXT_PERCENT // 100
+    return masks.hybrid((torch.arange(S, device="cuda") >= C).long()[None]), allowed_hybrid(C, S - C)
+
+
+def tiles(q) -> dict | None:                              # the kernel options the model would use at q's head size
+    return gpt.flex_options(q.shape[-1])
+
+
+def bench_attention(sizes) -> list[dict]:
+    rows = []
+    for S in sizes:
+        hybrid_mod, hybrid_n = hybrid_row(S)
+        hybrid_bm = masks.block_mask(hybrid_mod, 1, S, "cuda")                          # compiled, O(S) memory
+        causal_bm = masks.block_mask(masks.causal(), 1, S, "cuda")
+        dense = masks.dense_mask(hybrid_mod, 1, S, "cuda")                              # (1, 1, S, S) bool
+        sdpa, causal_n = F.scaled_dot_product_attention, allowed_causal(S)
+        kernels = {  # name: (attention(q, k, v), allowed entries); flex(q) is the compiled flex_attention
+            "flex hybrid": (lambda q, k, v: flex(q)(q, k, v, block_mask=hybrid_bm, kernel_options=tiles(q)), hybrid_n),
+            "flex causal": (lambda q, k, v: flex(q)(q, k, v, block_mask=causal_bm, kernel_options=tiles(q)), causal_n),
+            "sdpa causal (flash)": (lambda q, k, v: sdpa(q, k, v, is_causal=True), causal_n),
+            "sdpa dense hybrid": (lambda q, k, v: sdpa(q, k, v, attn_mask=dense), hybrid_n),
+        }
+        for head_dim, heads in HEAD_SHAPES:
+            q, k, v, dy = qkv(S, head_dim, heads)
+            for name, (attn, allowed) in kernels.items():
+                ms = fwd_bwd_ms(attn, q, k, v, dy)
+                rows.append({"S": S, "head_dim": head_dim, "heads": heads, "kernel": name, "ms": ms,
+                             "allowed": allowed, "tflops": attention_flops(allowed, head_dim, heads) / ms / 1e9})
+        del kernels, dense, hybrid_bm, causal_bm
+        free_memory()
+    return rows
+
+
+def bench_tuning(model_name: str, batch: dict) -> list[dict]:
+    """Flex on the masks of a real training batch (packed documents, so many partly masked tiles; bench.py
+    passes the batch its training section profiles) with the model's head shape and its K/V as
+    a training step passes them (model.flex_gqa_kv): the forward under each of TUNE_OPTIONS and, with the
+    model's options, the backward (fwd+bwd minus the forward in grad mode). The sweep's forward runs under
+    no_grad, so it skips the logsumexp store (4 bytes per query and head; a forward-only compile is quicker).
+    Inside the model prologue fusion may fold q/k/v's producers into the kernel; here q, k, v are plain
+    tensors, so a gap between this forward and --profile's shows that cost; "model, BSHD" lays them out in
+    memory as (B, S, H, D), the projections' layout (whether the compiled model keeps it through RoPE is
+    inductor's choice). `diff` = relative difference of the output from the model options' (bf16): an
+    option that breaks the result shows there, not only in its speed. About 30 compilations per call."""
+    torch._dynamo.reset()                  # each call starts with the whole recompile budget (cache_size_limit)
+    cfg = preset(model_name, "flex")
+    (B, ctx), hd = batch["idx"].shape, cfg.n_embd // cfg.n_head
+    q, k, v, dy = qkv(ctx, hd, cfg.n_head, cfg.n_kv_head, B)
+    kf, vf, gqa = gpt.flex_gqa_kv(k, v, cfg.n_head, backward=True)
+    bshd = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, kf, vf)]   # (B, S, H, D) memory
+    variants = [(name, opts, (q, kf, vf)) for name, opts in TUNE_OPTIONS.items()]
+    variants.append(("model, BSHD", None, bshd))
+    rows = []
+    for mask in ("causal", "hybrid"):
+        bm = masks.block_mask(train.mask_mod_for(mask, batch), B, ctx, "cuda")       # as the training step's
+        allowed, ref = allowed_in_batch(batch, mask == "hybrid"), None
+        for name, opts, (qq, kk, vv) in variants:
+            row = {"model": model_name, "ctx": ctx, "batch": B, "mask": mask, "options": name}
+            options = tiles(q) if opts is None else (opts or None)
+            attn = lambda: flex(qq)(qq, kk, vv, block_mask=bm, enable_gqa=gqa, kernel_options=options)
+            try:                          # an option this torch or GPU does not support fails alone
+                with torch.no_grad():
+                    out = attn()
+                    ref = out if ref is None else ref
+                    row["diff"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                    row["fwd_ms"] = median_ms(attn)
+                row["fwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, 1) / row["fwd_ms"] / 1e9
+                if name == "model":
+                    row["bwd_ms"] = fwd_bwd_ms(lambda *_: attn(), q, kf, vf, dy) - median_ms(attn)
+                    row["bwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, FWD_BWD - 1) / row["bwd_ms"] / 1e9
+            except Exception as e:        # noqa: BLE001 (reported in the table, not raised)
+                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+            rows.append(row)
+            print(f"  tune {model_name} {ctx} {mask} {name}: " +
+                  (f"forward {row['fwd_ms']:.3f} ms" if "fwd_ms" in row else row["error"]) +
+                  (f", backward {row['bwd_ms']:.3f} ms" if "bwd_ms" in row else ""), flush=True)
+        del bm, ref
+        free_memory()
+    return rows
+
+
+def free_memory():                                       # between configurations: start each from the same state
+    gc.collect()
+    torch.cuda.empty_cache()
