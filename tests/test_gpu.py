@@ -86,12 +86,16 @@ def test_kv_cache_prefill_and_decode_on_flex_match_sdpa():
         assert rel_err(a, b) < 1e-3
 
 
-def test_compiled_focusft_step_gives_every_base_weight_its_eager_gradient():
+@pytest.mark.parametrize("barrier", [False, True])
+def test_compiled_focusft_step_gives_every_base_weight_its_eager_gradient(barrier, monkeypatch):
     """The inner loop freezes the base weights (fastweights.frozen) and compiled blocks keep one graph per
-    requires_grad state: the outer step must still reach every base weight, with the eager gradients."""
+    requires_grad state: the outer step must still reach every base weight, with the eager gradients; also
+    with q, k, v copied through model.materialize before flex (FLEX_BARRIER)."""
+    import model as model_module
     from conftest import tiny_config
     from fastweights import InnerConfig, focusft_loss
     from model import GPT
+    monkeypatch.setattr(model_module, "FLEX_BARRIER", barrier)
     torch.manual_seed(0)
     cfg, inner = tiny_config(vocab_size=50304, n_embd=64, attn="flex"), InnerConfig(rank=4, alpha=8, lr=0.5)
     eager, compiled = GPT(cfg).cuda(), GPT(cfg).cuda()
