@@ -79,6 +79,9 @@ FORMULAS = {
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 1. attention kernels (and --sections tune): bench_kernels.py
+
+# ----------------------------------------------------------------------------------------------------------
 # 2. training steps
 
 def make_args(model: str, method: str, mask: str, ctx: int, steps: int, tokens: int, device: str = "cuda"):

@@ -186,7 +186,7 @@ class CausalSelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         if isinstance(mask, BlockMask):
             k, v, gqa = flex_gqa_kv(k, v, self.n_head, backward=q.requires_grad or k.requires_grad)
-            if FLEX_BARRIER:
+            if FLEX_BARRIER:    # (flex only: torch.func.grad, which the SDPA path's inner loop uses, refuses it)
                 q, k, v = materialize(q), materialize(k), materialize(v)
             y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa,
                         kernel_options=flex_options(self.head_dim))                            # (B, nh, T, hs)

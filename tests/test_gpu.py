@@ -86,6 +86,29 @@ def test_kv_cache_prefill_and_decode_on_flex_match_sdpa():
         assert rel_err(a, b) < 1e-3
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2)])
+def test_compiled_block_without_grad_matches_eager(heads, kv_heads):
+    """Evaluation's path: a compiled block under no_grad (K/V shared, v a strided view into the projection's
+    output) gives the eager block's output, under both masks (on a CPU, compiled flex in this setting was
+    seen to differ from eager by 5 % of the output's scale, torch 2.13)."""
+    from conftest import tiny_config
+    from model import GPT
+    torch.manual_seed(0)
+    m = GPT(tiny_config(vocab_size=50304, n_embd=128, n_head=heads, n_kv_head=kv_heads, attn="flex")).cuda()
+    b = {k: v.cuda() for k, v in random_batch(B=2, S=300, seed=4).items()}
+    x, rope = m.wte(b["idx"]).detach(), m.rope(b["pos"])
+    bms = [masks.block_mask(mod, 2, 300, "cuda") for mod in (
+        masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]),
+        masks.causal(b["attention_mask"], b["document_ids"]))]
+    with torch.no_grad():
+        eager = [m.blocks(x, rope, bm, range(4)) for bm in bms]   # eager blocks, compiled flex (model.flex)
+        for block in m.h:
+            block.compile(dynamic=False)
+        compiled = [m.blocks(x, rope, bm, range(4)) for bm in bms]
+    for name, c, e in zip(("hybrid", "causal"), compiled, eager):
+        assert rel_err(c, e) < 1e-4, name
+
+
 @pytest.mark.parametrize("barrier", [False, True])
 def test_compiled_focusft_step_gives_every_base_weight_its_eager_gradient(barrier, monkeypatch):
     """The inner loop freezes the base weights (fastweights.frozen) and compiled blocks keep one graph per
