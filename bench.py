@@ -56,6 +56,8 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
     "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
     "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too
     "barrier": ({}, {"FLEX_BARRIER": True}),                          # q, k, v materialised: no prologue fusion
+    "flash-backend": ({}, {"FLEX_OPTIONS": {"BACKEND": "FLASH"}}),    # flash-attn-4's CuTe kernels (needs
+                                                                      # flash_attn.cute, not a requirement)
     "max-autotune": ({"max_autotune": True}, {"FLEX_OPTIONS": {}}),   # inductor times candidate tiles for
                                                                       # every kernel (slow compile)
     "autotune-flex": ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}, {"FLEX_OPTIONS": {}}),
