@@ -109,27 +109,33 @@ def test_compiled_block_without_grad_matches_eager(heads, kv_heads):
         assert rel_err(c, e) < 1e-4, name
 
 
-@pytest.mark.parametrize("barrier", [False, True])
-def test_compiled_focusft_step_gives_every_base_weight_its_eager_gradient(barrier, monkeypatch):
+@pytest.mark.parametrize("heads,kv_heads,barrier", [(4, 2, False), (4, 2, True), (2, 2, False)])
+def test_compiled_focusft_step_gives_every_base_weight_its_eager_gradient(heads, kv_heads, barrier, monkeypatch):
     """The inner loop freezes the base weights (fastweights.frozen) and compiled blocks keep one graph per
-    requires_grad state: the outer step must still reach every base weight, with the eager gradients; also
-    with q, k, v copied through model.materialize before flex (FLEX_BARRIER)."""
+    requires_grad state: the outer step must still reach every base weight, with the gradients of the same
+    step on SDPA with the dense mask (an independent reference). Grouped-query heads (K/V repeated before
+    flex), plain heads (K/V strided views into the projection's output, as in the GPU default model), and
+    q, k, v copied through model.materialize before flex (FLEX_BARRIER)."""
     import model as model_module
     from conftest import tiny_config
     from fastweights import InnerConfig, focusft_loss
     from model import GPT
     monkeypatch.setattr(model_module, "FLEX_BARRIER", barrier)
     torch.manual_seed(0)
-    cfg, inner = tiny_config(vocab_size=50304, n_embd=64, attn="flex"), InnerConfig(rank=4, alpha=8, lr=0.5)
-    eager, compiled = GPT(cfg).cuda(), GPT(cfg).cuda()
+    shape = dict(vocab_size=50304, n_embd=64, n_head=heads, n_kv_head=kv_heads)
+    inner = InnerConfig(rank=4, alpha=8, lr=0.5)
+    eager, compiled = (GPT(tiny_config(**shape, attn="flex")).cuda() for _ in range(2))
+    sdpa = GPT(tiny_config(**shape, attn="sdpa")).cuda()
     compiled.load_state_dict(eager.state_dict())
+    sdpa.load_state_dict(eager.state_dict())
     for block in compiled.h:
         block.compile(dynamic=False)
     b = {k: v.cuda() for k, v in random_batch(B=2, S=300, seed=3).items()}
-    mask = masks.block_mask(masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]), 2, 300, "cuda")
+    mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"])
+    block_mask, dense = masks.block_mask(mod, 2, 300, "cuda"), masks.dense_mask(mod, 2, 300, "cuda")
     results = []
-    for model in (eager, compiled, compiled):              # the compiled model twice: graphs cached by then
-        torch.manual_seed(1)
+    for model, mask in ((sdpa, dense), (eager, block_mask), (compiled, block_mask), (compiled, block_mask)):
+        torch.manual_seed(1)                               # the same fresh fast weights; compiled twice: cached
         loss, _ = focusft_loss(model, b["idx"], b["pos"], mask, b["targets"], inner)
         results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     for loss, grads in results[1:]:
