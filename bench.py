@@ -120,8 +120,7 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
                        "mask": mask}
                 try:
                     with attn_config(config):
-                        row.update(time_steps(args, prebuilt, warmup, profile or bool(trace),
-                                              trace and os.path.join(trace, config)))
+                        row.update(time_steps(args, prebuilt, warmup, profile, trace and os.path.join(trace, config)))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                 except Exception as e:    # noqa: BLE001 (a configuration this torch lacks fails alone, in the table)
@@ -206,7 +205,7 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False, trace: str | 
         times.append(time.perf_counter() - t0)
     times = times[warmup:]                                         # the warm-up steps compile
     sec = statistics.median(times)
-    if profile:                                                    # where one more step's GPU time goes
+    if profile or trace:                                           # where one more step's GPU time goes
         activities = [torch.profiler.ProfilerActivity.CUDA] + [torch.profiler.ProfilerActivity.CPU] * bool(trace)
         with torch.profiler.profile(activities=activities) as prof:
             step(prebuilt[-1])

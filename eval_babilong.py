@@ -230,8 +230,7 @@ def make_data(args, enc, tasks, lengths):
 def reading_accuracy(records: list[dict]) -> float | None:
     """Accuracy on the samples the not-reading baseline gets wrong: echoing the last-named label scores 0 there,
     reading the facts scores as anywhere else. None if the baseline gets every sample right."""
-    missed = [r["correct"] for r in records if not r["baseline_correct"]]
-    return sum(missed) / len(missed) if missed else None
+    return mean([float(r["correct"]) for r in records if not r["baseline_correct"]])
 
 
 def mean(values: list) -> float | None:
@@ -318,8 +317,7 @@ def length_stats(model, enc, sample: dict, task: str, mask_kind: str, device, st
     loss_mask[0, len(ids):n] = 1
     valid = (torch.arange(S, device=device) < n)[None]
     pos = torch.arange(S, device=device)[None]
-    mod = masks.hybrid(loss_mask, valid) if mask_kind == "hybrid" else masks.causal(valid)
-    return attention_stats(model, idx, pos, mod, loss_mask, valid)
+    return attention_stats(model, idx, pos, masks.by_name(mask_kind, loss_mask, valid), loss_mask, valid)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def prompt_mask(kind: str, n_real: int, padded: int, device):
     """Mask of a prompt of n_real tokens padded to `padded`: one context turn (hybrid) or causal."""
     valid = (torch.arange(padded, device=device) < n_real)[None]                    # (1, S)
     zeros = torch.zeros(1, padded, dtype=torch.long, device=device)                 # all context, no response
-    return masks.hybrid(zeros, valid) if kind == "hybrid" else masks.causal(valid)
+    return masks.by_name(kind, zeros, valid)
 
 
 def padded(ids: list[int], device) -> tuple[torch.Tensor, int]:

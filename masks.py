@@ -98,6 +98,16 @@ def causal(attention_mask: Tensor | None = None, document_ids: Tensor | None = N
     return _with_padding_and_documents(causal_mask, attention_mask, document_ids, "causal")
 
 
+def by_name(name: str, loss_mask: Tensor, attention_mask: Tensor | None = None,
+            document_ids: Tensor | None = None):
+    """The mask a run names (--mask, eval's --mask): "hybrid" or "causal" (which ignores the loss mask)."""
+    if name not in ("hybrid", "causal"):
+        raise ValueError(f"unknown mask {name!r}: expected hybrid or causal")
+    if name == "hybrid":
+        return hybrid(loss_mask, attention_mask, document_ids)
+    return causal(attention_mask, document_ids)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # materialising a predicate for each attention backend
 

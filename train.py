@@ -47,9 +47,7 @@ def lr_at(step: int, args) -> float:
 
 def mask_mod_for(mask: str, batch):
     """The batch's mask_mod: "hybrid" (FocuSFT's) or "causal" (SFT's), with its padding and documents."""
-    if mask == "hybrid":
-        return masks.hybrid(batch["loss_mask"], batch["attention_mask"], batch["document_ids"])
-    return masks.causal(batch["attention_mask"], batch["document_ids"])
+    return masks.by_name(mask, batch["loss_mask"], batch["attention_mask"], batch["document_ids"])
 
 
 def build_mask(args, mask_mod, batch_size: int):
@@ -83,8 +81,7 @@ def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],
     each micro-batch's mean weighted by its share of the targets (a micro-batch of few answers counts as few).
     Returns that loss () and the inner losses of each inner step (steps,), averaged over rows, weighted the same
     way: device tensors, read after the optimizer step so that nothing here waits for the GPU."""
-    counts = [len(b["target_index"]) if "target_index" in b else int((b["targets"] != IGNORE).sum())
-              for b in micro_batches]               # the host's count (batches.to_device) needs no sync
+    counts = [len(b["target_index"]) for b in micro_batches]   # found on the host (batches.to_device): no sync
     losses, inners = [], []
     for batch, count in zip(micro_batches, counts):
         if count == 0:                                  # nothing to learn from

@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import masks
+from conftest import random_batch
 
 
 def reference_hybrid(loss_mask, attention_mask, document_ids):
@@ -128,3 +129,15 @@ def test_demo_draws_every_mask(capsys):
     masks._demo()
     out = capsys.readouterr().out
     assert out.count("■") > 100 and "hybrid, two turns" in out and "packed" in out
+
+
+def test_by_name_picks_the_named_mask():
+    """masks.by_name: "hybrid" is the hybrid mask, "causal" the causal one (the loss mask unused); else an error."""
+    b = random_batch(B=2, S=40, seed=2)
+    args = (b["loss_mask"], b["attention_mask"], b["document_ids"])
+    dense = lambda mod: masks.dense_mask(mod, 2, 40, "cpu")                       # noqa: E731
+    assert torch.equal(dense(masks.by_name("hybrid", *args)), dense(masks.hybrid(*args)))
+    assert torch.equal(dense(masks.by_name("causal", *args)), dense(masks.causal(*args[1:])))
+    assert not torch.equal(dense(masks.hybrid(*args)), dense(masks.causal(*args[1:])))
+    with pytest.raises(ValueError, match="unknown mask"):
+        masks.by_name("bidirectional", *args)

@@ -182,7 +182,8 @@ def test_accumulated_micro_batches_weigh_every_answer_token_alike():
     micro[1]["targets"][0, answers[:-3]] = -100             # few answers in the second micro-batch
     counts = [int((b["targets"] != -100).sum()) for b in micro]
     assert counts[1] == 3 and counts[0] > 3
-    loss, inner = train.accumulate(args, model, train.inner_config(args), micro, contextlib.nullcontext())
+    loss, inner = train.accumulate(args, model, train.inner_config(args), [batches.to_device(b, "cpu") for b in micro],
+                                   contextlib.nullcontext())
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     whole = {k: torch.cat([b[k] for b in micro]) for k in micro[0]}
@@ -236,8 +237,8 @@ def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_los
     index is really what the losses read (a wrong one changes them), except the "context" inner loss's,
     whose targets are other positions."""
     from conftest import random_batch, tiny_config
-    args = config.get_args(["--method", method, "--device", "cpu", "--model", "tiny", "--ctx", "90",
-                            "--inner-rank", "4", "--inner-loss", inner_loss])
+    args = config.get_args(["--method", method, "--mask", "causal" if method == "sft" else "hybrid", "--device",
+                            "cpu", "--model", "tiny", "--ctx", "90", "--inner-rank", "4", "--inner-loss", inner_loss])
     config.apply_defaults(args)
     torch.manual_seed(0)
     model, inner = GPT(tiny_config()), train.inner_config(args)
