@@ -46,13 +46,14 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
     "default": ({}, {"FLEX_OPTIONS": None}),                          # the model's choices (model.flex_options)
     "torch": ({}, {"FLEX_OPTIONS": {}}),                              # torch's own tiles at every head size
     "no-prologue": ({"prologue_fusion": False}, {"FLEX_OPTIONS": {}}),  # q/k/v's view, split, RoPE out of flex
-    "fwd-64x128": ({}, {"FLEX_OPTIONS": gpt.HEAD64_TILES}),           # the forward tiles max-autotune chose
+    "fwd-64x128": ({}, {"FLEX_OPTIONS": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}}),   # max-autotune's pick, 4 warps
     # smaller backward tiles at head size 64 (torch's on H100/H200: 64/128/128/64, 8 warps): less work wasted
-    # on the partly masked tiles of short packed documents
-    "bwd-64x64": ({}, {"FLEX_OPTIONS": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
-                                        "bwd_BLOCK_N2": 64}}),
-    "bwd-32x64": ({}, {"FLEX_OPTIONS": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
-                                        "bwd_BLOCK_N2": 32}}),
+    # on the partly masked tiles of short packed documents; with the model's head-64 forward tiles (at every
+    # head size), so that only the backward differs from the default on the Qwen shape
+    "bwd-64x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
+                                        "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}}),
+    "bwd-32x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
+                                        "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}}),
     "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
     "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too
     "barrier": ({}, {"FLEX_BARRIER": True}),                          # q, k, v materialised: no prologue fusion
@@ -140,8 +141,9 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
 @contextlib.contextmanager
 def attn_config(name: str):
     """Compile under ATTN_CONFIGS[name] ("a+b" joins several: their settings in force together, their
-    kernel options merged over torch's tiles): inductor settings patched and model.py's switches set for the
-    duration; dynamo starts afresh, so nothing compiled under another configuration is reused."""
+    kernel options merged over torch's tiles, a later part's winning): inductor settings patched and
+    model.py's switches set for the duration; dynamo starts afresh, so nothing compiled under another
+    configuration is reused."""
     import torch._inductor.config as inductor_config
     parts = [ATTN_CONFIGS[part] for part in name.split("+")]
     inductor = {k: v for settings, _ in parts for k, v in settings.items()}

@@ -28,7 +28,7 @@ IGNORE = -100          # target value of positions without a loss (PyTorch's cro
 LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
 FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
                                    # own; set before the first compiled call (bench.py --attn-config does)
-HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}   # the forward tiles max-autotune picked at head size 64
+HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}   # forward, head size 64
 FLEX_EXPAND_KV = True  # grouped-query K/V copied to every query head before a flex call that needs a backward
                        # (flex_gqa_kv); set before the first compiled call (bench.py --attn-config shared-kv)
 FLEX_BARRIER = False   # q, k, v copied by an op inductor cannot fuse (materialize) before each flex call, so
@@ -79,11 +79,12 @@ def flex(q: Tensor):
 
 
 def flex_options(head_dim: int) -> dict | None:
-    """kernel_options for flex_attention (None = torch's choice). At head size 64 torch's forward tiles on an
-    H100/H200 (128 x 128) run slowly inside the compiled model: on the Qwen2-0.5B shape (14 heads, 2 KV heads,
-    8K, packed BABILong rows) the forward took 2.78 ms per layer under the causal mask and 6.98 under the
-    hybrid one; with HEAD64_TILES 0.76 and 1.20. At head size 128 these tiles are slower (bench.py
-    --attn-config default,torch,fwd-64x128 compares them). The backward keeps torch's tiles."""
+    """kernel_options for flex_attention (None = torch's choice). At head size 64 the forward's tiles matter
+    most: on the Qwen2-0.5B shape (14 heads, 2 KV heads, 8K, a packed BABILong row; bench.py --sections tune,
+    H200, 2026-11-29) flex's forward took, per layer, causal / hybrid mask: torch's tiles (128 x 128, 4 warps)
+    2.12 / 4.74 ms, 64 x 128 with 4 warps (max-autotune's pick at an earlier commit) 0.54 / 0.76, 128 x 128
+    with 8 warps 0.145 / 0.237, and HEAD64_TILES (64 x 64, 4 warps, 3 stages) 0.113 / 0.198. At head size 128
+    (the default GPU model) torch's tiles are kept: not yet tuned there. The backward keeps torch's tiles."""
     if FLEX_OPTIONS is not None:
         return FLEX_OPTIONS or None
     return HEAD64_TILES if head_dim == 64 else None

@@ -176,13 +176,13 @@ def test_attention_passes_flex_options_to_the_kernel(monkeypatch):
 
 
 def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
-    """"a+b": both configurations' kernel options (over torch's tiles) and inductor settings in force at once;
-    "default" is the model's own choice whatever was set before; everything restored after."""
+    """"a+b": both configurations' kernel options (over torch's tiles, b's winning) and inductor settings in
+    force at once; "default" is the model's own choice whatever was set before; everything restored after."""
     import torch._inductor.config as inductor_config
     import model
-    with bench.attn_config("fwd-64x128+bwd-32x64+no-prologue"):
+    with bench.attn_config("bwd-32x64+fwd-64x128+no-prologue"):   # a later part's option wins
         assert model.FLEX_OPTIONS == {**model.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
-                                      "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
+                                      "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "fwd_BLOCK_N": 128}
         assert inductor_config.prologue_fusion is False
     monkeypatch.setattr(model, "FLEX_OPTIONS", {"fwd_BLOCK_M": 32})
     with bench.attn_config("default"):
@@ -192,7 +192,7 @@ def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
     with bench.attn_config("torch+default"):
         assert model.FLEX_OPTIONS == {}
     with bench.attn_config("shared-kv+fwd-64x128"):
-        assert model.FLEX_EXPAND_KV is False and model.FLEX_OPTIONS == model.HEAD64_TILES
+        assert model.FLEX_EXPAND_KV is False and model.FLEX_OPTIONS == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}
     assert model.FLEX_OPTIONS is None and inductor_config.prologue_fusion is not False
     assert model.FLEX_EXPAND_KV is True
 
