@@ -15,6 +15,7 @@ are always packed). Ideas to hold:
      are frozen meanwhile, so a compiled block's backward does not compute their gradients either.
 """
 import contextlib
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -106,19 +107,35 @@ def frozen(model: GPT):
             p.requires_grad_(True)
 
 
+def sgd_step(fast: dict[str, Tensor], grads: dict[str, Tensor], rows: Tensor, lr: float,
+             clip: float) -> dict[str, Tensor]:
+    """phi - lr * clip(grad) for every fast-weight tensor and row, except that a row whose inner loss (rows,) or
+    any of whose gradients is NaN/inf keeps its phi (bf16 can overflow in the backward of a finite loss);
+    decided on the device, no host sync. About 20 small ops per tensor: on a GPU adapt runs it compiled."""
+    ok = torch.isfinite(rows)                                                             # (rows,)
+    for g in grads.values():
+        ok = ok & torch.isfinite(g).flatten(1).all(1)
+    return {k: torch.where(ok.view(-1, *[1] * (phi.dim() - 1)), phi - lr * clip_per_tensor(grads[k], clip), phi)
+            for k, phi in fast.items()}
+
+
+@functools.cache
+def compiled_sgd_step():
+    """sgd_step as a few fused kernels. Eager, it launches ~1,100 ops per inner step on the Qwen2-0.5B shape
+    (54 fast-weight tensors), host time that leaves the GPU idle at batch 1."""
+    return torch.compile(sgd_step, dynamic=False)
+
+
 def adapt(loss_fn, fast: dict[str, Tensor], cfg: InnerConfig, grad_fn=func_grad):
     """The inner loop. loss_fn(fast) -> (rows,) losses, row b depending on fast[...][b] alone, so the gradient
     of their sum gives each row the gradient of its own loss. Returns the adapted fast weights and the inner
     losses before each step, (steps, rows)."""
     losses = []
+    step = compiled_sgd_step() if next(iter(fast.values())).is_cuda else sgd_step
     for _ in range(cfg.steps):
         grads, rows = grad_fn(loss_fn, fast)
-        ok = torch.isfinite(rows)          # a row whose inner loss or gradient is NaN/inf skips the step
-        for g in grads.values():           # (bf16 can overflow in the backward of a finite loss); no host sync
-            ok = ok & torch.isfinite(g).flatten(1).all(1)
-        fast = {k: torch.where(ok.view(-1, *[1] * (phi.dim() - 1)),
-                               phi - cfg.lr * clip_per_tensor(grads[k], cfg.clip), phi).detach()
-                for k, phi in fast.items()}
+        with torch.no_grad():
+            fast = step(fast, grads, rows, cfg.lr, cfg.clip)
         losses.append(rows)
     return fast, torch.stack(losses)                                   # (steps, rows)
 

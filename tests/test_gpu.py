@@ -142,3 +142,21 @@ def test_compiled_focusft_step_gives_every_base_weight_its_eager_gradient(heads,
         assert abs(loss.item() - results[0][0].item()) < 1e-4
         for g, ref in zip(grads, results[0][1]):
             assert rel_err(g, ref) < 1e-3
+
+
+def test_compiled_sgd_step_matches_eager():
+    """The inner loop's update as adapt runs it on a GPU (compiled) against the eager function: the same new
+    fast weights, and a row with a non-finite gradient keeps its old ones."""
+    import fastweights as fw
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = {"a.A": (3, 8, 96), "a.B": (3, 200, 8), "b.A": (3, 8, 200), "b.B": (3, 96, 8)}
+    fast = {k: torch.randn(*s, device="cuda", generator=g) for k, s in shapes.items()}
+    grads = {k: torch.randn(*s, device="cuda", generator=g) * (0.01 if k.startswith("a") else 10.0)
+             for k, s in shapes.items()}          # "a" under the clip norm, "b" over it
+    grads["b.B"][1, 5, 2] = float("nan")
+    rows = torch.tensor([0.5, 1.0, 2.0], device="cuda")
+    new = fw.compiled_sgd_step()(fast, grads, rows, 1.0, 1.0)
+    ref = fw.sgd_step(fast, grads, rows, 1.0, 1.0)
+    for k in shapes:
+        torch.testing.assert_close(new[k], ref[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(new[k][1], fast[k][1]) and not torch.equal(new[k][0], fast[k][0])
