@@ -6,7 +6,7 @@
 1. attention fwd+bwd: flex under the hybrid mask, flex causal, SDPA causal (flash, the ceiling), SDPA with the
    hybrid mask as a dense bool tensor (bench_kernels.py); 2. a whole training step from train.py's own pieces,
    same model and data for both methods; 3. generate.py's prefill and KV-cache decode; and, asked for with
-   --sections tune, flex's forward under each of several kernel options on a training batch's masks
+   --sections tune, flex's forward and backward under each of several kernel options on a training batch's masks
    (bench_kernels.py), and with --sections work (no GPU), each step's matmul work.
    Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
    counts them); timed regions hold synchronised GPU work only (batches are built beforehand, compilation
@@ -339,7 +339,8 @@ def main(argv=None):
             result["tuning"] = [row for model in models for ctx in sizes for row in
                                 bench_tuning(model, section_batches(model, ctx, profiled, args.tokens, "cuda")[0])]
             table(f"flex on a training batch's masks, {args.tokens} tokens: forward per kernel option, backward "
-                  "with the model's (TFLOP/s on allowed entries; diff = vs the model's output)", result["tuning"],
+                  "with the model's and per backward option (TFLOP/s on allowed entries; diff = vs the model's "
+                  "output)", result["tuning"],
                   ["model", "ctx", "batch", "mask", "options", "fwd_ms", "fwd_tflops", "bwd_ms", "bwd_tflops",
                    "diff", "error"])
             write_json(args.out, result)

@@ -2,7 +2,8 @@
 
 bench.py's section 1 (`--sections attention`: forward + backward of flex under the hybrid mask, flex causal,
 SDPA causal = flash, the ceiling, and SDPA with the hybrid mask as a dense bool tensor) and its tuning section
-(`--sections tune`: flex's forward under each of several kernel options on a real training batch's masks).
+(`--sections tune`: flex's forward, then its backward, under each of several kernel options on a real
+training batch's masks).
 Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
 counts them), and flex is always timed compiled (eager flex materialises the scores).
 """
@@ -29,6 +30,13 @@ TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training bat
     "USE_TMA": {"USE_TMA": True},            # Hopper's bulk tensor copies for the K/V tiles
 }   # Left out, as packed rows break their promise: BLOCKS_ARE_CONTIGUOUS (the partial blocks at a document's
     # start and its turn's end are not adjacent) and ROWS_GUARANTEED_SAFE (padding rows see nothing)
+BWD_TUNE_OPTIONS = {  # --sections tune: the backward's tiles, on top of the model's forward options. M1 x N1 =
+    # the dK/dV programs' query x key tiles, M2 x N2 the dQ programs'; torch's on an H100/H200 at head size <= 128:
+    # 64 x 128 / 128 x 64, 8 warps, 3 stages (the "model" row's backward)
+    f"bwd {m1}x{n1}/{m2}x{n2} w{w} s{st}": {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2,
+                                             "bwd_BLOCK_N2": n2, "bwd_num_warps": w, "bwd_num_stages": st}
+    for m1, n1, m2, n2, w, st in ((64, 128, 128, 64, 4, 3), (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 4, 3),
+                                  (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3))}
 BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
 
 
@@ -98,8 +106,8 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
     Inside the model prologue fusion may fold q/k/v's producers into the kernel; here q, k, v are plain
     tensors, so a gap between this forward and --profile's shows that cost; "model, BSHD" lays them out in
     memory as (B, S, H, D), the projections' layout (whether the compiled model keeps it through RoPE is
-    inductor's choice). `diff` = relative difference of the output from the model options' (bf16): an
-    option that breaks the result shows there, not only in its speed. About 30 compilations per call."""
+    inductor's choice). Then the backward under each of BWD_TUNE_OPTIONS, the forward's options the model's. `diff` = relative difference of the output from the model options' (bf16): an
+    option that breaks the result shows there, not only in its speed. About 40 compilations per call."""
     torch._dynamo.reset()                  # each call starts with the whole recompile budget (cache_size_limit)
     cfg = preset(model_name, "flex")
     (B, ctx), hd = batch["idx"].shape, cfg.n_embd // cfg.n_head
@@ -124,17 +132,37 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
                     row["fwd_ms"] = median_ms(attn)
                 row["fwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, 1) / row["fwd_ms"] / 1e9
                 if name == "model":
-                    row["bwd_ms"] = fwd_bwd_ms(lambda *_: attn(), q, kf, vf, dy) - median_ms(attn)
-                    row["bwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, FWD_BWD - 1) / row["bwd_ms"] / 1e9
+                    time_backward(row, attn, q, kf, vf, dy, allowed)
             except Exception as e:        # noqa: BLE001 (reported in the table, not raised)
                 row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
-            rows.append(row)
-            print(f"  tune {model_name} {ctx} {mask} {name}: " +
-                  (f"forward {row['fwd_ms']:.3f} ms" if "fwd_ms" in row else row["error"]) +
-                  (f", backward {row['bwd_ms']:.3f} ms" if "bwd_ms" in row else ""), flush=True)
+            rows.append(report(row))
+        for name, bwd in BWD_TUNE_OPTIONS.items():                   # the backward alone under other tiles
+            row = {"model": model_name, "ctx": ctx, "batch": B, "mask": mask, "options": name}
+            options = {**(tiles(q) or {}), **bwd}
+            attn = lambda: flex(q)(q, kf, vf, block_mask=bm, enable_gqa=gqa, kernel_options=options)
+            try:
+                time_backward(row, attn, q, kf, vf, dy, allowed)
+            except Exception as e:        # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+            rows.append(report(row))
         del bm, ref
         free_memory()
     return rows
+
+
+def time_backward(row: dict, attn, q, k, v, dy, allowed: int):
+    """row's backward: attn()'s forward + backward minus its forward (both in grad mode, as in training)."""
+    row["bwd_ms"] = fwd_bwd_ms(lambda *_: attn(), q, k, v, dy) - median_ms(attn)
+    row["bwd_tflops"] = attention_flops(allowed, q.size(-1), q.size(1), FWD_BWD - 1) / row["bwd_ms"] / 1e9
+
+
+def report(row: dict) -> dict:
+    """Print one tuning row as it is measured (a compile per row: the section takes minutes)."""
+    parts = [f"forward {row['fwd_ms']:.3f} ms"] if "fwd_ms" in row else []
+    parts += [f"backward {row['bwd_ms']:.3f} ms"] if "bwd_ms" in row else []
+    parts += [row["error"]] if "error" in row else []
+    print(f"  tune {row['model']} {row['ctx']} {row['mask']} {row['options']}: {', '.join(parts)}", flush=True)
+    return row
 
 
 def free_memory():                                       # between configurations: start each from the same state

@@ -199,11 +199,12 @@ def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
 
 def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     """--sections tune on the CPU (timing faked): both masks of one real training batch, every option's
-    forward with its own kernel options (the model's = model.flex_options), the backward only with the
-    model's, FLOPs on the batch's allowed entries, and an option that fails reported alone."""
+    forward with its own kernel options (the model's = model.flex_options), the backward with the model's
+    and under each backward option (over the model's forward options), FLOPs on the batch's allowed entries,
+    and an option that fails reported alone."""
     import model
     from flops import FWD_BWD, allowed_in_batch
-    seen, built, layouts = [], {}, set()
+    seen, bwd_seen, built, layouts, timing_backward = [], [], {}, set(), False
 
     def fake_block_mask(mask_mod, batch_size, seq_len, device):
         built[mask_mod.__name__] = (batch_size, seq_len)
@@ -215,7 +216,7 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
         def call(q, k, v, block_mask, enable_gqa, kernel_options):
             if kernel_options == {"USE_TMA": True}:
                 raise RuntimeError("not on this GPU")
-            seen.append((block_mask, kernel_options))
+            (bwd_seen if timing_backward else seen).append((block_mask, kernel_options))
             layouts.add((q.transpose(1, 2).is_contiguous(), k.transpose(1, 2).is_contiguous()))
             return q * (1.5 if kernel_options == {"PRESCALE_QK": True} else 1.0)
         return call
@@ -223,21 +224,32 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     monkeypatch.setattr(bench_kernels, "qkv", fake_qkv)
     monkeypatch.setattr(bench_kernels, "flex", fake_flex)
     monkeypatch.setattr(bench_kernels, "median_ms", lambda fn: 2.0)
-    monkeypatch.setattr(bench_kernels, "fwd_bwd_ms", lambda attn, q, k, v, dy: 7.0)
+    def fake_fwd_bwd_ms(attn, q, k, v, dy):
+        nonlocal timing_backward
+        timing_backward = True
+        attn(q, k, v)
+        timing_backward = False
+        return 7.0
+    monkeypatch.setattr(bench_kernels, "fwd_bwd_ms", fake_fwd_bwd_ms)
     monkeypatch.setattr(bench_kernels, "free_memory", lambda: None)
     batch = bench.section_batches("tiny", 1024, range(1, 2), 2048, "cpu")[0]
     rows = bench_kernels.bench_tuning("tiny", batch)          # tiny: 2 heads of size 64
-    names = list(bench_kernels.TUNE_OPTIONS) + ["model, BSHD"]
+    names = list(bench_kernels.TUNE_OPTIONS) + ["model, BSHD"] + list(bench_kernels.BWD_TUNE_OPTIONS)
     assert [(r["mask"], r["options"]) for r in rows] == [(m, n) for m in ("causal", "hybrid") for n in names]
     assert built == {"causal": (2, 1024), "hybrid": (2, 1024)} and all(r["batch"] == 2 for r in rows)
     calls = [o for mask, o in seen if mask == "causal"]
     expected = [model.HEAD64_TILES, None] + [o for n, o in bench_kernels.TUNE_OPTIONS.items()
                                             if n not in ("model", "torch", "USE_TMA")] + [model.HEAD64_TILES]
     assert calls == expected            # tiny's head size is 64: the model's options are the head-64 tiles
+    assert [o for mask, o in bwd_seen if mask == "causal"] == [model.HEAD64_TILES] + [
+        {**model.HEAD64_TILES, **o} for o in bench_kernels.BWD_TUNE_OPTIONS.values()]   # the model's, then each
     for r in rows:
         allowed = allowed_in_batch(batch, r["mask"] == "hybrid")
         if r["options"] == "USE_TMA":
             assert "not on this GPU" in r["error"] and "fwd_ms" not in r
+            continue
+        if r["options"] in bench_kernels.BWD_TUNE_OPTIONS:   # the backward alone, under its own tiles
+            assert "fwd_ms" not in r and r["bwd_ms"] == 5.0
             continue
         assert r["fwd_tflops"] == pytest.approx(4 * allowed * 64 * 2 / 2.0 / 1e9)
         assert r["diff"] == pytest.approx(0.5 if r["options"] == "PRESCALE_QK" else 0.0)
