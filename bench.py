@@ -30,7 +30,7 @@ import data
 import eval_babilong
 import generate
 import train
-from bench_kernels import bench_attention, bench_tuning, free_memory
+from bench_kernels import BWD_TUNE_OPTIONS, bench_attention, bench_tuning, free_memory
 from flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
 import model as gpt   # model.py as a module (FLEX_OPTIONS); `model` below is a GPT instance
 from model import GPT, PRESETS, preset
@@ -54,9 +54,13 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
                                         "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}}),
     "bwd-32x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
                                         "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}}),
+    **{name: ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, **bwd}})      # the tuning section's backward tiles
+       for name, bwd in BWD_TUNE_OPTIONS.items()},                     # (bwd-M1xN1-M2xN2-wW-sS), as it times them
     "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
     "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too
     "barrier": ({}, {"FLEX_BARRIER": True}),                          # q, k, v materialised: no prologue fusion
+    "cpp-wrapper": ({"cpp_wrapper": True}, {}),                       # compiled graphs launch their kernels
+                                                                      # from C++, not Python: less host time
     "flash-backend": ({}, {"FLEX_OPTIONS": {"BACKEND": "FLASH"}}),    # flash-attn-4's CuTe kernels (needs
                                                                       # flash_attn.cute, not a requirement)
     "max-autotune": ({"max_autotune": True}, {"FLEX_OPTIONS": {}}),   # inductor times candidate tiles for

@@ -32,8 +32,8 @@ TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training bat
     # start and its turn's end are not adjacent) and ROWS_GUARANTEED_SAFE (padding rows see nothing)
 BWD_TUNE_OPTIONS = {  # --sections tune: the backward's tiles, on top of the model's forward options. M1 x N1 =
     # the dK/dV programs' query x key tiles, M2 x N2 the dQ programs'; torch's on an H100/H200 at head size <= 128:
-    # 64 x 128 / 128 x 64, 8 warps, 3 stages (the "model" row's backward)
-    f"bwd {m1}x{n1}/{m2}x{n2} w{w} s{st}": {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2,
+    # 64 x 128 / 128 x 64, 8 warps, 3 stages (the "model" row's backward). Each is also a bench.py --attn-config.
+    f"bwd-{m1}x{n1}-{m2}x{n2}-w{w}-s{st}": {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2,
                                              "bwd_BLOCK_N2": n2, "bwd_num_warps": w, "bwd_num_stages": st}
     for m1, n1, m2, n2, w, st in ((64, 128, 128, 64, 4, 3), (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 4, 3),
                                   (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3))}
@@ -106,8 +106,9 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
     Inside the model prologue fusion may fold q/k/v's producers into the kernel; here q, k, v are plain
     tensors, so a gap between this forward and --profile's shows that cost; "model, BSHD" lays them out in
     memory as (B, S, H, D), the projections' layout (whether the compiled model keeps it through RoPE is
-    inductor's choice). Then the backward under each of BWD_TUNE_OPTIONS, the forward's options the model's. `diff` = relative difference of the output from the model options' (bf16): an
-    option that breaks the result shows there, not only in its speed. About 40 compilations per call."""
+    inductor's choice). Then the backward under each of BWD_TUNE_OPTIONS, the forward's options the model's.
+    `diff` = relative difference of the output from the model options' (bf16): an option that breaks the
+    result shows there, not only in its speed. About 40 compilations per call."""
     torch._dynamo.reset()                  # each call starts with the whole recompile budget (cache_size_limit)
     cfg = preset(model_name, "flex")
     (B, ctx), hd = batch["idx"].shape, cfg.n_embd // cfg.n_head

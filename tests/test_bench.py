@@ -259,3 +259,12 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
         else:
             assert "bwd_ms" not in r
     assert layouts == {(False, False), (True, True)}         # (B, H, S, D) memory, then (B, S, H, D)
+
+
+def test_every_backward_tuning_option_is_an_attn_config():
+    """A backward tile choice the tuning section likes can be timed in training under the same name, with the
+    model's head-64 forward tiles."""
+    import model
+    for name, bwd in bench_kernels.BWD_TUNE_OPTIONS.items():
+        assert bench.ATTN_CONFIGS[name] == ({}, {"FLEX_OPTIONS": {**model.HEAD64_TILES, **bwd}})
+        assert "/" not in name and " " not in name          # --trace DIR makes a folder of each config's name
