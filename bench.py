@@ -61,6 +61,8 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
     "barrier": ({}, {"FLEX_BARRIER": True}),                          # q, k, v materialised: no prologue fusion
     "cpp-wrapper": ({"cpp_wrapper": True}, {}),                       # compiled graphs launch their kernels
                                                                       # from C++, not Python: less host time
+    "cudagraphs": ({"triton.cudagraphs": True}, {}),                  # each compiled graph replayed as a CUDA
+                                                                      # graph (torch.compile's reduce-overhead)
     "flash-backend": ({}, {"FLEX_OPTIONS": {"BACKEND": "FLASH"}}),    # flash-attn-4's CuTe kernels (needs
                                                                       # flash_attn.cute, not a requirement)
     "max-autotune": ({"max_autotune": True}, {"FLEX_OPTIONS": {}}),   # inductor times candidate tiles for
@@ -193,6 +195,7 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False, trace: str | 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=train.ADAM_BETAS,
                                   weight_decay=args.weight_decay, fused=True)
     def step(batch):
+        torch.compiler.cudagraph_mark_step_begin()   # --attn-config cudagraphs: a new step (a no-op otherwise)
         with torch.autocast("cuda", dtype=torch.bfloat16):          # train.py's step, one micro-batch
             loss, _ = train.train_loss(args, model, inner, batch)
         loss.backward()
