@@ -49,13 +49,14 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
     "fwd-64x128": ({}, {"FLEX_OPTIONS": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}}),   # max-autotune's pick, 4 warps
     # smaller backward tiles at head size 64 (torch's on H100/H200: 64/128/128/64, 8 warps): less work wasted
     # on the partly masked tiles of short packed documents; with the model's head-64 forward tiles (at every
-    # head size), so that only the backward differs from the default on the Qwen shape
+    # head size: on the small model, head size 128, they change its forward too), so that at head size 64
+    # only the backward differs from the default
     "bwd-64x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
                                         "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}}),
     "bwd-32x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
                                         "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}}),
     **{name: ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, **bwd}})      # the tuning section's backward tiles
-       for name, bwd in BWD_TUNE_OPTIONS.items()},                     # (bwd-M1xN1-M2xN2-wW-sS), as it times them
+       for name, bwd in BWD_TUNE_OPTIONS.items()},                     # (bwd-M1xN1-M2xN2-wW-sS), the same way
     "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
     "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too
     "barrier": ({}, {"FLEX_BARRIER": True}),                          # q, k, v materialised: no prologue fusion
@@ -309,7 +310,7 @@ def main(argv=None):
                    help="section 2: --profile, and that step's CPU and GPU timeline as DIR/CONFIG/*.json")
     p.add_argument("--attn-config", default="default",
                    help=f"section 2: how flex compiles, one or more of {','.join(ATTN_CONFIGS)} (compared row by "
-                        "row); a+b joins two, e.g. fwd-64x128+bwd-64x64")
+                        "row); a+b joins two (b's kernel options win), e.g. bwd-64x64+fwd-64x128")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     if sections - set(SECTIONS):

@@ -107,8 +107,9 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
     tensors, so a gap between this forward and --profile's shows that cost; "model, BSHD" lays them out in
     memory as (B, S, H, D), the projections' layout (whether the compiled model keeps it through RoPE is
     inductor's choice). Then the backward under each of BWD_TUNE_OPTIONS, the forward's options the model's.
-    `diff` = relative difference of the output from the model options' (bf16): an option that breaks the
-    result shows there, not only in its speed. About 40 compilations per call."""
+    `diff` = relative difference of the output (forward options) or of the largest of dq, dk, dv (backward
+    options) from the model options' (bf16): an option that breaks the result shows there, not only in speed.
+    About 40 compilations per call."""
     torch._dynamo.reset()                  # each call starts with the whole recompile budget (cache_size_limit)
     cfg = preset(model_name, "flex")
     (B, ctx), hd = batch["idx"].shape, cfg.n_embd // cfg.n_head
@@ -120,7 +121,7 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
     rows = []
     for mask in ("causal", "hybrid"):
         bm = masks.block_mask(train.mask_mod_for(mask, batch), B, ctx, "cuda")       # as the training step's
-        allowed, ref = allowed_in_batch(batch, mask == "hybrid"), None
+        allowed, ref, ref_grads = allowed_in_batch(batch, mask == "hybrid"), None, None
         for name, opts, (qq, kk, vv) in variants:
             row = {"model": model_name, "ctx": ctx, "batch": B, "mask": mask, "options": name}
             options = tiles(q) if opts is None else (opts or None)
@@ -133,7 +134,7 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
                     row["fwd_ms"] = median_ms(attn)
                 row["fwd_tflops"] = attention_flops(allowed, hd, cfg.n_head, 1) / row["fwd_ms"] / 1e9
                 if name == "model":
-                    time_backward(row, attn, q, kf, vf, dy, allowed)
+                    ref_grads = time_backward(row, attn, q, kf, vf, dy, allowed)
             except Exception as e:        # noqa: BLE001 (reported in the table, not raised)
                 row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
             rows.append(report(row))
@@ -142,19 +143,26 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
             options = {**(tiles(q) or {}), **bwd}
             attn = lambda: flex(q)(q, kf, vf, block_mask=bm, enable_gqa=gqa, kernel_options=options)
             try:
-                time_backward(row, attn, q, kf, vf, dy, allowed)
+                time_backward(row, attn, q, kf, vf, dy, allowed, ref_grads)
             except Exception as e:        # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
             rows.append(report(row))
-        del bm, ref
+        del bm, ref, ref_grads
         free_memory()
     return rows
 
 
-def time_backward(row: dict, attn, q, k, v, dy, allowed: int):
-    """row's backward: attn()'s forward + backward minus its forward (both in grad mode, as in training)."""
+def time_backward(row: dict, attn, q, k, v, dy, allowed: int, ref_grads=None) -> tuple:
+    """row's backward: attn()'s forward + backward minus its forward (both in grad mode, as in training).
+    Returns the gradients of q, k, v; with ref_grads, row["diff"] = the largest relative difference from
+    them, so that tiles that break the backward show in the table, not only in its speed."""
+    grads = torch.autograd.grad(attn(), (q, k, v), dy)
+    if ref_grads is not None:
+        row["diff"] = max(((g.float() - r.float()).norm() / r.float().norm()).item()
+                          for g, r in zip(grads, ref_grads))
     row["bwd_ms"] = fwd_bwd_ms(lambda *_: attn(), q, k, v, dy) - median_ms(attn)
     row["bwd_tflops"] = attention_flops(allowed, q.size(-1), q.size(1), FWD_BWD - 1) / row["bwd_ms"] / 1e9
+    return grads
 
 
 def report(row: dict) -> dict:

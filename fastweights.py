@@ -134,7 +134,7 @@ def adapt(loss_fn, fast: dict[str, Tensor], cfg: InnerConfig, grad_fn=func_grad)
     step = compiled_sgd_step() if next(iter(fast.values())).is_cuda else sgd_step
     for _ in range(cfg.steps):
         grads, rows = grad_fn(loss_fn, fast)
-        with torch.no_grad():
+        with torch.no_grad():              # phi <- phi - lr * clip(grad): first-order, no graph through it
             fast = step(fast, grads, rows, cfg.lr, cfg.clip)
         losses.append(rows)
     return fast, torch.stack(losses)                                   # (steps, rows)

@@ -28,7 +28,8 @@ IGNORE = -100          # target value of positions without a loss (PyTorch's cro
 LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
 FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
                                    # own; set before the first compiled call (bench.py --attn-config does)
-HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}   # forward, head size 64
+HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,   # the forward's tiles at head size 64: the fastest of
+                "fwd_num_warps": 4, "fwd_num_stages": 3}  # bench.py --sections tune's options (flex_options)
 FLEX_EXPAND_KV = True  # grouped-query K/V copied to every query head before a flex call that needs a backward
                        # (flex_gqa_kv); set before the first compiled call (bench.py --attn-config shared-kv)
 FLEX_BARRIER = False   # q, k, v copied by an op inductor cannot fuse (materialize) before each flex call, so

@@ -204,7 +204,8 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     and an option that fails reported alone."""
     import model
     from flops import FWD_BWD, allowed_in_batch
-    seen, bwd_seen, built, layouts, timing_backward = [], [], {}, set(), False
+    seen, bwd_seen, built, layouts = [], [], {}, set()
+    bad_name, bad_bwd = list(bench_kernels.BWD_TUNE_OPTIONS.items())[1]   # a backward option that breaks dq
 
     def fake_block_mask(mask_mod, batch_size, seq_len, device):
         built[mask_mod.__name__] = (batch_size, seq_len)
@@ -216,21 +217,16 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
         def call(q, k, v, block_mask, enable_gqa, kernel_options):
             if kernel_options == {"USE_TMA": True}:
                 raise RuntimeError("not on this GPU")
-            (bwd_seen if timing_backward else seen).append((block_mask, kernel_options))
+            (bwd_seen if torch.is_grad_enabled() else seen).append((block_mask, kernel_options))   # sweep: no_grad
             layouts.add((q.transpose(1, 2).is_contiguous(), k.transpose(1, 2).is_contiguous()))
-            return q * (1.5 if kernel_options == {"PRESCALE_QK": True} else 1.0)
+            broken = kernel_options in ({"PRESCALE_QK": True}, {**model.HEAD64_TILES, **bad_bwd})
+            return q * (1.5 if broken else 1.0) + 0 * (k.sum() + v.sum())   # (k, v in the graph for autograd)
         return call
     monkeypatch.setattr(masks, "block_mask", fake_block_mask)
     monkeypatch.setattr(bench_kernels, "qkv", fake_qkv)
     monkeypatch.setattr(bench_kernels, "flex", fake_flex)
     monkeypatch.setattr(bench_kernels, "median_ms", lambda fn: 2.0)
-    def fake_fwd_bwd_ms(attn, q, k, v, dy):
-        nonlocal timing_backward
-        timing_backward = True
-        attn(q, k, v)
-        timing_backward = False
-        return 7.0
-    monkeypatch.setattr(bench_kernels, "fwd_bwd_ms", fake_fwd_bwd_ms)
+    monkeypatch.setattr(bench_kernels, "fwd_bwd_ms", lambda attn, q, k, v, dy: 7.0)
     monkeypatch.setattr(bench_kernels, "free_memory", lambda: None)
     batch = bench.section_batches("tiny", 1024, range(1, 2), 2048, "cpu")[0]
     rows = bench_kernels.bench_tuning("tiny", batch)          # tiny: 2 heads of size 64
@@ -250,6 +246,7 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
             continue
         if r["options"] in bench_kernels.BWD_TUNE_OPTIONS:   # the backward alone, under its own tiles
             assert "fwd_ms" not in r and r["bwd_ms"] == 5.0
+            assert r["diff"] == pytest.approx(0.5 if r["options"] == bad_name else 0.0)   # dq's, vs the model's
             continue
         assert r["fwd_tflops"] == pytest.approx(4 * allowed * 64 * 2 / 2.0 / 1e9)
         assert r["diff"] == pytest.approx(0.5 if r["options"] == "PRESCALE_QK" else 0.0)
@@ -266,5 +263,7 @@ def test_every_backward_tuning_option_is_an_attn_config():
     model's head-64 forward tiles."""
     import model
     for name, bwd in bench_kernels.BWD_TUNE_OPTIONS.items():
-        assert bench.ATTN_CONFIGS[name] == ({}, {"FLEX_OPTIONS": {**model.HEAD64_TILES, **bwd}})
+        with bench.attn_config(name):                       # what the model's flex calls get meanwhile
+            assert model.flex_options(64) == {**model.HEAD64_TILES, **bwd}
         assert "/" not in name and " " not in name          # --trace DIR makes a folder of each config's name
+    assert model.flex_options(64) == model.HEAD64_TILES
