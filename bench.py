@@ -13,7 +13,6 @@
    happens in warm-up).
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -30,9 +29,8 @@ import data
 import eval_babilong
 import generate
 import train
-from bench_kernels import BWD_TUNE_OPTIONS, bench_attention, bench_tuning, free_memory
+from bench_kernels import ATTN_CONFIGS, attn_config, bench_attention, bench_tuning, free_memory
 from flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
-import model as gpt   # model.py as a module (FLEX_OPTIONS); `model` below is a GPT instance
 from model import GPT, PRESETS, preset
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
@@ -42,34 +40,6 @@ TOKENS_PER_STEP = 65536      # training batch * ctx, fixed so every size does th
 PROFILE_ROWS = 25            # --profile: kernels listed per configuration, by total GPU time
 VARIANTS = (("sft", "causal"), ("sft", "hybrid"), ("focusft", "hybrid"))   # the middle one: the mask's own cost
 MODELS = ("small", "qwen05b")          # PRESETS: the GPU default and Qwen2-0.5B's shape (the authors')
-ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor config, model.py switches)
-    "default": ({}, {"FLEX_OPTIONS": None}),                          # the model's choices (model.flex_options)
-    "torch": ({}, {"FLEX_OPTIONS": {}}),                              # torch's own tiles at every head size
-    "no-prologue": ({"prologue_fusion": False}, {"FLEX_OPTIONS": {}}),  # q/k/v's view, split, RoPE out of flex
-    "fwd-64x128": ({}, {"FLEX_OPTIONS": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}}),   # max-autotune's pick, 4 warps
-    # smaller backward tiles at head size 64 (torch's on H100/H200: 64/128/128/64, 8 warps): less work wasted
-    # on the partly masked tiles of short packed documents; with the model's head-64 forward tiles (at every
-    # head size: on the small model, head size 128, they change its forward too), so that at head size 64
-    # only the backward differs from the default
-    "bwd-64x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
-                                        "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}}),
-    "bwd-32x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
-                                        "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}}),
-    **{name: ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, **bwd}})      # the tuning section's backward tiles
-       for name, bwd in BWD_TUNE_OPTIONS.items()},                     # (bwd-M1xN1-M2xN2-wW-sS), the same way
-    "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
-    "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too
-    "barrier": ({}, {"FLEX_BARRIER": True}),                          # q, k, v materialised: no prologue fusion
-    "cpp-wrapper": ({"cpp_wrapper": True}, {}),                       # compiled graphs launch their kernels
-                                                                      # from C++, not Python: less host time
-    "cudagraphs": ({"triton.cudagraphs": True}, {}),                  # each compiled graph replayed as a CUDA
-                                                                      # graph (torch.compile's reduce-overhead)
-    "flash-backend": ({}, {"FLEX_OPTIONS": {"BACKEND": "FLASH"}}),    # flash-attn-4's CuTe kernels (needs
-                                                                      # flash_attn.cute, not a requirement)
-    "max-autotune": ({"max_autotune": True}, {"FLEX_OPTIONS": {}}),   # inductor times candidate tiles for
-                                                                      # every kernel (slow compile)
-    "autotune-flex": ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}, {"FLEX_OPTIONS": {}}),
-}                                                 # flex's tiles timed, matmuls left to cuBLAS (shorter compile)
 WARMUP_STEPS, TIMED_STEPS = 3, 10      # the first steps compile (one graph per block variant); then median
 EVAL_PROMPTS = (8192, 32768)           # prompt tokens of the evaluation section (multiples of generate.PAD_TO)
 EVAL_REPEATS = 3             # timed prefill + decode repeats (after one warm-up repeat that compiles)
@@ -89,7 +59,7 @@ FORMULAS = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. attention kernels (and --sections tune): bench_kernels.py
+# 1. attention kernels (and --sections tune), and the --attn-config compile settings: bench_kernels.py
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. training steps
@@ -143,31 +113,6 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
                 free_memory()
         del prebuilt
     return rows
-
-
-@contextlib.contextmanager
-def attn_config(name: str):
-    """Compile under ATTN_CONFIGS[name] ("a+b" joins several: their settings in force together, their
-    kernel options merged over torch's tiles, a later part's winning): inductor settings patched and
-    model.py's switches set for the duration; dynamo starts afresh, so nothing compiled under another
-    configuration is reused."""
-    import torch._inductor.config as inductor_config
-    parts = [ATTN_CONFIGS[part] for part in name.split("+")]
-    inductor = {k: v for settings, _ in parts for k, v in settings.items()}
-    switches = {k: v for _, sw in parts for k, v in sw.items() if k != "FLEX_OPTIONS"}
-    options = [sw["FLEX_OPTIONS"] for _, sw in parts if sw.get("FLEX_OPTIONS") is not None]
-    switches["FLEX_OPTIONS"] = {k: v for o in options for k, v in o.items()} if options else None
-    saved = {k: getattr(gpt, k) for k in switches}
-    torch._dynamo.reset()
-    try:
-        for k, v in switches.items():
-            setattr(gpt, k, v)
-        with inductor_config.patch(inductor):
-            yield
-    finally:
-        for k, v in saved.items():
-            setattr(gpt, k, v)
-        torch._dynamo.reset()
 
 
 def bench_work(sizes, models, warmup: int, timed: int, tokens: int) -> list[dict]:

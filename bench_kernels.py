@@ -3,17 +3,18 @@
 bench.py's section 1 (`--sections attention`: forward + backward of flex under the hybrid mask, flex causal,
 SDPA causal = flash, the ceiling, and SDPA with the hybrid mask as a dense bool tensor) and its tuning section
 (`--sections tune`: flex's forward, then its backward, under each of several kernel options on a real
-training batch's masks).
+training batch's masks), and ATTN_CONFIGS: the ways bench.py --attn-config compiles the model's attention.
 Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
 counts them), and flex is always timed compiled (eager flex materialises the scores).
 """
+import contextlib
 import gc
 
 import torch
 import torch.nn.functional as F
 
 import masks
-import model as gpt   # model.py as a module (flex_options, flex_gqa_kv)
+import model as gpt   # model.py as a module (flex_options, flex_gqa_kv, the switches --attn-config sets)
 import train
 from flops import FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops
 from model import flex, preset
@@ -37,6 +38,34 @@ BWD_TUNE_OPTIONS = {  # --sections tune: the backward's tiles, on top of the mod
                                              "bwd_BLOCK_N2": n2, "bwd_num_warps": w, "bwd_num_stages": st}
     for m1, n1, m2, n2, w, st in ((64, 128, 128, 64, 4, 3), (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 4, 3),
                                   (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3))}
+ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor config, model.py switches)
+    "default": ({}, {"FLEX_OPTIONS": None}),                          # the model's choices (model.flex_options)
+    "torch": ({}, {"FLEX_OPTIONS": {}}),                              # torch's own tiles at every head size
+    "no-prologue": ({"prologue_fusion": False}, {"FLEX_OPTIONS": {}}),  # q/k/v's view, split, RoPE out of flex
+    "fwd-64x128": ({}, {"FLEX_OPTIONS": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}}),   # max-autotune's pick, 4 warps
+    # smaller backward tiles at head size 64 (torch's on H100/H200: 64/128/128/64, 8 warps): less work wasted
+    # on the partly masked tiles of short packed documents; with the model's head-64 forward tiles (at every
+    # head size: on the small model, head size 128, they change its forward too), so that at head size 64
+    # only the backward differs from the default
+    "bwd-64x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
+                                        "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}}),
+    "bwd-32x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
+                                        "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}}),
+    **{name: ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, **bwd}})      # the tuning section's backward tiles
+       for name, bwd in BWD_TUNE_OPTIONS.items()},                     # (bwd-M1xN1-M2xN2-wW-sS), the same way
+    "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
+    "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too
+    "barrier": ({}, {"FLEX_BARRIER": True}),                          # q, k, v materialised: no prologue fusion
+    "cpp-wrapper": ({"cpp_wrapper": True}, {}),                       # compiled graphs launch their kernels
+                                                                      # from C++, not Python: less host time
+    "cudagraphs": ({"triton.cudagraphs": True}, {}),                  # each compiled graph replayed as a CUDA
+                                                                      # graph (torch.compile's reduce-overhead)
+    "flash-backend": ({}, {"FLEX_OPTIONS": {"BACKEND": "FLASH"}}),    # flash-attn-4's CuTe kernels (needs
+                                                                      # flash_attn.cute, not a requirement)
+    "max-autotune": ({"max_autotune": True}, {"FLEX_OPTIONS": {}}),   # inductor times candidate tiles for
+                                                                      # every kernel (slow compile)
+    "autotune-flex": ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}, {"FLEX_OPTIONS": {}}),
+}                                                 # flex's tiles timed, matmuls left to cuBLAS (shorter compile)
 BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500   # do_bench budgets: enough repetitions for a stable median
 
 
@@ -172,6 +201,31 @@ def report(row: dict) -> dict:
     parts += [row["error"]] if "error" in row else []
     print(f"  tune {row['model']} {row['ctx']} {row['mask']} {row['options']}: {', '.join(parts)}", flush=True)
     return row
+
+
+@contextlib.contextmanager
+def attn_config(name: str):
+    """Compile under ATTN_CONFIGS[name] ("a+b" joins several: their settings in force together, their
+    kernel options merged over torch's tiles, a later part's winning): inductor settings patched and
+    model.py's switches set for the duration; dynamo starts afresh, so nothing compiled under another
+    configuration is reused."""
+    import torch._inductor.config as inductor_config
+    parts = [ATTN_CONFIGS[part] for part in name.split("+")]
+    inductor = {k: v for settings, _ in parts for k, v in settings.items()}
+    switches = {k: v for _, sw in parts for k, v in sw.items() if k != "FLEX_OPTIONS"}
+    options = [sw["FLEX_OPTIONS"] for _, sw in parts if sw.get("FLEX_OPTIONS") is not None]
+    switches["FLEX_OPTIONS"] = {k: v for o in options for k, v in o.items()} if options else None
+    saved = {k: getattr(gpt, k) for k in switches}
+    torch._dynamo.reset()
+    try:
+        for k, v in switches.items():
+            setattr(gpt, k, v)
+        with inductor_config.patch(inductor):
+            yield
+    finally:
+        for k, v in saved.items():
+            setattr(gpt, k, v)
+        torch._dynamo.reset()
 
 
 def free_memory():                                       # between configurations: start each from the same state

@@ -144,7 +144,7 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
     monkeypatch.setattr(bench, "time_steps", fake_time)
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     rows = bench.bench_training([1024], ["tiny"], 1, 1, 1024, False, ("default", "fwd-64x128"))
-    options = bench.ATTN_CONFIGS["fwd-64x128"][1]["FLEX_OPTIONS"]
+    options = bench_kernels.ATTN_CONFIGS["fwd-64x128"][1]["FLEX_OPTIONS"]
     assert seen == [None] * 3 + [options] * 3 and model.FLEX_OPTIONS is None
     assert [r["config"] for r in rows] == ["default"] * 3 + ["fwd-64x128"] * 3
     assert [r["ratio"] for r in rows] == [1.0, 1.0, 3.0] * 2
@@ -180,18 +180,18 @@ def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
     force at once; "default" is the model's own choice whatever was set before; everything restored after."""
     import torch._inductor.config as inductor_config
     import model
-    with bench.attn_config("bwd-32x64+fwd-64x128+no-prologue"):   # a later part's option wins
+    with bench_kernels.attn_config("bwd-32x64+fwd-64x128+no-prologue"):   # a later part's option wins
         assert model.FLEX_OPTIONS == {**model.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
                                       "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "fwd_BLOCK_N": 128}
         assert inductor_config.prologue_fusion is False
     monkeypatch.setattr(model, "FLEX_OPTIONS", {"fwd_BLOCK_M": 32})
-    with bench.attn_config("default"):
+    with bench_kernels.attn_config("default"):
         assert model.FLEX_OPTIONS is None
     assert model.FLEX_OPTIONS == {"fwd_BLOCK_M": 32}
     monkeypatch.setattr(model, "FLEX_OPTIONS", None)
-    with bench.attn_config("torch+default"):
+    with bench_kernels.attn_config("torch+default"):
         assert model.FLEX_OPTIONS == {}
-    with bench.attn_config("shared-kv+fwd-64x128"):
+    with bench_kernels.attn_config("shared-kv+fwd-64x128"):
         assert model.FLEX_EXPAND_KV is False and model.FLEX_OPTIONS == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}
     assert model.FLEX_OPTIONS is None and inductor_config.prologue_fusion is not False
     assert model.FLEX_EXPAND_KV is True
@@ -263,7 +263,7 @@ def test_every_backward_tuning_option_is_an_attn_config():
     model's head-64 forward tiles."""
     import model
     for name, bwd in bench_kernels.BWD_TUNE_OPTIONS.items():
-        with bench.attn_config(name):                       # what the model's flex calls get meanwhile
+        with bench_kernels.attn_config(name):                       # what the model's flex calls get meanwhile
             assert model.flex_options(64) == {**model.HEAD64_TILES, **bwd}
         assert "/" not in name and " " not in name          # --trace DIR makes a folder of each config's name
     assert model.flex_options(64) == model.HEAD64_TILES
