@@ -21,12 +21,14 @@ from model import flex, preset
 
 CONTEXT_PERCENT = 90         # attention benchmark rows: the first 90 % context, the rest one response turn
 HEAD_SHAPES = ((64, 16), (128, 8))     # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
+FWD_TILES = {  # the forward's tiles: BLOCK_M (queries) x BLOCK_N (keys), warps, stages; each also an --attn-config
+    f"fwd-{m}x{n}-w{w}-s{st}": {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_warps": w, "fwd_num_stages": st}
+    for m, n, w, st in ((128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                        (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4))}
 TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training batch's own masks, forward alone.
     "model": None,                           # what the model uses (model.flex_options)
     "torch": {},                             # torch's tiles for this head size and GPU
-    **{f"{m}x{n} w{w} s{st}": {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_warps": w, "fwd_num_stages": st}
-       for m, n, w, st in ((128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
-                           (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4))},   # BLOCK_M x BLOCK_N, warps, stages
+    **FWD_TILES,
     "PRESCALE_QK": {"PRESCALE_QK": True},    # fold 1/sqrt(d) into q: fewer multiplies, more rounding
     "USE_TMA": {"USE_TMA": True},            # Hopper's bulk tensor copies for the K/V tiles
 }   # Left out, as packed rows break their promise: BLOCKS_ARE_CONTIGUOUS (the partial blocks at a document's
@@ -51,7 +53,8 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
                                         "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}}),
     "bwd-32x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
                                         "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}}),
-    **{name: ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, **bwd}})      # the tuning section's backward tiles
+    **{name: ({}, {"FLEX_OPTIONS": fwd}) for name, fwd in FWD_TILES.items()},   # the tuning section's forward
+    **{name: ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, **bwd}})      # tiles (torch's backward) and backward tiles
        for name, bwd in BWD_TUNE_OPTIONS.items()},                     # (bwd-M1xN1-M2xN2-wW-sS), the same way
     "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
     "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too

@@ -258,10 +258,14 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     assert layouts == {(False, False), (True, True)}         # (B, H, S, D) memory, then (B, S, H, D)
 
 
-def test_every_backward_tuning_option_is_an_attn_config():
-    """A backward tile choice the tuning section likes can be timed in training under the same name, with the
-    model's head-64 forward tiles."""
+def test_every_tuning_tile_choice_is_an_attn_config():
+    """A tile choice the tuning section likes can be timed in training under the same name: a forward one
+    with torch's backward tiles (the model's), a backward one with the model's head-64 forward tiles."""
     import model
+    for name, fwd in bench_kernels.FWD_TILES.items():
+        assert bench_kernels.TUNE_OPTIONS[name] == fwd
+        with bench_kernels.attn_config(name):
+            assert model.flex_options(64) == model.flex_options(128) == fwd
     for name, bwd in bench_kernels.BWD_TUNE_OPTIONS.items():
         with bench_kernels.attn_config(name):                       # what the model's flex calls get meanwhile
             assert model.flex_options(64) == {**model.HEAD64_TILES, **bwd}
