@@ -58,7 +58,6 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
        for name, bwd in BWD_TUNE_OPTIONS.items()},                     # (bwd-M1xN1-M2xN2-wW-sS), the same way
     "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),                      # GQA's K/V repeated per query head
     "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too
-    "barrier": ({}, {"FLEX_BARRIER": True}),                          # q, k, v materialised: no prologue fusion
     "cpp-wrapper": ({"cpp_wrapper": True}, {}),                       # compiled graphs launch their kernels
                                                                       # from C++, not Python: less host time
     "cudagraphs": ({"triton.cudagraphs": True}, {}),                  # each compiled graph replayed as a CUDA

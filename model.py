@@ -32,8 +32,6 @@ HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,   # the forward's tiles at
                 "fwd_num_warps": 4, "fwd_num_stages": 3}  # bench.py --sections tune's options (flex_options)
 FLEX_EXPAND_KV = True  # grouped-query K/V copied to every query head before a flex call that needs a backward
                        # (flex_gqa_kv); set before the first compiled call (bench.py --attn-config shared-kv)
-FLEX_BARRIER = False   # q, k, v copied by an op inductor cannot fuse (materialize) before each flex call, so
-                       # RoPE and the K/V copy never run inside flex's kernel (bench.py --attn-config barrier)
 
 
 @dataclass
@@ -110,22 +108,6 @@ def flex_gqa_kv(k: Tensor, v: Tensor, n_head: int, backward: bool) -> tuple[Tens
     return expand(k), expand(v), False          # (B, nh, T, hs): kv head j serves query heads j*g ... j*g+g-1
 
 
-@torch.library.custom_op("focusft::materialize", mutates_args=())
-def materialize(x: Tensor) -> Tensor:
-    """A copy of x that torch.compile keeps as its own kernel: a custom op is opaque to inductor, so what
-    produced x cannot be fused into the kernel that reads the copy (a fusion barrier; its gradient is the
-    identity)."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _(x: Tensor) -> Tensor:
-    return torch.empty_like(x)
-
-
-materialize.register_autograd(lambda ctx, grad: grad)
-
-
 def _eager_flex(*args, **kwargs):
     with warnings.catch_warnings():   # the "unfused implementation" warning is expected (and harmless) here
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -188,8 +170,6 @@ class CausalSelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         if isinstance(mask, BlockMask):
             k, v, gqa = flex_gqa_kv(k, v, self.n_head, backward=q.requires_grad or k.requires_grad)
-            if FLEX_BARRIER:    # (flex only: torch.func.grad, which the SDPA path's inner loop uses, refuses it)
-                q, k, v = materialize(q), materialize(k), materialize(v)
             y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa,
                         kernel_options=flex_options(self.head_dim))                            # (B, nh, T, hs)
         else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex; None = see all

@@ -173,29 +173,3 @@ def test_attention_stats_from_logsumexp_match_dense_softmax(monkeypatch):
         for key in want:
             assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-6), (key, got, want)
         assert 0 < got["engagement"] < 1 and 0 < got["sink_mass"] < 1 and 0 < got["sink_rate"] < 1
-
-
-def test_materialize_is_an_identity_that_compiles(monkeypatch):
-    """model.materialize (FLEX_BARRIER's fusion barrier): the same values and layout, the identity gradient,
-    eager and compiled; with FLEX_BARRIER the model copies q, k and v through it before flex and computes the
-    same output."""
-    x = torch.randn(2, 6, 5).transpose(1, 2).requires_grad_()                  # a strided view
-    y = M.materialize(x)
-    assert torch.equal(y, x) and y.stride() == x.stride() and y.data_ptr() != x.data_ptr()
-    f = lambda t: (M.materialize(t.sin()) * 3).cos()                           # noqa: E731
-    out = torch.compile(f)(x)
-    dx, = torch.autograd.grad(out.sum(), x)
-    torch.testing.assert_close(out, f(x))
-    torch.testing.assert_close(dx, -3 * torch.sin(3 * x.sin()) * x.cos())      # by hand: the copy passes it on
-    torch.manual_seed(0)
-    m, b = M.GPT(tiny_config(attn="flex")), random_batch(S=64)
-    bm = create_block_mask(masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]), 2, None, 64, 64,
-                           device="cpu")
-    run = lambda: m.blocks(m.wte(b["idx"]), m.rope(b["pos"]), bm, range(4))   # noqa: E731
-    with torch.no_grad():
-        plain = run()
-        monkeypatch.setattr(M, "FLEX_BARRIER", True)
-        copied = []
-        real = M.materialize
-        monkeypatch.setattr(M, "materialize", lambda t: copied.append(t.shape) or real(t))
-        assert torch.equal(run(), plain) and len(copied) == 3 * 4                 # q, k, v in each of 4 layers
