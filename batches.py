@@ -70,6 +70,8 @@ def to_device(batch: dict, device: str) -> dict:
     """The batch on `device`, with "target_index": the flat positions that have a target (B * S indexing),
     found here on the host so that the loss needs no nonzero() on the device, a host synchronisation that
     would stall the GPU in every inner and outer loss. It describes these rows as they are: slice or join
-    them afterwards and it is wrong (build such a batch first, then call this)."""
-    return {k: v.to(device, non_blocking=True)
+    them afterwards and it is wrong (build such a batch first, then call this). From pinned host memory (the
+    loader pins its batches; the index is pinned here) a copy is queued behind the GPU's work, not waited for."""
+    pin = device.startswith("cuda")
+    return {k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
             for k, v in {**batch, "target_index": target_positions(batch["targets"])}.items()}

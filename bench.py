@@ -9,8 +9,8 @@
    --sections tune, flex's forward and backward under each of several kernel options on a training batch's masks
    (bench_kernels.py), and with --sections work (no GPU), each step's matmul work.
    Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
-   counts them); timed regions hold synchronised GPU work only (batches are built beforehand, compilation
-   happens in warm-up).
+   counts them); timed regions hold GPU work only (batches are built beforehand, compilation happens in
+   warm-up), and training steps are timed back to back, as train.py runs them.
 """
 import argparse
 import datetime
@@ -52,7 +52,10 @@ FORMULAS = {
            f"n_layer, A of the batch's own mask) / their summed time / {PEAK_FLOPS:.3g} (bf16 dense peak); model "
            "FLOPs as PaLM counts them (attention backward 2x forward, no recompute); tokens = batch * ctx, "
            "padding included; the same model FLOPs for both methods: FocuSFT's inner loop is overhead",
-    "training_timing": "batches built before timing (data generation excluded); median over the timed steps",
+    "training_timing": "batches built before timing (data generation excluded); ms: median over the timed steps "
+                       "run back to back as train.py runs them (end of one step to the end of the next, the host "
+                       "queueing each while the GPU runs the last); ms_alone: the same steps one at a time, "
+                       "synchronised before and after",
     "work": "matmul FLOPs the step really does, inner loop included (flops.step_work); work_ratio = over causal "
             "SFT on the same batches: the ratio a perfectly efficient implementation would reach",
 }
@@ -109,7 +112,8 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
                     row["ratio"], row["work_ratio"] = row["ms"] / base["ms"], row["work"] / base["work"]
                 rows.append(row)
                 print(f"  {name} ctx {ctx} {config} {method} {mask}: " +
-                      (f"{row['ms']:.1f} ms" if "ms" in row else row["error"]), flush=True)
+                      (f"{row['ms']:.1f} ms ({row.get('ms_alone', float('nan')):.1f} alone)" if "ms" in row
+                       else row["error"]), flush=True)
                 free_memory()
         del prebuilt
     return rows
@@ -149,16 +153,23 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False, trace: str | 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = []
-    for i, batch in enumerate(prebuilt):
-        if i == warmup:
-            torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
+    for batch in prebuilt[:warmup]:                                 # the warm-up steps compile
+        step(batch)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    alone = []                                # each timed step alone: nothing queued before it, waited for after
+    for batch in prebuilt[warmup:]:
         t0 = time.perf_counter()
         step(batch)
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times = times[warmup:]                                         # the warm-up steps compile
+        alone.append(time.perf_counter() - t0)
+    ends = []                                 # the same steps back to back, as train.py runs them: the host queues
+    for batch in prebuilt[warmup - 1:]:       # a step while the GPU runs the last; timed from the end of one step
+        step(batch)                           # to the end of the next (the first, a warm-up batch, only starts it)
+        ends.append(torch.cuda.Event(enable_timing=True))
+        ends[-1].record()
+    torch.cuda.synchronize()
+    times = [a.elapsed_time(b) / 1e3 for a, b in zip(ends, ends[1:])]   # s, one per timed batch
     sec = statistics.median(times)
     if profile or trace:                                           # where one more step's GPU time goes
         activities = [torch.profiler.ProfilerActivity.CUDA] + [torch.profiler.ProfilerActivity.CPU] * bool(trace)
@@ -185,7 +196,8 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False, trace: str | 
     model_flops = [6 * n_params * tokens + attention_flops(a, head_dim, cfg.n_head, MODEL_FWD_BWD) * cfg.n_layer
                    for a in allowed]
     work = [batch_work(args, cfg, inner, a) for a in allowed]
-    return {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "mfu": sum(model_flops) / sum(times) / PEAK_FLOPS,
+    return {"ms": sec * 1e3, "ms_alone": statistics.median(alone) * 1e3, "tokens_per_s": tokens / sec,
+            "mfu": sum(model_flops) / sum(times) / PEAK_FLOPS,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_params_non_embedding": n_params,
             "allowed_fraction": statistics.mean(allowed) / (args.batch_size * allowed_causal(args.ctx)),
             "work": statistics.mean(work), "work_tflops": sum(work) / sum(times) / 1e12}
@@ -301,9 +313,10 @@ def main(argv=None):
             result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile, configs,
                                                 args.trace)
             table(f"training step, {args.tokens} tokens, bf16, median of {timed} steps after {warmup} warm-up,"
-                  " batches pre-built (data generation excluded)", result["training"],
-                  ["model", "ctx", "batch", "config", "method", "mask", "ms", "tokens_per_s", "mfu", "work_tflops",
-                   "peak_gib", "ratio", "work_ratio"])
+                  " back to back (ms_alone: one at a time), batches pre-built (data generation excluded)",
+                  result["training"],
+                  ["model", "ctx", "batch", "config", "method", "mask", "ms", "ms_alone", "tokens_per_s", "mfu",
+                   "work_tflops", "peak_gib", "ratio", "work_ratio"])
             write_json(args.out, result)
         if "work" in sections:
             result["work"] = bench_work(sizes, models, warmup, timed, args.tokens)

@@ -7,7 +7,8 @@
 One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its mask built
 once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py), then one AdamW step on the
 base weights. The loop is flat: evaluation and checkpointing at the top, the training step below, and one
-last evaluation after it. The flags, the defaults each machine fills in and --resume's rules are config.py.
+last evaluation after it. Steps run back to back: a step's log line is printed once the next step is queued, so
+the GPU does not wait for the host between steps. The flags, the defaults each machine fills in and --resume's rules are config.py.
 Every batch is a pure function of (seed, split, step, micro-step) (batches.py), so `--resume` continues
 exactly, DataLoader workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint
 data.
@@ -123,6 +124,24 @@ def evaluate(args, model, batch: dict) -> dict:
     return out
 
 
+def log_step(args, log, step: dict, since: float) -> float:
+    """The fixed-format line of a launched step, printed once its work is done; returns when that was. train.py
+    calls it after queueing the next step, so the GPU never waits for the host's print or its next launch; ms
+    counts from `since`, when the step before it was done: the time per step of steps run back to back."""
+    if step["done"] is not None:
+        step["done"].synchronize()                      # this step only: the next one stays queued
+    now = time.perf_counter()
+    dt = now - since
+    loss, il = step["loss"].item(), step["inner"].tolist()
+    inner_txt = f" | inner {il[0]:.3f}->{il[-1]:.3f}" if il else ""
+    print(f"{progress(step['step'] + 1, args.steps)} | loss {loss:.4f}{inner_txt} | lr {step['lr']:.2e} | "
+          f"{step['tokens'] / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)
+    log.write(json.dumps({"step": step["step"], "loss": loss, "inner": il, "lr": step["lr"],
+                          "tok_s": step["tokens"] / dt, "ms": dt * 1000}) + "\n")
+    log.flush()
+    return now
+
+
 def progress(step: int, total: int, width: int = 20) -> str:
     done = int(width * step / total)
     return "[" + "#" * done + "." * (width - done) + f"] {step:>{len(str(total))}}/{total}"
@@ -184,37 +203,43 @@ def main(argv=None):
               f"{ev['sink_mass']:.3f} | sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
         log.write(json.dumps({"step": updates, **ev}) + "\n")
 
+    pending, since = None, time.perf_counter()        # the last step launched, and when the one before it ended
     for step in range(start_step, last + 1):
         # ------------------------------------------------------------------ evaluation and checkpoint
-        if step % args.stats_every == 0 and (ckpt is None or step > start_step):   # a resumed run logged it
-            report(step)
-        if args.ckpt_every and step > start_step and step % args.ckpt_every == 0:
-            checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step - 1)
-            print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
+        evaluating = step % args.stats_every == 0 and (ckpt is None or step > start_step)   # a resumed run did
+        saving = args.ckpt_every and step > start_step and step % args.ckpt_every == 0
+        if evaluating or saving:
+            if pending:
+                log_step(args, log, pending, since)
+                pending = None
+            if evaluating:
+                report(step)
+            if saving:
+                checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step - 1)
+                print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
+            since = time.perf_counter()                 # the pause is no step's time
 
         # ------------------------------------------------------------------ one training step
-        t0 = time.perf_counter()
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [batches.to_device(next(loader), args.device)   # built ahead (in workers unless
-                         for _ in range(args.grad_accum)]                 # --workers 0)
+        host = [next(loader) for _ in range(args.grad_accum)]   # built ahead (in workers unless --workers 0)
+        micro_batches = [batches.to_device(b, args.device) for b in host]
         loss_sum, inner_sum = accumulate(args, model, inner, micro_batches, autocast)
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        launched = {"step": step, "lr": lr, "loss": loss_sum, "inner": inner_sum,
+                    "tokens": sum(int(b["attention_mask"].sum()) for b in host), "done": None}
         if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        loss_sum, il = loss_sum.item(), inner_sum.tolist()             # the step is done: reading costs nothing
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        inner_txt = f" | inner {il[0]:.3f}->{il[-1]:.3f}" if il else ""
-        print(f"{progress(step + 1, args.steps)} | loss {loss_sum:.4f}{inner_txt} | lr {lr:.2e} | "
-              f"{n_tokens / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)
-        log.write(json.dumps({"step": step, "loss": loss_sum, "inner": il, "lr": lr, "tok_s": n_tokens / dt,
-                              "ms": dt * 1000}) + "\n")
-        log.flush()
+            launched["done"] = torch.cuda.Event()
+            launched["done"].record()
+        if pending:                                     # the last step's line, while this one waits on the GPU
+            since = log_step(args, log, pending, since)
+        pending = launched
+    if pending:
+        log_step(args, log, pending, since)
 
     report(last + 1)                                    # the model the checkpoint holds
     checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, last)

@@ -158,3 +158,14 @@ def test_compiled_sgd_step_matches_eager():
     for k in shapes:
         torch.testing.assert_close(new[k], ref[k], rtol=1e-5, atol=1e-6)
         assert torch.equal(new[k][1:], fast[k][1:]) and not torch.equal(new[k][0], fast[k][0])
+
+
+def test_bench_times_steps_back_to_back_and_one_at_a_time():
+    """bench.time_steps on the tiny model: both timings of real steps, a model-FLOP utilisation that is a
+    fraction, and the peak memory of the timed steps."""
+    import bench
+    args = bench.make_args("tiny", "focusft", "hybrid", 2048, 5, 8192)
+    prebuilt = bench.section_batches("tiny", 2048, range(5), 8192, "cuda")
+    row = bench.time_steps(args, prebuilt, warmup=2)
+    assert row["ms"] > 0 and row["ms_alone"] > 0 and 0 < row["mfu"] < 1 and row["peak_gib"] > 0
+    assert row["ms"] < 3 * row["ms_alone"]             # back to back is never much slower than one at a time

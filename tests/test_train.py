@@ -64,6 +64,10 @@ def test_resume_continues_exactly(tmp_path, workers):
     assert losses(straight) == losses(chunked)
     evals = lambda out: [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "eval_acc" in r]
     assert evals(chunked) == evals(straight) == [0, 3, 6]     # --stats-every 3: the resumed run does not repeat 3
+    order = [("eval" if "eval_acc" in r else "step", r["step"]) for r in map(json.loads, open(straight / "log.jsonl"))
+             if "step" in r]            # a step's line waits for the next step's launch, never past an evaluation
+    assert order == [("eval", 0)] + [("step", i) for i in range(3)] + [("eval", 3)] + \
+        [("step", i) for i in range(3, 6)] + [("eval", 6)]
     train.main(["--out", str(chunked), "--resume"])            # finished: nothing to do, nothing written
     assert evals(chunked) == [0, 3, 6] and checkpoint.load(checkpoint.path(str(chunked)))["step"] == 5
     if workers == "1":                                                # a worker builds the same batches
