@@ -60,6 +60,8 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
     "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),                     # flex's own GQA in the backward too
     "cpp-wrapper": ({"cpp_wrapper": True}, {}),                       # compiled graphs launch their kernels
                                                                       # from C++, not Python: less host time
+    "combo-kernels": ({"combo_kernels": True}, {}),                   # independent kernels of a graph launched
+                                                                      # as one (the inner update's 54 tensors)
     "cudagraphs": ({"triton.cudagraphs": True}, {}),                  # each compiled graph replayed as a CUDA
                                                                       # graph (torch.compile's reduce-overhead)
     "flash-backend": ({}, {"FLEX_OPTIONS": {"BACKEND": "FLASH"}}),    # flash-attn-4's CuTe kernels (needs
