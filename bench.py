@@ -112,7 +112,7 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
                     row["ratio"], row["work_ratio"] = row["ms"] / base["ms"], row["work"] / base["work"]
                 rows.append(row)
                 print(f"  {name} ctx {ctx} {config} {method} {mask}: " +
-                      (f"{row['ms']:.1f} ms ({row.get('ms_alone', float('nan')):.1f} alone)" if "ms" in row
+                      (f"{row['ms']:.1f} ms ({row['ms_alone']:.1f} alone)" if "ms" in row
                        else row["error"]), flush=True)
                 free_memory()
         del prebuilt
@@ -153,6 +153,7 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False, trace: str | 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    assert warmup >= 1, "the back-to-back timing starts from the end of a warm-up step"
     for batch in prebuilt[:warmup]:                                 # the warm-up steps compile
         step(batch)
     torch.cuda.synchronize()

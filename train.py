@@ -7,8 +7,9 @@
 One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its mask built
 once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py), then one AdamW step on the
 base weights. The loop is flat: evaluation and checkpointing at the top, the training step below, and one
-last evaluation after it. Steps run back to back: a step's log line is printed once the next step is queued, so
-the GPU does not wait for the host between steps. The flags, the defaults each machine fills in and --resume's rules are config.py.
+last evaluation after it. On a GPU, steps run back to back: a step's log line is printed once the next step
+is queued, so the GPU does not wait for the host between steps. The flags, the defaults each machine fills in
+and --resume's rules are config.py.
 Every batch is a pure function of (seed, split, step, micro-step) (batches.py), so `--resume` continues
 exactly, DataLoader workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint
 data.
@@ -124,15 +125,26 @@ def evaluate(args, model, batch: dict) -> dict:
     return out
 
 
+def step_record(step: int, lr: float, loss: torch.Tensor, inner: torch.Tensor, tokens: int) -> dict:
+    """What a step's log line needs. On a GPU the loss values are copied to (pinned) host memory as the GPU
+    reaches them, and an event marks the end of the step: reading them later waits for this step alone,
+    where .item() would wait for everything queued since."""
+    record = {"step": step, "lr": lr, "tokens": tokens, "loss": loss.to("cpu", non_blocking=True),
+              "inner": inner.to("cpu", non_blocking=True), "done": None}
+    if loss.is_cuda:
+        record["done"] = torch.cuda.Event()
+        record["done"].record()
+    return record
+
+
 def log_step(args, log, step: dict, since: float) -> float:
-    """The fixed-format line of a launched step, printed once its work is done; returns when that was. train.py
-    calls it after queueing the next step, so the GPU never waits for the host's print or its next launch; ms
-    counts from `since`, when the step before it was done: the time per step of steps run back to back."""
+    """The fixed-format line of a step (step_record), printed once its work is done; returns when that was.
+    ms counts from `since`, when the step before it was done: the time per step of steps run back to back."""
     if step["done"] is not None:
-        step["done"].synchronize()                      # this step only: the next one stays queued
+        step["done"].synchronize()                      # this step only: a step queued after it keeps running
     now = time.perf_counter()
     dt = now - since
-    loss, il = step["loss"].item(), step["inner"].tolist()
+    loss, il = step["loss"].item(), step["inner"].tolist()       # host copies, complete
     inner_txt = f" | inner {il[0]:.3f}->{il[-1]:.3f}" if il else ""
     print(f"{progress(step['step'] + 1, args.steps)} | loss {loss:.4f}{inner_txt} | lr {step['lr']:.2e} | "
           f"{step['tokens'] / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)
@@ -230,14 +242,12 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        launched = {"step": step, "lr": lr, "loss": loss_sum, "inner": inner_sum,
-                    "tokens": sum(int(b["attention_mask"].sum()) for b in host), "done": None}
-        if args.device.startswith("cuda"):
-            launched["done"] = torch.cuda.Event()
-            launched["done"].record()
-        if pending:                                     # the last step's line, while this one waits on the GPU
+        launched = step_record(step, lr, loss_sum, inner_sum, sum(int(b["attention_mask"].sum()) for b in host))
+        if pending:                                     # the last step's line, now that this one is queued
             since = log_step(args, log, pending, since)
         pending = launched
+        if launched["done"] is None:                    # a CPU step is over when it returns: nothing to overlap
+            since, pending = log_step(args, log, launched, since), None
     if pending:
         log_step(args, log, pending, since)
 

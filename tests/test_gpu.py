@@ -3,6 +3,7 @@
 Skipped without CUDA. Run on a GPU machine: python -m pytest -q tests/test_gpu.py
 """
 import json
+import time
 import warnings
 
 import pytest
@@ -169,3 +170,21 @@ def test_bench_times_steps_back_to_back_and_one_at_a_time():
     row = bench.time_steps(args, prebuilt, warmup=2)
     assert row["ms"] > 0 and row["ms_alone"] > 0 and 0 < row["mfu"] < 1 and row["peak_gib"] > 0
     assert row["ms"] < 3 * row["ms_alone"]             # back to back is never much slower than one at a time
+
+
+def test_log_step_waits_for_its_own_step_only(tmp_path):
+    """train.py's step line on a GPU: printed from host copies once its step is done, while the work queued
+    after it (the next step) is still running, so the GPU never waits for the host's print."""
+    import types
+    import train
+    x = torch.randn(4096, 4096, device="cuda") / 64
+    record = train.step_record(0, 1e-3, (x @ x).square().mean(), (x @ x).mean().view(1), tokens=4096)
+    for _ in range(200):                          # the next step: ~30 ms of matmuls queued behind the record
+        x = torch.tanh(x @ x)
+    queued = torch.cuda.Event()
+    queued.record()
+    with open(tmp_path / "log.jsonl", "w") as log:
+        train.log_step(types.SimpleNamespace(steps=1), log, record, time.perf_counter())
+    assert not queued.query()                     # .item() on the device loss would have waited for all of it
+    line = json.loads(open(tmp_path / "log.jsonl").read())
+    assert line["step"] == 0 and line["loss"] > 0 and len(line["inner"]) == 1

@@ -68,6 +68,8 @@ def test_resume_continues_exactly(tmp_path, workers):
              if "step" in r]            # a step's line waits for the next step's launch, never past an evaluation
     assert order == [("eval", 0)] + [("step", i) for i in range(3)] + [("eval", 3)] + \
         [("step", i) for i in range(3, 6)] + [("eval", 6)]
+    ms = [r["ms"] for r in map(json.loads, open(straight / "log.jsonl")) if "loss" in r]
+    assert min(ms) > 1            # each line times its own step, also the one before an evaluation (~10 ms here)
     train.main(["--out", str(chunked), "--resume"])            # finished: nothing to do, nothing written
     assert evals(chunked) == [0, 3, 6] and checkpoint.load(checkpoint.path(str(chunked)))["step"] == 5
     if workers == "1":                                                # a worker builds the same batches
