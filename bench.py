@@ -31,7 +31,7 @@ import generate
 import train
 from bench_kernels import ATTN_CONFIGS, attn_config, bench_attention, bench_tuning, free_memory
 from flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
-from model import GPT, PRESETS, preset
+from model import GPT, PRESETS, preset, autocast as model_autocast
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
 SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSFT's long-context range
@@ -142,16 +142,10 @@ def time_steps(args, prebuilt, warmup: int, profile: bool = False, trace: str | 
     model, inner = preset_model(args.model, args.seed), train.inner_config(args)
     for block in model.h:                             # as train.main: compiled blocks, one graph per shape
         block.compile(dynamic=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=train.ADAM_BETAS,
-                                  weight_decay=args.weight_decay, fused=True)
-    def step(batch):
+    optimizer, autocast = train.make_optimizer(args, model), model_autocast(args.device, args.dtype)
+    def step(batch):                                 # train.py's step, one micro-batch
         torch.compiler.cudagraph_mark_step_begin()   # --attn-config cudagraphs: a new step (a no-op otherwise)
-        with torch.autocast("cuda", dtype=torch.bfloat16):          # train.py's step, one micro-batch
-            loss, _ = train.train_loss(args, model, inner, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train.optimizer_step(args, model, inner, optimizer, [batch], autocast)
 
     assert warmup >= 1, "the back-to-back timing starts from the end of a warm-up step"
     for batch in prebuilt[:warmup]:                                 # the warm-up steps compile

@@ -97,6 +97,27 @@ def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],
     return sum(losses, torch.zeros(())), sum(inners) if inners else torch.zeros(0)
 
 
+def make_optimizer(args, model: GPT) -> torch.optim.AdamW:
+    """AdamW over the base weights, decaying matrices only (not norms' gains); fused kernels on a GPU."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, betas=ADAM_BETAS, fused=args.device.startswith("cuda"))
+
+
+def optimizer_step(args, model, inner: InnerConfig, optimizer, micro_batches: list[dict],
+                   autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step on its micro-batches (accumulate), gradient clipping, AdamW; returns accumulate's
+    device tensors. bench.py times this function."""
+    loss_sum, inner_sum = accumulate(args, model, inner, micro_batches, autocast)
+    if args.clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, inner_sum
+
+
 def held_out_batch(args, enc, source) -> dict:
     """The rows every evaluation of the run measures, on the device (the eval split, all lengths)."""
     rows = EVAL_ROWS if args.device == "cpu" else max(EVAL_ROWS, GPU_EVAL_TOKENS // args.ctx)
@@ -176,11 +197,7 @@ def main(argv=None):
         model = checkpoint.model_from(init, attn=args.attn) if init else GPT(preset(args.model, args.attn))
     model_cfg, inner = model.config, inner_config(args)
     model.to(args.device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=ADAM_BETAS, fused=args.device.startswith("cuda"))
+    optimizer = make_optimizer(args, model)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -237,11 +254,7 @@ def main(argv=None):
             group["lr"] = lr
         host = [next(loader) for _ in range(args.grad_accum)]   # built ahead (in workers unless --workers 0)
         micro_batches = [batches.to_device(b, args.device) for b in host]
-        loss_sum, inner_sum = accumulate(args, model, inner, micro_batches, autocast)
-        if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, inner_sum = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
         launched = step_record(step, lr, loss_sum, inner_sum, sum(int(b["attention_mask"].sum()) for b in host))
         if pending:                                     # the last step's line, now that this one is queued
             since = log_step(args, log, pending, since)

@@ -103,7 +103,8 @@ def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
 
     def fake_time(args, prebuilt, warmup, profile, trace=None):
         seen.append((args.model, args.method, args.mask, id(prebuilt)))
-        return {"ms": {"causal": 10.0, "hybrid": 15.0}[args.mask] * (2 if args.method == "focusft" else 1),
+        ms = {"causal": 10.0, "hybrid": 15.0}[args.mask] * (2 if args.method == "focusft" else 1)
+        return {"ms": ms, "ms_alone": ms + 1,
                 "work": {"causal": 4.0, "hybrid": 5.0}[args.mask] * (2 if args.method == "focusft" else 1)}
     monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)   # it would refuse --device cuda here
     monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
@@ -138,7 +139,8 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
     def fake_time(args, prebuilt, warmup, profile, trace=None):
         seen.append(model.FLEX_OPTIONS)
         slow = 2.0 if model.FLEX_OPTIONS else 1.0
-        return {"ms": slow * (3.0 if args.method == "focusft" else 1.0), "work": 1.0}
+        ms = slow * (3.0 if args.method == "focusft" else 1.0)
+        return {"ms": ms, "ms_alone": ms, "work": 1.0}
     monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)
     monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
     monkeypatch.setattr(bench, "time_steps", fake_time)
