@@ -90,12 +90,13 @@ def section_batches(model: str, ctx: int, steps: range, tokens: int, device: str
 
 
 def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile: bool,
-                   configs=("default",), trace: str | None = None) -> list[dict]:
+                   configs=("default",), trace: str | None = None, variants=VARIANTS) -> list[dict]:
     rows = []
     for ctx in sizes:
         prebuilt = section_batches(models[0], ctx, range(warmup + timed), tokens, "cuda")
         for name, config in ((n, c) for n in models for c in configs):
-            for method, mask in VARIANTS:
+            base = None                                      # the causal SFT row, if timed: ratios are over it
+            for method, mask in variants:
                 args = make_args(name, method, mask, ctx, warmup + timed, tokens)
                 row = {"model": name, "ctx": ctx, "batch": args.batch_size, "config": config, "method": method,
                        "mask": mask}
@@ -106,8 +107,8 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
                     row["error"] = "out of memory"
                 except Exception as e:    # noqa: BLE001 (a configuration this torch lacks fails alone, in the table)
                     row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
-                if (method, mask) == VARIANTS[0]:
-                    base = row if "ms" in row else None
+                if (method, mask) == VARIANTS[0] and "ms" in row:
+                    base = row
                 if base and "ms" in row:     # over plain causal SFT: measured time, and matmul work (the floor)
                     row["ratio"], row["work_ratio"] = row["ms"] / base["ms"], row["work"] / base["work"]
                 rows.append(row)
@@ -257,6 +258,8 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(MODELS), help="section 2's models (PRESETS names)")
     p.add_argument("--tokens", type=int, default=TOKENS_PER_STEP,
                    help="section 2's tokens per step (batch = tokens // ctx; 8192 at 8K = the authors' batch 1)")
+    p.add_argument("--variants", default=",".join(f"{m}-{k}" for m, k in VARIANTS),
+                   help="section 2's rows, a subset of the default (method-mask); ratios need sft-causal")
     p.add_argument("--profile", action="store_true", help="section 2: print the top GPU kernels of one more step")
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="section 2: --profile, and that step's CPU and GPU timeline as DIR/CONFIG/*.json")
@@ -270,10 +273,12 @@ def main(argv=None):
                  f"{','.join(SECTIONS)}")
     models = args.models.split(",")
     configs = args.attn_config.split(",")
+    asked = {tuple(v.split("-", 1)) for v in args.variants.split(",")}
+    variants = [v for v in VARIANTS if v in asked]              # in VARIANTS' order: causal SFT, the base, first
     unknown = {part for config in configs for part in config.split("+")} - set(ATTN_CONFIGS)
-    if set(models) - set(PRESETS) or args.tokens <= 0 or unknown:
+    if set(models) - set(PRESETS) or args.tokens <= 0 or unknown or asked - set(VARIANTS):
         sys.exit(f"bench.py: error: --models must name {','.join(PRESETS)}, --attn-config {','.join(ATTN_CONFIGS)}"
-                 " (a+b joins two); --tokens must be positive")
+                 " (a+b joins two), --variants some of the default; --tokens must be positive")
     if sections - {"work"} and not torch.cuda.is_available():
         sys.exit("bench.py: error: needs a CUDA GPU (found none); only --sections work runs without one")
     sizes, prompts = (SIZES[:1], EVAL_PROMPTS[:1]) if args.quick else (SIZES, EVAL_PROMPTS)
@@ -306,7 +311,7 @@ def main(argv=None):
             write_json(args.out, result)
         if "training" in sections:
             result["training"] = bench_training(sizes, models, warmup, timed, args.tokens, args.profile, configs,
-                                                args.trace)
+                                                args.trace, variants)
             table(f"training step, {args.tokens} tokens, bf16, median of {timed} steps after {warmup} warm-up,"
                   " back to back (ms_alone: one at a time), batches pre-built (data generation excluded)",
                   result["training"],

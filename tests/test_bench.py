@@ -71,7 +71,8 @@ def test_flop_formulas_by_hand():
 @pytest.mark.parametrize("argv,needle", [([], "CUDA"), (["--models", "gpt5"], "--models"),
                                           (["--tokens", "0"], "--tokens"), (["--sections", "speed"], "speed"),
                                           (["--attn-config", "turbo"], "--attn-config"),
-                                          (["--attn-config", "default,fwd-64x128+turbo"], "--attn-config")])
+                                          (["--attn-config", "default,fwd-64x128+turbo"], "--attn-config"),
+                                          (["--variants", "sft-hybrid,focusft-causal"], "--variants")])
 def test_bad_input_or_no_cuda_is_one_line(tmp_path, argv, needle):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(out), *argv], cwd=tmp_path,
@@ -115,6 +116,8 @@ def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
         (m, meth, mask) for m in ("tiny", "small") for meth, mask in bench.VARIANTS]
     assert len({s[3] for s in seen}) == 1 and all(r["batch"] == 2 for r in rows)      # one set of batches
     assert [(r["ratio"], r["work_ratio"]) for r in rows[:3]] == [(1.0, 1.0), (1.5, 1.25), (3.0, 2.5)]
+    rows = bench.bench_training([1024], ["tiny"], 1, 1, 2048, False, variants=bench.VARIANTS[1:])
+    assert [r["method"] for r in rows] == ["sft", "focusft"] and not [r for r in rows if "ratio" in r]  # no base
 
 
 def test_work_section_runs_without_a_gpu(tmp_path):
