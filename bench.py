@@ -265,7 +265,7 @@ def main(argv=None):
                    help="section 2: --profile, and that step's CPU and GPU timeline as DIR/CONFIG/*.json")
     p.add_argument("--attn-config", default="default",
                    help=f"section 2: how flex compiles, one or more of {','.join(ATTN_CONFIGS)} (compared row by "
-                        "row); a+b joins two (b's kernel options win), e.g. bwd-64x64+fwd-64x128")
+                        "row); a+b joins two (b's kernel options win), e.g. torch+fwd-64x128")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     if sections - set(SECTIONS):

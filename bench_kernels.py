@@ -34,25 +34,18 @@ TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training bat
 }   # Left out, as packed rows break their promise: BLOCKS_ARE_CONTIGUOUS (the partial blocks at a document's
     # start and its turn's end are not adjacent) and ROWS_GUARANTEED_SAFE (padding rows see nothing)
 BWD_TUNE_OPTIONS = {  # --sections tune: the backward's tiles, on top of the model's forward options. M1 x N1 =
-    # the dK/dV programs' query x key tiles, M2 x N2 the dQ programs'; torch's on an H100/H200 at head size <= 128:
-    # 64 x 128 / 128 x 64, 8 warps, 3 stages (the "model" row's backward). Each is also a bench.py --attn-config.
+    # the dK/dV programs' query x key tiles, M2 x N2 the dQ programs'. The first is torch's on an H100/H200 at head
+    # size <= 128; the "model" row's backward is model.HEAD64_TILES' (64 x 64 both, 4 warps, 3 stages) at head
+    # size 64. Each is also a bench.py --attn-config.
     f"bwd-{m1}x{n1}-{m2}x{n2}-w{w}-s{st}": {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2,
                                              "bwd_BLOCK_N2": n2, "bwd_num_warps": w, "bwd_num_stages": st}
-    for m1, n1, m2, n2, w, st in ((64, 128, 128, 64, 4, 3), (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 4, 3),
-                                  (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3))}
+    for m1, n1, m2, n2, w, st in ((64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 4, 3), (64, 128, 128, 64, 8, 2),
+                                  (32, 128, 128, 32, 4, 3), (32, 64, 64, 32, 4, 3))}
 ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor config, model.py switches)
     "default": ({}, {"FLEX_OPTIONS": None}),                          # the model's choices (model.flex_options)
     "torch": ({}, {"FLEX_OPTIONS": {}}),                              # torch's own tiles at every head size
     "no-prologue": ({"prologue_fusion": False}, {"FLEX_OPTIONS": {}}),  # q/k/v's view, split, RoPE out of flex
     "fwd-64x128": ({}, {"FLEX_OPTIONS": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}}),   # max-autotune's pick, 4 warps
-    # smaller backward tiles at head size 64 (torch's on H100/H200: 64/128/128/64, 8 warps): less work wasted
-    # on the partly masked tiles of short packed documents; with the model's head-64 forward tiles (at every
-    # head size: on the small model, head size 128, they change its forward too), so that at head size 64
-    # only the backward differs from the default
-    "bwd-64x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
-                                        "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}}),
-    "bwd-32x64": ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
-                                        "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}}),
     **{name: ({}, {"FLEX_OPTIONS": fwd}) for name, fwd in FWD_TILES.items()},   # the tuning section's forward
     **{name: ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, **bwd}})      # tiles (torch's backward) and backward tiles
        for name, bwd in BWD_TUNE_OPTIONS.items()},                     # (bwd-M1xN1-M2xN2-wW-sS), the same way

@@ -28,8 +28,10 @@ IGNORE = -100          # target value of positions without a loss (PyTorch's cro
 LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
 FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
                                    # own; set before the first compiled call (bench.py --attn-config does)
-HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,   # the forward's tiles at head size 64: the fastest of
-                "fwd_num_warps": 4, "fwd_num_stages": 3}  # bench.py --sections tune's options (flex_options)
+HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,   # flex's tiles at head size 64, forward and backward:
+                "fwd_num_warps": 4, "fwd_num_stages": 3,  # the fastest of bench.py --sections tune's options
+                "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,   # (flex_options)
+                "bwd_num_warps": 4, "bwd_num_stages": 3}
 FLEX_EXPAND_KV = True  # grouped-query K/V copied to every query head before a flex call that needs a backward
                        # (flex_gqa_kv); set before the first compiled call (bench.py --attn-config shared-kv)
 
@@ -83,7 +85,9 @@ def flex_options(head_dim: int) -> dict | None:
     H200, 2026-11-29) flex's forward took, per layer, causal / hybrid mask: torch's tiles (128 x 128, 4 warps)
     2.12 / 4.74 ms, 64 x 128 with 4 warps (max-autotune's pick at an earlier commit) 0.54 / 0.76, 128 x 128
     with 8 warps 0.145 / 0.237, and HEAD64_TILES (64 x 64, 4 warps, 3 stages) 0.113 / 0.198. At head size 128
-    (the default GPU model) torch's tiles are kept: not yet tuned there. The backward keeps torch's tiles."""
+    (the default GPU model) torch's tiles are kept: not yet tuned there. The backward alone, on the 8K x 8 batch,
+    per layer, causal / hybrid: torch's tiles (64 x 128 dK/dV, 128 x 64 dQ, 8 warps, 3 stages) 4.58 / 8.56 ms,
+    HEAD64_TILES' (64 x 64 both, 4 warps, 3 stages) 4.15 / 7.93; the SFT step 432.1 -> 424.3 ms."""
     if FLEX_OPTIONS is not None:
         return FLEX_OPTIONS or None
     return HEAD64_TILES if head_dim == 64 else None

@@ -185,7 +185,7 @@ def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
     force at once; "default" is the model's own choice whatever was set before; everything restored after."""
     import torch._inductor.config as inductor_config
     import model
-    with bench_kernels.attn_config("bwd-32x64+fwd-64x128+no-prologue"):   # a later part's option wins
+    with bench_kernels.attn_config("bwd-32x64-64x32-w4-s3+fwd-64x128+no-prologue"):   # a later part's option wins
         assert model.FLEX_OPTIONS == {**model.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
                                       "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "fwd_BLOCK_N": 128}
         assert inductor_config.prologue_fusion is False
