@@ -4,7 +4,8 @@
     python bench.py --quick              # smoke run: 8K only, few steps
 
 1. attention fwd+bwd: flex under the hybrid mask, flex causal, SDPA causal (flash, the ceiling), SDPA with the
-   hybrid mask as a dense bool tensor (bench_kernels.py); 2. a whole training step from train.py's own pieces,
+   hybrid mask as a dense bool tensor, and flex through FlashAttention-4's kernels where flash-attn-4 is
+   installed (bench_kernels.py); 2. a whole training step from train.py's own pieces,
    same model and data for both methods; 3. generate.py's prefill and KV-cache decode; and, asked for with
    --sections tune, flex's forward and backward under each of several kernel options on a training batch's masks
    (bench_kernels.py), and with --sections work (no GPU), each step's matmul work.
@@ -29,7 +30,7 @@ import data
 import eval_babilong
 import generate
 import train
-from bench_kernels import ATTN_CONFIGS, attn_config, bench_attention, bench_tuning, free_memory
+from bench_kernels import ATTN_CONFIGS, attn_config, bench_attention, bench_tuning, flash_attn_version, free_memory
 from flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
 from model import GPT, PRESETS, preset, autocast as model_autocast
 
@@ -287,7 +288,8 @@ def main(argv=None):
                               (WARMUP_STEPS, TIMED_STEPS, EVAL_REPEATS))
     torch._dynamo.config.cache_size_limit = 64        # one graph per shape, mask and grad mode: more than 8
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    result = {"machine": {"gpu": gpu, "torch": torch.__version__},
+    flash = flash_attn_version()
+    result = {"machine": {"gpu": gpu, "torch": torch.__version__, "flash_attn_4": flash},
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "quick": args.quick, "formulas": FORMULAS, "peak_flops": PEAK_FLOPS}
     print(f"{gpu}, torch {torch.__version__}, {result['date']}")
@@ -295,6 +297,9 @@ def main(argv=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if "attention" in sections:
+            if not flash:
+                print("attention: no rows for flex's FLASH backend: it needs flash_attn.cute (pip install "
+                      "flash-attn-4) and a Hopper or newer GPU")
             result["attention"] = bench_attention(sizes)
             table("attention fwd+bwd, batch 1, bf16 (TFLOP/s on allowed entries)", result["attention"],
                   ["S", "head_dim", "heads", "kernel", "ms", "tflops"])

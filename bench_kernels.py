@@ -25,6 +25,7 @@ FWD_TILES = {  # the forward's tiles: BLOCK_M (queries) x BLOCK_N (keys), warps,
     f"fwd-{m}x{n}-w{w}-s{st}": {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_warps": w, "fwd_num_stages": st}
     for m, n, w, st in ((128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
                         (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4))}
+FLASH = {"BACKEND": "FLASH"}   # flex through FlashAttention-4's kernels (model.flash_backend_available)
 TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training batch's own masks, forward alone.
     "model": None,                           # what the model uses (model.flex_options)
     "torch": {},                             # torch's tiles for this head size and GPU
@@ -57,7 +58,7 @@ ATTN_CONFIGS = {  # --attn-config: how the model's attention compiles: (inductor
                                                                       # as one (the inner update's 54 tensors)
     "cudagraphs": ({"triton.cudagraphs": True}, {}),                  # each compiled graph replayed as a CUDA
                                                                       # graph (torch.compile's reduce-overhead)
-    "flash-backend": ({}, {"FLEX_OPTIONS": {"BACKEND": "FLASH"}}),    # flash-attn-4's CuTe kernels (needs
+    "flash-backend": ({}, {"FLEX_OPTIONS": FLASH}),                   # flash-attn-4's CuTe kernels (needs
                                                                       # flash_attn.cute, not a requirement)
     "max-autotune": ({"max_autotune": True}, {"FLEX_OPTIONS": {}}),   # inductor times candidate tiles for
                                                                       # every kernel (slow compile)
@@ -98,6 +99,17 @@ def tiles(q) -> dict | None:                              # the kernel options t
     return gpt.flex_options(q.shape[-1])
 
 
+def flash_attn_version() -> str | None:
+    """flash-attn-4's version where flex can use its kernels (model.flash_backend_available), else None."""
+    if not gpt.flash_backend_available():
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("flash-attn-4")
+    except PackageNotFoundError:                                # importable, but installed without metadata
+        return "unknown"
+
+
 def bench_attention(sizes) -> list[dict]:
     rows = []
     for S in sizes:
@@ -112,6 +124,11 @@ def bench_attention(sizes) -> list[dict]:
             "sdpa causal (flash)": (lambda q, k, v: sdpa(q, k, v, is_causal=True), causal_n),
             "sdpa dense hybrid": (lambda q, k, v: sdpa(q, k, v, attn_mask=dense), hybrid_n),
         }
+        if gpt.flash_backend_available():              # flex's FLASH backend: FlashAttention-4's CuTe kernels
+            kernels["flex hybrid (FLASH)"] = (lambda q, k, v: flex(q)(q, k, v, block_mask=hybrid_bm,
+                                                                     kernel_options=FLASH), hybrid_n)
+            kernels["flex causal (FLASH)"] = (lambda q, k, v: flex(q)(q, k, v, block_mask=causal_bm,
+                                                                     kernel_options=FLASH), causal_n)
         for head_dim, heads in HEAD_SHAPES:
             q, k, v, dy = qkv(S, head_dim, heads)
             for name, (attn, allowed) in kernels.items():

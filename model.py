@@ -79,6 +79,18 @@ def flex(q: Tensor):
     return _compiled_flex() if q.is_cuda else _eager_flex
 
 
+def flash_backend_available() -> bool:
+    """Whether flex_attention can run FlashAttention-4's CuTe DSL kernels (kernel_options {"BACKEND": "FLASH"},
+    experimental in torch 2.11): the `flash_attn.cute` package (PyPI's flash-attn-4, not a requirement of this
+    project) and a Hopper or newer GPU."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:                                        # no flash_attn at all
+        found = False
+    return found and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 def flex_options(head_dim: int) -> dict | None:
     """kernel_options for flex_attention (None = torch's choice). At head size 64 the forward's tiles matter
     most: on the Qwen2-0.5B shape (14 heads, 2 KV heads, 8K, a packed BABILong row; bench.py --sections tune,

@@ -180,6 +180,56 @@ def test_attention_passes_flex_options_to_the_kernel(monkeypatch):
     assert calls == [None] * 2 + [model.HEAD64_TILES] * 2 + [{"fwd_BLOCK_M": 32}] * 2 + [None] * 2
 
 
+@pytest.mark.parametrize("available", [False, True])
+def test_attention_rows_add_flex_flash_backend_where_it_runs(monkeypatch, available):
+    """The attention section (timing and CUDA faked): flex with the model's options, SDPA, and flex through
+    FlashAttention-4's kernels only where model.flash_backend_available() says flex can use them."""
+    import model
+    options = []
+
+    def fake_flex(q):
+        def call(q, k, v, block_mask=None, kernel_options=None):
+            options.append(kernel_options)
+            return q
+        return call
+    monkeypatch.setattr(bench_kernels, "hybrid_row", lambda S: (masks.causal(), S * (S + 1) // 2))
+    monkeypatch.setattr(masks, "block_mask", lambda mod, B, S, device: "block mask")
+    monkeypatch.setattr(masks, "dense_mask", lambda mod, B, S, device: torch.ones(1, 1, S, S, dtype=torch.bool))
+    monkeypatch.setattr(bench_kernels, "qkv", lambda S, hd, heads: [torch.randn(1, heads, S, hd)] * 4)
+    monkeypatch.setattr(bench_kernels, "flex", fake_flex)
+    monkeypatch.setattr(bench_kernels, "fwd_bwd_ms", lambda attn, q, k, v, dy: attn(q, k, v).shape[-1] / 32)
+    monkeypatch.setattr(bench_kernels, "free_memory", lambda: None)
+    monkeypatch.setattr(model, "flash_backend_available", lambda: available)
+    rows = bench_kernels.bench_attention([16])
+    flash = ["flex hybrid (FLASH)", "flex causal (FLASH)"] if available else []
+    names = ["flex hybrid", "flex causal", "sdpa causal (flash)", "sdpa dense hybrid"] + flash
+    assert [(r["head_dim"], r["kernel"]) for r in rows] == [(hd, n) for hd, _ in bench_kernels.HEAD_SHAPES
+                                                           for n in names]
+    assert options == [o for hd, _ in bench_kernels.HEAD_SHAPES
+                       for o in [model.flex_options(hd)] * 2 + [{"BACKEND": "FLASH"}] * len(flash)]
+    assert all(r["ms"] == r["head_dim"] / 32 for r in rows)
+
+
+@pytest.mark.parametrize("package,cuda,capability,expected", [
+    ("absent", True, (9, 0), False), ("flash_attn only", True, (9, 0), False), ("cute", False, None, False),
+    ("cute", True, (8, 0), False), ("cute", True, (9, 0), True), ("cute", True, (10, 0), True)])
+def test_flash_backend_needs_flash_attn_cute_and_hopper(monkeypatch, package, cuda, capability, expected):
+    """flex's FLASH backend is offered only with flash_attn.cute importable and an SM90+ GPU (import lookups
+    and the GPU faked); bench then records flash-attn-4's version, and None otherwise."""
+    import importlib.util
+    import model
+
+    def find_spec(name):
+        if package == "absent":
+            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")   # as for a missing parent
+        return object() if package == "cute" or name == "flash_attn" else None
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert model.flash_backend_available() is expected
+    assert (bench_kernels.flash_attn_version() is not None) is expected
+
+
 def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
     """"a+b": both configurations' kernel options (over torch's tiles, b's winning) and inductor settings in
     force at once; "default" is the model's own choice whatever was set before; everything restored after."""

@@ -21,12 +21,17 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("backend", ["model", "FLASH"])
 @pytest.mark.parametrize("S,heads,kv_heads,hd,expand", [(1000, 8, 8, 64, False), (1000, 14, 2, 64, False),
                                                         (1000, 14, 2, 64, True), (2305, 8, 2, 128, False)])
-def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads, hd, expand, monkeypatch):
-    """With the kernel options the model uses at this head size (model.flex_options); `expand`: grouped K/V
-    repeated per query head as the model does with FLEX_EXPAND_KV."""
+def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads, hd, expand, backend,
+                                                              monkeypatch):
+    """With the kernel options the model uses at this head size (model.flex_options), or through flex's FLASH
+    backend (FlashAttention-4's kernels, where flash-attn-4 is installed); `expand`: grouped K/V repeated per
+    query head as the model does with FLEX_EXPAND_KV."""
     import model
+    if backend == "FLASH" and not model.flash_backend_available():
+        pytest.skip("flex's FLASH backend needs flash_attn.cute (pip install flash-attn-4) and SM90+")
     monkeypatch.setattr(model, "FLEX_EXPAND_KV", expand)
     b = {k: v.cuda() for k, v in random_batch(B=2, S=S, seed=S).items()}
     mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"])
@@ -36,7 +41,7 @@ def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads
     v = torch.randn(2, kv_heads, S, hd, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     kf, vf, flex_gqa = model.flex_gqa_kv(k, v, heads, backward=True)
     out = flex(q)(q, kf, vf, block_mask=masks.block_mask(mod, 2, S, "cuda"), enable_gqa=flex_gqa,
-                  kernel_options=flex_options(hd))
+                  kernel_options={"BACKEND": "FLASH"} if backend == "FLASH" else flex_options(hd))
     gqa = heads != kv_heads
     dense = masks.dense_mask(mod, 2, S, "cuda")
     ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=dense, enable_gqa=gqa)
