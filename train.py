@@ -14,6 +14,7 @@ Every batch is a pure function of (seed, split, step, micro-step) (batches.py), 
 exactly, DataLoader workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint
 data.
 """
+import contextlib
 import json
 import math
 import os
@@ -233,34 +234,40 @@ def main(argv=None):
         log.write(json.dumps({"step": updates, **ev}) + "\n")
 
     pending, since = None, time.perf_counter()        # the last step launched, and when the one before it ended
-    for step in range(start_step, last + 1):
-        # ------------------------------------------------------------------ evaluation and checkpoint
-        evaluating = step % args.stats_every == 0 and (ckpt is None or step > start_step)   # a resumed run did
-        saving = args.ckpt_every and step > start_step and step % args.ckpt_every == 0
-        if evaluating or saving:
-            if pending:
-                log_step(args, log, pending, since)
-                pending = None
-            if evaluating:
-                report(step)
-            if saving:
-                checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step - 1)
-                print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
-            since = time.perf_counter()                 # the pause is no step's time
+    try:
+        for step in range(start_step, last + 1):
+            # ------------------------------------------------------------------ evaluation and checkpoint
+            evaluating = step % args.stats_every == 0 and (ckpt is None or step > start_step)   # a resumed run did
+            saving = args.ckpt_every and step > start_step and step % args.ckpt_every == 0
+            if evaluating or saving:
+                if pending:
+                    log_step(args, log, pending, since)
+                    pending = None
+                if evaluating:
+                    report(step)
+                if saving:
+                    checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step - 1)
+                    print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
+                since = time.perf_counter()                 # the pause is no step's time
 
-        # ------------------------------------------------------------------ one training step
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        host = [next(loader) for _ in range(args.grad_accum)]   # built ahead (in workers unless --workers 0)
-        micro_batches = [batches.to_device(b, args.device) for b in host]
-        loss_sum, inner_sum = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
-        launched = step_record(step, lr, loss_sum, inner_sum, sum(int(b["attention_mask"].sum()) for b in host))
-        if pending:                                     # the last step's line, now that this one is queued
-            since = log_step(args, log, pending, since)
-        pending = launched
-        if launched["done"] is None:                    # a CPU step is over when it returns: nothing to overlap
-            since, pending = log_step(args, log, launched, since), None
+            # ------------------------------------------------------------------ one training step
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            host = [next(loader) for _ in range(args.grad_accum)]   # built ahead (in workers unless --workers 0)
+            micro_batches = [batches.to_device(b, args.device) for b in host]
+            loss_sum, inner_sum = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
+            launched = step_record(step, lr, loss_sum, inner_sum, sum(int(b["attention_mask"].sum()) for b in host))
+            if pending:                                     # the last step's line, now that this one is queued
+                since = log_step(args, log, pending, since)
+            pending = launched
+            if launched["done"] is None:                    # a CPU step is over when it returns: nothing to overlap
+                since, pending = log_step(args, log, launched, since), None
+    except BaseException:                               # a failed step (or ^C): the one before it keeps its
+        if pending:                                     # line, unless the GPU itself failed and it has none
+            with contextlib.suppress(Exception):
+                log_step(args, log, pending, since)
+        raise
     if pending:
         log_step(args, log, pending, since)
 

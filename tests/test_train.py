@@ -82,6 +82,28 @@ def test_resume_continues_exactly(tmp_path, workers):
         train.main(["--out", str(chunked), "--resume", "--steps", "9"])
 
 
+def test_a_failed_step_keeps_the_line_of_the_step_before_it(tmp_path, monkeypatch):
+    """On a GPU a step's line is printed once the next step is queued; when that next step fails (here the
+    fourth, on a CPU made to hold lines back as a GPU does), the line of the third is still written."""
+    class Event:                                                      # a finished GPU step's end marker
+        def synchronize(self):
+            pass
+    record, step_fn, calls = train.step_record, train.optimizer_step, []
+
+    def held_back(*args):
+        return {**record(*args), "done": Event()}
+    def failing_step(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("CUDA out of memory (faked)")
+        return step_fn(*args)
+    monkeypatch.setattr(train, "step_record", held_back)
+    monkeypatch.setattr(train, "optimizer_step", failing_step)
+    with pytest.raises(RuntimeError, match="faked"):
+        train.main(TINY + ["--steps", "6", "--method", "sft", "--out", str(tmp_path)])
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r] == [0, 1, 2]
+
+
 def test_resume_of_a_checkpoint_from_before_workers_existed(tmp_path):
     train.main(TINY + ["--steps", "2", "--stop-after", "1", "--out", str(tmp_path)])
     path = checkpoint.path(str(tmp_path))
