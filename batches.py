@@ -27,16 +27,23 @@ def data_source(args):
 
 
 def get_batch(args, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
-    """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro)."""
+    """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro).
+    With FocuSFT's "context" inner loss, also that loss's targets ("context_targets": each context token's
+    next token), so that their positions too are found on the host (to_device)."""
     rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
     tasks = args.tasks.split(",")
     hay, stories = source[0], source[1][split] if source[1] else None
     if args.data == "synthetic":
-        return data.pack_batch(enc, rng, lambda r, n: babilong.draw_haystack(enc, r, hay, n),
-                               rows or args.batch_size, args.ctx, tasks, args.min_len, args.max_len, args.objective)
-    lengths = lengths_at(args, args.steps if split == "eval" else step)
-    return data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split),
-                          rows or args.batch_size, args.ctx, args.objective)
+        batch = data.pack_batch(enc, rng, lambda r, n: babilong.draw_haystack(enc, r, hay, n),
+                                rows or args.batch_size, args.ctx, tasks, args.min_len, args.max_len, args.objective)
+    else:
+        lengths = lengths_at(args, args.steps if split == "eval" else step)
+        batch = data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories,
+                                                                     split), rows or args.batch_size, args.ctx,
+                               args.objective)
+    if args.method == "focusft" and args.inner_loss == "context":
+        batch["context_targets"] = data.context_targets(batch)
+    return batch
 
 
 class Batches(torch.utils.data.Dataset):
@@ -67,11 +74,15 @@ def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLo
 
 
 def to_device(batch: dict, device: str) -> dict:
-    """The batch on `device`, with "target_index": the flat positions that have a target (B * S indexing),
-    found here on the host so that the loss needs no nonzero() on the device, a host synchronisation that
-    would stall the GPU in every inner and outer loss. It describes these rows as they are: slice or join
-    them afterwards and it is wrong (build such a batch first, then call this). From pinned host memory (the
-    loader pins its batches; the index is pinned here) a copy is queued behind the GPU's work, not waited for."""
+    """The batch on `device`, with "target_index": the flat positions that have a target (B * S indexing), and
+    "context_index" likewise for "context_targets" where the batch has them (get_batch). Found here on the
+    host so that no loss needs a nonzero() on the device, a host synchronisation that would stall the GPU in
+    every inner and outer loss. They describe these rows as they are: slice or join them afterwards and they
+    are wrong (build such a batch first, then call this). From pinned host memory (the loader pins its
+    batches; the indices are pinned here) a copy is queued behind the GPU's work, not waited for."""
     pin = device.startswith("cuda")
+    indices = {"target_index": target_positions(batch["targets"])}
+    if "context_targets" in batch:
+        indices["context_index"] = target_positions(batch["context_targets"])
     return {k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
-            for k, v in {**batch, "target_index": target_positions(batch["targets"])}.items()}
+            for k, v in {**batch, **indices}.items()}

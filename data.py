@@ -242,6 +242,11 @@ def pack_rows(sample, batch_size: int, ctx: int, objective: str = "sft") -> dict
             "pos": pos, "targets": next_token_targets(idx, document_ids, wanted)}
 
 
+def context_targets(batch: dict) -> torch.Tensor:
+    """FocuSFT's "context" inner loss: each context token predicts its next context token (B, S)."""
+    return next_token_targets(batch["idx"], batch["document_ids"], batch["loss_mask"] == 0)
+
+
 def next_token_targets(idx: torch.Tensor, document_ids: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """targets[b, t] = idx[b, t+1] where token t+1 is wanted, not padding and in t's document; else -100."""
     keep = (document_ids[:, 1:] == document_ids[:, :-1]) & (document_ids[:, 1:] >= 0) & wanted[:, 1:]

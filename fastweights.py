@@ -147,14 +147,15 @@ def adapt(loss_fn, fast: dict[str, Tensor], cfg: InnerConfig, grad_fn=func_grad)
 
 
 def focusft_loss(model: GPT, idx: Tensor, pos: Tensor, mask, targets: Tensor, cfg: InnerConfig,
-                 inner_mask=None, inner_targets: Tensor | None = None,
-                 index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 inner_mask=None, inner_targets: Tensor | None = None, index: Tensor | None = None,
+                 inner_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One FocuSFT forward: adapt fresh fast weights on each row, then the outer loss with them active.
     Returns the outer loss and the inner losses (steps, rows).
 
     The inner loss uses `inner_targets` under `inner_mask` (default: the outer targets and mask). A different
     inner mask (the causal one of the "context" inner loss) needs its own pass over the lower layers.
-    `index`: the flat positions of `targets` that have one, if known (model.loss)."""
+    `index`, `inner_index`: the flat positions of `targets`, `inner_targets` that have one, if known
+    (model.loss)."""
     rope = model.rope(pos)
     upper = adapted_layers(model.config.n_layer, cfg.fraction)
     lower = range(upper.start)
@@ -164,7 +165,7 @@ def focusft_loss(model: GPT, idx: Tensor, pos: Tensor, mask, targets: Tensor, cf
     else:
         with torch.no_grad():
             x_inner = model.blocks(model.wte(idx), rope, inner_mask, lower)
-    inner_targets, inner_index = (targets, index) if inner_targets is None else (inner_targets, None)
+    inner_targets, inner_index = (targets, index) if inner_targets is None else (inner_targets, inner_index)
 
     def inner_loss(fast: dict[str, Tensor]) -> Tensor:                 # (rows,): each row's own mean loss
         x_top = model.blocks(x_inner, rope, inner_mask, upper, fast, cfg.scale)

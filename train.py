@@ -70,12 +70,13 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, to
     index = batch.get("target_index")                  # from batches.to_device (None: found on the device)
     if args.method == "sft" or inner.steps == 0:
         return model(batch["idx"], batch["pos"], mask, batch["targets"], index=index), torch.zeros(0, B)
-    inner_mask = inner_targets = None
+    inner_mask = inner_targets = inner_index = None
     if inner.loss == "context":   # next-token prediction under a bidirectional mask would be copying: go causal
         inner_mask = build_mask(args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
-        inner_targets = data.next_token_targets(batch["idx"], batch["document_ids"], batch["loss_mask"] == 0)
+        inner_targets = batch["context_targets"] if "context_targets" in batch else data.context_targets(batch)
+        inner_index = batch.get("context_index")      # from batches.to_device, as target_index
     return focusft_loss(model, batch["idx"], batch["pos"], mask, batch["targets"], inner, inner_mask, inner_targets,
-                        index)
+                        index, inner_index)
 
 
 def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],

@@ -13,6 +13,7 @@ import torch
 import batches
 import checkpoint
 import config
+import data
 import train
 from conftest import ROOT, SHARED
 from model import GPT
@@ -260,10 +261,10 @@ def test_evaluate_scores_each_answers_first_token():
 @pytest.mark.parametrize("method,inner_loss", [("sft", "response"), ("focusft", "response"),
                                                ("focusft", "context")])
 def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_loss):
-    """batches.to_device adds the flat positions that have a target ("target_index", so no loss waits on a
-    device nonzero()); the step's outer and inner losses and gradients are those found without it, and the
-    index is really what the losses read (a wrong one changes them), except the "context" inner loss's,
-    whose targets are other positions."""
+    """batches.to_device adds the flat positions that have a target ("target_index", and "context_index" for
+    the "context" inner loss's own targets, so no loss waits on a device nonzero()); the step's outer and inner
+    losses and gradients are those found without them, and each index is really what its loss reads (a wrong
+    one changes it)."""
     from conftest import random_batch, tiny_config
     args = config.get_args(["--method", method, "--mask", "causal" if method == "sft" else "hybrid", "--device",
                             "cpu", "--model", "tiny", "--ctx", "90", "--inner-rank", "4", "--inner-loss", inner_loss])
@@ -271,8 +272,14 @@ def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_los
     torch.manual_seed(0)
     model, inner = GPT(tiny_config()), train.inner_config(args)
     plain = random_batch(B=2, S=90, seed=5)
+    if inner_loss == "context":                                # as batches.get_batch adds them
+        plain["context_targets"] = data.next_token_targets(plain["idx"], plain["document_ids"],
+                                                           plain["loss_mask"] == 0)
     moved = batches.to_device(plain, "cpu")
     assert torch.equal(moved["target_index"], (plain["targets"].flatten() != -100).nonzero()[:, 0])
+    assert ("context_index" in moved) == (inner_loss == "context")
+    if inner_loss == "context":
+        assert torch.equal(moved["context_index"], (plain["context_targets"].flatten() != -100).nonzero()[:, 0])
 
     def step(batch):
         torch.manual_seed(1)                                   # the same fresh fast weights
@@ -288,3 +295,19 @@ def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_los
     assert not torch.equal(wrong[0], want[0])
     if method == "focusft":                                    # the response inner loss reads it too
         assert want[1].numel() == 2 * 2 and torch.equal(wrong[1], want[1]) == (inner_loss == "context")
+    if inner_loss == "context":                                # and the context inner loss reads its own
+        wrong = step({**moved, "context_index": moved["context_index"][:-1]})
+        assert not torch.equal(wrong[1], want[1])
+
+
+def test_context_inner_loss_batches_carry_their_targets(tmp_path):
+    """With --inner-loss context, get_batch adds each context token's next token as "context_targets" (what
+    the inner loss would otherwise build on the device); other runs carry no such key."""
+    for inner_loss, method in (("context", "focusft"), ("response", "focusft"), ("context", "sft")):
+        args = config.get_args(TINY + ["--method", method, "--inner-loss", inner_loss, "--out", str(tmp_path)])
+        config.apply_defaults(args)
+        b = batches.get_batch(args, data.gpt2(), batches.data_source(args), 0, 0)
+        assert ("context_targets" in b) == (inner_loss == "context" and method == "focusft")
+        if "context_targets" in b:
+            want = data.next_token_targets(b["idx"], b["document_ids"], b["loss_mask"] == 0)
+            assert torch.equal(b["context_targets"], want) and (want != -100).sum() > 100
