@@ -28,8 +28,8 @@ def data_source(args):
 
 def get_batch(args, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
     """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro).
-    With FocuSFT's "context" inner loss, also that loss's targets ("context_targets": each context token's
-    next token), so that their positions too are found on the host (to_device)."""
+    With FocuSFT's "context" inner loss, also that loss's targets ("context_targets", data.context_targets),
+    so that their positions too are found on the host (to_device)."""
     rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
     tasks = args.tasks.split(",")
     hay, stories = source[0], source[1][split] if source[1] else None
@@ -38,9 +38,9 @@ def get_batch(args, enc, source, step: int, micro: int, split: str = "train", ro
                                 rows or args.batch_size, args.ctx, tasks, args.min_len, args.max_len, args.objective)
     else:
         lengths = lengths_at(args, args.steps if split == "eval" else step)
-        batch = data.pack_rows(lambda room: babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories,
-                                                                     split), rows or args.batch_size, args.ctx,
-                               args.objective)
+        def sample(room):                               # a BABILong sample that fits in `room` tokens
+            return babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split)
+        batch = data.pack_rows(sample, rows or args.batch_size, args.ctx, args.objective)
     if args.method == "focusft" and args.inner_loss == "context":
         batch["context_targets"] = data.context_targets(batch)
     return batch

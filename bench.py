@@ -266,7 +266,7 @@ def main(argv=None):
                    help="section 2: --profile, and that step's CPU and GPU timeline as DIR/CONFIG/*.json")
     p.add_argument("--attn-config", default="default",
                    help=f"section 2: how flex compiles, one or more of {','.join(ATTN_CONFIGS)} (compared row by "
-                        "row); a+b joins two (b's kernel options win), e.g. torch+fwd-64x128")
+                        "row); a+b joins two (b's kernel options win), e.g. bwd-32x64-64x32-w4-s3+fwd-64x128")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     if sections - set(SECTIONS):
@@ -299,10 +299,11 @@ def main(argv=None):
         if "attention" in sections:
             if not flash:
                 print("attention: no rows for flex's FLASH backend: it needs flash_attn.cute (pip install "
-                      "flash-attn-4) and a Hopper or newer GPU")
+                      "flash-attn-4) and a Hopper or datacenter Blackwell GPU")
             result["attention"] = bench_attention(sizes)
             table("attention fwd+bwd, batch 1, bf16 (TFLOP/s on allowed entries)", result["attention"],
-                  ["S", "head_dim", "heads", "kernel", "ms", "tflops"])
+                  ["S", "head_dim", "heads", "kernel", "ms", "tflops"] +
+                  ["error"] * any("error" in r for r in result["attention"]))
             write_json(args.out, result)                      # after every section: a crash keeps the rest
         if "tune" in sections:
             profiled = range(warmup + timed - 1, warmup + timed)            # the batch section 2 profiles

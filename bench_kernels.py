@@ -1,7 +1,8 @@
 """Attention kernels on one GPU: flex_attention under FocuSFT's masks against SDPA, and flex's kernel options.
 
 bench.py's section 1 (`--sections attention`: forward + backward of flex under the hybrid mask, flex causal,
-SDPA causal = flash, the ceiling, and SDPA with the hybrid mask as a dense bool tensor) and its tuning section
+SDPA causal = flash, the ceiling, SDPA with the hybrid mask as a dense bool tensor, and flex through
+FlashAttention-4's kernels where flash-attn-4 is installed) and its tuning section
 (`--sections tune`: flex's forward, then its backward, under each of several kernel options on a real
 training batch's masks), and ATTN_CONFIGS: the ways bench.py --attn-config compiles the model's attention.
 Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
@@ -132,9 +133,13 @@ def bench_attention(sizes) -> list[dict]:
         for head_dim, heads in HEAD_SHAPES:
             q, k, v, dy = qkv(S, head_dim, heads)
             for name, (attn, allowed) in kernels.items():
-                ms = fwd_bwd_ms(attn, q, k, v, dy)
-                rows.append({"S": S, "head_dim": head_dim, "heads": heads, "kernel": name, "ms": ms,
-                             "allowed": allowed, "tflops": attention_flops(allowed, head_dim, heads) / ms / 1e9})
+                row = {"S": S, "head_dim": head_dim, "heads": heads, "kernel": name, "allowed": allowed}
+                try:                                # a kernel that fails (FLASH is a beta) is reported alone
+                    row["ms"] = fwd_bwd_ms(attn, q, k, v, dy)
+                    row["tflops"] = attention_flops(allowed, head_dim, heads) / row["ms"] / 1e9
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+                rows.append(row)
         del kernels, dense, hybrid_bm, causal_bm
         free_memory()
     return rows

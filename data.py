@@ -243,7 +243,8 @@ def pack_rows(sample, batch_size: int, ctx: int, objective: str = "sft") -> dict
 
 
 def context_targets(batch: dict) -> torch.Tensor:
-    """FocuSFT's "context" inner loss: each context token predicts its next context token (B, S)."""
+    """FocuSFT's "context" inner loss (B, S): every token followed by a context token of its document
+    predicts that token."""
     return next_token_targets(batch["idx"], batch["document_ids"], batch["loss_mask"] == 0)
 
 

@@ -81,14 +81,15 @@ def flex(q: Tensor):
 
 def flash_backend_available() -> bool:
     """Whether flex_attention can run FlashAttention-4's CuTe DSL kernels (kernel_options {"BACKEND": "FLASH"},
-    experimental in torch 2.11): the `flash_attn.cute` package (PyPI's flash-attn-4, not a requirement of this
-    project) and a Hopper or newer GPU."""
+    experimental in torch 2.11): a Hopper or datacenter Blackwell GPU (SM90, SM100: the GPUs FlashAttention-4
+    is written for) and the `flash_attn.cute` package (PyPI's flash-attn-4, not a requirement of this project)."""
     import importlib.util
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
+        return False                                           # (looked at first: no import on other machines)
     try:
-        found = importlib.util.find_spec("flash_attn.cute") is not None
+        return importlib.util.find_spec("flash_attn.cute") is not None
     except ImportError:                                        # no flash_attn at all
-        found = False
-    return found and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+        return False
 
 
 def flex_options(head_dim: int) -> dict | None:

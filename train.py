@@ -242,8 +242,8 @@ def main(argv=None):
             saving = args.ckpt_every and step > start_step and step % args.ckpt_every == 0
             if evaluating or saving:
                 if pending:
-                    log_step(args, log, pending, since)
-                    pending = None
+                    previous, pending = pending, None   # (cleared first: no line is written twice)
+                    log_step(args, log, previous, since)
                 if evaluating:
                     report(step)
                 if saving:
@@ -259,14 +259,15 @@ def main(argv=None):
             micro_batches = [batches.to_device(b, args.device) for b in host]
             loss_sum, inner_sum = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
             launched = step_record(step, lr, loss_sum, inner_sum, sum(int(b["attention_mask"].sum()) for b in host))
-            if pending:                                     # the last step's line, now that this one is queued
-                since = log_step(args, log, pending, since)
-            pending = launched
+            previous, pending = pending, launched
+            if previous:                                    # the last step's line, now that this one is queued
+                since = log_step(args, log, previous, since)
             if launched["done"] is None:                    # a CPU step is over when it returns: nothing to overlap
-                since, pending = log_step(args, log, launched, since), None
+                pending = None
+                since = log_step(args, log, launched, since)
     except BaseException:                               # a failed step (or ^C): the one before it keeps its
-        if pending:                                     # line, unless the GPU itself failed and it has none
-            with contextlib.suppress(Exception):
+        if pending:                                     # line, unless the GPU itself failed and it has none;
+            with contextlib.suppress(Exception):        # its ms then runs to the failure
                 log_step(args, log, pending, since)
         raise
     if pending:

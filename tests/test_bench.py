@@ -190,10 +190,13 @@ def test_attention_rows_add_flex_flash_backend_where_it_runs(monkeypatch, availa
     def fake_flex(q):
         def call(q, k, v, block_mask=None, kernel_options=None):
             options.append(kernel_options)
+            if kernel_options == {"BACKEND": "FLASH"} and block_mask == "causal block mask":
+                raise RuntimeError("CuteDSL template failed")            # one kernel fails: reported alone
             return q
         return call
-    monkeypatch.setattr(bench_kernels, "hybrid_row", lambda S: (masks.causal(), S * (S + 1) // 2))
-    monkeypatch.setattr(masks, "block_mask", lambda mod, B, S, device: "block mask")
+    monkeypatch.setattr(bench_kernels, "hybrid_row", lambda S: (masks.hybrid((torch.arange(S) >= S // 2).long()[None]),
+                                                                S * (S + 1) // 2))
+    monkeypatch.setattr(masks, "block_mask", lambda mod, B, S, device: f"{mod.__name__} block mask")
     monkeypatch.setattr(masks, "dense_mask", lambda mod, B, S, device: torch.ones(1, 1, S, S, dtype=torch.bool))
     monkeypatch.setattr(bench_kernels, "qkv", lambda S, hd, heads: [torch.randn(1, heads, S, hd)] * 4)
     monkeypatch.setattr(bench_kernels, "flex", fake_flex)
@@ -207,19 +210,26 @@ def test_attention_rows_add_flex_flash_backend_where_it_runs(monkeypatch, availa
                                                            for n in names]
     assert options == [o for hd, _ in bench_kernels.HEAD_SHAPES
                        for o in [model.flex_options(hd)] * 2 + [{"BACKEND": "FLASH"}] * len(flash)]
-    assert all(r["ms"] == r["head_dim"] / 32 for r in rows)
+    for r in rows:
+        if r["kernel"] == "flex causal (FLASH)":
+            assert r["error"] == "RuntimeError: CuteDSL template failed" and "ms" not in r
+        else:
+            assert r["ms"] == r["head_dim"] / 32 and "error" not in r
 
 
 @pytest.mark.parametrize("package,cuda,capability,expected", [
     ("absent", True, (9, 0), False), ("flash_attn only", True, (9, 0), False), ("cute", False, None, False),
-    ("cute", True, (8, 0), False), ("cute", True, (9, 0), True), ("cute", True, (10, 0), True)])
+    ("cute", True, (8, 0), False), ("cute", True, (9, 0), True), ("cute", True, (10, 0), True),
+    ("cute", True, (12, 0), False)])
 def test_flash_backend_needs_flash_attn_cute_and_hopper(monkeypatch, package, cuda, capability, expected):
-    """flex's FLASH backend is offered only with flash_attn.cute importable and an SM90+ GPU (import lookups
-    and the GPU faked); bench then records flash-attn-4's version, and None otherwise."""
+    """flex's FLASH backend is offered only with flash_attn.cute importable and an SM90 or SM100 GPU (import
+    lookups and the GPU faked; without such a GPU nothing is looked up); bench then records flash-attn-4's
+    version, and None otherwise."""
     import importlib.util
     import model
 
     def find_spec(name):
+        assert cuda and capability[0] in (9, 10)                         # looked up only on such a GPU
         if package == "absent":
             raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")   # as for a missing parent
         return object() if package == "cute" or name == "flash_attn" else None
@@ -315,7 +325,7 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
 
 def test_every_tuning_tile_choice_is_an_attn_config():
     """A tile choice the tuning section likes can be timed in training under the same name: a forward one
-    with torch's backward tiles (the model's), a backward one with the model's head-64 forward tiles."""
+    with torch's backward tiles, a backward one with the model's head-64 forward tiles."""
     import model
     for name, fwd in bench_kernels.FWD_TILES.items():
         assert bench_kernels.TUNE_OPTIONS[name] == fwd

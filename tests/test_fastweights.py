@@ -138,9 +138,9 @@ def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss
     mask = hybrid_dense(b)
     inner_mask = inner_targets = None
     if inner_loss == "context":
-        from data import next_token_targets
+        from data import context_targets
         inner_mask = masks.dense_mask(masks.causal(b["attention_mask"], b["document_ids"]), 2, 70, "cpu")
-        inner_targets = next_token_targets(b["idx"], b["document_ids"], b["loss_mask"] == 0)
+        inner_targets = context_targets(b)
 
     torch.manual_seed(5)
     loss, inner_losses = fw.focusft_loss(tiny_model, b["idx"], b["pos"], mask, b["targets"], cfg,

@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q tests/test_train.py
 """
+import itertools
 import json
 import math
 import subprocess
@@ -85,7 +86,8 @@ def test_resume_continues_exactly(tmp_path, workers):
 
 def test_a_failed_step_keeps_the_line_of_the_step_before_it(tmp_path, monkeypatch):
     """On a GPU a step's line is printed once the next step is queued; when that next step fails (here the
-    fourth, on a CPU made to hold lines back as a GPU does), the line of the third is still written."""
+    fourth, on a CPU made to hold lines back as a GPU does), the line of the third is still written; and an
+    interruption just after a line is written writes it once."""
     class Event:                                                      # a finished GPU step's end marker
         def synchronize(self):
             pass
@@ -101,8 +103,21 @@ def test_a_failed_step_keeps_the_line_of_the_step_before_it(tmp_path, monkeypatc
     monkeypatch.setattr(train, "step_record", held_back)
     monkeypatch.setattr(train, "optimizer_step", failing_step)
     with pytest.raises(RuntimeError, match="faked"):
-        train.main(TINY + ["--steps", "6", "--method", "sft", "--out", str(tmp_path)])
-    assert [r["step"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r] == [0, 1, 2]
+        train.main(TINY + ["--steps", "6", "--method", "sft", "--out", str(tmp_path / "fail")])
+    logged = lambda out: [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
+    assert logged(tmp_path / "fail") == [0, 1, 2]
+    calls.clear()                           # ^C just after step 1's line is written: no line twice, none lost
+    real_log = train.log_step
+
+    def interrupted(args, log, step, since):
+        now = real_log(args, log, step, since)
+        if step["step"] == 1:
+            raise KeyboardInterrupt
+        return now
+    monkeypatch.setattr(train, "log_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TINY + ["--steps", "6", "--method", "sft", "--out", str(tmp_path / "stop")])
+    assert logged(tmp_path / "stop") == [0, 1, 2]
 
 
 def test_resume_of_a_checkpoint_from_before_workers_existed(tmp_path):
@@ -271,15 +286,13 @@ def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_los
     config.apply_defaults(args)
     torch.manual_seed(0)
     model, inner = GPT(tiny_config()), train.inner_config(args)
-    plain = random_batch(B=2, S=90, seed=5)
-    if inner_loss == "context":                                # as batches.get_batch adds them
-        plain["context_targets"] = data.next_token_targets(plain["idx"], plain["document_ids"],
-                                                           plain["loss_mask"] == 0)
-    moved = batches.to_device(plain, "cpu")
+    plain = random_batch(B=2, S=90, seed=5)                    # the context targets built in train_loss
+    loaded = {**plain, "context_targets": data.context_targets(plain)} if inner_loss == "context" else plain
+    moved = batches.to_device(loaded, "cpu")                   # ... or with the batch, as get_batch adds them
     assert torch.equal(moved["target_index"], (plain["targets"].flatten() != -100).nonzero()[:, 0])
     assert ("context_index" in moved) == (inner_loss == "context")
     if inner_loss == "context":
-        assert torch.equal(moved["context_index"], (plain["context_targets"].flatten() != -100).nonzero()[:, 0])
+        assert torch.equal(moved["context_index"], (loaded["context_targets"].flatten() != -100).nonzero()[:, 0])
 
     def step(batch):
         torch.manual_seed(1)                                   # the same fresh fast weights
@@ -308,6 +321,9 @@ def test_context_inner_loss_batches_carry_their_targets(tmp_path):
         config.apply_defaults(args)
         b = batches.get_batch(args, data.gpt2(), batches.data_source(args), 0, 0)
         assert ("context_targets" in b) == (inner_loss == "context" and method == "focusft")
-        if "context_targets" in b:
-            want = data.next_token_targets(b["idx"], b["document_ids"], b["loss_mask"] == 0)
+        if "context_targets" in b:                                    # the slow way: token by token
+            want = torch.full_like(b["idx"], -100)
+            for r, t in itertools.product(range(b["idx"].size(0)), range(b["idx"].size(1) - 1)):
+                if b["document_ids"][r, t] == b["document_ids"][r, t + 1] >= 0 and b["loss_mask"][r, t + 1] == 0:
+                    want[r, t] = b["idx"][r, t + 1]
             assert torch.equal(b["context_targets"], want) and (want != -100).sum() > 100
