@@ -3,9 +3,9 @@ r"""BABILong samples built by the benchmark's public recipe: bAbI facts hidden, 
 BABILong (Kuratov et al. 2024; booydar/babilong, HF `RMT-team/babilong`) is the long-context test FocuSFT
 reports on. A sample is `{"input", "question", "target"}`: `input` is a stretch of books with the facts of one
 bAbI story (up to one of its questions) scattered through it, and the question asks about those facts only.
-This file makes such samples at any length, from generated or real bAbI stories (babi.py) and from one of
-three haystack sources: synthetic sentences (data.py, offline), a folder of Project Gutenberg .txt books, or
-PG19 (streamed with `datasets`, online only). It reads and writes the hub's layout, `data/{task}/{length}.json`.
+This file makes such samples at any length, from generated or real bAbI stories (babi.py) and the books of
+one of three haystack sources (books.py): synthetic sentences (data.py, offline), a folder of Project
+Gutenberg .txt books, or PG19 (streamed with `datasets`, online only). It reads and writes the hub's layout, `data/{task}/{length}.json`.
 Two ideas to hold:
 
 1. A length is a token budget, counted in GPT-2 tokens: "Nk" is N*1000 minus `PROMPT_TOKENS` left for the
@@ -21,7 +21,6 @@ Two ideas to hold:
 """
 
 import argparse
-import functools
 import hashlib
 import json
 import math
@@ -29,13 +28,14 @@ import os
 import random
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import tiktoken
 
 from babi import TASKS, Turn, babi_file, make_story, read_babi
-from data import answer_ids, gpt2, haystack_sentences, hide_facts, prompt_ids
+import books
+from data import answer_ids, gpt2, hide_facts, prompt_ids
 
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")  # the hub's configs up to 128K
 PROMPT_TOKENS = 300  # room the benchmark leaves in each length for instruction, question and answer
@@ -47,13 +47,6 @@ FIRST_STAGE = 0.5  # curriculum: share of the steps on the shortest length alone
                    # learned on short samples (README, "Learning"); 1/5 of 4,000 steps taught one task
 ROOM_TRIES = 10  # samples drawn for the room left in a training row before leaving the rest as padding
 HOLDOUT = 10  # 1 in 10 of all possible generated questions is for evaluation only (`held_out`)
-SYNTHETIC_BOOKS = 100  # books of the synthetic haystack (PG19's test split also has 100)
-BOOK_SENTENCES = 5000  # sentences per synthetic book: ~100K tokens, about a novel
-PG19 = "deepmind/pg19"  # the hub name of PG19, the books BABILong's haystack comes from
-PG19_SPLIT = "test"  # split read by source "pg19"; "pg19:train" etc. chooses another
-PG19_BOOKS = 100  # books read from the PG19 stream (the whole test split)
-GUTENBERG_START, GUTENBERG_END = "*** START OF", "*** END OF"  # lines around a Gutenberg book's own text
-SENTENCE = re.compile(r"\S.*?[.!?]+[\"'’”)\]]*(?=\s|$)|\S.+$")  # see split_sentences
 
 
 def budget(length: str) -> int:
@@ -66,108 +59,8 @@ def budget(length: str) -> int:
     return 0 if n == 0 else n * 1000 - PROMPT_TOKENS
 
 
-# ----------------------------------------------------------------------------- haystack sources: books
-class Library:
-    """A haystack source: `len(lib)` books, `lib[i]` a list of sentences in order, made by `load(i)` once.
-    The loaders below are partials of module-level functions, so a Library pickles (DataLoader workers)."""
-
-    def __init__(self, name: str, n_books: int, load: Callable[[int], list[str]]):
-        self.name, self.n_books, self.load, self.cache = name, n_books, load, {}
-
-    def __len__(self) -> int:
-        return self.n_books
-
-    def __getitem__(self, i: int) -> list[str]:
-        if i not in self.cache:
-            self.cache[i] = self.load(i)
-        return self.cache[i]
-
-    def __iter__(self) -> Iterator[list[str]]:
-        return (self[i] for i in range(self.n_books))
-
-    def __repr__(self) -> str:
-        return f"Library({self.name!r}, {self.n_books} books)"
-
-
-def strip_gutenberg(text: str) -> str:
-    """The book's own text: what lies between the "*** START OF" and "*** END OF" lines, when present."""
-    lines = text.splitlines()
-    start = next((i + 1 for i, line in enumerate(lines) if line.startswith(GUTENBERG_START)), 0)
-    end = next((i for i, line in enumerate(lines) if line.startswith(GUTENBERG_END)), len(lines))
-    return "\n".join(lines[start:end])
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a text, with every run of whitespace (line breaks included) made one space.
-
-    The rule: a sentence ends at '.', '!' or '?' (and any closing quotes or brackets after them) that is
-    followed by a space or the end of the text; a tail without such an ending is a sentence too.
-    Abbreviations ("Mr. Darcy") are split too: the fragments are short and the sampler skips them.
-    """
-    return SENTENCE.findall(" ".join(text.split()))
-
-
-def synthetic_books(seed: int) -> Library:
-    """SYNTHETIC_BOOKS books of data.haystack_sentences; book i depends only on (seed, i)."""
-    return Library("synthetic", SYNTHETIC_BOOKS, functools.partial(_synthetic_book, seed))
-
-
-def _synthetic_book(seed: int, i: int) -> list[str]:
-    return haystack_sentences(random.Random(f"synthetic-{seed}-{i}"), BOOK_SENTENCES)
-
-
-def folder_books(folder: str | Path) -> Library:
-    """The .txt books of a folder (Project Gutenberg header and footer removed), in file-name order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"haystack folder {folder} does not exist")
-    files = sorted(folder.glob("*.txt"))
-    if not files:
-        raise ValueError(f"haystack folder {folder} holds no .txt books")
-    return Library(str(folder), len(files), functools.partial(_file_book, files))
-
-
-def _file_book(files: list[Path], i: int) -> list[str]:
-    return split_sentences(strip_gutenberg(files[i].read_text(encoding="utf-8", errors="replace")))
-
-
-def from_hub(what: str, read: Callable, hint: str = ""):
-    """read(datasets): the `datasets` package is imported here only, so nothing else needs it. A missing
-    package, or any failure of the download (offline, unknown revision, ...), becomes one RuntimeError."""
-    try:
-        import datasets
-    except ImportError:
-        raise RuntimeError(f"{what} needs the `datasets` package (pip install datasets){hint}") from None
-    try:
-        return read(datasets)
-    except Exception as e:  # offline: ConnectionError, or datasets' own errors when HF_DATASETS_OFFLINE is set
-        raise RuntimeError(f"{what} failed ({type(e).__name__}: {e}); it needs the network{hint}") from None
-
-
-def pg19_books(seed: int, split: str = PG19_SPLIT) -> Library:
-    """PG19_BOOKS books of PG19 streamed from the hub in a seeded order (needs `datasets` and the network)."""
-    def read(datasets):
-        stream = datasets.load_dataset(PG19, split=split, streaming=True).shuffle(seed=seed)
-        return [row["text"] for _, row in zip(range(PG19_BOOKS), stream)]
-    texts = from_hub("haystack 'pg19'", read, hint="; offline, use 'synthetic' or a folder of .txt books")
-    return Library(f"pg19:{split}", len(texts), functools.partial(_text_book, texts))
-
-
-def _text_book(texts: list[str], i: int) -> list[str]:
-    return split_sentences(texts[i])
-
-
-def haystack(source: str, seed: int = 0) -> Library:
-    """The haystack source named by `source`: "synthetic", "pg19" (or "pg19:SPLIT"), or a folder of .txt books."""
-    if source == "synthetic":
-        return synthetic_books(seed)
-    if source == "pg19" or source.startswith("pg19:"):
-        return pg19_books(seed, source.partition(":")[2] or PG19_SPLIT)
-    return folder_books(source)
-
-
 # ----------------------------------------------------------------------------- building a sample
-def draw_haystack(enc: tiktoken.Encoding, rng: random.Random, hay: Library, n_tokens: int) -> list[list[int]]:
+def draw_haystack(enc: tiktoken.Encoding, rng: random.Random, hay: books.Library, n_tokens: int) -> list[list[int]]:
     """Consecutive sentences from a random place in a random book, n_tokens tokens in all (the last one cut).
 
     Each sentence is encoded with a leading space; those under MIN_SENTENCE_TOKENS are skipped. When a book
@@ -191,7 +84,7 @@ def draw_haystack(enc: tiktoken.Encoding, rng: random.Random, hay: Library, n_to
 
 
 def build_sample(enc: tiktoken.Encoding, rng: random.Random, story: list[Turn], length: str,
-                 hay: Library, k: int | None = None) -> dict | None:
+                 hay: books.Library, k: int | None = None) -> dict | None:
     """One sample {"input", "question", "target"} of the story's question k (None: a random one), or None to
     skip it.
 
@@ -237,7 +130,7 @@ def held_out(story: list[Turn], k: int) -> bool:
     return int.from_bytes(digest, "big") % HOLDOUT == 0
 
 
-def make_samples(enc: tiktoken.Encoding, rng: random.Random, task: str, length: str, n: int, hay: Library,
+def make_samples(enc: tiktoken.Encoding, rng: random.Random, task: str, length: str, n: int, hay: books.Library,
                  stories: list[list[Turn]] | None = None,
                  questions: Iterator[tuple[list[Turn], int]] | None = None, split: str = "train") -> list[dict]:
     """n samples of a task: the (story, question index) pairs of `questions` in order when given (those too
@@ -296,10 +189,10 @@ def training_source(source: str, seed: int, babi_dir: str | None, tasks: list[st
     """What training samples are drawn from: a haystack, and (with babi_dir) real bAbI stories per split and
     task: the train files for training, the test files for the held-out check (None: generated stories)."""
     if babi_dir is None:
-        return haystack(source, seed), None
+        return books.haystack(source, seed), None
     files = {"train": "train", "eval": "test"}          # the held-out check reads stories training never sees
     stories = {split: {t: read_babi(babi_file(babi_dir, t, f)) for t in tasks} for split, f in files.items()}
-    return haystack(source, seed), stories
+    return books.haystack(source, seed), stories
 
 
 def training_lengths(lengths: list[str], ctx: int, step: int | None = None, steps: int = 1) -> list[str]:
@@ -315,7 +208,7 @@ def training_lengths(lengths: list[str], ctx: int, step: int | None = None, step
     return fits[:1 + math.ceil((step - first + 1) * (len(fits) - 1) / (steps - first))]
 
 
-def training_sample(enc: tiktoken.Encoding, rng: random.Random, hay: Library, tasks: list[str],
+def training_sample(enc: tiktoken.Encoding, rng: random.Random, hay: books.Library, tasks: list[str],
                     lengths: list[str], room: int, stories: dict | None = None,
                     split: str = "train") -> tuple[list[int], list[int]] | None:
     """One sample as training tokens, (ids, loss_mask): the prompt in the format evaluation uses, then the
@@ -367,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     enc, rng = gpt2(), random.Random(args.seed)
     try:
-        sample = make_samples(enc, rng, args.task, args.length, 1, haystack(args.haystack, args.seed))[0]
+        sample = make_samples(enc, rng, args.task, args.length, 1, books.haystack(args.haystack, args.seed))[0]
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"babilong.py: error: {e}")
     print(sample["input"], f"\nQuestion: {sample['question']}\nTarget: {sample['target']}",

@@ -258,6 +258,7 @@ def next_token_targets(idx: torch.Tensor, document_ids: torch.Tensor, wanted: to
 
 if __name__ == "__main__":  # show one short sample, response tokens in [brackets]
     import babilong
-    enc, rng, books = gpt2(), random.Random(0), babilong.haystack("synthetic")
-    ids, mask = build_sample(enc, rng, "qa1", 300, lambda r, n: babilong.draw_haystack(enc, r, books, n))
+    import books
+    enc, rng, library = gpt2(), random.Random(0), books.haystack("synthetic")
+    ids, mask = build_sample(enc, rng, "qa1", 300, lambda r, n: babilong.draw_haystack(enc, r, library, n))
     print("".join(f"[{enc.decode([t])}]" if m else enc.decode([t]) for t, m in zip(ids, mask)))

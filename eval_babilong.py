@@ -28,6 +28,7 @@ import torch
 
 import babi
 import babilong
+import books
 import checkpoint
 import data
 import masks
@@ -99,7 +100,7 @@ def read_samples(source: str, task: str, length: str, revision: str) -> list[dic
     """Samples from a local hub-layout folder, or (source "hub") from the hub itself through `datasets`."""
     if source != "hub":
         return babilong.read_hub(source, task, length)
-    rows = babilong.from_hub(f"--data hub ({HUB} {length}/{task}@{revision})",
+    rows = books.from_hub(f"--data hub ({HUB} {length}/{task}@{revision})",
                              lambda datasets: datasets.load_dataset(HUB, length, split=task, revision=revision))
     return [{"input": r["input"], "question": r["question"], "target": r["target"]} for r in rows]
 
@@ -209,7 +210,7 @@ def main(argv=None):
 
 def make_data(args, enc, tasks, lengths):
     try:
-        hay = babilong.haystack(args.haystack, args.seed)
+        hay = books.haystack(args.haystack, args.seed)
         for task in tasks:
             stories = None
             if args.babi_dir:

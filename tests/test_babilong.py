@@ -21,6 +21,7 @@ import pytest
 
 import babi
 import babilong as bl
+import books
 from data import gpt2
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -37,7 +38,7 @@ def enc():
 
 @pytest.fixture(scope="module")
 def hay():
-    return bl.haystack("synthetic", seed=0)
+    return books.haystack("synthetic", seed=0)
 
 
 def n_tokens(enc, text: str) -> int:
@@ -121,10 +122,10 @@ def test_generated_stories_keep_facts_and_answers(enc, hay, task):
 def test_fact_finder_sees_the_story_and_not_the_book(enc):
     """babi.fact_sentences (the not-reading baseline's view) on real books: exactly the facts told, in order,
     though the novels name rooms and people of their own."""
-    books, rng = bl.haystack(str(GUTENBERG), seed=0), random.Random(1)
+    library, rng = books.haystack(str(GUTENBERG), seed=0), random.Random(1)
     for _ in range(10):
         story = distinct_story()
-        sample = bl.build_sample(enc, rng, story, "4k", books)
+        sample = bl.build_sample(enc, rng, story, "4k", library)
         k = next(k for k, (_, q, a) in enumerate(story) if q == sample["question"].strip())
         assert babi.fact_sentences(sample["input"]) == [f for facts, _, _ in story[:k + 1] for f in facts]
 
@@ -211,9 +212,9 @@ def test_too_many_facts_skipped(enc, hay):
 def test_haystack_is_consecutive_sentences_to_the_exact_budget(enc):
     """draw_haystack reads whole sentences in order from one place (the last one cut), and goes on at the
     start of another book when one ends."""
-    books = [[f"Book {b} has a sentence numbered {i} about the weather in the hills." for i in range(30)]
+    texts = [[f"Book {b} has a sentence numbered {i} about the weather in the hills." for i in range(30)]
              for b in range(3)]
-    hay = bl.Library("test", 3, lambda i: books[i])
+    hay = books.Library("test", 3, lambda i: texts[i])
     for seed, budget in enumerate((1, 57, 500, 2000)):                  # 2000 tokens > one book (~450)
         drawn = bl.draw_haystack(enc, random.Random(seed), hay, budget)
         assert sum(map(len, drawn)) == budget
@@ -230,7 +231,7 @@ def test_short_sentences_never_in_haystack(enc):
     assert all(n_tokens(enc, " " + s) < bl.MIN_SENTENCE_TOKENS for s in short)
     assert all(n_tokens(enc, " " + s) >= bl.MIN_SENTENCE_TOKENS for s in long)
     book = [s for pair in zip(short, long) for s in pair]
-    hay = bl.Library("test", 1, lambda i: book)
+    hay = books.Library("test", 1, lambda i: book)
     for seed in range(5):
         sample = bl.build_sample(enc, random.Random(seed), distinct_story(), "2k", hay)
         assert "zebra" not in sample["input"]
@@ -270,29 +271,29 @@ FOOTERWORD and the license text follow here.
 def test_gutenberg_header_and_footer_stripped(tmp_path):
     (tmp_path / "book.txt").write_text(BOOK)
     (tmp_path / "notes.md").write_text("Not a book. HEADERWORD.")  # only .txt files are books
-    hay = bl.haystack(str(tmp_path), seed=0)
+    hay = books.haystack(str(tmp_path), seed=0)
     assert len(hay) == 1
     assert list(hay) == [["It was a cold morning in the valley, and the river ran high.",
                           '"Will it rain?"', "asked the miller.", "Nobody knew!"]]
-    assert bl.split_sentences(bl.strip_gutenberg("No markers. Kept whole.")) == ["No markers.", "Kept whole."]
+    assert books.split_sentences(books.strip_gutenberg("No markers. Kept whole.")) == ["No markers.", "Kept whole."]
 
 
 def test_bad_haystack_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        bl.haystack(str(tmp_path / "missing"), seed=0)
+        books.haystack(str(tmp_path / "missing"), seed=0)
     with pytest.raises(ValueError, match="no .txt books"):
-        bl.haystack(str(tmp_path), seed=0)
+        books.haystack(str(tmp_path), seed=0)
 
 
 def test_synthetic_books_depend_on_seed():
-    a, b = bl.haystack("synthetic", seed=0), bl.haystack("synthetic", seed=1)
-    assert len(a) == bl.SYNTHETIC_BOOKS and len(a[0]) == bl.BOOK_SENTENCES
-    assert a[0] == bl.haystack("synthetic", seed=0)[0] and a[0] != a[1] and a[0] != b[0]
+    a, b = books.haystack("synthetic", seed=0), books.haystack("synthetic", seed=1)
+    assert len(a) == books.SYNTHETIC_BOOKS and len(a[0]) == books.BOOK_SENTENCES
+    assert a[0] == books.haystack("synthetic", seed=0)[0] and a[0] != a[1] and a[0] != b[0]
 
 
 @pytest.mark.skipif(not GUTENBERG.is_dir(), reason=f"no Gutenberg books at {GUTENBERG}")
 def test_real_gutenberg_sample(enc):
-    hay = bl.haystack(str(GUTENBERG), seed=0)
+    hay = books.haystack(str(GUTENBERG), seed=0)
     text = " ".join(s for book in hay for s in book)
     assert "*** START OF" not in text and "Project Gutenberg-tm" not in text  # header and license are gone
     assert "It is a truth universally acknowledged" in text  # the books themselves are there
@@ -304,13 +305,13 @@ def test_real_gutenberg_sample(enc):
 def test_pg19_errors_clearly_without_datasets_or_network(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
     with pytest.raises(RuntimeError, match="needs the `datasets` package"):
-        bl.haystack("pg19", seed=0)
+        books.haystack("pg19", seed=0)
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'deepmind/pg19' on the Hub")
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(RuntimeError, match="needs the network"):
-        bl.haystack("pg19", seed=0)
+        books.haystack("pg19", seed=0)
 
 
 def test_pg19_books_from_a_stream(monkeypatch, enc):
@@ -329,8 +330,8 @@ def test_pg19_books_from_a_stream(monkeypatch, enc):
         calls.append((name, split, streaming))
         return Stream()
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    hay = bl.haystack("pg19:validation", seed=7)
-    assert calls == [(bl.PG19, "validation", True), 7] and len(hay) == bl.PG19_BOOKS
+    hay = books.haystack("pg19:validation", seed=7)
+    assert calls == [(books.PG19, "validation", True), 7] and len(hay) == books.PG19_BOOKS
     assert hay[3] == ["Book 3 begins here.", "It has a second sentence that is long enough!"]
     assert pickle.loads(pickle.dumps(hay))[5] == hay[5]
     drawn = bl.draw_haystack(enc, random.Random(0), hay, 40)
@@ -364,7 +365,7 @@ def test_hub_write_is_atomic(tmp_path, monkeypatch):
 
 def test_deterministic(enc):
     def run(seed):
-        return bl.make_samples(enc, random.Random(seed), "qa2", "2k", 3, bl.haystack("synthetic", seed))
+        return bl.make_samples(enc, random.Random(seed), "qa2", "2k", 3, books.haystack("synthetic", seed))
     assert run(5) == run(5)
     assert run(5) != run(6)
 
@@ -372,7 +373,7 @@ def test_deterministic(enc):
 def test_training_sample_is_the_evaluation_prompt_then_the_answer():
     import data as data_mod
     enc = data_mod.gpt2()
-    hay = bl.haystack("synthetic", 0)
+    hay = books.haystack("synthetic", 0)
     for seed in range(5):
         rng = random.Random(seed)
         ids, mask = bl.training_sample(enc, rng, hay, ["qa1", "qa2"], ["0k", "1k"], 2000)

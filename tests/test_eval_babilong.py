@@ -62,8 +62,9 @@ def test_last_mentioned_is_a_guess_not_the_answer():
     sentence's room is the answer, and that is neither never nor always."""
     import random
     import babilong
+    import books
     import data
-    samples = babilong.make_samples(data.gpt2(), random.Random(3), "qa1", "0k", 200, babilong.haystack("synthetic"))
+    samples = babilong.make_samples(data.gpt2(), random.Random(3), "qa1", "0k", 200, books.haystack("synthetic"))
     right = [ev.is_correct(s["target"], ev.last_mentioned(s, "qa1"), s["question"], "qa1") for s in samples]
     last_room = [s["input"].rstrip(".").split(". ")[-1].split()[-1] == s["target"] for s in samples]
     assert right == last_room and 0 < sum(right) < len(right)

@@ -1,0 +1,124 @@
+"""Haystack sources for BABILong: books, each a list of sentences in reading order.
+
+BABILong hides bAbI facts in PG19 books (babilong.py builds the samples); this file supplies the books. Three
+sources, all behind one small class, `Library` (`len(lib)` books, `lib[i]` book i's sentences, loaded once):
+synthetic books of data.py's sentences (offline, the default), a folder of Project Gutenberg .txt files
+(their license header and footer cut), and PG19 itself, streamed from the Hugging Face hub with `datasets`
+(online only; the one place that package is imported). Two ideas to hold: a book is loaded when first read,
+by a module-level function bound with functools.partial, so a Library pickles into DataLoader workers; and
+sentences are split by one regular expression that errs towards short fragments, which the sampler skips.
+"""
+import functools
+import random
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from data import haystack_sentences
+
+SYNTHETIC_BOOKS = 100  # books of the synthetic haystack (PG19's test split also has 100)
+BOOK_SENTENCES = 5000  # sentences per synthetic book: ~100K tokens, about a novel
+PG19 = "deepmind/pg19"  # the hub name of PG19, the books BABILong's haystack comes from
+PG19_SPLIT = "test"  # split read by source "pg19"; "pg19:train" etc. chooses another
+PG19_BOOKS = 100  # books read from the PG19 stream (the whole test split)
+GUTENBERG_START, GUTENBERG_END = "*** START OF", "*** END OF"  # lines around a Gutenberg book's own text
+SENTENCE = re.compile(r"\S.*?[.!?]+[\"'’”)\]]*(?=\s|$)|\S.+$")  # see split_sentences
+
+
+class Library:
+    """A haystack source: `len(lib)` books, `lib[i]` a list of sentences in order, made by `load(i)` once.
+    The loaders below are partials of module-level functions, so a Library pickles (DataLoader workers)."""
+
+    def __init__(self, name: str, n_books: int, load: Callable[[int], list[str]]):
+        self.name, self.n_books, self.load, self.cache = name, n_books, load, {}
+
+    def __len__(self) -> int:
+        return self.n_books
+
+    def __getitem__(self, i: int) -> list[str]:
+        if i not in self.cache:
+            self.cache[i] = self.load(i)
+        return self.cache[i]
+
+    def __iter__(self) -> Iterator[list[str]]:
+        return (self[i] for i in range(self.n_books))
+
+    def __repr__(self) -> str:
+        return f"Library({self.name!r}, {self.n_books} books)"
+
+
+def strip_gutenberg(text: str) -> str:
+    """The book's own text: what lies between the "*** START OF" and "*** END OF" lines, when present."""
+    lines = text.splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.startswith(GUTENBERG_START)), 0)
+    end = next((i for i, line in enumerate(lines) if line.startswith(GUTENBERG_END)), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text, with every run of whitespace (line breaks included) made one space.
+
+    The rule: a sentence ends at '.', '!' or '?' (and any closing quotes or brackets after them) that is
+    followed by a space or the end of the text; a tail without such an ending is a sentence too.
+    Abbreviations ("Mr. Darcy") are split too: the fragments are short and the sampler skips them.
+    """
+    return SENTENCE.findall(" ".join(text.split()))
+
+
+def synthetic_books(seed: int) -> Library:
+    """SYNTHETIC_BOOKS books of data.haystack_sentences; book i depends only on (seed, i)."""
+    return Library("synthetic", SYNTHETIC_BOOKS, functools.partial(_synthetic_book, seed))
+
+
+def _synthetic_book(seed: int, i: int) -> list[str]:
+    return haystack_sentences(random.Random(f"synthetic-{seed}-{i}"), BOOK_SENTENCES)
+
+
+def folder_books(folder: str | Path) -> Library:
+    """The .txt books of a folder (Project Gutenberg header and footer removed), in file-name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"haystack folder {folder} does not exist")
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise ValueError(f"haystack folder {folder} holds no .txt books")
+    return Library(str(folder), len(files), functools.partial(_file_book, files))
+
+
+def _file_book(files: list[Path], i: int) -> list[str]:
+    return split_sentences(strip_gutenberg(files[i].read_text(encoding="utf-8", errors="replace")))
+
+
+def from_hub(what: str, read: Callable, hint: str = ""):
+    """read(datasets): the `datasets` package is imported here only, so nothing else needs it. A missing
+    package, or any failure of the download (offline, unknown revision, ...), becomes one RuntimeError."""
+    try:
+        import datasets
+    except ImportError:
+        raise RuntimeError(f"{what} needs the `datasets` package (pip install datasets){hint}") from None
+    try:
+        return read(datasets)
+    except Exception as e:  # offline: ConnectionError, or datasets' own errors when HF_DATASETS_OFFLINE is set
+        raise RuntimeError(f"{what} failed ({type(e).__name__}: {e}); it needs the network{hint}") from None
+
+
+def pg19_books(seed: int, split: str = PG19_SPLIT) -> Library:
+    """PG19_BOOKS books of PG19 streamed from the hub in a seeded order (needs `datasets` and the network)."""
+    def read(datasets):
+        stream = datasets.load_dataset(PG19, split=split, streaming=True).shuffle(seed=seed)
+        return [row["text"] for _, row in zip(range(PG19_BOOKS), stream)]
+    texts = from_hub("haystack 'pg19'", read, hint="; offline, use 'synthetic' or a folder of .txt books")
+    return Library(f"pg19:{split}", len(texts), functools.partial(_text_book, texts))
+
+
+def _text_book(texts: list[str], i: int) -> list[str]:
+    return split_sentences(texts[i])
+
+
+def haystack(source: str, seed: int = 0) -> Library:
+    """The haystack source named by `source`: "synthetic", "pg19" (or "pg19:SPLIT"), or a folder of .txt books."""
+    if source == "synthetic":
+        return synthetic_books(seed)
+    if source == "pg19" or source.startswith("pg19:"):
+        return pg19_books(seed, source.partition(":")[2] or PG19_SPLIT)
+    return folder_books(source)
