@@ -119,17 +119,17 @@ def bench_attention(sizes) -> list[dict]:
         causal_bm = masks.block_mask(masks.causal(), 1, S, "cuda")
         dense = masks.dense_mask(hybrid_mod, 1, S, "cuda")                              # (1, 1, S, S) bool
         sdpa, causal_n = F.scaled_dot_product_attention, allowed_causal(S)
-        kernels = {  # name: (attention(q, k, v), allowed entries); flex(q) is the compiled flex_attention
-            "flex hybrid": (lambda q, k, v: flex(q)(q, k, v, block_mask=hybrid_bm, kernel_options=tiles(q)), hybrid_n),
-            "flex causal": (lambda q, k, v: flex(q)(q, k, v, block_mask=causal_bm, kernel_options=tiles(q)), causal_n),
+        def flex_on(bm, options=None):       # the compiled flex under bm, with the model's options unless given
+            return lambda q, k, v: flex(q)(q, k, v, block_mask=bm, kernel_options=options or tiles(q))
+        kernels = {  # name: (attention(q, k, v), allowed entries)
+            "flex hybrid": (flex_on(hybrid_bm), hybrid_n),
+            "flex causal": (flex_on(causal_bm), causal_n),
             "sdpa causal (flash)": (lambda q, k, v: sdpa(q, k, v, is_causal=True), causal_n),
             "sdpa dense hybrid": (lambda q, k, v: sdpa(q, k, v, attn_mask=dense), hybrid_n),
         }
         if gpt.flash_backend_available():              # flex's FLASH backend: FlashAttention-4's CuTe kernels
-            kernels["flex hybrid (FLASH)"] = (lambda q, k, v: flex(q)(q, k, v, block_mask=hybrid_bm,
-                                                                     kernel_options=FLASH), hybrid_n)
-            kernels["flex causal (FLASH)"] = (lambda q, k, v: flex(q)(q, k, v, block_mask=causal_bm,
-                                                                     kernel_options=FLASH), causal_n)
+            kernels["flex hybrid (FLASH)"] = (flex_on(hybrid_bm, FLASH), hybrid_n)
+            kernels["flex causal (FLASH)"] = (flex_on(causal_bm, FLASH), causal_n)
         for head_dim, heads in HEAD_SHAPES:
             q, k, v, dy = qkv(S, head_dim, heads)
             for name, (attn, allowed) in kernels.items():

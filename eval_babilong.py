@@ -101,7 +101,7 @@ def read_samples(source: str, task: str, length: str, revision: str) -> list[dic
     if source != "hub":
         return babilong.read_hub(source, task, length)
     rows = books.from_hub(f"--data hub ({HUB} {length}/{task}@{revision})",
-                             lambda datasets: datasets.load_dataset(HUB, length, split=task, revision=revision))
+                          lambda datasets: datasets.load_dataset(HUB, length, split=task, revision=revision))
     return [{"input": r["input"], "question": r["question"], "target": r["target"]} for r in rows]
 
 
