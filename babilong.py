@@ -5,7 +5,8 @@ reports on. A sample is `{"input", "question", "target"}`: `input` is a stretch 
 bAbI story (up to one of its questions) scattered through it, and the question asks about those facts only.
 This file makes such samples at any length, from generated or real bAbI stories (babi.py) and the books of
 one of three haystack sources (books.py): synthetic sentences (data.py, offline), a folder of Project
-Gutenberg .txt books, or PG19 (streamed with `datasets`, online only). It reads and writes the hub's layout, `data/{task}/{length}.json`.
+Gutenberg .txt books, or PG19 (streamed with `datasets`, online only). It reads and writes the hub's layout,
+`data/{task}/{length}.json`.
 Two ideas to hold:
 
 1. A length is a token budget, counted in GPT-2 tokens: "Nk" is N*1000 minus `PROMPT_TOKENS` left for the

@@ -26,7 +26,7 @@ FWD_TILES = {  # the forward's tiles: BLOCK_M (queries) x BLOCK_N (keys), warps,
     f"fwd-{m}x{n}-w{w}-s{st}": {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_warps": w, "fwd_num_stages": st}
     for m, n, w, st in ((128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
                         (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4))}
-FLASH = {"BACKEND": "FLASH"}   # flex through FlashAttention-4's kernels (model.flash_backend_available)
+FLASH = gpt.FLEX_BACKENDS["flash"]   # flex through FlashAttention-4's kernels (model.flash_backend_available)
 TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training batch's own masks, forward alone.
     "model": None,                           # what the model uses (model.flex_options)
     "torch": {},                             # torch's tiles for this head size and GPU

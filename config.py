@@ -14,11 +14,11 @@ import batches
 import checkpoint
 import data
 from fastweights import PROJECTIONS
-from model import PRESETS
+from model import FLEX_BACKENDS, PRESETS, flash_backend_available
 
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
 SCRATCH_INNER_LR = 0.03      # from scratch: 0.1 left the base weights behind SFT on BABILong rows (README)
-RUN_ONLY = ("out", "resume", "stop_after", "workers")   # flags of this invocation, not of the recorded run
+RUN_ONLY = ("out", "resume", "stop_after", "workers", "flex_backend")   # this invocation's, not the recorded run's
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,6 +76,11 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", choices=sorted(PRESETS), default=None, help="size preset; default by device")
     p.add_argument("--init", default=None, help="start from the weights (and model config) of this checkpoint")
     p.add_argument("--attn", choices=["flex", "sdpa"], default=None, help="attention backend; default by device")
+    p.add_argument("--flex-backend", choices=sorted(FLEX_BACKENDS), default="triton",
+                   help="flex's kernels: triton (torch's), or flash (FlashAttention-4's, where the optional "
+                        "flash-attn-4 package and an H100/H200/B200-class GPU are there): on one H200 faster at "
+                        "batch 8 (Qwen shape, 8K: FocuSFT 893 against 958 ms), slower at batch 1 (168 against 142 "
+                        "ms); README 'GPU numbers'")
     # --- system ---
     p.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; default bf16 on cuda")
@@ -152,6 +157,9 @@ def check_args(args):
            if args.data == "synthetic" and not args.min_len <= args.max_len <= args.ctx else None,
            "--babi-dir serves --data babilong (the multi-turn stories come from babi.py)"
            if args.babi_dir and args.data == "synthetic" else None,
+           "--flex-backend flash serves --attn flex" if args.flex_backend == "flash" and args.attn != "flex" else None,
+           "--flex-backend flash needs an SM90/SM100 GPU and flash-attn-4 (pip install flash-attn-4==4.0.0b36)"
+           if args.flex_backend == "flash" and args.attn == "flex" and not flash_backend_available() else None,
            "--attn flex trains only on cuda (no CPU backward); use --attn sdpa"
            if args.attn == "flex" and args.device == "cpu" else None,
            f"--resume: no checkpoint at {checkpoint.path(args.out)}"

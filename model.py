@@ -28,6 +28,8 @@ IGNORE = -100          # target value of positions without a loss (PyTorch's cro
 LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
 FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
                                    # own; set before the first compiled call (bench.py --attn-config does)
+FLEX_BACKENDS = {"triton": None,   # train.py --flex-backend: FLEX_OPTIONS for flex's Triton kernels (the tiles of
+                 "flash": {"BACKEND": "FLASH"}}   # flex_options), or FlashAttention-4's (flash_backend_available)
 HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,   # flex's tiles at head size 64, forward and backward:
                 "fwd_num_warps": 4, "fwd_num_stages": 3,  # the fastest of bench.py --sections tune's options
                 "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,   # (flex_options)
@@ -90,6 +92,13 @@ def flash_backend_available() -> bool:
         return importlib.util.find_spec("flash_attn.cute") is not None
     except ImportError:                                        # no flash_attn at all
         return False
+
+
+def use_flex_backend(name: str):
+    """Every flex call compiled from now on runs FLEX_BACKENDS[name]'s kernels (before the first compiled call:
+    a compiled graph keeps the kernels it was built with)."""
+    global FLEX_OPTIONS
+    FLEX_OPTIONS = FLEX_BACKENDS[name]
 
 
 def flex_options(head_dim: int) -> dict | None:

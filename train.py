@@ -29,7 +29,7 @@ import config
 import data
 import masks
 from fastweights import InnerConfig, adapted_layers, focusft_loss
-from model import GPT, IGNORE, LOSS_CHUNK, preset, autocast as model_autocast
+from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend, autocast as model_autocast
 from stats import attention_stats
 
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
@@ -205,6 +205,7 @@ def main(argv=None):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    use_flex_backend(args.flex_backend)                 # before anything compiles
     if args.compile:
         # one graph per variant (shape, grad mode, with/without fast weights): allow more than the default 8
         torch._dynamo.config.cache_size_limit = 64

@@ -41,7 +41,7 @@ def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads
     v = torch.randn(2, kv_heads, S, hd, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     kf, vf, flex_gqa = model.flex_gqa_kv(k, v, heads, backward=True)
     out = flex(q)(q, kf, vf, block_mask=masks.block_mask(mod, 2, S, "cuda"), enable_gqa=flex_gqa,
-                  kernel_options={"BACKEND": "FLASH"} if backend == "FLASH" else flex_options(hd))
+                  kernel_options=model.FLEX_BACKENDS["flash"] if backend == "FLASH" else flex_options(hd))
     gqa = heads != kv_heads
     dense = masks.dense_mask(mod, 2, S, "cuda")
     ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=dense, enable_gqa=gqa)
@@ -54,15 +54,21 @@ def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads
         assert rel_err(gr, rg) < 2e-2
 
 
-@pytest.mark.parametrize("method", ["focusft", "sft"])
-def test_compiled_training_steps_run_fused(tmp_path, method):
-    """A few compiled bf16 steps of each method: finite falling loss and no fallback to unfused flex."""
+@pytest.mark.parametrize("method,backend", [("focusft", "triton"), ("sft", "triton"), ("focusft", "flash")])
+def test_compiled_training_steps_run_fused(tmp_path, method, backend, monkeypatch):
+    """A few compiled bf16 steps of each method: finite falling loss and no fallback to unfused flex; through
+    FlashAttention-4's kernels too where they are installed (train.py --flex-backend flash)."""
+    import model
     import train
+    if backend == "flash" and not model.flash_backend_available():
+        pytest.skip("--flex-backend flash needs flash_attn.cute (pip install flash-attn-4) and SM90+")
+    monkeypatch.setattr(model, "FLEX_OPTIONS", model.FLEX_OPTIONS)   # train.main sets it for the process
     out = tmp_path / method
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train.main(["--ctx", "2048", "--method", method, "--steps", "12", "--batch-size", "4", "--model", "tiny",
-                    "--lr", "3e-3", "--device", "cuda", "--out", str(out), "--stats-every", "6"])
+                    "--lr", "3e-3", "--device", "cuda", "--out", str(out), "--stats-every", "6",
+                    "--flex-backend", backend])
     assert not [w for w in caught if "unfused" in str(w.message)]
     steps = [r for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
     losses = [s["loss"] for s in steps]

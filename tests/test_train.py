@@ -164,6 +164,8 @@ def test_ablation_flags_reach_the_step(tmp_path):
     (["--ctx", "abc"], "--ctx"),
     (["--objective", "lm", "--mask", "hybrid"], "hybrid"),
     (["--objective", "lm", "--method", "focusft"], "inner loop"),
+    (["--flex-backend", "flash"], "serves --attn flex"),
+    (["--attn", "flex", "--flex-backend", "flash"], "flash-attn-4"),   # no such GPU here
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, argv, needle):
     run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--device", "cpu", "--out", str(tmp_path / "o"),
