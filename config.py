@@ -18,6 +18,7 @@ from model import FLEX_BACKENDS, PRESETS, flash_backend_available
 
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
 SCRATCH_INNER_LR = 0.03      # from scratch: 0.1 left the base weights behind SFT on BABILong rows (README)
+FINETUNE_LR = 1e-5           # AdamW's rate with --init: the authors' for fine-tuning a pretrained model
 RUN_ONLY = ("out", "resume", "stop_after", "workers", "flex_backend")   # this invocation's, not the recorded run's
 
 
@@ -108,6 +109,8 @@ def apply_defaults(args) -> list[str]:
                                            and getattr(args, name) == 0):
             setattr(args, name, value)
             why.append(f"--{name.replace('_', '-')} {value}: {reason}")
+    if args.init:
+        default("lr", FINETUNE_LR, "the authors' AdamW rate for fine-tuning a trained model (--init)")
     if cuda:
         default("model", "small", "8 x 512, head size 128 (flex's fast kernel shape), 51.5M parameters")
         default("attn", "flex", "fused flex_attention kernels with a sparse BlockMask")
@@ -146,9 +149,17 @@ def usable_cpus() -> int:
 
 
 def check_args(args):
-    bad = [f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})"
-           for k in ("ctx", "steps", "batch_size", "grad_accum") if getattr(args, k) <= 0]
-    bad.append(f"--workers must be >= 0 (got {args.workers})" if args.workers < 0 else None)
+    bad = [device_problem(args.device)]
+    bad += [f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})"
+            for k in ("ctx", "steps", "batch_size", "grad_accum", "lr", "inner_rank", "inner_clip", "inner_alpha")
+            if getattr(args, k) <= 0]
+    bad += [f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})"
+            for k in ("workers", "stop_after", "inner_lr", "weight_decay", "clip", "ckpt_every")
+            if getattr(args, k) < 0]
+    bad.append(f"--warmup is a fraction of the steps, in [0, 1] (got {args.warmup})"
+               if not 0 <= args.warmup <= 1 else None)
+    bad.append(f"--min-len must be at least {data.MIN_SAMPLE_TOKENS} (a turn of a story; got {args.min_len})"
+               if args.data == "synthetic" and args.min_len < data.MIN_SAMPLE_TOKENS else None)
     bad += [f"--inner-steps must be >= 0 (got {args.inner_steps})" if args.inner_steps < 0 else None,
            "--inner-fraction must be in (0, 1]" if not 0 < args.inner_fraction <= 1 else None,
            f"--min-len ({args.min_len}) must be between 1 and --ctx"
@@ -180,8 +191,6 @@ def check_args(args):
                if args.objective == "lm" and args.method == "focusft" else None)
     bad.append("--objective lm predicts every next token: under the hybrid mask a context token sees its own "
                "target; use --mask causal" if args.objective == "lm" and args.mask == "hybrid" else None)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        bad.append("--device cuda: no CUDA device here")
     try:
         data.gpt2()
     except RuntimeError as e:
@@ -189,6 +198,17 @@ def check_args(args):
     for b in bad:
         if b:
             sys.exit(f"train.py: error: {b}")
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot run here, or None: it must be cpu, cuda or cuda:N, and such a GPU must exist."""
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        return f"--device: expected cpu, cuda or cuda:N (got {device})"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA device here"
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def from_command_line(argv=None) -> tuple[argparse.Namespace | None, int, dict | None, list[str]]:
@@ -213,6 +233,9 @@ def from_command_line(argv=None) -> tuple[argparse.Namespace | None, int, dict |
             print(f"{checkpoint.path(args.out)} has finished its {args.steps} steps: nothing to resume")
             return None, start_step, ckpt, []
     else:
+        if not args.resume and os.path.exists(checkpoint.path(args.out)):     # (bench.py's runs write nothing)
+            sys.exit(f"train.py: error: --out {args.out} already holds a run ({checkpoint.path(args.out)}): add "
+                     "--resume to continue it, or choose another --out")
         why = apply_defaults(args)
         args.method = args.method or ("sft" if args.objective == "lm" else "focusft")
         args.mask = args.mask or ("hybrid" if args.method == "focusft" else "causal")

@@ -147,6 +147,7 @@ def prompt_ids(enc: tiktoken.Encoding, context: str, question: str) -> list[int]
     """A one-question prompt in the training format (the evaluation of BABILong text uses it too)."""
     return enc.encode_ordinary(" " + context.strip()) + enc.encode_ordinary(QUESTION.format(question.strip()))
 STORY_TRIES = 10  # stories drawn before deciding n_tokens cannot hold even one turn of this task
+MIN_SAMPLE_TOKENS = 128  # --min-len's floor: holds a turn of almost every story (qa3, qa5 can fail below it)
 OBJECTIVES = ("sft", "lm")  # sft: predict response tokens only; lm: predict every next token of a document
 
 
@@ -203,7 +204,7 @@ def build_sample(enc: tiktoken.Encoding, rng: random.Random, task: str, n_tokens
 def pack_batch(enc: tiktoken.Encoding, rng: random.Random, draw: Draw, batch_size: int, ctx: int,
                tasks: list[str], min_len: int, max_len: int, objective: str = "sft") -> dict[str, torch.Tensor]:
     """Rows of multi-turn samples (build_sample) of log-uniform length in [min_len, max_len]; see pack_rows.
-    min_len >= 128 holds a turn of almost every story; below that, qa3 and qa5 samples can fail."""
+    min_len >= MIN_SAMPLE_TOKENS holds a turn of almost every story; below that, qa3 and qa5 samples can fail."""
     if not 0 < min_len <= max_len:
         raise ValueError(f"need 0 < min_len <= max_len, got {min_len=} {max_len=}")
 

@@ -32,6 +32,7 @@ import books
 import checkpoint
 import data
 import masks
+from config import device_problem
 from data import NEWLINE
 from generate import generate, padded
 from model import GPT, autocast as model_autocast
@@ -81,10 +82,14 @@ def last_mentioned(sample: dict, task: str) -> str:
 def score_file(path: str, task: str) -> tuple[int, int]:
     """(correct, total) over a CSV of model outputs with columns target, output, question."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = {"target", "output", "question"} - set(rows[0] if rows else {})
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    missing = {"target", "output", "question"} - set(reader.fieldnames or ())
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    short = next((i for i, r in enumerate(rows, 1) if None in (r["target"], r["output"], r["question"])), None)
+    if short:
+        raise ValueError(f"{path}: row {short} has fewer fields than the header")
     return sum(is_correct(r["target"], r["output"], r["question"], task) for r in rows), len(rows)
 
 
@@ -245,24 +250,36 @@ def cell(value: float | None) -> str:
 
 
 def run_eval(args, enc, tasks, lengths):
+    problem = device_problem(args.device)                  # everything that can fail cheaply, before any work
+    if problem:
+        sys.exit(f"eval_babilong.py: error: {problem}")
     if not os.path.exists(args.ckpt):
         sys.exit(f"eval_babilong.py: error: no checkpoint at {args.ckpt}")
-    try:
-        model, config = load_model(args.ckpt, args.device)
-    except Exception as e:                                  # not a checkpoint of ours: one line, not a traceback
-        sys.exit(f"eval_babilong.py: error: cannot load {args.ckpt} as a train.py checkpoint: {type(e).__name__}")
-    torch._dynamo.config.cache_size_limit = 64             # one flex graph per padded prompt size
     try:
         parts = json.load(open(args.prompt_parts)) if args.prompt_parts else {}
     except (OSError, ValueError) as e:
         sys.exit(f"eval_babilong.py: error: --prompt-parts: {e}")
-    mask_kind = args.mask or config["args"]["mask"]
-    autocast = model_autocast(args.device, args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
+    if not (isinstance(parts, dict) and all(isinstance(v, dict) for v in parts.values())):
+        sys.exit("eval_babilong.py: error: --prompt-parts: expected a JSON object {task: {instruction, examples, "
+                 "post_prompt}}")
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"eval_babilong.py: error: --out: {e}")
+    try:
+        model, config = load_model(args.ckpt, args.device)
+    except Exception as e:                                  # not a checkpoint of ours: one line, not a traceback
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        sys.exit(f"eval_babilong.py: error: cannot load {args.ckpt} as a train.py checkpoint: {type(e).__name__}"
+                 + (f": {why}" if why else ""))
     try:                                                    # all samples first: a missing file fails before any work
         todo = {(t, n): read_samples(args.data, t, n, args.revision)[:args.n] for n in lengths for t in tasks}
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"eval_babilong.py: error: {e}")
+    torch._dynamo.config.cache_size_limit = 64             # one flex graph per padded prompt size
+    mask_kind = args.mask or config["args"]["mask"]
+    autocast = model_autocast(args.device, args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
     total, done, bar = sum(len(v) for v in todo.values()), 0, sys.stderr.isatty()
     def tick():                 # a progress bar on a terminal (nothing in a log file); task, length: the loop's
         nonlocal done
@@ -298,7 +315,6 @@ def run_eval(args, enc, tasks, lengths):
         for t in tasks:
             print(f"{t:<6}" + "".join(cell(table[t, n]) for n in lengths))
         print("mean  " + "".join(cell(mean([table[t, n] for t in tasks])) for n in lengths))
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "predictions.json.tmp"), "w") as f:
         json.dump(records, f, indent=1)
     os.replace(os.path.join(out, "predictions.json.tmp"), os.path.join(out, "predictions.json"))

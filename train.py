@@ -63,6 +63,11 @@ def inner_config(args) -> InnerConfig:
                        targets=tuple(args.inner_targets.split(",")), loss=args.inner_loss)
 
 
+def context_targets(batch) -> torch.Tensor:
+    """The "context" inner loss's targets: carried by the batch (batches.get_batch) or built here."""
+    return batch["context_targets"] if "context_targets" in batch else data.context_targets(batch)
+
+
 def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of one micro-batch and the inner losses (empty without an inner loop)."""
     B = batch["idx"].size(0)
@@ -73,7 +78,7 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, to
     inner_mask = inner_targets = inner_index = None
     if inner.loss == "context":   # next-token prediction under a bidirectional mask would be copying: go causal
         inner_mask = build_mask(args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
-        inner_targets = batch["context_targets"] if "context_targets" in batch else data.context_targets(batch)
+        inner_targets = context_targets(batch)
         inner_index = batch.get("context_index")      # from batches.to_device, as target_index
     return focusft_loss(model, batch["idx"], batch["pos"], mask, batch["targets"], inner, inner_mask, inner_targets,
                         index, inner_index)
@@ -83,8 +88,9 @@ def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],
                autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward of one optimizer step over its micro-batches: of the mean loss over all their target tokens,
     each micro-batch's mean weighted by its share of the targets (a micro-batch of few answers counts as few).
-    Returns that loss () and the inner losses of each inner step (steps,), averaged over rows, weighted the same
-    way: device tensors, read after the optimizer step so that nothing here waits for the GPU."""
+    Returns that loss () and the inner losses of each inner step (steps,), averaged over the rows that have
+    inner targets, weighted the same way: device tensors, read after the optimizer step so that nothing here
+    waits for the GPU."""
     counts = [len(b["target_index"]) for b in micro_batches]   # found on the host (batches.to_device): no sync
     losses, inners = [], []
     for batch, count in zip(micro_batches, counts):
@@ -95,7 +101,10 @@ def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],
             loss, inner_losses = train_loss(args, model, inner, batch)   # inner: (steps, rows)
         (loss * weight).backward()
         losses.append(loss.detach().float() * weight)
-        inners.append(inner_losses.detach().float().mean(dim=1) * weight)       # (steps,)
+        if inner_losses.numel():                        # a row without inner targets (its loss: 0) is left out
+            targets = context_targets(batch) if args.inner_loss == "context" else batch["targets"]
+            has = (targets != IGNORE).any(dim=1).float()                                           # (rows,)
+            inners.append((inner_losses.detach().float() * has).sum(dim=1) / has.sum().clamp(min=1) * weight)
     return sum(losses, torch.zeros(())), sum(inners) if inners else torch.zeros(0)
 
 
@@ -222,7 +231,7 @@ def main(argv=None):
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"train.py: error: {e}")
     os.makedirs(args.out, exist_ok=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")   # a new run: a new log
     log.write(json.dumps({"config": recorded, "start_step": start_step}) + "\n")
     autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1

@@ -145,12 +145,27 @@ def test_reading_table_counts_only_the_baselines_misses():
     (["--make-data", "X", "--haystack", "pg19"], "pg19"),
     (["--score", "x.csv"], "exactly one task"),
     (["--ckpt", "/etc/hostname", "--lengths", "0k"], "cannot load"),
+    (["--ckpt", "/etc/hostname", "--lengths", "0k", "--device", "gpu"], "--device"),
+    (["--ckpt", "/etc/hostname", "--lengths", "0k", "--out", "/etc/hostname/x"], "--out"),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, argv, needle):
     run = subprocess.run([sys.executable, str(ROOT / "eval_babilong.py"), *argv], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert run.returncode != 0
     assert run.stderr.strip().count("\n") == 0 and needle in run.stderr, run.stderr
+
+
+def test_malformed_files_are_one_line_and_nonzero_exit(tmp_path):
+    """A CSV row shorter than its header, and --prompt-parts JSON that is not {task: {...}}, are named as such."""
+    short, parts = tmp_path / "short.csv", tmp_path / "parts.json"
+    short.write_text("target,output,question\nkitchen\n")
+    parts.write_text("[1, 2]")
+    for argv, needle in ((["--score", str(short), "--tasks", "qa1"], "row 1 has fewer fields"),
+                         (["--ckpt", "/etc/hostname", "--prompt-parts", str(parts)], "JSON object")):
+        run = subprocess.run([sys.executable, str(ROOT / "eval_babilong.py"), *argv], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        assert run.returncode != 0
+        assert run.stderr.strip().count("\n") == 0 and needle in run.stderr, run.stderr
 
 
 def test_hub_source_without_datasets_or_network_is_one_clear_line(tmp_path, monkeypatch):

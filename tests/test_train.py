@@ -165,6 +165,13 @@ def test_ablation_flags_reach_the_step(tmp_path):
     (["--objective", "lm", "--mask", "hybrid"], "hybrid"),
     (["--objective", "lm", "--method", "focusft"], "inner loop"),
     (["--flex-backend", "flash"], "serves --attn flex"),
+    (["--stop-after", "-3"], "--stop-after"),
+    (["--inner-rank", "0"], "--inner-rank"),
+    (["--inner-clip", "-1"], "--inner-clip"),
+    (["--lr", "-1"], "--lr"),
+    (["--warmup", "5"], "--warmup"),
+    (["--device", "gpu"], "--device"),
+    (["--data", "synthetic", "--min-len", "8"], "--min-len"),
     (["--attn", "flex", "--flex-backend", "flash"], "flash-attn-4"),   # no such GPU here
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, argv, needle):
@@ -243,15 +250,14 @@ def test_accumulated_micro_batches_weigh_every_answer_token_alike():
 def test_resume_does_not_need_the_init_checkpoint_any_more(tmp_path):
     """--init is read at the start of a run only: resuming works after its file is gone, starting does not."""
     (tmp_path / "ckpt.pt").write_bytes(b"")
-    argv = ["--device", "cpu", "--ctx", "512", "--data", "synthetic", "--out", str(tmp_path),
-            "--init", str(tmp_path / "gone.pt")]
+    argv = ["--device", "cpu", "--ctx", "512", "--data", "synthetic", "--init", str(tmp_path / "gone.pt")]
     def check(extra):
         args = config.get_args(argv + extra)
         config.apply_defaults(args)
         config.check_args(args)
-    check(["--resume"])
+    check(["--resume", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--init: no checkpoint"):
-        check([])
+        check(["--out", str(tmp_path / "new")])                # (a new run, so a new --out)
 
 
 def test_evaluate_scores_each_answers_first_token():
@@ -329,3 +335,44 @@ def test_context_inner_loss_batches_carry_their_targets(tmp_path):
                 if b["document_ids"][r, t] == b["document_ids"][r, t + 1] >= 0 and b["loss_mask"][r, t + 1] == 0:
                     want[r, t] = b["idx"][r, t + 1]
             assert torch.equal(b["context_targets"], want) and (want != -100).sum() > 100
+
+
+def test_a_new_run_does_not_overwrite_a_finished_one(tmp_path):
+    """A second run into an --out that holds a checkpoint is refused (one line) unless it is --resume; the
+    first run's checkpoint and log stay as they were."""
+    train.main(TINY + ["--steps", "1", "--out", str(tmp_path)])
+    log = (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(TINY + ["--steps", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "log.jsonl").read_text() == log and checkpoint.load(checkpoint.path(str(tmp_path)))["step"] == 0
+
+
+def test_init_defaults_to_the_authors_fine_tuning_rates():
+    """With --init, AdamW's lr defaults to the authors' 1e-5 (with the inner lr at their 1.0); given, it stays."""
+    for argv, lr in ((["--init", "x.pt"], config.FINETUNE_LR), (["--init", "x.pt", "--lr", "3e-4"], 3e-4),
+                     ([], 3e-3)):
+        args = config.get_args(argv + ["--device", "cpu"])
+        config.apply_defaults(args)
+        assert args.lr == lr and args.inner_lr == (1.0 if argv else config.SCRATCH_INNER_LR)
+    assert config.FINETUNE_LR == 1e-5
+
+
+def test_the_logged_inner_loss_leaves_out_rows_without_targets():
+    """A row with no answer has an inner loss of 0 (nothing to adapt to); the step's logged inner loss is the
+    mean over the rows that have one, here row 0's alone."""
+    import contextlib
+    from conftest import random_batch, tiny_config
+    args = config.get_args(["--device", "cpu", "--model", "tiny", "--ctx", "90", "--inner-rank", "4"])
+    config.apply_defaults(args)
+    args.method, args.mask = "focusft", "hybrid"
+    torch.manual_seed(0)
+    model, inner = GPT(tiny_config()), train.inner_config(args)
+    batch = random_batch(B=2, S=90, seed=5)
+    batch["targets"][1] = -100
+    moved = batches.to_device(batch, "cpu")
+    torch.manual_seed(1)                                        # the same fresh fast weights in both
+    _, logged = train.accumulate(args, model, inner, [moved], contextlib.nullcontext())
+    torch.manual_seed(1)
+    _, per_row = train.train_loss(args, model, inner, moved)   # (steps, rows)
+    assert (batch["targets"][0] != -100).any() and torch.equal(per_row[:, 1], torch.zeros(2))
+    torch.testing.assert_close(logged, per_row[:, 0].float())
