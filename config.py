@@ -154,16 +154,13 @@ def check_args(args):
             for k in ("ctx", "steps", "batch_size", "grad_accum", "lr", "inner_rank", "inner_clip", "inner_alpha")
             if getattr(args, k) <= 0]
     bad += [f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})"
-            for k in ("workers", "stop_after", "inner_lr", "weight_decay", "clip", "ckpt_every")
+            for k in ("workers", "stop_after", "inner_steps", "inner_lr", "weight_decay", "clip", "ckpt_every")
             if getattr(args, k) < 0]
-    bad.append(f"--warmup is a fraction of the steps, in [0, 1] (got {args.warmup})"
-               if not 0 <= args.warmup <= 1 else None)
-    bad.append(f"--min-len must be at least {data.MIN_SAMPLE_TOKENS} (a turn of a story; got {args.min_len})"
-               if args.data == "synthetic" and args.min_len < data.MIN_SAMPLE_TOKENS else None)
-    bad += [f"--inner-steps must be >= 0 (got {args.inner_steps})" if args.inner_steps < 0 else None,
+    bad += [f"--warmup is a fraction of the steps, in [0, 1] (got {args.warmup})"
+            if not 0 <= args.warmup <= 1 else None,
            "--inner-fraction must be in (0, 1]" if not 0 < args.inner_fraction <= 1 else None,
-           f"--min-len ({args.min_len}) must be between 1 and --ctx"
-           if args.data == "synthetic" and not 0 < args.min_len <= args.ctx else None,
+           f"--min-len ({args.min_len}) must be between {data.MIN_SAMPLE_TOKENS} (a turn of a story) and --ctx"
+           if args.data == "synthetic" and not data.MIN_SAMPLE_TOKENS <= args.min_len <= args.ctx else None,
            f"--max-len ({args.max_len}) must be between --min-len and --ctx"
            if args.data == "synthetic" and not args.min_len <= args.max_len <= args.ctx else None,
            "--babi-dir serves --data babilong (the multi-turn stories come from babi.py)"

@@ -157,11 +157,13 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, argv, needle):
 
 def test_malformed_files_are_one_line_and_nonzero_exit(tmp_path):
     """A CSV row shorter than its header, and --prompt-parts JSON that is not {task: {...}}, are named as such."""
-    short, parts = tmp_path / "short.csv", tmp_path / "parts.json"
+    short, parts, flat = tmp_path / "short.csv", tmp_path / "parts.json", tmp_path / "flat.json"
     short.write_text("target,output,question\nkitchen\n")
     parts.write_text("[1, 2]")
+    flat.write_text('{"qa1": "an instruction"}')                       # a task's parts must be an object too
     for argv, needle in ((["--score", str(short), "--tasks", "qa1"], "row 1 has fewer fields"),
-                         (["--ckpt", "/etc/hostname", "--prompt-parts", str(parts)], "JSON object")):
+                         (["--ckpt", "/etc/hostname", "--prompt-parts", str(parts)], "JSON object"),
+                         (["--ckpt", "/etc/hostname", "--prompt-parts", str(flat)], "JSON object")):
         run = subprocess.run([sys.executable, str(ROOT / "eval_babilong.py"), *argv], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path)
         assert run.returncode != 0

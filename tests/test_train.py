@@ -347,6 +347,15 @@ def test_a_new_run_does_not_overwrite_a_finished_one(tmp_path):
     assert (tmp_path / "log.jsonl").read_text() == log and checkpoint.load(checkpoint.path(str(tmp_path)))["step"] == 0
 
 
+def test_the_chosen_flex_backend_is_set_before_anything_compiles(tmp_path, monkeypatch):
+    """train.py hands --flex-backend to model.use_flex_backend (the FLASH case itself runs in tests/test_gpu.py,
+    where flash-attn-4 is installed); the flag is this invocation's, not recorded as the run's method."""
+    calls = []
+    monkeypatch.setattr(train, "use_flex_backend", calls.append)
+    train.main(TINY + ["--steps", "1", "--out", str(tmp_path)])
+    assert calls == ["triton"] and "flex_backend" in config.RUN_ONLY
+
+
 def test_init_defaults_to_the_authors_fine_tuning_rates():
     """With --init, AdamW's lr defaults to the authors' 1e-5 (with the inner lr at their 1.0); given, it stays."""
     for argv, lr in ((["--init", "x.pt"], config.FINETUNE_LR), (["--init", "x.pt", "--lr", "3e-4"], 3e-4),
