@@ -32,7 +32,7 @@ import generate
 import train
 from bench_kernels import ATTN_CONFIGS, attn_config, bench_attention, bench_tuning, flash_attn_version, free_memory
 from flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
-from model import GPT, PRESETS, preset, autocast as model_autocast
+from model import FLASH_INSTALL, GPT, PRESETS, preset, autocast as model_autocast
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
 SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSFT's long-context range
@@ -298,8 +298,8 @@ def main(argv=None):
         warnings.simplefilter("always")
         if "attention" in sections:
             if not flash:
-                print("attention: no rows for flex's FLASH backend: it needs flash_attn.cute (pip install "
-                      "flash-attn-4) and a Hopper or datacenter Blackwell GPU")
+                print(f"attention: no rows for flex's FLASH backend: it needs flash_attn.cute ({FLASH_INSTALL}) and a "
+                      "Hopper or datacenter Blackwell GPU")
             result["attention"] = bench_attention(sizes)
             table("attention fwd+bwd, batch 1, bf16 (TFLOP/s on allowed entries)", result["attention"],
                   ["S", "head_dim", "heads", "kernel", "ms", "tflops"] +

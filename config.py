@@ -14,7 +14,7 @@ import batches
 import checkpoint
 import data
 from fastweights import PROJECTIONS
-from model import FLEX_BACKENDS, PRESETS, flash_backend_available
+from model import FLASH_INSTALL, FLEX_BACKENDS, PRESETS, flash_backend_available
 
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
 SCRATCH_INNER_LR = 0.03      # from scratch: 0.1 left the base weights behind SFT on BABILong rows (README)
@@ -166,7 +166,7 @@ def check_args(args):
            "--babi-dir serves --data babilong (the multi-turn stories come from babi.py)"
            if args.babi_dir and args.data == "synthetic" else None,
            "--flex-backend flash serves --attn flex" if args.flex_backend == "flash" and args.attn != "flex" else None,
-           "--flex-backend flash needs an SM90/SM100 GPU and flash-attn-4 (pip install flash-attn-4==4.0.0b36)"
+           f"--flex-backend flash needs an SM90/SM100 GPU and flash-attn-4 ({FLASH_INSTALL})"
            if args.flex_backend == "flash" and args.attn == "flex" and not flash_backend_available() else None,
            "--attn flex trains only on cuda (no CPU backward); use --attn sdpa"
            if args.attn == "flex" and args.device == "cpu" else None,

@@ -28,6 +28,7 @@ IGNORE = -100          # target value of positions without a loss (PyTorch's cro
 LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
 FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
                                    # own; set before the first compiled call (bench.py --attn-config does)
+FLASH_INSTALL = "pip install flash-attn-4==4.0.0b36"   # the FLASH backend's package, at the version measured
 FLEX_BACKENDS = {"triton": None,   # train.py --flex-backend: FLEX_OPTIONS for flex's Triton kernels (the tiles of
                  "flash": {"BACKEND": "FLASH"}}   # flex_options), or FlashAttention-4's (flash_backend_available)
 HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,   # flex's tiles at head size 64, forward and backward:

@@ -31,7 +31,7 @@ def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads
     query head as the model does with FLEX_EXPAND_KV."""
     import model
     if backend == "FLASH" and not model.flash_backend_available():
-        pytest.skip("flex's FLASH backend needs flash_attn.cute (pip install flash-attn-4) and SM90+")
+        pytest.skip(f"flex's FLASH backend needs flash_attn.cute ({model.FLASH_INSTALL}) and SM90+")
     monkeypatch.setattr(model, "FLEX_EXPAND_KV", expand)
     b = {k: v.cuda() for k, v in random_batch(B=2, S=S, seed=S).items()}
     mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"])
@@ -61,7 +61,7 @@ def test_compiled_training_steps_run_fused(tmp_path, method, backend, monkeypatc
     import model
     import train
     if backend == "flash" and not model.flash_backend_available():
-        pytest.skip("--flex-backend flash needs flash_attn.cute (pip install flash-attn-4) and SM90+")
+        pytest.skip(f"--flex-backend flash needs flash_attn.cute ({model.FLASH_INSTALL}) and SM90+")
     monkeypatch.setattr(model, "FLEX_OPTIONS", model.FLEX_OPTIONS)   # train.main sets it for the process
     out = tmp_path / method
     with warnings.catch_warnings(record=True) as caught:
