@@ -7,8 +7,9 @@
 
 BABILong (Kuratov et al. 2024; booydar/babilong) hides bAbI facts in long haystack text and asks one question.
 Two ideas to hold:
-  1. Decoding is greedy with a KV cache (generate.py): the prompt is run once under the chosen mask (with
-     `hybrid` it is one bidirectional context turn), then each new token attends to all of it.
+  1. Decoding is greedy with a KV cache (generate.py): a prompt is run once under the chosen mask (with
+     `hybrid` it is one bidirectional context turn), then each new token attends to all of it. Samples are
+     decoded in batches of one padded prompt size, EVAL_TOKENS prompt tokens at most (`decoding_batches`).
   2. The score is the official rule, quirks included (`is_correct`): keep the output's first sentence
      (before the first '.'), lower-cased, cut at '<context>' / '<example>' (the official code also cuts at
      'Question', which never matches after lower-casing); drop the task's labels that the question names;
@@ -34,7 +35,7 @@ import data
 import masks
 from config import device_problem
 from data import NEWLINE
-from generate import generate, padded
+from generate import generate_batch, padded, padded_length
 from model import GPT, autocast as model_autocast
 from stats import attention_stats
 from train import progress
@@ -44,6 +45,7 @@ TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,
                "qa5": ("Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk")}
 CUT_AT = ("<context>", "<example>", "Question")   # the official cut list; 'Question' is kept though inert
 MAX_NEW_TOKENS = 20                               # the benchmark's generation budget
+EVAL_TOKENS = 65536    # padded prompt tokens per decoding batch: 64 rows of 1K keep a GPU busy, 2 of 32K fit it
 HUB = "RMT-team/babilong"                         # the benchmark on the Hugging Face hub (configs = lengths)
 OFFICIAL = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
 READING_TITLE = "reading: accuracy where the baseline is wrong (echoing the last-named label scores 0 here)"
@@ -110,8 +112,11 @@ def read_samples(source: str, task: str, length: str, revision: str) -> list[dic
     return [{"input": r["input"], "question": r["question"], "target": r["target"]} for r in rows]
 
 
-def prompt_for(enc, sample: dict, task: str, style: str, parts: dict) -> list[int]:
-    """Our training format, or the benchmark's official template (parts: instruction/examples/post_prompt)."""
+def prompt_for(enc, sample: dict, task: str, style: str, parts: dict, bos: bool = False) -> list[int]:
+    """Our training format, or the benchmark's official template (parts: instruction/examples/post_prompt);
+    with `bos` (a model trained with train.py --bos 1), after the start-of-document token."""
+    if bos:
+        return [data.BOS_ID] + prompt_for(enc, sample, task, style, parts)
     if style == "trained":
         return data.prompt_ids(enc, sample["input"], sample["question"])
     fill = {k: parts.get(task, {}).get(k, "") for k in ("instruction", "examples", "post_prompt")}
@@ -119,22 +124,40 @@ def prompt_for(enc, sample: dict, task: str, style: str, parts: dict) -> list[in
     return enc.encode_ordinary(text.strip())          # both strips as the benchmark's get_formatted_input
 
 
+def decoding_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of prompts of these lengths, grouped by padded size and cut into batches of budget // size rows
+    (at least one): full batches of one shape, so the GPU compiles flex once per (rows, size); a group's last
+    batch may be smaller."""
+    groups = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(padded_length(n), []).append(i)
+    batches = []
+    for size, rows in sorted(groups.items()):
+        per_batch = max(1, budget // size)
+        batches += [rows[j:j + per_batch] for j in range(0, len(rows), per_batch)]
+    return batches
+
+
 def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device, style: str = "trained",
-             parts: dict | None = None, tick=lambda: None) -> list[dict]:
-    """Greedy answers to the samples, scored; tick() after each one (the progress bar)."""
-    records = []
+             parts: dict | None = None, tick=lambda: None, bos: bool = False) -> list[dict]:
+    """Greedy answers to the samples, decoded in batches and scored, in the samples' order; tick() after each
+    sample (the progress bar). A sample's seconds: its batch's time over the batch's rows."""
+    records = [None] * len(samples)
     stop = (NEWLINE, data.PAD_ID) if style == "trained" else (data.PAD_ID,)   # our answers end at a newline
-    for s in samples:
-        prompt = prompt_for(enc, s, task, style, parts or {})
+    prompts = [prompt_for(enc, s, task, style, parts or {}, bos) for s in samples]
+    for batch in decoding_batches([len(p) for p in prompts], EVAL_TOKENS):
         t0 = time.perf_counter()
-        output = enc.decode(generate(model, prompt, mask_kind, device, MAX_NEW_TOKENS, stop))
-        guess = last_mentioned(s, task)
-        records.append({**s, "output": output, "correct": is_correct(s["target"], output, s["question"], task),
-                        "last_mentioned": guess,
-                        "baseline_correct": is_correct(s["target"], guess, s["question"], task),
-                        "prompt_tokens": len(prompt), "seconds": time.perf_counter() - t0})
-        records[-1].pop("input")
-        tick()
+        outputs = generate_batch(model, [prompts[i] for i in batch], mask_kind, device, MAX_NEW_TOKENS, stop)
+        outputs = [enc.decode(tokens) for tokens in outputs]
+        seconds = (time.perf_counter() - t0) / len(batch)
+        for i, output in zip(batch, outputs):
+            s, guess = samples[i], last_mentioned(samples[i], task)
+            records[i] = {**s, "output": output, "correct": is_correct(s["target"], output, s["question"], task),
+                          "last_mentioned": guess,
+                          "baseline_correct": is_correct(s["target"], guess, s["question"], task),
+                          "prompt_tokens": len(prompts[i]), "seconds": seconds}
+            records[i].pop("input")
+            tick()
     return records
 
 
@@ -277,8 +300,9 @@ def run_eval(args, enc, tasks, lengths):
         todo = {(t, n): read_samples(args.data, t, n, args.revision)[:args.n] for n in lengths for t in tasks}
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"eval_babilong.py: error: {e}")
-    torch._dynamo.config.cache_size_limit = 64             # one flex graph per padded prompt size
+    torch._dynamo.config.cache_size_limit = 64             # one flex graph per (rows, padded size)
     mask_kind = args.mask or config["args"]["mask"]
+    bos = bool(config["args"].get("bos"))                 # prompts open as the model's training samples did
     autocast = model_autocast(args.device, args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
     total, done, bar = sum(len(v) for v in todo.values()), 0, sys.stderr.isatty()
     def tick():                 # a progress bar on a terminal (nothing in a log file); task, length: the loop's
@@ -293,7 +317,7 @@ def run_eval(args, enc, tasks, lengths):
             samples = todo[task, length]
             first = first or ((task, samples[0]) if samples else None)
             with autocast:
-                recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts, tick)
+                recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts, tick, bos)
             acc[task, length] = mean([float(r["correct"]) for r in recs])            # None: no samples
             base[task, length] = mean([float(r["baseline_correct"]) for r in recs])
             reading[task, length] = reading_accuracy(recs)
@@ -306,7 +330,7 @@ def run_eval(args, enc, tasks, lengths):
         if first is None:
             continue
         with autocast:
-            st = length_stats(model, enc, first[1], first[0], mask_kind, args.device, args.prompt, parts)
+            st = length_stats(model, enc, first[1], first[0], mask_kind, args.device, args.prompt, parts, bos)
         print(f"{length:>4}: sink mass {st['sink_mass']:.3f} | sink rate {st['sink_rate']:.2f} | "
               f"engagement {st['engagement']:.3f}")
     for title, table in (("accuracy", acc), ("baseline: the label named last in the context's bAbI facts", base),
@@ -323,13 +347,14 @@ def run_eval(args, enc, tasks, lengths):
 
 
 @torch.no_grad()
-def length_stats(model, enc, sample: dict, task: str, mask_kind: str, device, style: str, parts: dict) -> dict:
+def length_stats(model, enc, sample: dict, task: str, mask_kind: str, device, style: str, parts: dict,
+                 bos: bool = False) -> dict:
     """Sink mass / engagement on one prompt (as evaluated) plus its target answer as the response turn
     (padded as generate pads prompts)."""
-    ids = prompt_for(enc, sample, task, style, parts)
+    ids = prompt_for(enc, sample, task, style, parts, bos)
     answer = data.answer_ids(enc, sample["target"])
     n = len(ids) + len(answer)
-    idx, S = padded(ids + answer, device)
+    idx, S = padded([ids + answer], device)
     loss_mask = torch.zeros(1, S, dtype=torch.long, device=device)
     loss_mask[0, len(ids):n] = 1
     valid = (torch.arange(S, device=device) < n)[None]

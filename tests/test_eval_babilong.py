@@ -226,3 +226,52 @@ def test_a_length_without_samples_is_blank_not_zero(tmp_path, monkeypatch, capsy
     assert len(rows) == 6 and all(row[-1] == "-" for row in rows)          # accuracy, baseline, reading tables
     assert all(row[-2] != "-" for row in rows[:4])                         # 0k: accuracy and baseline exist
     assert len(json.loads((tmp_path / "eval" / "predictions.json").read_text())) == 2
+
+
+def test_decoding_batches_group_by_padded_size_within_the_budget(monkeypatch):
+    """Prompts of one padded size share batches of budget // size rows (the group's last one smaller); every
+    prompt is in exactly one batch; a prompt over the budget still gets a batch of its own."""
+    import generate
+    monkeypatch.setattr(generate, "PAD_TO", 64)
+    lengths = [10, 70, 20, 30, 65, 5, 64, 1, 300]            # padded: 64 128 64 64 128 64 64 64 320
+    assert ev.decoding_batches(lengths, 256) == [[0, 2, 3, 5], [6, 7], [1, 4], [8]]
+    assert ev.decoding_batches(lengths, 1) == [[i] for i in (0, 2, 3, 5, 6, 7, 1, 4, 8)]
+
+
+def test_batched_evaluate_gives_each_samples_own_record(monkeypatch):
+    """evaluate with many rows per batch (prompts of three padded sizes, in no order) gives the records, in the
+    samples' order, that it gives decoding one sample at a time; only the seconds differ."""
+    import random
+    import torch
+    import babilong
+    import books
+    import data
+    import generate
+    from conftest import tiny_config
+    from model import GPT
+    monkeypatch.setattr(generate, "PAD_TO", 32)              # these prompts (22 to 73 tokens) pad to 32, 64, 96
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=50304)).eval()
+    with torch.no_grad():                                    # sharp attention: each prompt's answer its own
+        for block in model.h:
+            block.attn.q_proj.weight.mul_(20)
+            block.attn.kv_proj.weight.mul_(20)
+    enc, hay = data.gpt2(), books.haystack("synthetic")
+    samples = babilong.make_samples(enc, random.Random(0), "qa1", "0k", 8, hay)
+    rows = []
+    generate_batch = ev.generate_batch
+    monkeypatch.setattr(ev, "generate_batch", lambda model, prompts, *a: rows.append(len(prompts))
+                        or generate_batch(model, prompts, *a))
+    runs = {}
+    for budget in (1, 10 ** 6):                              # one row per batch; one batch per padded size
+        monkeypatch.setattr(ev, "EVAL_TOKENS", budget)
+        ticks, rows[:] = [], []
+        runs[budget] = ev.evaluate(model, enc, samples, "qa1", "hybrid", "cpu", tick=lambda: ticks.append(1))
+        assert len(ticks) == len(samples) and all(r["seconds"] > 0 for r in runs[budget])
+        assert sorted(rows) == ([1] * 8 if budget == 1 else [1, 3, 4])
+    alone, batched = ([{k: v for k, v in r.items() if k != "seconds"} for r in runs[b]] for b in (1, 10 ** 6))
+    assert batched == alone
+    assert [(r["question"], r["target"]) for r in batched] == [(s["question"], s["target"]) for s in samples]
+    assert len({r["output"] for r in batched}) > 1                 # answers differ: an order mix-up would show
+    assert set(batched[0]) == {"question", "target", "output", "correct", "last_mentioned", "baseline_correct",
+                               "prompt_tokens"}
