@@ -187,13 +187,16 @@ def distinct_questions(rng: random.Random, task: str, stories: list[list[Turn]] 
 
 
 def training_source(source: str, seed: int, babi_dir: str | None, tasks: list[str]) -> tuple:
-    """What training samples are drawn from: a haystack, and (with babi_dir) real bAbI stories per split and
-    task: the train files for training, the test files for the held-out check (None: generated stories)."""
+    """What training samples are drawn from: the haystack's books per split (books.split: held-out rows read
+    books training never reads), and (with babi_dir) real bAbI stories per split and task: the train files for
+    training, the test files for the held-out check (None: generated stories)."""
+    library = books.haystack(source, seed)
+    hay = {part: books.split(library, part) for part in ("train", "eval")}
     if babi_dir is None:
-        return books.haystack(source, seed), None
+        return hay, None
     files = {"train": "train", "eval": "test"}          # the held-out check reads stories training never sees
     stories = {split: {t: read_babi(babi_file(babi_dir, t, f)) for t in tasks} for split, f in files.items()}
-    return books.haystack(source, seed), stories
+    return hay, stories
 
 
 def training_lengths(lengths: list[str], ctx: int, step: int | None = None, steps: int = 1) -> list[str]:

@@ -13,6 +13,9 @@ import babilong
 import data
 from model import target_positions
 
+TOKENS_PER_DOC = 64         # rows hold at most ctx / 64 samples by default: per-sample fast weights need a fixed
+                            # number of slots per row (compiled shapes never change); BABILong 0k samples
+                            # average ~140 tokens, so the cap seldom binds
 PREFETCH = 4                 # batches each loader worker builds ahead: absorbs a slow batch (a new book)
 
 
@@ -26,21 +29,31 @@ def data_source(args):
     return babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(","))
 
 
+def max_docs(args) -> int:
+    """Samples a row may hold: --max-docs, or ctx / TOKENS_PER_DOC by default."""
+    return args.max_docs or max(1, args.ctx // TOKENS_PER_DOC)
+
+
 def get_batch(args, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
     """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro).
     With FocuSFT's "context" inner loss, also that loss's targets ("context_targets", data.context_targets),
     so that their positions too are found on the host (to_device)."""
     rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
     tasks = args.tasks.split(",")
-    hay, stories = source[0], source[1][split] if source[1] else None
+    hay, stories = source[0][split], source[1][split] if source[1] else None
+    draw = lambda r, n: babilong.draw_haystack(enc, r, hay, n)                # noqa: E731
+    rows, pack = rows or args.batch_size, dict(max_docs=max_docs(args), bos=bool(args.bos))
     if args.data == "synthetic":
-        batch = data.pack_batch(enc, rng, lambda r, n: babilong.draw_haystack(enc, r, hay, n),
-                                rows or args.batch_size, args.ctx, tasks, args.min_len, args.max_len, args.objective)
+        batch = data.pack_batch(enc, rng, draw, rows, args.ctx, tasks, args.min_len, args.max_len, args.objective,
+                                **pack)
+    elif args.data == "books":
+        sample = lambda room: data.book_document(rng, draw, room, args.min_len, args.max_len)   # noqa: E731
+        batch = data.pack_rows(sample, rows, args.ctx, args.objective, **pack)
     else:
         lengths = lengths_at(args, args.steps if split == "eval" else step)
         def sample(room):                               # a BABILong sample that fits in `room` tokens
             return babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split)
-        batch = data.pack_rows(sample, rows or args.batch_size, args.ctx, args.objective)
+        batch = data.pack_rows(sample, rows, args.ctx, args.objective, **pack)
     if args.method == "focusft" and args.inner_loss == "context":
         batch["context_targets"] = data.context_targets(batch)
     return batch
@@ -73,16 +86,35 @@ def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLo
                                                                      # which --resume restores: not exact
 
 
-def to_device(batch: dict, device: str) -> dict:
-    """The batch on `device`, with "target_index": the flat positions that have a target (B * S indexing), and
-    "context_index" likewise for "context_targets" where the batch has them (get_batch). Found here on the
-    host so that no loss needs a nonzero() on the device, a host synchronisation that would stall the GPU in
-    every inner and outer loss. They describe these rows as they are: slice or join them afterwards and they
-    are wrong (build such a batch first, then call this). From pinned host memory (the loader pins its
-    batches; the indices are pinned here) a copy is queued behind the GPU's work, not waited for."""
+def sample_groups(document_ids: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample fast weights (fastweights.focusft_loss): `slots` groups per row, group b * slots + d for
+    sample d of row b, as ((B, S) group of each token, (B * slots,) where each group ends in the flattened
+    batch). A row's padding joins its last sample (it is neither seen nor a target); unused slots are empty."""
+    B, S = document_ids.shape
+    n_docs = document_ids.max(dim=1).values + 1                                             # (B,)
+    if int(n_docs.max()) > slots:
+        raise ValueError(f"a row holds {int(n_docs.max())} samples, more than its {slots} fast-weight slots")
+    last = (n_docs - 1).clamp(min=0)[:, None]                                               # (B, 1)
+    doc = torch.where(document_ids >= 0, document_ids, last)                                # (B, S)
+    rows = torch.arange(B)[:, None]                                                         # (B, 1)
+    sizes = torch.zeros(B, slots, dtype=torch.long).scatter_add_(1, doc, torch.ones_like(doc))   # (B, slots)
+    ends = rows * S + sizes.cumsum(dim=1)                                                   # (B, slots)
+    return rows * slots + doc, ends.flatten().to(torch.int32)
+
+
+def to_device(batch: dict, device: str, slots: int = 0) -> dict:
+    """The batch on `device`, with "target_index": the flat positions that have a target (B * S indexing),
+    "context_index" likewise for "context_targets" where the batch has them (get_batch), and with `slots`
+    "group_ids" and "group_ends" (sample_groups). Found here on the host so that no loss needs a nonzero() on
+    the device, a host synchronisation that would stall the GPU in every inner and outer loss. They describe
+    these rows as they are: slice or join them afterwards and they are wrong (build such a batch first, then
+    call this). From pinned host memory (the loader pins its batches; the indices are pinned here) a copy is
+    queued behind the GPU's work, not waited for."""
     pin = device.startswith("cuda")
-    indices = {"target_index": target_positions(batch["targets"])}
+    extra = {"target_index": target_positions(batch["targets"])}
     if "context_targets" in batch:
-        indices["context_index"] = target_positions(batch["context_targets"])
+        extra["context_index"] = target_positions(batch["context_targets"])
+    if slots:
+        extra["group_ids"], extra["group_ends"] = sample_groups(batch["document_ids"], slots)
     return {k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
-            for k, v in {**batch, **indices}.items()}
+            for k, v in {**batch, **extra}.items()}

@@ -9,6 +9,7 @@ by a module-level function bound with functools.partial, so a Library pickles in
 sentences are split by one regular expression that errs towards short fragments, which the sampler skips.
 """
 import functools
+import gzip
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ BOOK_SENTENCES = 5000  # sentences per synthetic book: ~100K tokens, about a nov
 PG19 = "deepmind/pg19"  # the hub name of PG19, the books BABILong's haystack comes from
 PG19_SPLIT = "test"  # split read by source "pg19"; "pg19:train" etc. chooses another
 PG19_BOOKS = 100  # books read from the PG19 stream (the whole test split)
+HELD_OUT = 10  # 1 in 10 books of a source (the last ones; at least one) is read by held-out rows only
 GUTENBERG_START, GUTENBERG_END = "*** START OF", "*** END OF"  # lines around a Gutenberg book's own text
 SENTENCE = re.compile(r"\S.*?[.!?]+[\"'’”)\]]*(?=\s|$)|\S.+$")  # see split_sentences
 
@@ -45,6 +47,19 @@ class Library:
 
     def __repr__(self) -> str:
         return f"Library({self.name!r}, {self.n_books} books)"
+
+
+def split(library: Library, part: str) -> Library:
+    """The books a split reads: "eval" the last len/HELD_OUT (at least one), "train" the others. A source of one
+    book cannot be split: both read it."""
+    n_eval = max(1, len(library) // HELD_OUT) if len(library) > 1 else 0
+    chosen = range(len(library) - n_eval, len(library)) if part == "eval" else range(len(library) - n_eval)
+    chosen = chosen or range(len(library))
+    return Library(f"{library.name}:{part}", len(chosen), functools.partial(_book_of, library, chosen))
+
+
+def _book_of(library: Library, chosen: range, i: int) -> list[str]:
+    return library[chosen[i]]
 
 
 def strip_gutenberg(text: str) -> str:
@@ -75,18 +90,21 @@ def _synthetic_book(seed: int, i: int) -> list[str]:
 
 
 def folder_books(folder: str | Path) -> Library:
-    """The .txt books of a folder (Project Gutenberg header and footer removed), in file-name order."""
+    """The .txt (or gzipped .txt.gz) books of a folder (Project Gutenberg header and footer removed), in
+    file-name order."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"haystack folder {folder} does not exist")
-    files = sorted(folder.glob("*.txt"))
+    files = sorted([*folder.glob("*.txt"), *folder.glob("*.txt.gz")])
     if not files:
-        raise ValueError(f"haystack folder {folder} holds no .txt books")
+        raise ValueError(f"haystack folder {folder} holds no .txt (or .txt.gz) books")
     return Library(str(folder), len(files), functools.partial(_file_book, files))
 
 
 def _file_book(files: list[Path], i: int) -> list[str]:
-    return split_sentences(strip_gutenberg(files[i].read_text(encoding="utf-8", errors="replace")))
+    raw = files[i].read_bytes()
+    raw = gzip.decompress(raw) if files[i].suffix == ".gz" else raw
+    return split_sentences(strip_gutenberg(raw.decode("utf-8", errors="replace")))
 
 
 def from_hub(what: str, read: Callable, hint: str = ""):
@@ -116,9 +134,10 @@ def _text_book(texts: list[str], i: int) -> list[str]:
 
 
 def haystack(source: str, seed: int = 0) -> Library:
-    """The haystack source named by `source`: "synthetic", "pg19" (or "pg19:SPLIT"), or a folder of .txt books."""
-    if source == "synthetic":
-        return synthetic_books(seed)
+    """The haystack source named by `source`: "synthetic" (or "synthetic:SEED", books of that seed whatever the
+    run's), "pg19" (or "pg19:SPLIT"), or a folder of .txt books."""
+    if source == "synthetic" or source.startswith("synthetic:"):
+        return synthetic_books(int(source.partition(":")[2] or seed))
     if source == "pg19" or source.startswith("pg19:"):
         return pg19_books(seed, source.partition(":")[2] or PG19_SPLIT)
     return folder_books(source)

@@ -19,6 +19,8 @@ from model import FLASH_INSTALL, FLEX_BACKENDS, PRESETS, flash_backend_available
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
 SCRATCH_INNER_LR = 0.03      # from scratch: 0.1 left the base weights behind SFT on BABILong rows (README)
 FINETUNE_LR = 1e-5           # AdamW's rate with --init: the authors' for fine-tuning a pretrained model
+LEGACY = {"workers": 0, "bos": 0, "max_docs": 1 << 30, "inner_per": "row"}   # runs recorded before these flags:
+                                                                             # no cap on samples per row
 RUN_ONLY = ("out", "resume", "stop_after", "workers", "flex_backend")   # this invocation's, not the recorded run's
 
 
@@ -31,9 +33,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n")[0])
     # --- data ---
     p.add_argument("--ctx", type=int, default=8192, help="tokens per training row")
-    p.add_argument("--data", choices=["babilong", "synthetic"], default="babilong",
+    p.add_argument("--data", choices=["babilong", "synthetic", "books"], default="babilong",
                    help="babilong: one-question samples built by BABILong's recipe (babilong.py), the format "
-                        "eval_babilong.py uses; synthetic: multi-turn stories (every question a response turn)")
+                        "eval_babilong.py uses; synthetic: multi-turn stories (every question a response turn); "
+                        "books: stretches of the haystack's books (with --objective lm: pretraining)")
     p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI tasks to draw samples from")
     p.add_argument("--lengths", default="0k,1k,2k,4k,8k",
                    help="--data babilong: sample lengths (Nk = N*1000 GPT-2 tokens); those longer than --ctx are "
@@ -45,8 +48,14 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="haystack text: synthetic, pg19 (online) or a folder of .txt books")
     p.add_argument("--babi-dir", default=None, help="--data babilong: real bAbI stories instead of the generator "
                                                     "(train files; the held-out check: test files)")
-    p.add_argument("--min-len", type=int, default=256, help="--data synthetic: shortest sample in a row (tokens)")
-    p.add_argument("--max-len", type=int, default=0, help="--data synthetic: longest sample (tokens); 0 = --ctx")
+    p.add_argument("--min-len", type=int, default=256,
+                   help="--data synthetic, books: shortest sample in a row (tokens)")
+    p.add_argument("--max-len", type=int, default=0,
+                   help="--data synthetic, books: longest sample (tokens); 0 = --ctx")
+    p.add_argument("--max-docs", type=int, default=0,
+                   help=f"most samples a row holds (the rest is padding); 0 = ctx / {batches.TOKENS_PER_DOC}")
+    p.add_argument("--bos", type=int, choices=[0, 1], default=0,
+                   help="1 = every sample opens with the same token (<|endoftext|>): a fixed attention sink")
     p.add_argument("--objective", choices=["sft", "lm"], default="sft",
                    help="sft: loss on answers; lm: next-token loss on every token, causal mask (pretraining)")
     # --- method ---
@@ -55,6 +64,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask", choices=["hybrid", "causal"], default=None,
                    help="override the method's mask (for the 2x2 ablation); default hybrid for focusft")
     p.add_argument("--inner-steps", type=int, default=2, help="inner SGD steps (0 = no inner loop)")
+    p.add_argument("--inner-per", choices=["sample", "row"], default="sample",
+                   help="sample: every packed sample adapts its own fast weights (the authors'); row: the samples "
+                        "of a row share one set (a different method)")
     p.add_argument("--inner-lr", type=float, default=None,
                    help=f"inner SGD learning rate; default 1.0 (the authors') with --init, {SCRATCH_INNER_LR} "
                         "from scratch")
@@ -134,7 +146,7 @@ def apply_defaults(args) -> list[str]:
         default("steps", 20, "about 6 minutes on 2 cores at --ctx 8192")
         default("lr", 3e-3, "a tiny model from scratch")
         default("curriculum", 0, "20 steps: every length from the start")
-    if args.data == "synthetic":
+    if args.data in ("synthetic", "books"):
         default("max_len", args.ctx, "samples up to a full row")
     if args.inner_lr is None:
         args.inner_lr = 1.0 if args.init else SCRATCH_INNER_LR
@@ -154,15 +166,18 @@ def check_args(args):
             for k in ("ctx", "steps", "batch_size", "grad_accum", "lr", "inner_rank", "inner_clip", "inner_alpha")
             if getattr(args, k) <= 0]
     bad += [f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})"
-            for k in ("workers", "stop_after", "inner_steps", "inner_lr", "weight_decay", "clip", "ckpt_every")
+            for k in ("workers", "stop_after", "inner_steps", "inner_lr", "weight_decay", "clip", "ckpt_every",
+                      "max_docs")
             if getattr(args, k) < 0]
     bad += [f"--warmup is a fraction of the steps, in [0, 1] (got {args.warmup})"
             if not 0 <= args.warmup <= 1 else None,
            "--inner-fraction must be in (0, 1]" if not 0 < args.inner_fraction <= 1 else None,
            f"--min-len ({args.min_len}) must be between {data.MIN_SAMPLE_TOKENS} (a turn of a story) and --ctx"
-           if args.data == "synthetic" and not data.MIN_SAMPLE_TOKENS <= args.min_len <= args.ctx else None,
+           if args.data != "babilong" and not data.MIN_SAMPLE_TOKENS <= args.min_len <= args.ctx else None,
            f"--max-len ({args.max_len}) must be between --min-len and --ctx"
-           if args.data == "synthetic" and not args.min_len <= args.max_len <= args.ctx else None,
+           if args.data != "babilong" and not args.min_len <= args.max_len <= args.ctx else None,
+           "--data books is plain text, with no answers: train it with --objective lm"
+           if args.data == "books" and args.objective != "lm" else None,
            "--babi-dir serves --data babilong (the multi-turn stories come from babi.py)"
            if args.babi_dir and args.data == "synthetic" else None,
            "--flex-backend flash serves --attn flex" if args.flex_backend == "flash" and args.attn != "flex" else None,
@@ -221,7 +236,7 @@ def from_command_line(argv=None) -> tuple[argparse.Namespace | None, int, dict |
             sys.exit(f"train.py: error: --resume continues the recorded run; drop --{given[0].replace('_', '-')}")
         ckpt = checkpoint.load(checkpoint.path(args.out))
         keep = {k: getattr(args, k) for k in RUN_ONLY if getattr(args, k) is not None}
-        args = argparse.Namespace(**{"workers": 0, **ckpt["config"]["args"], **keep})   # 0: runs before --workers
+        args = argparse.Namespace(**{**LEGACY, **ckpt["config"]["args"], **keep})
         start_step = ckpt["step"] + 1
         why = [f"resuming {checkpoint.path(args.out)} at step {start_step} with its recorded configuration"]
         if args.stop_after and args.stop_after <= start_step:

@@ -39,6 +39,8 @@ from model import IGNORE
 
 NEWLINE = 198  # GPT-2's "\n": ends every answer, so generation stops on it
 PAD_ID = 50256  # GPT-2's <|endoftext|>: pads rows; padding is never attended and never a target
+BOS_ID = PAD_ID  # --bos: the same token opens every document (GPT-2 separates documents with it); a fixed first
+                 # token gives attention an obvious sink (Gu et al. 2025). Padding is masked, so no clash
 GPT2_URLS = {  # where tiktoken's gpt2 constructor fetches its two files; the sha1 of a URL is its cache name
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
@@ -202,7 +204,8 @@ def build_sample(enc: tiktoken.Encoding, rng: random.Random, task: str, n_tokens
 
 
 def pack_batch(enc: tiktoken.Encoding, rng: random.Random, draw: Draw, batch_size: int, ctx: int,
-               tasks: list[str], min_len: int, max_len: int, objective: str = "sft") -> dict[str, torch.Tensor]:
+               tasks: list[str], min_len: int, max_len: int, objective: str = "sft", max_docs: int = 0,
+               bos: bool = False) -> dict[str, torch.Tensor]:
     """Rows of multi-turn samples (build_sample) of log-uniform length in [min_len, max_len]; see pack_rows.
     min_len >= MIN_SAMPLE_TOKENS holds a turn of almost every story; below that, qa3 and qa5 samples can fail."""
     if not 0 < min_len <= max_len:
@@ -213,12 +216,24 @@ def pack_batch(enc: tiktoken.Encoding, rng: random.Random, draw: Draw, batch_siz
             return None
         n = round(math.exp(rng.uniform(math.log(min_len), math.log(min(max_len, room)))))
         return build_sample(enc, rng, rng.choice(tasks), min(max(n, min_len), room), draw)
-    return pack_rows(sample, batch_size, ctx, objective)
+    return pack_rows(sample, batch_size, ctx, objective, max_docs, bos)
 
 
-def pack_rows(sample, batch_size: int, ctx: int, objective: str = "sft") -> dict[str, torch.Tensor]:
+def book_document(rng: random.Random, draw: Draw, room: int, min_len: int, max_len: int):
+    """--data books: (ids, loss_mask) of consecutive book text, log-uniform in [min_len, max_len] tokens (at most
+    `room`), all context (the lm objective predicts every next token); None when not even min_len fits."""
+    if room < min_len:
+        return None
+    n = round(math.exp(rng.uniform(math.log(min_len), math.log(min(max_len, room)))))
+    ids = [t for sentence in draw(rng, min(max(n, min_len), room)) for t in sentence]
+    return ids, [0] * len(ids)
+
+
+def pack_rows(sample, batch_size: int, ctx: int, objective: str = "sft", max_docs: int = 0,
+              bos: bool = False) -> dict[str, torch.Tensor]:
     """Fill batch_size rows of ctx tokens with sample(room) -> (ids, loss_mask) of at most `room` tokens,
-    until it returns None; the rest of the row is padding.
+    until it returns None or the row holds max_docs samples (0: no limit); the rest of the row is padding.
+    With `bos`, every sample opens with BOS_ID (a context token).
 
     Returns (B, ctx) tensors: idx, loss_mask, document_ids (0, 1, ... per row; -1 on padding),
     attention_mask (False on padding), pos (position within its document; 0 on padding) and targets
@@ -232,8 +247,8 @@ def pack_rows(sample, batch_size: int, ctx: int, objective: str = "sft") -> dict
     pos = torch.zeros((batch_size, ctx), dtype=torch.long)
     for b in range(batch_size):
         start, doc = 0, 0
-        while (s := sample(ctx - start)) is not None:
-            ids, mask = s
+        while (not max_docs or doc < max_docs) and (s := sample(ctx - start - bos)) is not None:
+            ids, mask = ([BOS_ID] + s[0], [0] + s[1]) if bos else s
             end = start + len(ids)
             idx[b, start:end], loss_mask[b, start:end] = torch.tensor(ids), torch.tensor(mask)
             document_ids[b, start:end], pos[b, start:end] = doc, torch.arange(len(ids))

@@ -281,7 +281,7 @@ def test_gutenberg_header_and_footer_stripped(tmp_path):
 def test_bad_haystack_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         books.haystack(str(tmp_path / "missing"), seed=0)
-    with pytest.raises(ValueError, match="no .txt books"):
+    with pytest.raises(ValueError, match="no .txt"):
         books.haystack(str(tmp_path), seed=0)
 
 
@@ -289,6 +289,25 @@ def test_synthetic_books_depend_on_seed():
     a, b = books.haystack("synthetic", seed=0), books.haystack("synthetic", seed=1)
     assert len(a) == books.SYNTHETIC_BOOKS and len(a[0]) == books.BOOK_SENTENCES
     assert a[0] == books.haystack("synthetic", seed=0)[0] and a[0] != a[1] and a[0] != b[0]
+    assert books.haystack("synthetic:1", seed=0)[0] == b[0]      # a seed in the name wins over the run's
+
+
+def test_gzipped_books_and_the_held_out_split(tmp_path):
+    """A folder may hold .txt.gz books (read as their .txt); books.split gives held-out rows the last tenth of
+    the books (at least one) and training the rest, never the same book to both."""
+    import gzip
+    for i in range(12):
+        text = f"Book {i} begins here and it goes on for a while. " * 3
+        if i % 2:
+            (tmp_path / f"b{i:02d}.txt.gz").write_bytes(gzip.compress(text.encode()))
+        else:
+            (tmp_path / f"b{i:02d}.txt").write_text(text)
+    library = books.haystack(str(tmp_path))
+    assert len(library) == 12 and library[1][0] == "Book 1 begins here and it goes on for a while."
+    train, held = books.split(library, "train"), books.split(library, "eval")
+    assert [b[0][:7] for b in held] == ["Book 11"] and len(train) == 11
+    assert {b[0] for b in train} | {b[0] for b in held} == {b[0] for b in library}
+    assert len(books.split(books.Library("one", 1, lambda i: ["x"]), "eval")) == 1   # one book: read by both
 
 
 @pytest.mark.skipif(not GUTENBERG.is_dir(), reason=f"no Gutenberg books at {GUTENBERG}")
