@@ -214,16 +214,33 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
 
-    def proj(self, name: str, x: Tensor, fast: dict[str, Tensor], scale: float) -> Tensor:
+    def proj(self, name: str, x: Tensor, fast: dict[str, Tensor], scale: float,
+             group_ends: Tensor | None = None) -> Tensor:
         out = getattr(self, name)(x)
         if name + ".A" in fast:
-            A, B = fast[name + ".A"].to(x.dtype), fast[name + ".B"].to(x.dtype)      # (B, r, in), (B, out, r)
-            out = out + scale * ((x @ A.mT) @ B.mT)                                      # (B, T, out)
+            A, B = fast[name + ".A"].to(x.dtype), fast[name + ".B"].to(x.dtype)      # (G, r, in), (G, out, r)
+            if group_ends is None:                                    # one pair per row: G = B
+                delta = (x @ A.mT) @ B.mT                                                # (B, T, out)
+            else:                                                     # one pair per group of consecutive tokens
+                flat = x.flatten(0, 1)                                                   # (B*T, in)
+                delta = grouped_mm(grouped_mm(flat, A.mT, group_ends), B.mT, group_ends).view(*x.shape[:2], -1)
+            out = out + scale * delta
         return out
 
-    def forward(self, x: Tensor, fast: dict[str, Tensor], scale: float) -> Tensor:
-        h = F.silu(self.proj("gate", x, fast, scale)) * self.proj("up", x, fast, scale)   # (B, T, hidden)
-        return self.proj("down", h, fast, scale)                                          # (B, T, C)
+    def forward(self, x: Tensor, fast: dict[str, Tensor], scale: float, group_ends: Tensor | None = None) -> Tensor:
+        h = F.silu(self.proj("gate", x, fast, scale, group_ends)) * self.proj("up", x, fast, scale, group_ends)
+        return self.proj("down", h, fast, scale, group_ends)                             # (B, T, C)
+
+
+def grouped_mm(x: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    """x (N, in) cut into G runs of consecutive rows, run g ending (exclusive) at ends[g]; w (G, in, out).
+    Returns (N, out): each row of x times its run's matrix. On a GPU in bf16 (or under a bf16 autocast, which
+    does not cover this op), one grouped GEMM (torch._grouped_mm: no launch per run, empty runs cost nothing);
+    elsewhere a loop over the runs."""
+    if x.is_cuda and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda")):
+        return torch._grouped_mm(x.bfloat16(), w.bfloat16(), offs=ends)
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()          # host values: a sync on a GPU
+    return torch.cat([run @ wg for run, wg in zip(x.split(sizes), w)])   # (N, out)
 
 
 class Block(nn.Module):
@@ -233,9 +250,17 @@ class Block(nn.Module):
         self.ln_2, self.mlp = RMSNorm(cfg.n_embd), MLP(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor | None,
-                fast: dict[str, Tensor], scale: float, cache: dict | None = None) -> Tensor:
+                fast: dict[str, Tensor], scale: float, cache: dict | None = None,
+                group_ends: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), rope, mask, cache)
-        return x + self.mlp(self.ln_2(x), fast, scale)
+        return x + self.mlp(self.ln_2(x), fast, scale, group_ends)
+
+
+def group_mean(values: Tensor, group: Tensor, n_groups: int) -> Tensor:
+    """Mean of values (N,) per group (N,) -> (n_groups,); 0 for a group without values. Counted with index_add
+    (bincount would wait for the device)."""
+    per = lambda v: torch.zeros(n_groups, device=values.device, dtype=v.dtype).index_add(0, group, v)  # noqa: E731
+    return per(values) / per(torch.ones_like(values)).clamp(min=1)
 
 
 def target_positions(targets: Tensor) -> Tensor:
@@ -268,20 +293,33 @@ class GPT(nn.Module):
         return rope_tables(pos, cfg.n_embd // cfg.n_head, cfg.rope_base)
 
     def blocks(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor | None, layers: range,
-               fast: dict[str, Tensor] | None = None, scale: float = 1.0, caches: list[dict] | None = None) -> Tensor:
-        """Run blocks `layers` on the residual stream x (B, S, C); fast weights apply where named. With
-        `caches` (one dict per layer) keys and values are kept for generation: mask None = see every key."""
+               fast: dict[str, Tensor] | None = None, scale: float = 1.0, caches: list[dict] | None = None,
+               group_ends: Tensor | None = None) -> Tensor:
+        """Run blocks `layers` on the residual stream x (B, S, C); fast weights apply where named, one pair per
+        row, or with `group_ends` (G,) one per group of consecutive tokens of the flattened batch (grouped_mm).
+        With `caches` (one dict per layer) keys and values are kept for generation: mask None = see every key."""
         fast = fast or {}
         for i in layers:
             prefix = f"h.{i}.mlp."
             mine = {k[len(prefix):]: v for k, v in fast.items() if k.startswith(prefix)}
-            x = self.h[i](x, rope, mask, mine, scale, caches[i] if caches else None)
+            x = self.h[i](x, rope, mask, mine, scale, caches[i] if caches else None, group_ends)
         return x
 
-    def loss(self, x: Tensor, targets: Tensor, per_row: bool = False, index: Tensor | None = None) -> Tensor:
-        """Mean cross-entropy at positions with a target, over the batch or (per_row) per row -> (B,).
-        Logits exist only at those positions, LOSS_CHUNK at a time. `index`: those positions, flat (N,), if
-        known (batches.to_device finds them on the host; nonzero() here waits for the GPU)."""
+    def loss(self, x: Tensor, targets: Tensor, per_row: bool = False, index: Tensor | None = None,
+             groups: tuple[Tensor, int] | None = None) -> Tensor:
+        """Mean cross-entropy at positions with a target: over the batch, per row (per_row) -> (B,), or per group
+        (groups = ((B, S) group of each position, G)) -> (G,). Logits exist only at those positions, LOSS_CHUNK at
+        a time. `index`: those positions, flat (N,), if known (batches.to_device finds them on the host;
+        nonzero() here waits for the GPU)."""
+        losses, sel = self.token_losses(x, targets, index)
+        if per_row:
+            return group_mean(losses, sel // targets.size(1), targets.size(0))
+        if groups is not None:
+            return group_mean(losses, groups[0].flatten().index_select(0, sel), groups[1])
+        return losses.sum() / max(len(sel), 1)
+
+    def token_losses(self, x: Tensor, targets: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Cross-entropy at each position with a target, (N,), and those flat positions (N,) (see loss)."""
         sel = target_positions(targets) if index is None else index                           # (N,)
         h, y = x.flatten(0, 1).index_select(0, sel), targets.flatten().index_select(0, sel)  # (N, C), (N,)
         # recompute each chunk's logits in backward; torch.func transforms refuse checkpoint's hooks
@@ -290,11 +328,7 @@ class GPT(nn.Module):
             checkpoint, self._chunk_loss, use_reentrant=False)
         losses = torch.cat([chunk_loss(hc, yc) for hc, yc in zip(h.split(LOSS_CHUNK), y.split(LOSS_CHUNK))]
                            or [h.new_zeros(0)])                                                # (N,)
-        if not per_row:
-            return losses.sum() / max(len(sel), 1)
-        row = sel // targets.size(1)                                                          # (N,)
-        per = lambda values: torch.zeros(targets.size(0), device=x.device).index_add(0, row, values)   # (B,)
-        return per(losses) / per(torch.ones_like(losses)).clamp(min=1)    # counted so (bincount syncs the host)
+        return losses, sel
 
     def _chunk_loss(self, h: Tensor, y: Tensor) -> Tensor:
         logits = self.lm_head(self.ln_f(h)).float()                                            # (n, vocab)

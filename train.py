@@ -68,29 +68,33 @@ def context_targets(batch) -> torch.Tensor:
     return batch["context_targets"] if "context_targets" in batch else data.context_targets(batch)
 
 
-def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of one micro-batch and the inner losses (empty without an inner loop)."""
+def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, dict | None]:
+    """Loss of one micro-batch, and the inner loop's record (fastweights.focusft_loss; None without one)."""
     B = batch["idx"].size(0)
     mask = build_mask(args, mask_mod_for(args.mask, batch), B)
-    index = batch.get("target_index")                  # from batches.to_device (None: found on the device)
     if args.method == "sft" or inner.steps == 0:
-        return model(batch["idx"], batch["pos"], mask, batch["targets"], index=index), torch.zeros(0, B)
-    inner_mask = inner_targets = inner_index = None
+        return model(batch["idx"], batch["pos"], mask, batch["targets"], index=batch.get("target_index")), None
+    inner_mask = None
     if inner.loss == "context":   # next-token prediction under a bidirectional mask would be copying: go causal
         inner_mask = build_mask(args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
-        inner_targets = context_targets(batch)
-        inner_index = batch.get("context_index")      # from batches.to_device, as target_index
-    return focusft_loss(model, batch["idx"], batch["pos"], mask, batch["targets"], inner, inner_mask, inner_targets,
-                        index, inner_index)
+        batch = {**batch, "context_targets": context_targets(batch)}
+    return focusft_loss(model, batch, mask, inner, inner_mask)
+
+
+def fast_weight_slots(args) -> int:
+    """Fast-weight groups per row that batches.to_device marks: one per sample (--inner-per sample), or none
+    (one per row) for --inner-per row and for runs without an inner loop."""
+    return batches.max_docs(args) if args.method == "focusft" and args.inner_per == "sample" else 0
 
 
 def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],
                autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward of one optimizer step over its micro-batches: of the mean loss over all their target tokens,
     each micro-batch's mean weighted by its share of the targets (a micro-batch of few answers counts as few).
-    Returns that loss () and the inner losses of each inner step (steps,), averaged over the rows that have
-    inner targets, weighted the same way: device tensors, read after the optimizer step so that nothing here
-    waits for the GPU."""
+    Returns that loss () and the inner loop's record (steps + 2,): the inner loss before each inner step and
+    after the last, then how far the fast weights moved, each averaged over the groups (samples or rows) that
+    have inner targets and weighted the same way; empty without an inner loop. Device tensors, read after the
+    optimizer step, so that nothing here waits for the GPU."""
     counts = [len(b["target_index"]) for b in micro_batches]   # found on the host (batches.to_device): no sync
     losses, inners = [], []
     for batch, count in zip(micro_batches, counts):
@@ -98,13 +102,13 @@ def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],
             continue
         weight = count / sum(counts)
         with autocast:
-            loss, inner_losses = train_loss(args, model, inner, batch)   # inner: (steps, rows)
+            loss, record = train_loss(args, model, inner, batch)
         (loss * weight).backward()
         losses.append(loss.detach().float() * weight)
-        if inner_losses.numel():                        # a row without inner targets (its loss: 0) is left out
-            targets = context_targets(batch) if args.inner_loss == "context" else batch["targets"]
-            has = (targets != IGNORE).any(dim=1).float()                                           # (rows,)
-            inners.append((inner_losses.detach().float() * has).sum(dim=1) / has.sum().clamp(min=1) * weight)
+        if record is not None:                          # a group without inner targets (loss 0) is left out
+            has = record["has"].float()                                                            # (G,)
+            values = torch.cat([record["losses"], record["after"][None], record["moved"][None]])   # (steps + 2, G)
+            inners.append((values.detach().float() * has).sum(dim=1) / has.sum().clamp(min=1) * weight)
     return sum(losses, torch.zeros(())), sum(inners) if inners else torch.zeros(0)
 
 
@@ -177,11 +181,13 @@ def log_step(args, log, step: dict, since: float) -> float:
     now = time.perf_counter()
     dt = now - since
     loss, il = step["loss"].item(), step["inner"].tolist()       # host copies, complete
-    inner_txt = f" | inner {il[0]:.3f}->{il[-1]:.3f}" if il else ""
+    inner, moved = il[:-1], il[-1:]                                 # (accumulate's record)
+    inner_txt = f" | inner {inner[0]:.3f}->{inner[-1]:.3f} (moved {moved[0]:.3g})" if il else ""
     print(f"{progress(step['step'] + 1, args.steps)} | loss {loss:.4f}{inner_txt} | lr {step['lr']:.2e} | "
           f"{step['tokens'] / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)
-    log.write(json.dumps({"step": step["step"], "loss": loss, "inner": il, "lr": step["lr"],
-                          "tok_s": step["tokens"] / dt, "ms": dt * 1000}) + "\n")
+    record = {"step": step["step"], "loss": loss, "inner": inner, "moved": moved[0] if il else None,
+              "lr": step["lr"], "tok_s": step["tokens"] / dt, "ms": dt * 1000}
+    log.write(json.dumps(record) + "\n")
     log.flush()
     return now
 
@@ -266,7 +272,7 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             host = [next(loader) for _ in range(args.grad_accum)]   # built ahead (in workers unless --workers 0)
-            micro_batches = [batches.to_device(b, args.device) for b in host]
+            micro_batches = [batches.to_device(b, args.device, fast_weight_slots(args)) for b in host]
             loss_sum, inner_sum = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
             launched = step_record(step, lr, loss_sum, inner_sum, sum(int(b["attention_mask"].sum()) for b in host))
             previous, pending = pending, launched

@@ -26,7 +26,7 @@ def test_adapted_layers_follow_the_authors_rule():
 def test_fresh_fast_weights_compute_the_base_model_exactly(tiny_model):
     b = random_batch()
     cfg = fw.InnerConfig(rank=4, alpha=8)
-    fast = fw.init_fast(tiny_model, cfg, rows=2)
+    fast = fw.init_fast(tiny_model, cfg, groups=2)
     assert set(fast) == {f"h.{i}.mlp.{p}.{m}" for i in (2, 3) for p in ("gate", "up", "down") for m in "AB"}
     assert fast["h.2.mlp.gate.A"].shape == (2, 4, 32) and fast["h.2.mlp.gate.B"].shape == (2, 64, 4)
     assert fast["h.3.mlp.down.A"].shape == (2, 4, 64) and fast["h.3.mlp.down.B"].shape == (2, 32, 4)
@@ -45,7 +45,7 @@ def test_each_row_has_its_own_fast_weights(tiny_model):
     """Changing row 1's fast weights changes row 1's loss and leaves row 0's bit for bit."""
     b, cfg = random_batch(), fw.InnerConfig(rank=4, alpha=8)
     mask = hybrid_dense(b)
-    fast = {k: v + 0.05 for k, v in fw.init_fast(tiny_model, cfg, rows=2).items()}
+    fast = {k: v + 0.05 for k, v in fw.init_fast(tiny_model, cfg, groups=2).items()}
     x = tiny_model.blocks(tiny_model.wte(b["idx"]), tiny_model.rope(b["pos"]), mask, range(4), fast, cfg.scale)
     before = tiny_model.loss(x, b["targets"], per_row=True)
     fast = {k: torch.stack([v[0], v[1] * 3]) for k, v in fast.items()}
@@ -111,7 +111,7 @@ def test_func_grad_and_autograd_grad_give_the_same_update(tiny_model):
     b, cfg = random_batch(), fw.InnerConfig(rank=4, alpha=8, steps=2)
     mask = hybrid_dense(b)
     torch.manual_seed(1)
-    fast = fw.init_fast(tiny_model, cfg, rows=2)
+    fast = fw.init_fast(tiny_model, cfg, groups=2)
     a, la = fw.adapt(model_inner_loss(tiny_model, b, mask, cfg), fast, cfg, fw.func_grad)
     c, lc = fw.adapt(model_inner_loss(tiny_model, b, mask, cfg), fast, cfg, fw.autograd_grad)
     for k in fast:
@@ -143,12 +143,13 @@ def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss
         inner_targets = context_targets(b)
 
     torch.manual_seed(5)
-    loss, inner_losses = fw.focusft_loss(tiny_model, b["idx"], b["pos"], mask, b["targets"], cfg,
-                                         inner_mask, inner_targets)
+    batch = b if inner_targets is None else {**b, "context_targets": inner_targets}
+    loss, record = fw.focusft_loss(tiny_model, batch, mask, cfg, inner_mask)
     grads = torch.autograd.grad(loss, list(tiny_model.parameters()))
 
     torch.manual_seed(5)
-    fast = fw.init_fast(tiny_model, cfg, rows=2)
+    fast = fw.init_fast(tiny_model, cfg, groups=2)
+    start = {k: v.clone() for k, v in fast.items()}
     naive_targets = b["targets"] if inner_targets is None else inner_targets
     naive_mask = mask if inner_mask is None else inner_mask
     for _ in range(cfg.steps):                                  # phi <- phi - lr * clip(grad), per row, first order
@@ -163,7 +164,12 @@ def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss
     torch.testing.assert_close(loss, naive)
     for got, want in zip(grads, torch.autograd.grad(naive, list(tiny_model.parameters()))):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
-    assert inner_losses.shape == (2, 2) and not torch.equal(loss, tiny_model(b["idx"], b["pos"], mask, b["targets"]))
+    assert record["losses"].shape == (2, 2) and not torch.equal(loss, tiny_model(b["idx"], b["pos"], mask, b["targets"]))
+    after = model_inner_loss(tiny_model, b, naive_mask, cfg, naive_targets)(fast)          # the record, by hand
+    moved = sum((fast[k] - start[k]).flatten(1).square().sum(1) for k in fast).sqrt()
+    torch.testing.assert_close(record["after"], after)
+    torch.testing.assert_close(record["moved"], moved)
+    assert record["has"].tolist() == [True, True] and (moved > 0).all()
 
 
 def test_frozen_makes_base_weights_constants_then_restores_them(tiny_model):
@@ -173,3 +179,79 @@ def test_frozen_makes_base_weights_constants_then_restores_them(tiny_model):
             assert not any(p.requires_grad for p in tiny_model.parameters())
             raise RuntimeError("inside")
     assert [n for n, p in tiny_model.named_parameters() if not p.requires_grad] == ["wte.weight"]  # tied
+
+
+def packed_batch(docs_per_row=((3, 30, 25), (40, 28)), S=100, vocab=128, seed=0):
+    """Rows packing several documents (lengths given), each a context turn then a response turn, padded."""
+    from model import IGNORE
+    g = torch.Generator().manual_seed(seed)
+    B = len(docs_per_row)
+    b = {"idx": torch.randint(0, vocab, (B, S), generator=g), "loss_mask": torch.zeros(B, S, dtype=torch.long),
+         "document_ids": torch.full((B, S), -1), "pos": torch.zeros(B, S, dtype=torch.long)}
+    for row, lengths in enumerate(docs_per_row):
+        start = 0
+        for d, n in enumerate(lengths):
+            b["document_ids"][row, start:start + n] = d
+            b["pos"][row, start:start + n] = torch.arange(n)
+            b["loss_mask"][row, start + n * 2 // 3:start + n] = 1
+            start += n
+    b["attention_mask"] = b["document_ids"] >= 0
+    same = (b["document_ids"][:, 1:] == b["document_ids"][:, :-1]) & (b["loss_mask"][:, 1:] == 1)
+    b["targets"] = torch.full_like(b["idx"], IGNORE)
+    b["targets"][:, :-1] = torch.where(same, b["idx"][:, 1:], IGNORE)
+    return b
+
+
+def test_sample_groups_give_each_sample_its_slot():
+    import batches
+    b = packed_batch()
+    ids, ends = batches.sample_groups(b["document_ids"], slots=4)
+    assert ends.tolist() == [3, 33, 100, 100, 140, 200, 200, 200]   # padding joins its row's last sample
+    assert ids[0, :3].eq(0).all() and ids[0, 3:33].eq(1).all() and ids[0, 33:].eq(2).all()
+    assert ids[1, :40].eq(4).all() and ids[1, 40:].eq(5).all()          # row 1: slots 4, 5 (6, 7 unused)
+    with pytest.raises(ValueError, match="more than its 2"):
+        batches.sample_groups(b["document_ids"], slots=2)
+
+
+@pytest.mark.parametrize("grad_fn_name", ["func_grad", "autograd_grad"])
+def test_per_sample_fast_weights_equal_a_loop_over_the_samples_one_at_a_time(tiny_model, monkeypatch, grad_fn_name):
+    """Packed rows, one set of fast weights per sample (grouped LoRA, the document mask keeping samples apart)
+    against each sample run alone in a batch of its own (one row, plain per-row LoRA), from the same starting
+    fast weights: the same inner losses, adapted weights, outer loss (the answer-weighted mean of the samples')
+    and base-weight gradients (the same weighted sum)."""
+    import batches
+    if grad_fn_name == "autograd_grad":               # the flex route's gradient function, here on SDPA
+        monkeypatch.setattr(fw, "func_grad", fw.autograd_grad)
+    cfg = fw.InnerConfig(rank=4, alpha=8, steps=2, lr=0.5)
+    b, slots = packed_batch(), 4
+    torch.manual_seed(3)
+    start = fw.init_fast(tiny_model, cfg, groups=2 * slots)
+    start = {k: v + 0.1 * torch.randn_like(v) if k.endswith(".B") else v for k, v in start.items()}   # B != 0
+    params = list(tiny_model.parameters())
+
+    def run(batch, phi):
+        monkeypatch.setattr(fw, "init_fast", lambda model, c, groups: {k: v.clone() for k, v in phi.items()})
+        B, S = batch["idx"].shape
+        loss, record = fw.focusft_loss(tiny_model, batch, hybrid_dense(batch), cfg)
+        return loss, record, torch.autograd.grad(loss, params)
+
+    loss, record, grads = run(batches.to_device(b, "cpu", slots), start)
+    want_loss, want_grads, n_total = 0.0, [torch.zeros_like(p) for p in params], int((b["targets"] != -100).sum())
+    for row in range(2):
+        for d in range(int(b["document_ids"][row].max()) + 1):
+            cut = (b["document_ids"][row] == d).nonzero()[:, 0]
+            alone = {k: v[row, cut][None] for k, v in b.items()}
+            alone["document_ids"] = torch.zeros_like(alone["document_ids"])
+            g = row * slots + d
+            l, r, gr = run(alone, {k: v[g:g + 1] for k, v in start.items()})
+            for key in ("losses", "after", "moved"):
+                torch.testing.assert_close(record[key][..., g], r[key][..., 0], atol=1e-5, rtol=1e-4)
+            n = int((alone["targets"] != -100).sum())
+            want_loss = want_loss + l * n / n_total
+            want_grads = [w + gi * n / n_total for w, gi in zip(want_grads, gr)]
+    torch.testing.assert_close(loss, want_loss)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    assert record["has"].tolist() == [True, True, True, False, True, True, False, False]
+    assert (record["moved"][record["has"]] > 0).all() and (record["moved"][~record["has"]] == 0).all()
+    assert (record["losses"][1] < record["losses"][0])[record["has"]].all()   # every sample adapted to itself

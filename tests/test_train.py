@@ -150,7 +150,7 @@ def test_ablation_flags_reach_the_step(tmp_path):
                            "--inner-steps", "3", "--out", str(out)])
         runs[inner_loss] = [r["inner"] for r in map(json.loads, open(out / "log.jsonl")) if "inner" in r]
         assert checkpoint.load(checkpoint.path(str(out)))["config"]["args"]["mask"] == "causal"
-    assert [len(i) for i in runs["context"]] == [3, 3]
+    assert [len(i) for i in runs["context"]] == [4, 4]              # before each inner step, and after
     assert runs["context"][0][0] != runs["response"][0][0]          # a different inner loss was optimised
 
 
@@ -305,8 +305,9 @@ def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_los
     def step(batch):
         torch.manual_seed(1)                                   # the same fresh fast weights
         model.zero_grad()
-        loss, inner_losses = train.train_loss(args, model, inner, batch)
+        loss, record = train.train_loss(args, model, inner, batch)
         loss.backward()
+        inner_losses = torch.zeros(0) if record is None else record["losses"]
         return loss, inner_losses, [p.grad.clone() for p in model.parameters()]
     want, got = step(plain), step(moved)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -366,22 +367,27 @@ def test_init_defaults_to_the_authors_fine_tuning_rates():
     assert config.FINETUNE_LR == 1e-5
 
 
-def test_the_logged_inner_loss_leaves_out_rows_without_targets():
-    """A row with no answer has an inner loss of 0 (nothing to adapt to); the step's logged inner loss is the
-    mean over the rows that have one, here row 0's alone."""
+@pytest.mark.parametrize("per", ["row", "sample"])
+def test_the_logged_inner_loss_leaves_out_rows_without_targets(per):
+    """A row with no answer has an inner loss of 0 (nothing to adapt to); the step's logged inner record is the
+    mean over the groups (rows, or samples) that have one, here row 0's alone."""
     import contextlib
     from conftest import random_batch, tiny_config
-    args = config.get_args(["--device", "cpu", "--model", "tiny", "--ctx", "90", "--inner-rank", "4"])
+    args = config.get_args(["--device", "cpu", "--model", "tiny", "--ctx", "90", "--inner-rank", "4",
+                            "--inner-per", per, "--max-docs", "2"])
     config.apply_defaults(args)
     args.method, args.mask = "focusft", "hybrid"
     torch.manual_seed(0)
     model, inner = GPT(tiny_config()), train.inner_config(args)
-    batch = random_batch(B=2, S=90, seed=5)
+    batch = random_batch(B=2, S=90, seed=5)                    # two samples a row
     batch["targets"][1] = -100
-    moved = batches.to_device(batch, "cpu")
+    moved = batches.to_device(batch, "cpu", train.fast_weight_slots(args))
     torch.manual_seed(1)                                        # the same fresh fast weights in both
     _, logged = train.accumulate(args, model, inner, [moved], contextlib.nullcontext())
     torch.manual_seed(1)
-    _, per_row = train.train_loss(args, model, inner, moved)   # (steps, rows)
-    assert (batch["targets"][0] != -100).any() and torch.equal(per_row[:, 1], torch.zeros(2))
-    torch.testing.assert_close(logged, per_row[:, 0].float())
+    _, record = train.train_loss(args, model, inner, moved)
+    values = torch.cat([record["losses"], record["after"][None], record["moved"][None]])   # (steps + 2, G)
+    used = [0] if per == "row" else [0, 1]                      # row 0, or row 0's two samples
+    assert values.size(1) == 2 * len(used) and record["has"].tolist() == [True] * len(used) + [False] * len(used)
+    assert (batch["targets"][0] != -100).any() and torch.equal(values[:2, len(used):], torch.zeros(2, len(used)))
+    torch.testing.assert_close(logged, values[:, used].mean(dim=1).float())
