@@ -1,0 +1,450 @@
+"""The study: do FocuSFT's claims hold at our scale? One command trains and evaluates every arm of the ablation.
+
+    python study.py --out runs/study --books DIR --test-books DIR --babi-dir ../shared/data/babi/en   # one GPU
+    python study.py --quick --out runs/quick                          # the whole pipeline on a CPU, tiny sizes
+
+FocuSFT (arXiv 2605.09932) claims that fine-tuning a pretrained model with its hybrid mask and inner loop moves
+attention off the sinks and onto the context, and that long-context accuracy rises. Its premise is a base model
+whose attention drains into sinks, so the study first makes one. Stages, each a folder of --out, skipped when
+it is there (run the command again to resume after a stop):
+
+  base      a causal LM pretrained on book text (train.py --objective lm --data books --bos 1), then briefly on
+            short BABILong samples as text (so that it knows the question format, as a pretrained model would);
+            sink mass, sink rate and engagement on held-out books are logged as it trains
+  sweep     the inner loop's learning rate, chosen on a validation split of the training distribution (held-out
+            questions in held-out books), never on the test data: short FocuSFT runs from the base
+  arms      from the base, the same data, seed and steps: SFT (causal), hybrid mask only, inner loop only,
+            FocuSFT, and SFT given FocuSFT's time (more steps); SFT and FocuSFT with --seeds seeds
+  eval      BABILong qa1-qa5 at 0k-32k (the bAbI test split in books no stage read), each model under its own
+            mask and the causal one; attention statistics at 4K and 16K
+  report    results.json, results.md (the tables) and PNG figures
+
+Ideas to hold: every training stage is a train.py command (recorded in results.json, runnable by hand), and
+evaluation reads only the test books and test stories; the arms differ only in their flags.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import babilong
+import checkpoint
+import data
+import eval_babilong
+from stats import attention_stats
+
+ROOT = Path(__file__).resolve().parent
+TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
+STATS_LENGTHS = ("4k", "16k")   # where each model's attention statistics are measured, as the paper's range
+
+
+@dataclass
+class Plan:
+    """Every size of the study. FULL is the documented run on one GPU; QUICK runs the pipeline on a CPU."""
+    model: str = "small"              # train.py --model preset
+    ctx: int = 8192                   # training row length: arms train at <= 8K, evaluation runs to 32K
+    batch: int = 8                    # rows per step
+    base_steps: int = 3000            # book-text pretraining steps
+    base_lr: float = 3e-3             # its peak AdamW rate
+    base_wd: float = 0.1              # its weight decay (Gu et al.: more decay, stronger sinks)
+    qa_steps: int = 300               # then next-token training on short BABILong samples (0k, 1k) as text
+    arm_steps: int = 1000             # fine-tuning steps of every arm
+    arm_lr: float = 3e-4              # their peak AdamW rate
+    train_lengths: str = "0k,1k,2k,4k,8k"
+    sweep_lrs: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)   # inner learning rates tried (2 inner steps, the authors')
+    sweep_steps: int = 250            # FocuSFT steps per sweep run
+    seeds: tuple = (1, 2)             # SFT and FocuSFT run with each; the other arms with the first
+    eval_lengths: tuple = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
+    eval_n: int = 40                  # samples per task and length
+    stats_n: int = 5                  # samples per length for the attention statistics (one per task)
+    stats_every: int = 100            # training-log statistics every N steps
+    extra: list = field(default_factory=list)   # more train.py flags for every run (e.g. --workers 0)
+
+
+FULL = Plan()
+QUICK = Plan(model="tiny", ctx=512, batch=2, base_steps=6, qa_steps=2, arm_steps=4, arm_lr=1e-3,
+             train_lengths="0k", sweep_lrs=(0.03, 1.0), sweep_steps=2, seeds=(1, 2), eval_lengths=("0k", "1k"),
+             eval_n=2, stats_n=2, stats_every=2, extra=["--device", "cpu", "--workers", "0"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running train.py
+
+def log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def train(name: str, out: Path, flags: list[str], clock: "Clock") -> dict:
+    """Run one train.py command into `out`, unless an earlier study finished it (a "done" file); a run that
+    was cut off after a checkpoint is resumed. Returns its command and what it cost."""
+    command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out)]
+    if not (out / "done").exists():
+        resume = (out / checkpoint.FILE).exists()
+        clock.say(f"{name}: python train.py {' '.join(command[2:])}" + (" (resuming)" if resume else ""))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(out.parent / f"{out.name}.out", "a") as log:
+            argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
+            if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                sys.exit(f"study.py: error: {name} failed; its output: {out.parent / f'{out.name}.out'}")
+        (out / "done").write_text(f"{time.perf_counter() - start:.1f}\n")   # wall seconds
+    clock.finished(name)
+    steps = [r for r in log_records(out) if "loss" in r]
+    return {"command": " ".join(["python", "train.py", *flags, "--out", str(out)]),
+            "wall_s": float((out / "done").read_text()), "steps": len(steps),
+            "median_ms": median([r["ms"] for r in steps[len(steps) // 10:]])}   # past compilation
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else math.nan
+
+
+class Clock:
+    """Progress lines with an estimate of the time left, from the units of work planned and done so far."""
+
+    def __init__(self, planned: int):
+        self.planned, self.done, self.start = planned, 0, time.perf_counter()
+
+    def say(self, text: str):
+        print(f"[study {(time.perf_counter() - self.start) / 60:5.1f} min] {text}", flush=True)
+
+    def finished(self, name: str):
+        self.done += 1
+        left = (time.perf_counter() - self.start) / self.done * (self.planned - self.done)
+        self.say(f"{name} done ({self.done}/{self.planned}); about {left / 60:.1f} min left")
+
+# ----------------------------------------------------------------------------------------------------------
+# the training stages
+
+def common(plan: Plan, args) -> list[str]:
+    """Flags every run shares: the model, the rows, the books, the start-of-document token."""
+    return ["--model", plan.model, "--ctx", str(plan.ctx), "--batch-size", str(plan.batch), "--haystack", args.books,
+            "--bos", "1", "--stats-every", str(plan.stats_every), *plan.extra]
+
+
+def stage_base(plan: Plan, args, out: Path, clock: Clock) -> dict:
+    """Book text first (sinks grow here), then short BABILong samples as plain text (the question format)."""
+    runs = {"books": train("base (book text)", out / "base_books", common(plan, args) + [
+        "--objective", "lm", "--data", "books", "--steps", str(plan.base_steps), "--lr", str(plan.base_lr),
+        "--weight-decay", str(plan.base_wd), "--seed", "0"], clock)}
+    final = out / "base_books"
+    if plan.qa_steps:
+        runs["qa"] = train("base (short QA as text)", out / "base", common(plan, args) + [
+            "--objective", "lm", "--data", "babilong", "--lengths", "0k,1k", "--steps", str(plan.qa_steps),
+            "--lr", str(plan.base_lr / 3), "--init", str(final / checkpoint.FILE), "--seed", "0"], clock)
+        final = out / "base"
+    runs["checkpoint"] = str(final / checkpoint.FILE)
+    runs["curve"] = [{k: r[k] for k in ("step", "sink_mass", "sink_rate", "engagement")}
+                     for r in log_records(out / "base_books") if "sink_mass" in r]
+    return runs
+
+
+def arm_flags(plan: Plan, args, base: str, seed: int, steps: int) -> list[str]:
+    return common(plan, args) + ["--init", base, "--data", "babilong", "--lengths", plan.train_lengths,
+                                 "--steps", str(steps), "--lr", str(plan.arm_lr), "--seed", str(seed)]
+
+
+def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock) -> dict:
+    """Short FocuSFT runs, one per inner lr. The answer accuracy of their last evaluation on the validation
+    split (train.py's held-out rows: held-out questions in held-out books) decides, then the lower base loss."""
+    runs = {}
+    for lr in plan.sweep_lrs:
+        run = out / f"lr{lr:g}"
+        runs[f"{lr:g}"] = r = train(f"sweep inner lr {lr:g}", run, arm_flags(
+            plan, args, base, plan.seeds[0], plan.sweep_steps) + ["--method", "focusft", "--inner-lr", str(lr)], clock)
+        records = log_records(run)
+        last = [x for x in records if "eval_acc" in x][-1]
+        tail = [x for x in records if x.get("inner")][-max(1, plan.sweep_steps // 5):]    # the last fifth
+        r.update(val_acc=last["eval_acc"], val_n=last["eval_n"], inner_before=mean(x["inner"][0] for x in tail),
+                 inner_after=mean(x["inner"][-1] for x in tail), moved=mean(x["moved"] for x in tail))
+    chosen = max(runs, key=lambda lr: (runs[lr]["val_acc"], -runs[lr]["inner_before"]))
+    return {"runs": runs, "chosen": float(chosen)}
+
+
+ARMS = {   # name: train.py flags (the method's defaults: focusft = hybrid mask + inner loop)
+    "sft": ["--method", "sft"],
+    "hybrid": ["--method", "sft", "--mask", "hybrid"],
+    "inner": ["--method", "focusft", "--mask", "causal"],
+    "focusft": ["--method", "focusft"],
+    "sft_time": ["--method", "sft"],                     # as many steps as FocuSFT's time per step allows
+}
+
+
+def stage_arms(plan: Plan, args, out: Path, base: str, inner_lr: float, clock: Clock) -> dict:
+    """Every arm from the base; SFT and FocuSFT with each seed. sft_time runs last: its steps are SFT's times
+    the measured ratio of FocuSFT's to SFT's median step time (first seed, each run alone on the machine)."""
+    runs = {}
+    for name in ("sft", "focusft", "hybrid", "inner"):
+        for seed in plan.seeds if name in ("sft", "focusft") else plan.seeds[:1]:
+            inner = ["--inner-lr", str(inner_lr)] if name in ("focusft", "inner") else []
+            runs[f"{name}/{seed}"] = train(f"arm {name} seed {seed}", out / f"{name}_s{seed}",
+                                           arm_flags(plan, args, base, seed, plan.arm_steps) + ARMS[name] + inner, clock)
+    seed = plan.seeds[0]
+    ratio = runs[f"focusft/{seed}"]["median_ms"] / runs[f"sft/{seed}"]["median_ms"]
+    steps = max(plan.arm_steps, round(plan.arm_steps * ratio))
+    runs[f"sft_time/{seed}"] = train("arm sft_time", out / f"sft_time_s{seed}",
+                                     arm_flags(plan, args, base, seed, steps) + ARMS["sft_time"], clock)
+    runs["time_ratio"] = ratio
+    return runs
+
+
+def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock) -> dict:
+    """Every model on the test set (the bAbI test split, or held-out generated questions, in the test books),
+    under its own mask and the causal one: per-sample records (for paired tests) and the attention statistics."""
+    test_dir = out / "test_data"
+    if not (test_dir / "done").exists():
+        eval_babilong.main(["--make-data", str(test_dir), "--lengths", ",".join(plan.eval_lengths), "--n",
+                            str(plan.eval_n), "--haystack", args.test_books, "--seed", "0"]
+                           + (["--babi-dir", args.babi_dir] if args.babi_dir else []))
+        (test_dir / "done").write_text("")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stats_at = [n for n in STATS_LENGTHS if n in plan.eval_lengths] or [plan.eval_lengths[-1]]
+    enc, results = data.gpt2(), {}
+    for name, ckpt in models.items():
+        file = out / "eval" / f"{name.replace('/', '_')}.json"
+        if not file.exists():
+            model, config = eval_babilong.load_model(ckpt, device)
+            bos, own = bool(config["args"].get("bos")), config["args"]["mask"]
+            result = {"mask": own, "records": {}, "stats": {}}
+            with eval_babilong.model_autocast(device, "bf16" if device == "cuda" else "fp32"):
+                for mask in dict.fromkeys([own, "causal"]):
+                    result["records"][mask] = [
+                        {"task": task, "length": length, "correct": r["correct"], "output": r["output"]}
+                        for length in plan.eval_lengths for task in TASKS
+                        for r in eval_babilong.evaluate(model, enc, babilong.read_hub(test_dir, task, length),
+                                                        task, mask, device, bos=bos)]
+                    result["stats"][mask] = {n: length_stats(plan, model, enc, test_dir, n, mask, device, bos)
+                                             for n in stats_at}
+            file.parent.mkdir(exist_ok=True)
+            write_json(file, result)
+            del model
+        results[name] = json.loads(file.read_text())
+        clock.finished(f"eval {name}")
+    return results
+
+
+def length_stats(plan: Plan, model, enc, test_dir: Path, length: str, mask: str, device, bos: bool) -> dict:
+    """Sink mass, sink rate and engagement, averaged over stats_n test samples of one length (tasks in turn)."""
+    rows = [eval_babilong.length_stats(model, enc, babilong.read_hub(test_dir, TASKS[i % 5], length)[i // 5],
+                                       TASKS[i % 5], mask, device, "trained", {}, bos=bos)
+            for i in range(plan.stats_n)]
+    return {k: mean(r[k] for r in rows) for k in rows[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# numbers
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def accuracy(records: list[dict], length: str | None = None, task: str | None = None) -> float:
+    return mean(float(r["correct"]) for r in records
+                if (length is None or r["length"] == length) and (task is None or r["task"] == task))
+
+
+def paired(a: list[dict], b: list[dict], lengths) -> dict:
+    """a minus b on the same test samples (of `lengths`): the accuracy difference, its standard error over the
+    samples, and the exact two-sided sign test (McNemar) on the samples only one of them gets right."""
+    pairs = [(x["correct"], y["correct"]) for x, y in zip(a, b) if x["length"] in lengths]
+    diffs = [float(x) - float(y) for x, y in pairs]
+    only_a, only_b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    d = mean(diffs)
+    se = math.sqrt(mean((x - d) ** 2 for x in diffs) / max(len(diffs) - 1, 1)) if diffs else math.nan
+    return {"diff": d, "se": se, "only_a": only_a, "only_b": only_b, "p": p, "n": len(diffs)}
+
+
+def write_json(path: Path, value):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    return {"gpu": gpu, "cpu": platform.machine(), "torch": torch.__version__, "commit": commit.strip() or None,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/study", help="folder of the study's stages and results")
+    p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: the pipeline, not the numbers")
+    p.add_argument("--books", default="synthetic:0",
+                   help="training text: a folder of .txt/.txt.gz books, pg19 (online) or synthetic:SEED")
+    p.add_argument("--test-books", default="synthetic:7",
+                   help="the test haystack, books no stage reads: a folder, or synthetic:SEED (other books)")
+    p.add_argument("--babi-dir", default=None, help="real bAbI files (their test split is the test set)")
+    args = p.parse_args(argv)
+    for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
+        if value.split(":")[0] not in ("synthetic", "pg19") and not Path(value).is_dir():
+            p.error(f"{flag}: no folder {value}")
+    if args.babi_dir and not Path(args.babi_dir).is_dir():
+        p.error(f"--babi-dir: no folder {args.babi_dir}")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    plan = QUICK if args.quick else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arms = 2 * len(plan.seeds) + 3
+    clock = Clock(1 + bool(plan.qa_steps) + len(plan.sweep_lrs) + arms + 1 + arms)   # train.py runs, evaluations
+    results = {"plan": asdict(plan), "args": vars(args), "machine": machine()}
+    results["base"] = stage_base(plan, args, out, clock)
+    base = results["base"]["checkpoint"]
+    results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
+    results["arms"] = stage_arms(plan, args, out / "arms", base, results["sweep"]["chosen"], clock)
+    models = {"base": base, **{name: str(out / "arms" / name.replace("/", "_s") / checkpoint.FILE)
+                               for name in results["arms"] if "/" in name}}
+    results["eval"] = stage_eval(plan, args, out, models, clock)
+    write_json(out / "results.json", results)
+    report(out, plan, results)
+    clock.say(f"wrote {out / 'results.json'}, {out / 'results.md'} and the figures")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the report: results.md and figures
+
+def report(out: Path, plan: Plan, res: dict):
+    ev, lengths, first = res["eval"], list(plan.eval_lengths), plan.seeds[0]
+    long = [n for n in ("16k", "32k") if n in lengths] or lengths[-1:]
+    lines = [f"# The FocuSFT study ({res['machine']['date']}, {res['machine']['gpu'] or 'CPU'}, commit "
+             f"{res['machine']['commit']}{', --quick' if res['args']['quick'] else ''})", ""]
+
+    def table(title, header, rows):
+        lines.extend([f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
+        lines.extend("| " + " | ".join(row) + " |" for row in rows)
+        lines.append("")
+    fmt = lambda x: "-" if x != x else f"{x:.2f}"                                           # noqa: E731
+    own = lambda name: ev[name]["records"][ev[name]["mask"]]                                # noqa: E731
+    for which in ("its own", "the causal"):
+        rows = []
+        for name in ev:
+            mask = ev[name]["mask"] if which == "its own" else "causal"
+            recs = ev[name]["records"][mask]
+            rows.append([name, mask, *[fmt(accuracy(recs, n)) for n in lengths],
+                         fmt(mean(accuracy(recs, n) for n in long))])
+        table(f"BABILong accuracy, mean over qa1-qa5, each model under {which} mask ({plan.eval_n} samples per "
+              f"task and length)", ["model", "mask", *lengths, "+".join(long)], rows)
+    comparisons = [(f"focusft/{s}", f"sft/{s}") for s in plan.seeds] + [(f"focusft/{first}", f"sft_time/{first}")]
+    table("Paired differences on the same test samples (own masks): A minus B ± its standard error over samples",
+          ["A - B", *lengths, "+".join(long)],
+          [[f"{a} - {b}", *[f"{d['diff']:+.2f} ± {d['se']:.2f}" for n in [*([x] for x in lengths), long]
+                            for d in [paired(own(a), own(b), n)]]] for a, b in comparisons])
+    table(f"Exact sign tests over {'+'.join(long)}: samples only A / only B gets right", ["A - B", "only A",
+                                                                                          "only B", "p"],
+          [[f"{a} - {b}", str(d["only_a"]), str(d["only_b"]), f"{d['p']:.3g}"]
+           for a, b in comparisons for d in [paired(own(a), own(b), long)]])
+    stats_at = list(ev["base"]["stats"][ev["base"]["mask"]])
+    table("Attention on test samples, own mask: sink mass / sink rate / engagement", ["model", *stats_at],
+          [[name, *[f"{s['sink_mass']:.3f} / {s['sink_rate']:.2f} / {s['engagement']:.3f}"
+                    for s in ev[name]["stats"][ev[name]["mask"]].values()]] for name in ev])
+    curves = training_curves(out, res)
+    table("During training: held-out rows of the training distribution, own mask (first -> last check); the inner "
+          "loop over the last fifth of the steps", ["run", "sink mass", "engagement", "inner loss before -> after",
+                                                    "fast weights moved"],
+          [[name, f"{c['sink'][0]:.3f} -> {c['sink'][-1]:.3f}",
+            f"{c['engagement'][0]:.3f} -> {c['engagement'][-1]:.3f}", c["inner"], c["moved"]]
+           for name, c in curves.items()])
+    table(f"Inner learning rate sweep ({plan.sweep_steps} FocuSFT steps each; validation: held-out questions in "
+          f"held-out books); chosen {res['sweep']['chosen']:g}", ["inner lr", "validation acc",
+                                                                 "inner loss before -> after", "moved"],
+          [[lr, f"{r['val_acc']:.3f} (n={r['val_n']})", f"{r['inner_before']:.3f} -> {r['inner_after']:.3f}",
+            f"{r['moved']:.3g}"] for lr, r in res["sweep"]["runs"].items()])
+    table("The base while it learns (held-out books)", ["step", "sink mass", "sink rate"],
+          [[str(r["step"]), f"{r['sink_mass']:.3f}", f"{r['sink_rate']:.2f}"] for r in res["base"]["curve"]])
+    runs = {**{f"base/{k}": v for k, v in res["base"].items() if isinstance(v, dict)},
+            **{f"sweep/{k}": v for k, v in res["sweep"]["runs"].items()},
+            **{k: v for k, v in res["arms"].items() if isinstance(v, dict)}}
+    table(f"Runs (FocuSFT / SFT median step time: {res['arms']['time_ratio']:.2f})",
+          ["run", "steps", "median ms", "wall s", "command"],
+          [[name, str(r["steps"]), f"{r['median_ms']:.0f}", f"{r['wall_s']:.0f}", f"`{r['command']}`"]
+           for name, r in runs.items()])
+    tmp = out / "results.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, out / "results.md")
+    figures(out, plan, res, curves, comparisons)
+
+
+def training_curves(out: Path, res: dict) -> dict:
+    """Per arm: its held-out checks (sink mass, engagement), step losses, and the inner loop's last fifth."""
+    curves = {}
+    for name in [k for k in res["arms"] if "/" in k]:
+        records = log_records(out / "arms" / name.replace("/", "_s"))
+        checks, steps = [r for r in records if "sink_mass" in r], [r for r in records if "loss" in r]
+        tail = [r for r in steps if r.get("inner")][-max(1, len(steps) // 5):]
+        curves[name] = {"step": [r["step"] for r in checks], "sink": [r["sink_mass"] for r in checks],
+                        "engagement": [r["engagement"] for r in checks], "loss": [r["loss"] for r in steps],
+                        "inner": f"{mean(r['inner'][0] for r in tail):.3f} -> {mean(r['inner'][-1] for r in tail):.3f}"
+                        if tail else "-", "moved": f"{mean(r['moved'] for r in tail):.3g}" if tail else "-"}
+    return curves
+
+
+def figures(out: Path, plan: Plan, res: dict, curves: dict, comparisons: list):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no matplotlib: figures skipped)")
+        return
+    ev, lengths = res["eval"], list(plan.eval_lengths)
+    fig, axes = plt.subplots(1, len(ev), figsize=(2.2 * len(ev), 3), squeeze=False)
+    for ax, (name, e) in zip(axes[0], ev.items()):
+        ax.imshow([[accuracy(e["records"][e["mask"]], n, t) for n in lengths] for t in TASKS], vmin=0, vmax=1,
+                  cmap="RdYlGn")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(range(len(lengths)), lengths, fontsize=6)
+        ax.set_yticks(range(len(TASKS)), TASKS, fontsize=6)
+    save(fig, out / "heatmaps.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for a, b in comparisons:
+        d = [paired(ev[a]["records"][ev[a]["mask"]], ev[b]["records"][ev[b]["mask"]], [n]) for n in lengths]
+        ax.errorbar(range(len(lengths)), [x["diff"] for x in d], yerr=[x["se"] for x in d], capsize=3, marker="o",
+                    label=f"{a} - {b}")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(lengths)), lengths)
+    ax.set_ylabel("accuracy difference (± s.e.)")
+    ax.legend(fontsize=7)
+    save(fig, out / "focusft_minus_sft.png")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for name, c in curves.items():
+        axes[0].plot(c["loss"], lw=0.8, label=name)
+        axes[1].plot(c["step"], c["sink"], marker=".", label=name)
+        axes[2].plot(c["step"], c["engagement"], marker=".", label=name)
+    for ax, title in zip(axes, ("training loss", "sink mass (held-out rows)", "engagement (held-out rows)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=6)
+    save(fig, out / "training.png")
+
+
+def save(fig, path: Path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".tmp.png"))
+    os.replace(path.with_suffix(".tmp.png"), path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

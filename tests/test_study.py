@@ -1,0 +1,84 @@
+"""study.py --quick: the whole study pipeline on the CPU with tiny sizes (the pipeline, not the numbers).
+
+Run: python -m pytest -q tests/test_study.py
+"""
+import json
+
+import pytest
+
+import study
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    study.main(["--quick", "--out", str(out)])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_stage_writes_its_files(quick):
+    out, res = quick
+    for name in ("results.json", "results.md", "heatmaps.png", "focusft_minus_sft.png", "training.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.rglob("*.tmp*"))                        # every file written whole
+
+
+def test_every_arm_trained_from_the_base_for_its_steps(quick):
+    out, res = quick
+    plan = study.QUICK
+    arms = {k: v for k, v in res["arms"].items() if "/" in k}
+    assert sorted(arms) == sorted([f"{a}/{s}" for a in ("sft", "focusft") for s in plan.seeds]
+                                  + [f"{a}/{plan.seeds[0]}" for a in ("hybrid", "inner", "sft_time")])
+    for name, run in arms.items():
+        records = study.log_records(out / "arms" / name.replace("/", "_s"))
+        config = records[0]["config"]["args"]
+        assert config["init"] == res["base"]["checkpoint"] and config["bos"] == 1
+        assert run["steps"] == config["steps"] >= plan.arm_steps
+        assert (config["method"], config["mask"]) == {"sft": ("sft", "causal"), "hybrid": ("sft", "hybrid"),
+                                                      "inner": ("focusft", "causal"), "focusft": ("focusft", "hybrid"),
+                                                      "sft_time": ("sft", "causal")}[name.split("/")[0]]
+        if config["method"] == "focusft":                       # the sweep's inner lr, and the loop acted
+            assert config["inner_lr"] == res["sweep"]["chosen"] and config["inner_per"] == "sample"
+            assert all(r["moved"] > 0 for r in records if "moved" in r)
+    assert arms[f"sft_time/{plan.seeds[0]}"]["steps"] == round(plan.arm_steps * res["arms"]["time_ratio"])
+    assert res["sweep"]["chosen"] in plan.sweep_lrs and len(res["sweep"]["runs"]) == len(plan.sweep_lrs)
+
+
+def test_every_model_is_evaluated_on_every_cell_and_the_tables_have_their_shape(quick):
+    out, res = quick
+    plan = study.QUICK
+    assert list(res["eval"]) == ["base", *[k for k in res["arms"] if "/" in k]]
+    for name, e in res["eval"].items():
+        assert set(e["records"]) == {e["mask"], "causal"}
+        for records in e["records"].values():
+            cells = [(r["task"], r["length"]) for r in records]
+            assert sorted(cells) == sorted((t, n) for t in study.TASKS for n in plan.eval_lengths
+                                           for _ in range(plan.eval_n))
+    text = (out / "results.md").read_text()
+    own = text.split("## ")[1].strip().splitlines()             # the first table: one row per model
+    rows = [line for line in own if line.startswith("| ") and not line.startswith("| model")]
+    assert len(rows) == len(res["eval"]) and all(r.count("|") == 3 + len(plan.eval_lengths) + 1 for r in rows)
+
+
+def test_a_second_run_skips_every_finished_stage(quick, capsys):
+    out, res = quick
+    before = (out / "arms" / "sft_s1" / "log.jsonl").read_text()
+    study.main(["--quick", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert "python train.py" not in said and "done (19/19)" in said
+    assert (out / "arms" / "sft_s1" / "log.jsonl").read_text() == before
+
+
+def test_paired_differences_and_the_sign_test_by_hand():
+    a = [{"length": "1k", "correct": c} for c in (1, 1, 1, 0, 1, 0)]
+    b = [{"length": "1k", "correct": c} for c in (0, 0, 1, 0, 1, 1)]
+    d = study.paired(a, b, ["1k"])
+    assert (d["only_a"], d["only_b"], d["n"]) == (2, 1, 6) and d["diff"] == pytest.approx(1 / 6)
+    assert d["p"] == pytest.approx(1.0)                          # 2 * P(X <= 1 | n=3) = 2 * 4/8, capped at 1
+    many = study.paired([{"length": "1k", "correct": 1}] * 10, [{"length": "1k", "correct": 0}] * 10, ["1k"])
+    assert many["p"] == pytest.approx(2 / 2 ** 10) and many["se"] == 0
+
+
+def test_bad_folders_are_one_line(tmp_path):
+    with pytest.raises(SystemExit):
+        study.get_args(["--books", str(tmp_path / "missing")])
