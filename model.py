@@ -234,10 +234,11 @@ class MLP(nn.Module):
 
 def grouped_mm(x: Tensor, w: Tensor, ends: Tensor) -> Tensor:
     """x (N, in) cut into G runs of consecutive rows, run g ending (exclusive) at ends[g]; w (G, in, out).
-    Returns (N, out): each row of x times its run's matrix. On a GPU in bf16 (or under a bf16 autocast, which
-    does not cover this op), one grouped GEMM (torch._grouped_mm: no launch per run, empty runs cost nothing);
-    elsewhere a loop over the runs."""
-    if x.is_cuda and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda")):
+    Returns (N, out): each row of x times its run's matrix. On an H100-class GPU in bf16 (or under a bf16
+    autocast, which does not cover this op), one grouped GEMM (torch._grouped_mm: no launch per run, empty runs
+    cost nothing); elsewhere a loop over the runs."""
+    if x.is_cuda and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda")) and \
+            torch.cuda.get_device_capability(x.device)[0] >= 9:              # the kernel is Hopper's or newer
         return torch._grouped_mm(x.bfloat16(), w.bfloat16(), offs=ends)
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()          # host values: a sync on a GPU
     return torch.cat([run @ wg for run, wg in zip(x.split(sizes), w)])   # (N, out)
