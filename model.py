@@ -218,11 +218,14 @@ class MLP(nn.Module):
              group_ends: Tensor | None = None) -> Tensor:
         out = getattr(self, name)(x)
         if name + ".A" in fast:
-            A, B = fast[name + ".A"].to(x.dtype), fast[name + ".B"].to(x.dtype)      # (G, r, in), (G, out, r)
             if group_ends is None:                                    # one pair per row: G = B
+                A, B = fast[name + ".A"].to(x.dtype), fast[name + ".B"].to(x.dtype)  # (B, r, in), (B, out, r)
                 delta = (x @ A.mT) @ B.mT                                                # (B, T, out)
-            else:                                                     # one pair per group of consecutive tokens
-                flat = x.flatten(0, 1)                                                   # (B*T, in)
+            else:                         # one pair per group of consecutive tokens; autocast does not cover
+                dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") \
+                    else x.dtype          # grouped_mm: cast here, before the transposes (the kernel's layout)
+                A, B = fast[name + ".A"].to(dtype), fast[name + ".B"].to(dtype)      # (G, r, in), (G, out, r)
+                flat = x.flatten(0, 1).to(dtype)                                         # (B*T, in)
                 delta = grouped_mm(grouped_mm(flat, A.mT, group_ends), B.mT, group_ends).view(*x.shape[:2], -1)
             out = out + scale * delta
         return out
@@ -234,12 +237,11 @@ class MLP(nn.Module):
 
 def grouped_mm(x: Tensor, w: Tensor, ends: Tensor) -> Tensor:
     """x (N, in) cut into G runs of consecutive rows, run g ending (exclusive) at ends[g]; w (G, in, out).
-    Returns (N, out): each row of x times its run's matrix. On an H100-class GPU in bf16 (or under a bf16
-    autocast, which does not cover this op), one grouped GEMM (torch._grouped_mm: no launch per run, empty runs
-    cost nothing); elsewhere a loop over the runs."""
-    if x.is_cuda and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda")) and \
-            torch.cuda.get_device_capability(x.device)[0] >= 9:              # the kernel is Hopper's or newer
-        return torch._grouped_mm(x.bfloat16(), w.bfloat16(), offs=ends)
+    Returns (N, out): each row of x times its run's matrix. On an H100-class GPU in bf16, one grouped GEMM
+    (torch._grouped_mm: no launch per run, empty runs cost nothing; w as a transposed view, K contiguous);
+    elsewhere a loop over the runs."""
+    if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9:
+        return torch._grouped_mm(x, w, offs=ends)
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()          # host values: a sync on a GPU
     return torch.cat([run @ wg for run, wg in zip(x.split(sizes), w)])   # (N, out)
 

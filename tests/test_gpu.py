@@ -207,17 +207,17 @@ def test_grouped_mm_on_the_gpu_matches_a_loop_over_the_groups():
     from model import grouped_mm
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1000, 128, device="cuda", generator=g)
-    w = torch.randn(6, 128, 32, device="cuda", generator=g) / 11
+    w = torch.randn(6, 32, 128, device="cuda", generator=g) / 11      # (G, out, in), as a LoRA factor is kept
     ends = torch.tensor([300, 300, 710, 710, 990, 1000], device="cuda", dtype=torch.int32)
     up = torch.randn(1000, 32, device="cuda", generator=g)
     results = []
     for dtype in (torch.bfloat16, torch.float32):                  # the grouped kernel, then the loop (fp32)
         xd, wd = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
-        out = grouped_mm(xd, wd, ends)
+        out = grouped_mm(xd, wd.mT, ends)                          # as MLP.proj calls it
         results.append((out, *torch.autograd.grad((out.float() * up).sum(), [xd, wd])))
     for got, want in zip(*results):
         assert rel_err(got, want) < 1e-2
-    assert rel_err(results[0][0][300:710], x[300:710] @ w[2]) < 1e-2   # the loop itself, by hand
+    assert rel_err(results[0][0][300:710], x[300:710] @ w[2].T) < 1e-2   # the loop itself, by hand
 
 
 def test_compiled_per_sample_focusft_step_in_bf16_matches_sdpa_fp32():
