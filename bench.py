@@ -84,10 +84,12 @@ def preset_model(name: str, seed: int) -> GPT:
 
 
 def section_batches(model: str, ctx: int, steps: range, tokens: int, device: str) -> list[dict]:
-    """train.py's batches of these steps, the same for every model and method (the data depend on neither)."""
+    """train.py's batches of these steps, the same for every model and method (the data depend on neither),
+    with each sample's fast-weight slot marked: FocuSFT's rows time per-sample fast weights, train.py's default."""
     args = make_args(model, "sft", "causal", ctx, steps.stop, tokens, device)
     source = batches.data_source(args)
-    return [batches.to_device(batches.get_batch(args, data.gpt2(), source, step, 0), device) for step in steps]
+    return [batches.to_device(batches.get_batch(args, data.gpt2(), source, step, 0), device, batches.max_docs(args))
+            for step in steps]
 
 
 def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile: bool,
