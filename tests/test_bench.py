@@ -108,7 +108,7 @@ def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
         return {"ms": ms, "ms_alone": ms + 1,
                 "work": {"causal": 4.0, "hybrid": 5.0}[args.mask] * (2 if args.method == "focusft" else 1)}
     monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)   # it would refuse --device cuda here
-    monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
+    monkeypatch.setattr(batches, "to_device", lambda batch, device, slots=0: batch)
     monkeypatch.setattr(bench, "time_steps", fake_time)
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     rows = bench.bench_training([1024], ["tiny", "small"], 1, 1, 2048, False)
@@ -145,7 +145,7 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
         ms = slow * (3.0 if args.method == "focusft" else 1.0)
         return {"ms": ms, "ms_alone": ms, "work": 1.0}
     monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)
-    monkeypatch.setattr(batches, "to_device", lambda batch, device: batch)
+    monkeypatch.setattr(batches, "to_device", lambda batch, device, slots=0: batch)
     monkeypatch.setattr(bench, "time_steps", fake_time)
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     rows = bench.bench_training([1024], ["tiny"], 1, 1, 1024, False, ("default", "fwd-64x128"))
