@@ -210,7 +210,7 @@ def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock
                             str(plan.eval_n), "--haystack", args.test_books, "--seed", "0"]
                            + (["--babi-dir", args.babi_dir] if args.babi_dir else []))
         (test_dir / "done").write_text("")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"    # (--quick trains on the CPU)
     torch._dynamo.config.cache_size_limit = 64      # compiled flex: one graph per (rows, padded length, mask)
     stats_at = [n for n in STATS_LENGTHS if n in plan.eval_lengths] or [plan.eval_lengths[-1]]
     enc, results = data.gpt2(), {}
