@@ -308,15 +308,13 @@ class GPT(nn.Module):
             x = self.h[i](x, rope, mask, mine, scale, caches[i] if caches else None, group_ends)
         return x
 
-    def loss(self, x: Tensor, targets: Tensor, per_row: bool = False, index: Tensor | None = None,
+    def loss(self, x: Tensor, targets: Tensor, index: Tensor | None = None,
              groups: tuple[Tensor, int] | None = None) -> Tensor:
-        """Mean cross-entropy at positions with a target: over the batch, per row (per_row) -> (B,), or per group
-        (groups = ((B, S) group of each position, G)) -> (G,). Logits exist only at those positions, LOSS_CHUNK at
-        a time. `index`: those positions, flat (N,), if known (batches.to_device finds them on the host;
-        nonzero() here waits for the GPU)."""
+        """Mean cross-entropy at positions with a target: over the batch, or per group (groups = ((B, S) group of
+        each position, G)) -> (G,). Logits exist only at those positions, LOSS_CHUNK at a time. `index`: those
+        positions, flat (N,), if known (batches.to_device finds them on the host; nonzero() here waits for the
+        GPU)."""
         losses, sel = self.token_losses(x, targets, index)
-        if per_row:
-            return group_mean(losses, sel // targets.size(1), targets.size(0))
         if groups is not None:
             return group_mean(losses, groups[0].flatten().index_select(0, sel), groups[1])
         return losses.sum() / max(len(sel), 1)

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import random
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ import babilong
 import checkpoint
 import data
 import eval_babilong
-from stats import attention_stats
+from model import autocast
 
 ROOT = Path(__file__).resolve().parent
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -220,7 +219,7 @@ def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock
             model, config = eval_babilong.load_model(ckpt, device)
             bos, own = bool(config["args"].get("bos")), config["args"]["mask"]
             result = {"mask": own, "records": {}, "stats": {}}
-            with eval_babilong.model_autocast(device, "bf16" if device == "cuda" else "fp32"):
+            with autocast(device, "bf16" if device == "cuda" else "fp32"):
                 for mask in dict.fromkeys([own, "causal"]):
                     result["records"][mask] = [
                         {"task": task, "length": length, "correct": r["correct"], "output": r["output"]}

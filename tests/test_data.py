@@ -224,3 +224,31 @@ def test_pack_batch_pads_a_short_tail_and_is_deterministic(enc, draw):
 def test_pack_batch_refuses_an_unknown_objective(enc, draw):
     with pytest.raises(ValueError, match="objective"):
         data.pack_batch(enc, random.Random(0), draw, 1, 256, ["qa1"], 64, 128, objective="dpo")
+
+
+def test_bos_opens_every_sample_and_max_docs_caps_a_row(enc, draw):
+    """--bos 1: each packed sample starts with BOS_ID, a context token at position 0 that nothing before it
+    predicts; --max-docs: a row stops taking samples at the cap (the rest padding)."""
+    plain = data.pack_batch(enc, random.Random(0), draw, 2, 1200, ["qa1"], 128, 200)
+    bos = data.pack_batch(enc, random.Random(0), draw, 2, 1200, ["qa1"], 128, 200, bos=True)
+    starts = (bos["pos"] == 0) & bos["attention_mask"]
+    assert starts.sum() > 4 and (bos["idx"][starts] == data.BOS_ID).all() and (bos["loss_mask"][starts] == 0).all()
+    assert (bos["idx"][bos["attention_mask"] & ~starts] != data.BOS_ID).all()           # nowhere else
+    first = plain["idx"][0, :plain["pos"][0].tolist().index(0, 1)]                      # plain row 0's sample 0
+    assert torch.equal(bos["idx"][0, 1:1 + len(first)], first)                          # the same text after it
+    assert (bos["targets"][starts] == -100).all()                       # sft: BOS is followed by context, no target
+    capped = data.pack_batch(enc, random.Random(0), draw, 2, 1200, ["qa1"], 128, 200, max_docs=2)
+    assert (capped["document_ids"].max(dim=1).values == 1).all()
+    assert (plain["document_ids"].max(dim=1).values > 1).all()                          # the cap bound here
+
+
+def test_book_documents_are_consecutive_book_text_with_every_token_a_target(enc, draw):
+    """--data books: each sample is a stretch of haystack text (no answers), packed; the lm objective predicts
+    every next token inside a document."""
+    batch = data.pack_rows(lambda room: data.book_document(random.Random(room), draw, room, 128, 600), 2, 2000,
+                           "lm", bos=True)
+    lengths = [int((batch["document_ids"][0] == d).sum()) for d in range(int(batch["document_ids"][0].max()) + 1)]
+    assert all(129 <= n <= 601 for n in lengths) and (batch["loss_mask"] == 0).all()
+    inside = (batch["document_ids"][:, 1:] == batch["document_ids"][:, :-1]) & (batch["document_ids"][:, 1:] >= 0)
+    assert torch.equal(batch["targets"][:, :-1] != -100, inside)
+    assert data.book_document(random.Random(0), draw, 100, 128, 600) is None           # less room than min_len

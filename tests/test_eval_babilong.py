@@ -275,3 +275,22 @@ def test_batched_evaluate_gives_each_samples_own_record(monkeypatch):
     assert len({r["output"] for r in batched}) > 1                 # answers differ: an order mix-up would show
     assert set(batched[0]) == {"question", "target", "output", "correct", "last_mentioned", "baseline_correct",
                                "prompt_tokens"}
+
+
+def test_a_model_trained_with_bos_is_prompted_with_it(tmp_path, monkeypatch):
+    """A checkpoint whose run had --bos 1 is evaluated on prompts that open with BOS_ID, as its samples did;
+    without it, the prompt is the training format alone."""
+    import data
+    enc, sample = data.gpt2(), {"input": "Mary went to the kitchen.", "question": "Where is Mary? ", "target": "kitchen"}
+    plain = ev.prompt_for(enc, sample, "qa1", "trained", {})
+    assert ev.prompt_for(enc, sample, "qa1", "trained", {}, bos=True) == [data.BOS_ID] + plain
+    assert plain == data.prompt_ids(enc, sample["input"], sample["question"]) and data.BOS_ID not in plain
+    seen = []
+    monkeypatch.setattr(ev, "generate_batch", lambda model, prompts, *a: seen.extend(prompts) or [[]] * len(prompts))
+    monkeypatch.setattr(ev, "load_model", lambda path, device: (None, {"args": {"mask": "causal", "bos": 1}}))
+    monkeypatch.setattr(ev, "length_stats", lambda *a: {"sink_mass": 0, "sink_rate": 0, "engagement": 0})
+    ev.main(["--make-data", str(tmp_path / "d"), "--tasks", "qa1", "--lengths", "0k", "--n", "2"])
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    ev.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "d"), "--tasks", "qa1", "--lengths", "0k",
+             "--n", "2", "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert len(seen) == 2 and all(p[0] == data.BOS_ID for p in seen)

@@ -12,6 +12,12 @@ import masks
 from conftest import random_batch
 
 
+def rows(targets):
+    """Each position's group is its row: model.loss's per-row means, (B,)."""
+    B, S = targets.shape
+    return torch.arange(B)[:, None].expand(B, S), B
+
+
 def hybrid_dense(b):
     B, S = b["idx"].shape
     return masks.dense_mask(masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]), B, S, "cpu")
@@ -47,10 +53,10 @@ def test_each_row_has_its_own_fast_weights(tiny_model):
     mask = hybrid_dense(b)
     fast = {k: v + 0.05 for k, v in fw.init_fast(tiny_model, cfg, groups=2).items()}
     x = tiny_model.blocks(tiny_model.wte(b["idx"]), tiny_model.rope(b["pos"]), mask, range(4), fast, cfg.scale)
-    before = tiny_model.loss(x, b["targets"], per_row=True)
+    before = tiny_model.loss(x, b["targets"], groups=rows(b["targets"]))
     fast = {k: torch.stack([v[0], v[1] * 3]) for k, v in fast.items()}
     x = tiny_model.blocks(tiny_model.wte(b["idx"]), tiny_model.rope(b["pos"]), mask, range(4), fast, cfg.scale)
-    after = tiny_model.loss(x, b["targets"], per_row=True)
+    after = tiny_model.loss(x, b["targets"], groups=rows(b["targets"]))
     assert after[0] == before[0] and after[1] != before[1]
 
 
@@ -104,7 +110,7 @@ def model_inner_loss(model, b, mask, cfg, targets=None):
     """The inner loss computed the plain way: the whole model, every layer, from the tokens -> (rows,)."""
     targets = b["targets"] if targets is None else targets
     return lambda f: model.loss(model.blocks(model.wte(b["idx"]), model.rope(b["pos"]), mask,
-                                             range(model.config.n_layer), f, cfg.scale), targets, per_row=True)
+                                             range(model.config.n_layer), f, cfg.scale), targets, groups=rows(targets))
 
 
 def test_func_grad_and_autograd_grad_give_the_same_update(tiny_model):
@@ -164,7 +170,8 @@ def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss
     torch.testing.assert_close(loss, naive)
     for got, want in zip(grads, torch.autograd.grad(naive, list(tiny_model.parameters()))):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
-    assert record["losses"].shape == (2, 2) and not torch.equal(loss, tiny_model(b["idx"], b["pos"], mask, b["targets"]))
+    assert record["losses"].shape == (2, 2)
+    assert not torch.equal(loss, tiny_model(b["idx"], b["pos"], mask, b["targets"]))
     after = model_inner_loss(tiny_model, b, naive_mask, cfg, naive_targets)(fast)          # the record, by hand
     moved = sum((fast[k] - start[k]).flatten(1).square().sum(1) for k in fast).sqrt()
     torch.testing.assert_close(record["after"], after)
