@@ -75,6 +75,22 @@ QUICK = Plan(model="tiny", ctx=512, batch=2, base_steps=4, qa_steps=2, arm_steps
              eval_n=1, stats_n=1, stats_every=2, extra=["--device", "cpu", "--workers", "0"])
 
 
+def with_changes(plan: Plan, changes: list[str]) -> Plan:
+    """The plan with FIELD=VALUE changes, each value parsed as the field's type (a tuple: comma-separated)."""
+    fields = asdict(plan)
+    for change in changes:
+        name, _, value = change.partition("=")
+        if name not in fields or name == "extra":
+            raise ValueError(f"no plan field {name!r} (fields: {', '.join(k for k in fields if k != 'extra')})")
+        old = fields[name]
+        kind = type(old[0]) if isinstance(old, tuple) else type(old)
+        try:
+            fields[name] = tuple(kind(v) for v in value.split(",")) if isinstance(old, tuple) else kind(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not {'a list of ' if isinstance(old, tuple) else 'of type '}{kind.__name__}")
+    return Plan(**fields)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # running train.py
 
@@ -295,7 +311,13 @@ def get_args(argv=None):
     p.add_argument("--test-books", default="synthetic:7",
                    help="the test haystack, books no stage reads: a folder, or synthetic:SEED (other books)")
     p.add_argument("--babi-dir", default=None, help="real bAbI files (their test split is the test set)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change one size of the plan, e.g. --set arm_steps=500 --set sweep_lrs=0.1,0.3 (repeatable)")
     args = p.parse_args(argv)
+    try:
+        args.plan = with_changes(QUICK if args.quick else FULL, args.set)
+    except ValueError as e:
+        p.error(f"--set: {e}")
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
         if value.split(":")[0] not in ("synthetic", "pg19") and not Path(value).is_dir():
             p.error(f"{flag}: no folder {value}")
@@ -306,12 +328,13 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    plan = QUICK if args.quick else FULL
+    plan = args.plan
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arms = 2 * len(plan.seeds) + 3
     clock = Clock(1 + bool(plan.qa_steps) + len(plan.sweep_lrs) + arms + 1 + arms)   # train.py runs, evaluations
-    results = {"plan": asdict(plan), "args": vars(args), "machine": machine()}
+    results = {"plan": asdict(plan), "args": {k: v for k, v in vars(args).items() if k != "plan"},
+               "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)
     base = results["base"]["checkpoint"]
     results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)

@@ -82,3 +82,12 @@ def test_paired_differences_and_the_sign_test_by_hand():
 def test_bad_folders_are_one_line(tmp_path):
     with pytest.raises(SystemExit):
         study.get_args(["--books", str(tmp_path / "missing")])
+
+
+def test_set_changes_plan_fields_by_their_type_and_refuses_others():
+    plan = study.get_args(["--set", "arm_steps=5", "--set", "sweep_lrs=0.1,0.3", "--set", "arm_lr=1e-4"]).plan
+    assert (plan.arm_steps, plan.sweep_lrs, plan.arm_lr, plan.base_steps) == (5, (0.1, 0.3), 1e-4, study.FULL.base_steps)
+    assert study.get_args(["--quick", "--set", "eval_n=2"]).plan == study.with_changes(study.QUICK, ["eval_n=2"])
+    for bad in ("nope=1", "arm_steps=x", "extra=--workers"):
+        with pytest.raises(SystemExit):
+            study.get_args(["--set", bad])
