@@ -30,6 +30,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,17 @@ def median(values: list[float]) -> float:
     return values[len(values) // 2] if values else math.nan
 
 
+def side_by_side(args, clock: "Clock", jobs: dict[str, tuple]) -> dict[str, dict]:
+    """train() each job (name, out, flags), up to --parallel at once on one machine: while one run compiles on
+    the host, the others keep the GPU busy. Each run's data workers get a share of the CPUs."""
+    if args.parallel > 1 and not any("--workers" in flags for _, _, flags in jobs.values()):
+        share = ["--workers", str(max(1, (os.cpu_count() or 1) // args.parallel - 1))]
+        jobs = {key: (name, out, flags + share) for key, (name, out, flags) in jobs.items()}
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {key: pool.submit(train, *job, clock) for key, job in jobs.items()}
+        return {key: f.result() | {"shared": min(args.parallel, len(jobs)) > 1} for key, f in futures.items()}
+
+
 class Clock:
     """Progress lines with an estimate of the time left, from the units of work planned and done so far."""
 
@@ -173,14 +185,14 @@ def arm_flags(plan: Plan, args, base: str, seed: int, steps: int) -> list[str]:
 
 
 def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock) -> dict:
-    """Short FocuSFT runs, one per inner lr. The answer accuracy of their last evaluation on the validation
-    split (train.py's held-out rows: held-out questions in held-out books) decides, then the lower base loss."""
-    runs = {}
-    for lr in plan.sweep_lrs:
-        run = out / f"lr{lr:g}"
-        runs[f"{lr:g}"] = r = train(f"sweep inner lr {lr:g}", run, arm_flags(
-            plan, args, base, plan.seeds[0], plan.sweep_steps) + ["--method", "focusft", "--inner-lr", str(lr)], clock)
-        records = log_records(run)
+    """Short FocuSFT runs, one per inner lr, side by side. The answer accuracy of their last evaluation on the
+    validation split (train.py's held-out rows: held-out questions in held-out books) decides, then the lower
+    base loss."""
+    runs = side_by_side(args, clock, {f"{lr:g}": (f"sweep inner lr {lr:g}", out / f"lr{lr:g}", arm_flags(
+        plan, args, base, plan.seeds[0], plan.sweep_steps) + ["--method", "focusft", "--inner-lr", str(lr)])
+        for lr in plan.sweep_lrs})
+    for lr, r in runs.items():
+        records = log_records(out / f"lr{lr}")
         last = [x for x in records if "eval_acc" in x][-1]
         tail = [x for x in records if x.get("inner")][-max(1, plan.sweep_steps // 5):]    # the last fifth
         r.update(val_acc=last["eval_acc"], val_n=last["eval_n"], inner_before=mean(x["inner"][0] for x in tail),
@@ -199,19 +211,20 @@ ARMS = {   # name: train.py flags (the method's defaults: focusft = hybrid mask 
 
 
 def stage_arms(plan: Plan, args, out: Path, base: str, inner_lr: float, clock: Clock) -> dict:
-    """Every arm from the base; SFT and FocuSFT with each seed. sft_time runs last: its steps are SFT's times
-    the measured ratio of FocuSFT's to SFT's median step time (first seed, each run alone on the machine)."""
-    runs = {}
-    for name in ("sft", "focusft", "hybrid", "inner"):
-        for seed in plan.seeds if name in ("sft", "focusft") else plan.seeds[:1]:
-            inner = ["--inner-lr", str(inner_lr)] if name in ("focusft", "inner") else []
-            runs[f"{name}/{seed}"] = train(f"arm {name} seed {seed}", out / f"{name}_s{seed}",
-                                           arm_flags(plan, args, base, seed, plan.arm_steps) + ARMS[name] + inner, clock)
-    seed = plan.seeds[0]
-    ratio = runs[f"focusft/{seed}"]["median_ms"] / runs[f"sft/{seed}"]["median_ms"]
-    steps = max(plan.arm_steps, round(plan.arm_steps * ratio))
-    runs[f"sft_time/{seed}"] = train("arm sft_time", out / f"sft_time_s{seed}",
-                                     arm_flags(plan, args, base, seed, steps) + ARMS["sft_time"], clock)
+    """Every arm from the base; SFT and FocuSFT with each seed. The first seed's SFT and FocuSFT run first, each
+    alone on the machine: their median step times give sft_time its steps (SFT's times the ratio, FocuSFT's
+    time per step); then the other arms side by side."""
+    def job(name: str, seed: int, steps: int) -> tuple:
+        inner = ["--inner-lr", str(inner_lr)] if name in ("focusft", "inner") else []
+        return (f"arm {name} seed {seed}", out / f"{name}_s{seed}",
+                arm_flags(plan, args, base, seed, steps) + ARMS[name] + inner)
+    first = plan.seeds[0]
+    runs = {f"{name}/{first}": train(*job(name, first, plan.arm_steps), clock) for name in ("sft", "focusft")}
+    ratio = runs[f"focusft/{first}"]["median_ms"] / runs[f"sft/{first}"]["median_ms"]
+    rest = {f"{name}/{seed}": job(name, seed, plan.arm_steps) for name in ("sft", "focusft") for seed in plan.seeds[1:]}
+    rest |= {f"{name}/{first}": job(name, first, plan.arm_steps) for name in ("hybrid", "inner")}
+    rest[f"sft_time/{first}"] = job("sft_time", first, max(plan.arm_steps, round(plan.arm_steps * ratio)))
+    runs |= side_by_side(args, clock, rest)
     runs["time_ratio"] = ratio
     return runs
 
@@ -311,6 +324,8 @@ def get_args(argv=None):
     p.add_argument("--test-books", default="synthetic:7",
                    help="the test haystack, books no stage reads: a folder, or synthetic:SEED (other books)")
     p.add_argument("--babi-dir", default=None, help="real bAbI files (their test split is the test set)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="train.py runs at once in the sweep and the arms (one GPU is shared; 1 = one at a time)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one size of the plan, e.g. --set arm_steps=500 --set sweep_lrs=0.1,0.3 (repeatable)")
     args = p.parse_args(argv)
@@ -321,6 +336,8 @@ def get_args(argv=None):
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
         if value.split(":")[0] not in ("synthetic", "pg19") and not Path(value).is_dir():
             p.error(f"{flag}: no folder {value}")
+    if args.parallel < 1:
+        p.error(f"--parallel: {args.parallel} is not a positive number of runs")
     if args.babi_dir and not Path(args.babi_dir).is_dir():
         p.error(f"--babi-dir: no folder {args.babi_dir}")
     return args
@@ -401,9 +418,10 @@ def report(out: Path, plan: Plan, res: dict):
     runs = {**{f"base/{k}": v for k, v in res["base"].items() if isinstance(v, dict)},
             **{f"sweep/{k}": v for k, v in res["sweep"]["runs"].items()},
             **{k: v for k, v in res["arms"].items() if isinstance(v, dict)}}
-    table(f"Runs (FocuSFT / SFT median step time: {res['arms']['time_ratio']:.2f})",
-          ["run", "steps", "median ms", "wall s", "command"],
-          [[name, str(r["steps"]), f"{r['median_ms']:.0f}", f"{r['wall_s']:.0f}", f"`{r['command']}`"]
+    table(f"Runs (FocuSFT / SFT median step time, each alone: {res['arms']['time_ratio']:.2f}; * ran side by "
+          "side with others, its times are shared)", ["run", "steps", "median ms", "wall s", "command"],
+          [[name, str(r["steps"]), f"{r['median_ms']:.0f}{' *' if r.get('shared') else ''}", f"{r['wall_s']:.0f}",
+            f"`{r['command']}`"]
            for name, r in runs.items()])
     tmp = out / "results.md.tmp"
     tmp.write_text("\n".join(lines))

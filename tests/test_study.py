@@ -12,7 +12,7 @@ import study
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    study.main(["--quick", "--out", str(out)])
+    study.main(["--quick", "--parallel", "2", "--out", str(out)])      # two runs at once in the sweep and arms
     return out, json.loads((out / "results.json").read_text())
 
 
