@@ -226,7 +226,9 @@ class MLP(nn.Module):
                     else x.dtype          # grouped_mm: cast here, before the transposes (the kernel's layout)
                 A, B = fast[name + ".A"].to(dtype), fast[name + ".B"].to(dtype)      # (G, r, in), (G, out, r)
                 flat = x.flatten(0, 1).to(dtype)                                         # (B*T, in)
-                delta = grouped_mm(grouped_mm(flat, A.mT, group_ends), B.mT, group_ends).view(*x.shape[:2], -1)
+                rows = x.size(0)                                                         # G / rows runs a row
+                low = grouped_mm(flat, A.mT, group_ends, rows)                           # (B*T, r)
+                delta = grouped_mm(low, B.mT, group_ends, rows).view(*x.shape[:2], -1)   # (B, T, out)
             out = out + scale * delta
         return out
 
@@ -235,11 +237,21 @@ class MLP(nn.Module):
         return self.proj("down", h, fast, scale, group_ends)                             # (B, T, C)
 
 
-def grouped_mm(x: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+GROUPED_MM_GROUPS = 1023   # torch._grouped_mm takes fewer than 1024 groups a call (one thread per group)
+
+
+def grouped_mm(x: Tensor, w: Tensor, ends: Tensor, rows: int = 1) -> Tensor:
     """x (N, in) cut into G runs of consecutive rows, run g ending (exclusive) at ends[g]; w (G, in, out).
     Returns (N, out): each row of x times its run's matrix. On an H100-class GPU in bf16, one grouped GEMM
     (torch._grouped_mm: no launch per run, empty runs cost nothing; w as a transposed view, K contiguous);
-    elsewhere a loop over the runs."""
+    elsewhere a loop over the runs. x may be `rows` batch rows of equal length, each with G / rows runs that
+    end at its end (batches.sample_groups); then more runs than one kernel call takes go in calls of whole
+    rows, each row's runs and ends found by slicing alone (no host sync)."""
+    per_row, S = w.size(0) // rows, x.size(0) // rows
+    if w.size(0) > GROUPED_MM_GROUPS and per_row <= GROUPED_MM_GROUPS:
+        n = GROUPED_MM_GROUPS // per_row                                  # rows per call
+        return torch.cat([grouped_mm(x[r * S:(r + n) * S], w[r * per_row:(r + n) * per_row],
+                                     ends[r * per_row:(r + n) * per_row] - r * S) for r in range(0, rows, n)])
     if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9:
         return torch._grouped_mm(x, w, offs=ends)
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()          # host values: a sync on a GPU

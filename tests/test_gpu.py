@@ -220,6 +220,21 @@ def test_grouped_mm_on_the_gpu_matches_a_loop_over_the_groups():
     assert rel_err(results[0][0][300:710], x[300:710] @ w[2].T) < 1e-2   # the loop itself, by hand
 
 
+def test_grouped_mm_past_the_kernels_limit_of_runs_matches_the_loop():
+    """train.py's GPU default has 8 rows x 128 slots = 1,024 runs, one more than torch._grouped_mm takes a call
+    (it failed so on an H100): model.grouped_mm splits them by whole rows; bf16 kernel against the fp32 loop."""
+    import model
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, S, per_row = 8, 1024, 128
+    x = torch.randn(rows * S, 64, device="cuda", generator=g)
+    w = torch.randn(rows * per_row, 64, 16, device="cuda", generator=g) / 8
+    within = torch.sort(torch.randint(0, S + 1, (rows, per_row), device="cuda", generator=g), dim=1).values
+    within[:, -1] = S                                               # a row's last run ends at its end
+    ends = (within + torch.arange(rows, device="cuda")[:, None] * S).flatten().to(torch.int32)
+    got = model.grouped_mm(x.bfloat16(), w.bfloat16(), ends, rows)
+    assert w.size(0) > model.GROUPED_MM_GROUPS and rel_err(got, model.grouped_mm(x, w, ends, rows)) < 1e-2
+
+
 def test_compiled_per_sample_focusft_step_in_bf16_matches_sdpa_fp32():
     """Per-sample fast weights as train.py runs them on a GPU (compiled blocks, flex, bf16 autocast, so the
     grouped GEMM kernel) against the same step on SDPA in fp32 (the loop over samples): loss and gradients

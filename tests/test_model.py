@@ -173,3 +173,29 @@ def test_attention_stats_from_logsumexp_match_dense_softmax(monkeypatch):
         for key in want:
             assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-6), (key, got, want)
         assert 0 < got["engagement"] < 1 and 0 < got["sink_mass"] < 1 and 0 < got["sink_rate"] < 1
+
+
+def test_grouped_mm_splits_more_runs_than_one_kernel_call_takes_by_whole_rows(monkeypatch):
+    """Rows of runs (batches.sample_groups' layout, a row's last run ending at its end, some runs empty) give
+    the same product and gradients whether they go in one call or in calls of whole rows, as they must past
+    the grouped kernel's limit of runs a call (lowered here so that the loop path splits too)."""
+    import model
+    torch.manual_seed(0)
+    rows, S, per_row = 5, 12, 3
+    x, w = torch.randn(rows * S, 4, requires_grad=True), torch.randn(rows * per_row, 4, 2, requires_grad=True)
+    within = torch.tensor([[0, 5, 12], [4, 4, 12], [12, 12, 12], [1, 2, 12], [7, 11, 12]])    # ends inside a row
+    ends = (within + torch.arange(rows)[:, None] * S).flatten().to(torch.int32)
+    want = torch.cat([x[r * S:(r + 1) * S][a:b] @ w[r * per_row + i] for r in range(rows)
+                      for i, (a, b) in enumerate(zip([0, *within[r, :-1].tolist()], within[r].tolist()))])
+    up = torch.randn(rows * S, 2)
+    grads = None
+    for limit in (1000, 7, 5, 3):                                # one call; 2, 1 and 1 rows a call
+        monkeypatch.setattr(model, "GROUPED_MM_GROUPS", limit)
+        out = model.grouped_mm(x, w, ends, rows)
+        assert torch.allclose(out, want, atol=1e-6), limit
+        g = torch.autograd.grad((out * up).sum(), [x, w])
+        grads = grads or g
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, grads)), limit
+    monkeypatch.setattr(model, "GROUPED_MM_GROUPS", 1000)
+    rotated = model.grouped_mm(x, w.roll(1, dims=0), ends, rows)                   # the check can fail
+    assert not torch.allclose(rotated, want, atol=1e-3)
