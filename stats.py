@@ -9,6 +9,9 @@ all the first one) and onto the context. Its exact metric definitions were not a
                document other than the first one, averaged over response queries, heads and layers.
   sink rate    Gu et al. (ICLR 2025, "When attention sink emerges in language models"): the share of
                (layer, head) pairs whose mean attention on the first token exceeds SINK_EPS.
+  sink mass/rate _64   the same over queries in their document's first EARLY positions only: Gu et al.
+               measure on sequences of 64 tokens, and over a long document the first token's share of a
+               query's attention falls with the query's distance even where a sink exists.
 
 The idea to hold: no S x S matrix is needed. flex_attention returns each query's logsumexp (lse) over the keys
 its mask allows, so p(first) = exp(q.k_first / sqrt(d) - lse), and the mass on a key set K is
@@ -26,6 +29,7 @@ import masks
 from model import GPT, flex
 
 SINK_EPS = 0.3      # Gu et al.'s threshold on a head's mean first-token attention
+EARLY = 64          # Gu et al.'s sequence length for their sink measure
 QUERY_BLOCK = 1024  # queries per block on the dense path: bounds the (B, nh, block, S) score tensor
 
 
@@ -59,6 +63,7 @@ def attention_stats(model: GPT, idx: Tensor, pos: Tensor, mask_mod, loss_mask: T
     first = torch.arange(S, device=idx.device) - pos                     # (B, S) index of own document's start
     context_keys = (loss_mask == 0) & (pos != 0) & valid                 # (B, S)
     sink_queries = (valid & (pos != 0)).float()                          # (B, S)
+    early_queries = sink_queries * (pos < EARLY)                         # (B, S)
     response_queries = (valid & (loss_mask == 1)).float()               # (B, S)
     ctx_mod = and_masks(mask_mod, masks.key_in_set(context_keys))
     if (backend or ("flex" if idx.is_cuda else "dense")) == "flex":
@@ -67,7 +72,7 @@ def attention_stats(model: GPT, idx: Tensor, pos: Tensor, mask_mod, loss_mask: T
         lse_fn, build = dense_lse, masks.dense_mask
     seen_all, seen_ctx = build(mask_mod, B, S, idx.device), build(ctx_mod, B, S, idx.device)
 
-    head_sink, engagement = [], []
+    head_sink, head_early, engagement = [], [], []
     x, rope = model.wte(idx), model.rope(pos)
     for block in model.h:
         q, k, v = block.attn.qkv(block.ln_1(x), rope)                    # (B, nh, S, hs), (B, nkv, S, hs) x2
@@ -78,9 +83,12 @@ def attention_stats(model: GPT, idx: Tensor, pos: Tensor, mask_mod, loss_mask: T
         p_sink = torch.exp(score - lse).nan_to_num(0.0)                  # padding rows (lse = -inf) -> 0
         p_ctx = torch.exp(lse_ctx - lse).nan_to_num(0.0)                 # (B, nh, S)
         head_sink.append((p_sink * sink_queries[:, None]).sum((0, 2)) / sink_queries.sum().clamp(min=1))  # (nh,)
+        head_early.append((p_sink * early_queries[:, None]).sum((0, 2)) / early_queries.sum().clamp(min=1))
         engagement.append((p_ctx * response_queries[:, None]).sum() / (response_queries.sum() * q.size(1)).clamp(min=1))
         x = block(x, rope, seen_all, {}, 1.0)
-    head_sink = torch.stack(head_sink)                                   # (n_layer, nh)
+    head_sink, head_early = torch.stack(head_sink), torch.stack(head_early)     # (n_layer, nh) each
     return {"sink_mass": head_sink.mean().item(),
             "sink_rate": (head_sink > SINK_EPS).float().mean().item(),
+            f"sink_mass_{EARLY}": head_early.mean().item(),
+            f"sink_rate_{EARLY}": (head_early > SINK_EPS).float().mean().item(),
             "engagement": torch.stack(engagement).mean().item()}

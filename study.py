@@ -171,7 +171,8 @@ def stage_base(plan: Plan, args, out: Path, clock: Clock) -> dict:
             "--lr", str(plan.base_lr / 3), "--init", str(final / checkpoint.FILE), "--seed", "0"], clock)
         final = out / "base"
     runs["checkpoint"] = str(final / checkpoint.FILE)
-    runs["curve"] = [{k: r[k] for k in ("step", "sink_mass", "sink_rate", "engagement")}
+    runs["curve"] = [{k: r.get(k, math.nan) for k in ("step", "sink_mass", "sink_rate", "sink_mass_64",
+                                                      "sink_rate_64")}
                      for r in log_records(out / "base_books") if "sink_mass" in r]
     return runs
 
@@ -413,8 +414,10 @@ def report(out: Path, plan: Plan, res: dict):
                                                                  "inner loss before -> after", "moved"],
           [[lr, f"{r['val_acc']:.3f} (n={r['val_n']})", f"{r['inner_before']:.3f} -> {r['inner_after']:.3f}",
             f"{r['moved']:.3g}"] for lr, r in res["sweep"]["runs"].items()])
-    table("The base while it learns (held-out books)", ["step", "sink mass", "sink rate"],
-          [[str(r["step"]), f"{r['sink_mass']:.3f}", f"{r['sink_rate']:.2f}"] for r in res["base"]["curve"]])
+    table("The base while it learns (held-out books; _64: queries in their document's first 64 positions, as "
+          "Gu et al. measure)", ["step", "sink mass", "sink rate", "sink mass _64", "sink rate _64"],
+          [[str(r["step"]), f"{r['sink_mass']:.3f}", f"{r['sink_rate']:.2f}", f"{r['sink_mass_64']:.3f}",
+            f"{r['sink_rate_64']:.2f}"] for r in res["base"]["curve"]])
     runs = {**{f"base/{k}": v for k, v in res["base"].items() if isinstance(v, dict)},
             **{f"sweep/{k}": v for k, v in res["sweep"]["runs"].items()},
             **{k: v for k, v in res["arms"].items() if isinstance(v, dict)}}

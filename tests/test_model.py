@@ -128,7 +128,7 @@ def dense_stats(model, b, mask_mod):
     first = torch.arange(S) - b["pos"]
     valid, lm, pos = b["attention_mask"], b["loss_mask"], b["pos"]
     ctx_key = (lm == 0) & (pos != 0) & valid
-    head_sink, eng = [], []
+    head_sink, early, eng = [], [], []
     for block in model.h:
         q, k, v = block.attn.qkv(block.ln_1(x), rope)
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
@@ -137,12 +137,14 @@ def dense_stats(model, b, mask_mod):
         sink_q = valid & (pos != 0)
         p_first = p.gather(3, first[:, None, :, None].expand(B, p.size(1), S, 1))[..., 0]   # (B, nh, S)
         head_sink.append(torch.stack([p_first[:, h][sink_q].mean() for h in range(p.size(1))]))
+        early.append(torch.stack([p_first[:, h][sink_q & (pos < 64)].mean() for h in range(p.size(1))]))
         resp_q = valid & (lm == 1)
         p_ctx = (p * ctx_key[:, None, None, :]).sum(-1)                          # (B, nh, S)
         eng.append(torch.stack([p_ctx[:, h][resp_q].mean() for h in range(p.size(1))]).mean())
         x = block(x, rope, dense, {}, 1.0)
-    hs = torch.stack(head_sink)                                                # (n_layer, nh)
-    return {"sink_mass": hs.mean().item(), "engagement": torch.stack(eng).mean().item()}, hs
+    hs, he = torch.stack(head_sink), torch.stack(early)                        # (n_layer, nh)
+    return {"sink_mass": hs.mean().item(), "sink_mass_64": he.mean().item(),
+            "engagement": torch.stack(eng).mean().item()}, hs, he
 
 
 def test_dense_logsumexp_stays_fp32_under_a_bf16_autocast():
@@ -165,10 +167,12 @@ def test_attention_stats_from_logsumexp_match_dense_softmax(monkeypatch):
             masks.causal(b["attention_mask"], b["document_ids"]))
     for mod, backend in itertools.product(mods, ("flex", "dense")):
         with torch.no_grad():
-            want, heads = dense_stats(m, b, mod)
+            want, heads, early = dense_stats(m, b, mod)
         eps = heads.flatten().sort().values[heads.numel() // 2].item() - 1e-6   # half the heads above it
         monkeypatch.setattr(stats, "SINK_EPS", eps)
         want["sink_rate"] = (heads > eps).float().mean().item()
+        want["sink_rate_64"] = (early > eps).float().mean().item()
+        assert (b["pos"] >= 64).any() and abs(want["sink_mass_64"] - want["sink_mass"]) > 1e-4   # fewer queries
         got = attention_stats(m, b["idx"], b["pos"], mod, b["loss_mask"], b["attention_mask"], backend)
         for key in want:
             assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-6), (key, got, want)
