@@ -13,6 +13,9 @@ and --resume's rules are config.py.
 Every batch is a pure function of (seed, split, step, micro-step) (batches.py), so `--resume` continues
 exactly, DataLoader workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint
 data.
+
+A run that stops early loses little (stopping.py): SIGINT (^C) or SIGTERM ends it at the next step boundary
+with a checkpoint and one line saying how to continue (exit code 130 or 143).
 """
 import contextlib
 import json
@@ -31,6 +34,7 @@ import masks
 from fastweights import InnerConfig, adapted_layers, focusft_loss
 from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend, autocast as model_autocast
 from stats import attention_stats
+from stopping import Interrupted, Stop, cut_log
 
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
 GPU_EVAL_TOKENS = 262144   # on a GPU, at least this many held-out tokens (32 rows at 8K): ~200 answers, not ~26
@@ -203,6 +207,17 @@ def main(argv=None):
     args, start_step, ckpt, why = config.from_command_line(argv)
     if args is None:                                    # a finished run given --resume
         return
+    stop = Stop(saved=start_step - 1)
+    with stop.handling_signals():
+        try:
+            run(args, start_step, ckpt, why, stop)
+        except Interrupted as e:
+            print(stop.last_line(args.out, e), file=sys.stderr, flush=True)
+            sys.exit(128 + e.signum)                    # a shell's code for a process a signal ended: 130, 143
+
+
+def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop):
+    """The run itself: main() with its arguments parsed, ended early by raising Interrupted."""
     print("defaults chosen:\n  " + "\n  ".join(why) if why else "no defaults needed")
     print("config:", json.dumps(vars(args)))
 
@@ -237,7 +252,10 @@ def main(argv=None):
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"train.py: error: {e}")
     os.makedirs(args.out, exist_ok=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")   # a new run: a new log
+    log_file = os.path.join(args.out, "log.jsonl")
+    if ckpt is not None:
+        cut_log(log_file, ckpt["step"])
+    log = open(log_file, "a" if args.resume else "w")   # a new run: a new log
     log.write(json.dumps({"config": recorded, "start_step": start_step}) + "\n")
     autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1
@@ -249,14 +267,17 @@ def main(argv=None):
         print(f"eval step {updates}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | sink mass "
               f"{ev['sink_mass']:.3f} | sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
         log.write(json.dumps({"step": updates, **ev}) + "\n")
+        log.flush()
 
     pending, since = None, time.perf_counter()        # the last step launched, and when the one before it ended
+    stop.training = True                                # from here a first signal waits for the step boundary
     try:
         for step in range(start_step, last + 1):
             # ------------------------------------------------------------------ evaluation and checkpoint
+            stopping = stop.signum is not None          # SIGINT or SIGTERM came during the step before
             evaluating = step % args.stats_every == 0 and (ckpt is None or step > start_step)   # a resumed run did
-            saving = args.ckpt_every and step > start_step and step % args.ckpt_every == 0
-            if evaluating or saving:
+            saving = step > start_step and (stopping or args.ckpt_every and step % args.ckpt_every == 0)
+            if evaluating or saving or stopping:
                 if pending:
                     previous, pending = pending, None   # (cleared first: no line is written twice)
                     log_step(args, log, previous, since)
@@ -264,7 +285,11 @@ def main(argv=None):
                     report(step)
                 if saving:
                     checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step - 1)
-                    print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
+                    stop.saved = step - 1
+                    if not stopping:                    # (stopping: the last line says it)
+                        print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
+                if stopping:
+                    raise stop.end(stop.signum, at_once=False)
                 since = time.perf_counter()                 # the pause is no step's time
 
             # ------------------------------------------------------------------ one training step
@@ -291,6 +316,7 @@ def main(argv=None):
 
     report(last + 1)                                    # the model the checkpoint holds
     checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, last)
+    stop.saved = last
     if args.device.startswith("cuda"):
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"saved {checkpoint.path(args.out)} at step {last}")
