@@ -1,9 +1,10 @@
-"""How a training run stops early without losing work (train.py): signals, and the log on resume.
+"""How a training run stops early without losing work (train.py): signals, non-finite numbers, the log on resume.
 
 A run stops between two steps, never inside one: SIGINT (^C) or SIGTERM is noted, the step in flight finishes,
 a checkpoint of the weights after it is saved, and one line says how to continue; a second signal stops the run
 at once, and since checkpoints are written to a temp file and renamed (checkpoint.replacing), the last one stays
-whole. --resume cuts log.jsonl back to its checkpoint, so that each step appears in the log once.
+whole. A step whose loss or gradient norm is NaN or inf stops the run before its weights can be saved. --resume
+cuts log.jsonl back to its checkpoint, so that each step appears in the log once.
 """
 import contextlib
 import itertools
@@ -15,6 +16,10 @@ import signal
 import threading
 
 import checkpoint
+
+
+class NonFinite(Exception):
+    """A step's loss or gradient norm is NaN or inf (log_step): the run stops before saving those weights."""
 
 
 class Interrupted(KeyboardInterrupt):

@@ -15,7 +15,8 @@ exactly, DataLoader workers build batches ahead of the GPU, and data-parallel ra
 data.
 
 A run that stops early loses little (stopping.py): SIGINT (^C) or SIGTERM ends it at the next step boundary
-with a checkpoint and one line saying how to continue (exit code 130 or 143).
+with a checkpoint and one line saying how to continue (exit code 130 or 143); a NaN or inf loss or gradient
+norm ends it with one line naming the step, before those weights are saved (exit code 1).
 """
 import contextlib
 import json
@@ -34,7 +35,7 @@ import masks
 from fastweights import InnerConfig, adapted_layers, focusft_loss
 from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend, autocast as model_autocast
 from stats import attention_stats
-from stopping import Interrupted, Stop, cut_log
+from stopping import Interrupted, NonFinite, Stop, cut_log
 
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
 GPU_EVAL_TOKENS = 262144   # on a GPU, at least this many held-out tokens (32 rows at 8K): ~200 answers, not ~26
@@ -126,15 +127,14 @@ def make_optimizer(args, model: GPT) -> torch.optim.AdamW:
 
 
 def optimizer_step(args, model, inner: InnerConfig, optimizer, micro_batches: list[dict],
-                   autocast) -> tuple[torch.Tensor, torch.Tensor]:
+                   autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One training step on its micro-batches (accumulate), gradient clipping, AdamW; returns accumulate's
-    device tensors. bench.py times this function."""
+    device tensors and the gradient's norm before clipping (a device tensor too). bench.py times this function."""
     loss_sum, inner_sum = accumulate(args, model, inner, micro_batches, autocast)
-    if args.clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-    optimizer.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
+    optimizer.step()                                                    # (--clip 0: measured, not clipped)
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, inner_sum
+    return loss_sum, inner_sum, grad_norm
 
 
 def held_out_batch(args, enc, source) -> dict:
@@ -165,12 +165,14 @@ def evaluate(args, model, batch: dict) -> dict:
     return out
 
 
-def step_record(step: int, lr: float, loss: torch.Tensor, inner: torch.Tensor, tokens: int) -> dict:
+def step_record(step: int, lr: float, loss: torch.Tensor, inner: torch.Tensor, grad_norm: torch.Tensor,
+                tokens: int) -> dict:
     """What a step's log line needs. On a GPU the loss values are copied to (pinned) host memory as the GPU
     reaches them, and an event marks the end of the step: reading them later waits for this step alone,
     where .item() would wait for everything queued since."""
     record = {"step": step, "lr": lr, "tokens": tokens, "loss": loss.to("cpu", non_blocking=True),
-              "inner": inner.to("cpu", non_blocking=True), "done": None}
+              "inner": inner.to("cpu", non_blocking=True), "grad_norm": grad_norm.to("cpu", non_blocking=True),
+              "done": None}
     if loss.is_cuda:
         record["done"] = torch.cuda.Event()
         record["done"].record()
@@ -179,20 +181,24 @@ def step_record(step: int, lr: float, loss: torch.Tensor, inner: torch.Tensor, t
 
 def log_step(args, log, step: dict, since: float) -> float:
     """The fixed-format line of a step (step_record), printed once its work is done; returns when that was.
-    ms counts from `since`, when the step before it was done: the time per step of steps run back to back."""
+    ms counts from `since`, when the step before it was done: the time per step of steps run back to back.
+    Raises NonFinite after the line of a step whose loss or gradient norm is NaN or inf: checked here, from
+    the host copies, a step late on a GPU, so that no step waits for the GPU to check its own."""
     if step["done"] is not None:
         step["done"].synchronize()                      # this step only: a step queued after it keeps running
     now = time.perf_counter()
     dt = now - since
-    loss, il = step["loss"].item(), step["inner"].tolist()       # host copies, complete
+    loss, il, norm = step["loss"].item(), step["inner"].tolist(), step["grad_norm"].item()   # host copies, complete
     inner, moved = il[:-1], il[-1:]                                 # (accumulate's record)
     inner_txt = f" | inner {inner[0]:.3f}->{inner[-1]:.3f} (moved {moved[0]:.3g})" if il else ""
     print(f"{progress(step['step'] + 1, args.steps)} | loss {loss:.4f}{inner_txt} | lr {step['lr']:.2e} | "
           f"{step['tokens'] / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)
     record = {"step": step["step"], "loss": loss, "inner": inner, "moved": moved[0] if il else None,
-              "lr": step["lr"], "tok_s": step["tokens"] / dt, "ms": dt * 1000}
+              "grad_norm": norm, "lr": step["lr"], "tok_s": step["tokens"] / dt, "ms": dt * 1000}
     log.write(json.dumps(record) + "\n")
     log.flush()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise NonFinite(f"step {step['step']} has loss {loss} and gradient norm {norm}")
     return now
 
 
@@ -214,10 +220,13 @@ def main(argv=None):
         except Interrupted as e:
             print(stop.last_line(args.out, e), file=sys.stderr, flush=True)
             sys.exit(128 + e.signum)                    # a shell's code for a process a signal ended: 130, 143
+        except NonFinite as e:
+            kept = f"{checkpoint.path(args.out)} keeps step {stop.saved}" if stop.saved >= 0 else "nothing saved"
+            sys.exit(f"train.py: error: {e}: stopped; {kept}")
 
 
 def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop):
-    """The run itself: main() with its arguments parsed, ended early by raising Interrupted."""
+    """The run itself: main() with its arguments parsed, ended early by raising Interrupted or NonFinite."""
     print("defaults chosen:\n  " + "\n  ".join(why) if why else "no defaults needed")
     print("config:", json.dumps(vars(args)))
 
@@ -280,7 +289,7 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop):
             if evaluating or saving or stopping:
                 if pending:
                     previous, pending = pending, None   # (cleared first: no line is written twice)
-                    log_step(args, log, previous, since)
+                    log_step(args, log, previous, since)   # (NonFinite here: the weights are never saved)
                 if evaluating:
                     report(step)
                 if saving:
@@ -298,14 +307,17 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop):
                 group["lr"] = lr
             host = [next(loader) for _ in range(args.grad_accum)]   # built ahead (in workers unless --workers 0)
             micro_batches = [batches.to_device(b, args.device, fast_weight_slots(args)) for b in host]
-            loss_sum, inner_sum = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
-            launched = step_record(step, lr, loss_sum, inner_sum, sum(int(b["attention_mask"].sum()) for b in host))
+            loss_sum, inner_sum, grad_norm = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
+            launched = step_record(step, lr, loss_sum, inner_sum, grad_norm,
+                                   sum(int(b["attention_mask"].sum()) for b in host))
             previous, pending = pending, launched
             if previous:                                    # the last step's line, now that this one is queued
                 since = log_step(args, log, previous, since)
             if launched["done"] is None:                    # a CPU step is over when it returns: nothing to overlap
                 pending = None
                 since = log_step(args, log, launched, since)
+    except NonFinite:
+        raise                                           # no line after the bad step's
     except BaseException:                               # a failed step (or ^C): the one before it keeps its
         if pending:                                     # line, unless the GPU itself failed and it has none;
             with contextlib.suppress(Exception):        # its ms then runs to the failure

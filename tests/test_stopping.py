@@ -1,10 +1,11 @@
 """A run that stops early loses nothing (stopping.py, train.py): SIGINT and SIGTERM end it at a step boundary
-with a checkpoint and one line, a second signal ends it at once with the last checkpoint whole, and --resume
-then finishes as if the run had never stopped, each step logged once.
+with a checkpoint and one line, a second signal ends it at once with the last checkpoint whole, a NaN stops it
+before its weights are saved, and --resume then finishes as if the run had never stopped, each step logged once.
 
 Run: python -m pytest -q tests/test_stopping.py
 """
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -136,6 +138,51 @@ def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stays(tmp_path, s
     assert logged_steps(tmp_path)[-1] > kept                      # steps past the checkpoint, logged: cut on resume
     monkeypatch.undo()
     finishes_as_straight(tmp_path, straight)
+
+
+class Done:                                        # a GPU step's end marker, already reached
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("late,every,calls", [(False, 1, 4), (True, 1, 4), (True, 3, 5)])
+def test_a_nan_stops_the_run_before_its_weights_are_saved(tmp_path, monkeypatch, capsys, late, every, calls):
+    """A NaN in a weight before step 3 (as a bad update would leave it) makes that step's loss and gradient NaN
+    through the real forward and backward. The run stops with one line naming step 3; the checkpoint of step 2
+    stays. late: the step's line waits for the next step's launch, as on a GPU, so the NaN is seen at the next
+    step boundary, before the checkpoint due there (--ckpt-every 1), or else after step 4 has run on those
+    weights (--ckpt-every 3), whose line then never comes."""
+    real, steps_run = train.optimizer_step, []
+
+    def step(args, model, *rest):
+        steps_run.append(1)
+        if len(steps_run) == 4:
+            with torch.no_grad():
+                model.ln_f.weight[0] = math.nan
+        return real(args, model, *rest)
+    monkeypatch.setattr(train, "optimizer_step", step)
+    if late:
+        record = train.step_record
+        monkeypatch.setattr(train, "step_record", lambda *a: {**record(*a), "done": Done()})
+    with pytest.raises(SystemExit) as stop:
+        train.main(RUN + ["--ckpt-every", str(every), "--stats-every", "100", "--out", str(tmp_path)])
+    assert stop.value.code == (f"train.py: error: step 3 has loss nan and gradient norm nan: stopped; "
+                               f"{checkpoint.path(str(tmp_path))} keeps step 2")
+    ckpt = checkpoint.load(checkpoint.path(str(tmp_path)))
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+    saved = re.findall(r"saved .* at step (\d+)", capsys.readouterr().out)
+    assert saved == [str(s) for s in range(3) if (s + 1) % every == 0]
+    assert logged_steps(tmp_path) == [0, 1, 2, 3]                   # the NaN step's line is the last
+    assert math.isnan(losses(tmp_path)[-1]) and all(math.isfinite(x) for x in losses(tmp_path)[:-1])
+    assert len(steps_run) == calls
+
+
+def test_a_finite_loss_with_an_infinite_gradient_norm_stops_too(tmp_path):
+    args = types.SimpleNamespace(steps=8)
+    record = train.step_record(7, 1e-3, torch.tensor(2.0), torch.zeros(0), torch.tensor(math.inf), tokens=100)
+    with open(tmp_path / "log.jsonl", "w") as log, pytest.raises(stopping.NonFinite, match="step 7 .* norm inf"):
+        train.log_step(args, log, record, time.perf_counter())
+    assert json.loads((tmp_path / "log.jsonl").read_text())["grad_norm"] == math.inf
 
 
 def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
