@@ -15,10 +15,22 @@ import torch
 from model import GPT, GPTConfig
 
 FILE = "ckpt.pt"   # one checkpoint per run folder, overwritten as the run goes
+EVERY_FRACTION = 0.1   # --ckpt-every 0 (the default): save every tenth of the steps or every five minutes of
+EVERY_SECONDS = 300    # training, whichever comes first, so that a crash costs at most that much work; but never
+MIN_SECONDS = 60       # sooner than a minute after the last save, or a run of fast steps (a small model, short
+                       # rows) would spend much of its time writing checkpoints that each save a minute at most
 
 
 def path(out: str) -> str:
     return os.path.join(out, FILE)
+
+
+def due(every: int, steps: int, steps_since: int, seconds_since: float) -> bool:
+    """Whether a run saves now, `steps_since` steps and `seconds_since` seconds after its last save (or its start):
+    every `every` (--ckpt-every) steps, or with every = 0 by the EVERY_* and MIN_SECONDS rule above."""
+    if every:
+        return steps_since >= every
+    return seconds_since >= MIN_SECONDS and (steps_since >= EVERY_FRACTION * steps or seconds_since >= EVERY_SECONDS)
 
 
 @contextlib.contextmanager

@@ -14,9 +14,10 @@ Every batch is a pure function of (seed, split, step, micro-step) (batches.py), 
 exactly, DataLoader workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint
 data.
 
-A run that stops early loses little (stopping.py): SIGINT (^C) or SIGTERM ends it at the next step boundary
-with a checkpoint and one line saying how to continue (exit code 130 or 143); a NaN or inf loss or gradient
-norm ends it with one line naming the step, before those weights are saved (exit code 1).
+A run that stops early loses little (stopping.py): it saves a checkpoint every so often (--ckpt-every); SIGINT
+(^C) or SIGTERM ends it at the next step boundary with a checkpoint and one line saying how to continue (exit
+code 130 or 143); a NaN or inf loss or gradient norm ends it with one line naming the step, before those
+weights are saved (exit code 1).
 """
 import contextlib
 import json
@@ -279,13 +280,15 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop):
         log.flush()
 
     pending, since = None, time.perf_counter()        # the last step launched, and when the one before it ended
+    saved_time = since                                  # when the checkpoint on disk was written (or the loop began)
     stop.training = True                                # from here a first signal waits for the step boundary
     try:
         for step in range(start_step, last + 1):
             # ------------------------------------------------------------------ evaluation and checkpoint
             stopping = stop.signum is not None          # SIGINT or SIGTERM came during the step before
             evaluating = step % args.stats_every == 0 and (ckpt is None or step > start_step)   # a resumed run did
-            saving = step > start_step and (stopping or args.ckpt_every and step % args.ckpt_every == 0)
+            saving = step > start_step and (stopping or checkpoint.due(
+                args.ckpt_every, args.steps, step - 1 - stop.saved, time.perf_counter() - saved_time))
             if evaluating or saving or stopping:
                 if pending:
                     previous, pending = pending, None   # (cleared first: no line is written twice)
@@ -294,7 +297,7 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop):
                     report(step)
                 if saving:
                     checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step - 1)
-                    stop.saved = step - 1
+                    stop.saved, saved_time = step - 1, time.perf_counter()
                     if not stopping:                    # (stopping: the last line says it)
                         print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
                 if stopping:

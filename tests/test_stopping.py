@@ -204,6 +204,24 @@ def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
     assert not os.path.exists(str(file) + ".tmp")
 
 
+def test_checkpoints_by_default_every_tenth_of_the_steps_or_few_minutes_but_not_too_often():
+    every, minimum = checkpoint.EVERY_SECONDS, checkpoint.MIN_SECONDS
+    assert checkpoint.due(3, 1000, 3, 0.1) and not checkpoint.due(3, 1000, 2, 1e6)     # --ckpt-every 3: steps only
+    assert checkpoint.due(0, 1000, 100, minimum) and not checkpoint.due(0, 1000, 99, minimum)   # a tenth
+    assert not checkpoint.due(0, 1000, 500, minimum - 1)            # fast steps: no sooner than MIN_SECONDS
+    assert checkpoint.due(0, 1000, 1, every) and not checkpoint.due(0, 1000, 1, every - 1)      # slow steps
+    assert checkpoint.due(0, 20, 4, 4 * 20.0) and not checkpoint.due(0, 20, 2, 2 * 20.0)   # 20 steps of 20 s:
+                                                                    # every fourth, not every second (the floor)
+
+
+def test_the_default_schedule_reaches_the_loop(tmp_path, monkeypatch, capsys):
+    """--ckpt-every 0: with the one-minute floor lifted, a 10-step run saves after every step (a tenth of 10)."""
+    monkeypatch.setattr(checkpoint, "MIN_SECONDS", 0)
+    train.main(RUN + ["--ckpt-every", "0", "--steps", "10", "--out", str(tmp_path)])
+    saved = re.findall(r"saved .* at step (\d+)", capsys.readouterr().out)
+    assert saved == [str(s) for s in range(10)]
+
+
 def a_worker(ready):
     batches.worker_signals(0)
     ready.set()
