@@ -73,10 +73,10 @@ def cut_log(file: str, step: int):
     checkpoint; they go, with everything after the first of them (and a last line cut short). Kept: every record
     up to `step`, where an evaluation "eval step N" (written just before the checkpoint of step N - 1, and not
     repeated by the resumed run) and a run's start at step N count as N - 1."""
-    def reports_on(line: str) -> int:
+    def reports_on(line: str) -> float:             # (inf: a line cut short)
         try:
             r = json.loads(line)
-        except ValueError:                              # a line cut short
+        except ValueError:
             return math.inf
         return r["start_step"] - 1 if "start_step" in r else r["step"] - 1 if "eval_acc" in r else r["step"]
     if not os.path.exists(file):
