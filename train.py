@@ -199,7 +199,7 @@ def log_step(args, log, step: dict, since: float) -> float:
     log.write(json.dumps(record) + "\n")
     log.flush()
     if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise NonFinite(f"step {step['step']} has loss {loss} and gradient norm {norm}")
+        raise NonFinite(f"step {step['step']} has loss {loss:.4g} and gradient norm {norm:.4g}")
     return now
 
 
