@@ -6,6 +6,7 @@ can be built in DataLoader worker processes, in any order, while the GPU trains 
 as much Python time as a GPU step). Data-parallel ranks would add their rank to the coordinates.
 """
 import random
+import signal
 
 import torch
 
@@ -81,9 +82,18 @@ def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLo
     workers = args.workers
     return torch.utils.data.DataLoader(Batches(args, start, last, source), batch_size=None,
                                        num_workers=workers, prefetch_factor=PREFETCH if workers else None,
-                                       pin_memory=args.device.startswith("cuda"),
+                                       pin_memory=args.device.startswith("cuda"), worker_init_fn=worker_signals,
                                        generator=torch.Generator())  # else it draws a seed from the global RNG,
                                                                      # which --resume restores: not exact
+
+
+def worker_signals(worker_id: int):
+    """A loader worker ignores ^C and leaves it to the main process, which finishes its step and saves (train.py):
+    a terminal sends SIGINT to every process of the run, and a worker that quit on it would fail the batch the
+    main process waits for. SIGTERM ends a worker as by default (the loader stops its workers with it), not
+    by the handler of train.py's main process, which a forked worker inherits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def sample_groups(document_ids: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ rebuilds the model (eval_babilong.py, --init) and continues the run exactly (--r
 file and renamed, so a crash never leaves half a checkpoint, and read with weights_only=True, so loading one runs
 no pickled code.
 """
+import contextlib
 import os
 
 import torch
@@ -14,23 +15,49 @@ import torch
 from model import GPT, GPTConfig
 
 FILE = "ckpt.pt"   # one checkpoint per run folder, overwritten as the run goes
+EVERY_FRACTION = 0.1   # --ckpt-every 0 (the default): save every tenth of the steps or every five minutes of
+EVERY_SECONDS = 300    # training, whichever comes first, so that a crash costs at most that much work; but never
+MIN_SECONDS = 60       # sooner than a minute after the last save, or a run of fast steps (a small model, short
+                       # rows) would spend much of its time writing checkpoints that each save a minute at most
 
 
 def path(out: str) -> str:
     return os.path.join(out, FILE)
 
 
+def due(every: int, steps: int, steps_since: int, seconds_since: float) -> bool:
+    """Whether a run saves now, `steps_since` steps and `seconds_since` seconds after its last save (or its start):
+    every `every` (--ckpt-every) steps, or with every = 0 by the EVERY_* and MIN_SECONDS rule above."""
+    if every:
+        return steps_since >= every
+    return seconds_since >= MIN_SECONDS and (steps_since >= EVERY_FRACTION * steps or seconds_since >= EVERY_SECONDS)
+
+
+@contextlib.contextmanager
+def replacing(file: str, mode: str = "wb"):
+    """Open `file` to be written anew, atomically: the writes go to file + ".tmp", which is flushed to disk and
+    renamed over `file` once complete. A crash or an interrupt (^C, also mid-write) leaves the old file whole,
+    and the temp file is removed."""
+    tmp = file + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())   # on disk before the rename: a crash then leaves the old file or the new one
+        os.replace(tmp, file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def save(file: str, model: GPT, optimizer: torch.optim.Optimizer, config: dict, step: int):
-    """Write atomically: to file + ".tmp", then rename over the old checkpoint. `model` is the uncompiled module."""
+    """Write atomically (replacing). `model` is the uncompiled module."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "step": step,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    tmp = file + ".tmp"
-    with open(tmp, "wb") as f:
+    with replacing(file) as f:
         torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())       # on disk before the rename: a crash then leaves the old file or the new one
-    os.replace(tmp, file)
 
 
 def load(file: str) -> dict:

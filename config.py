@@ -106,7 +106,11 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue exactly from --out/ckpt.pt")
     p.add_argument("--stop-after", type=int, default=0, help="end this run after this step (continue with --resume)")
-    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--ckpt-every", type=int, default=0,
+                   help=f"checkpoint every N steps; 0 = every {checkpoint.EVERY_FRACTION * 100:g}%% of the steps or "
+                        f"{checkpoint.EVERY_SECONDS // 60} minutes of training, whichever comes first, but no sooner "
+                        f"than {checkpoint.MIN_SECONDS} s after the last; a run also saves at its end and when "
+                        "stopped by SIGINT or SIGTERM")
     p.add_argument("--stats-every", type=int, default=0, help="sink/engagement/accuracy every N steps; 0 = steps/5")
     return p.parse_args(argv)
 

@@ -13,6 +13,11 @@ and --resume's rules are config.py.
 Every batch is a pure function of (seed, split, step, micro-step) (batches.py), so `--resume` continues
 exactly, DataLoader workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint
 data.
+
+A run that stops early loses little (stopping.py): it saves a checkpoint every so often (--ckpt-every); SIGINT
+(^C) or SIGTERM ends it at the next step boundary with a checkpoint and one line saying how to continue (exit
+code 130 or 143); a NaN or inf loss or gradient norm ends it with one line naming the step, before those
+weights are saved (exit code 1).
 """
 import contextlib
 import json
@@ -31,6 +36,7 @@ import masks
 from fastweights import InnerConfig, adapted_layers, focusft_loss
 from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend, autocast as model_autocast
 from stats import attention_stats
+from stopping import Interrupted, NonFinite, Stop, cut_log
 
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
 GPU_EVAL_TOKENS = 262144   # on a GPU, at least this many held-out tokens (32 rows at 8K): ~200 answers, not ~26
@@ -122,15 +128,14 @@ def make_optimizer(args, model: GPT) -> torch.optim.AdamW:
 
 
 def optimizer_step(args, model, inner: InnerConfig, optimizer, micro_batches: list[dict],
-                   autocast) -> tuple[torch.Tensor, torch.Tensor]:
+                   autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One training step on its micro-batches (accumulate), gradient clipping, AdamW; returns accumulate's
-    device tensors. bench.py times this function."""
+    device tensors and the gradient's norm before clipping (a device tensor too). bench.py times this function."""
     loss_sum, inner_sum = accumulate(args, model, inner, micro_batches, autocast)
-    if args.clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-    optimizer.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
+    optimizer.step()                                                    # (--clip 0: measured, not clipped)
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, inner_sum
+    return loss_sum, inner_sum, grad_norm
 
 
 def held_out_batch(args, enc, source) -> dict:
@@ -161,12 +166,14 @@ def evaluate(args, model, batch: dict) -> dict:
     return out
 
 
-def step_record(step: int, lr: float, loss: torch.Tensor, inner: torch.Tensor, tokens: int) -> dict:
+def step_record(step: int, lr: float, loss: torch.Tensor, inner: torch.Tensor, grad_norm: torch.Tensor,
+                tokens: int) -> dict:
     """What a step's log line needs. On a GPU the loss values are copied to (pinned) host memory as the GPU
     reaches them, and an event marks the end of the step: reading them later waits for this step alone,
     where .item() would wait for everything queued since."""
     record = {"step": step, "lr": lr, "tokens": tokens, "loss": loss.to("cpu", non_blocking=True),
-              "inner": inner.to("cpu", non_blocking=True), "done": None}
+              "inner": inner.to("cpu", non_blocking=True), "grad_norm": grad_norm.to("cpu", non_blocking=True),
+              "done": None}
     if loss.is_cuda:
         record["done"] = torch.cuda.Event()
         record["done"].record()
@@ -175,20 +182,24 @@ def step_record(step: int, lr: float, loss: torch.Tensor, inner: torch.Tensor, t
 
 def log_step(args, log, step: dict, since: float) -> float:
     """The fixed-format line of a step (step_record), printed once its work is done; returns when that was.
-    ms counts from `since`, when the step before it was done: the time per step of steps run back to back."""
+    ms counts from `since`, when the step before it was done: the time per step of steps run back to back.
+    Raises NonFinite after the line of a step whose loss or gradient norm is NaN or inf: checked here, from
+    the host copies, a step late on a GPU, so that no step waits for the GPU to check its own."""
     if step["done"] is not None:
         step["done"].synchronize()                      # this step only: a step queued after it keeps running
     now = time.perf_counter()
     dt = now - since
-    loss, il = step["loss"].item(), step["inner"].tolist()       # host copies, complete
+    loss, il, norm = step["loss"].item(), step["inner"].tolist(), step["grad_norm"].item()   # host copies, complete
     inner, moved = il[:-1], il[-1:]                                 # (accumulate's record)
     inner_txt = f" | inner {inner[0]:.3f}->{inner[-1]:.3f} (moved {moved[0]:.3g})" if il else ""
     print(f"{progress(step['step'] + 1, args.steps)} | loss {loss:.4f}{inner_txt} | lr {step['lr']:.2e} | "
           f"{step['tokens'] / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)
     record = {"step": step["step"], "loss": loss, "inner": inner, "moved": moved[0] if il else None,
-              "lr": step["lr"], "tok_s": step["tokens"] / dt, "ms": dt * 1000}
+              "grad_norm": norm, "lr": step["lr"], "tok_s": step["tokens"] / dt, "ms": dt * 1000}
     log.write(json.dumps(record) + "\n")
     log.flush()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise NonFinite(f"step {step['step']} has loss {loss:.4g} and gradient norm {norm:.4g}")
     return now
 
 
@@ -203,6 +214,20 @@ def main(argv=None):
     args, start_step, ckpt, why = config.from_command_line(argv)
     if args is None:                                    # a finished run given --resume
         return
+    stop = Stop(saved=start_step - 1)
+    with stop.handling_signals():
+        try:
+            run(args, start_step, ckpt, why, stop)
+        except Interrupted as e:
+            print(stop.last_line(args.out, e), file=sys.stderr, flush=True)
+            sys.exit(128 + e.signum)                    # a shell's code for a process a signal ended: 130, 143
+        except NonFinite as e:
+            kept = f"{checkpoint.path(args.out)} keeps step {stop.saved}" if stop.saved >= 0 else "nothing saved"
+            sys.exit(f"train.py: error: {e}: stopped; {kept}")
+
+
+def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop):
+    """The run itself: main() with its arguments parsed, ended early by raising Interrupted or NonFinite."""
     print("defaults chosen:\n  " + "\n  ".join(why) if why else "no defaults needed")
     print("config:", json.dumps(vars(args)))
 
@@ -237,7 +262,10 @@ def main(argv=None):
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"train.py: error: {e}")
     os.makedirs(args.out, exist_ok=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")   # a new run: a new log
+    log_file = os.path.join(args.out, "log.jsonl")
+    if ckpt is not None:
+        cut_log(log_file, ckpt["step"])
+    log = open(log_file, "a" if args.resume else "w")   # a new run: a new log
     log.write(json.dumps({"config": recorded, "start_step": start_step}) + "\n")
     autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1
@@ -249,22 +277,31 @@ def main(argv=None):
         print(f"eval step {updates}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | sink mass "
               f"{ev['sink_mass']:.3f} | sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
         log.write(json.dumps({"step": updates, **ev}) + "\n")
+        log.flush()
 
     pending, since = None, time.perf_counter()        # the last step launched, and when the one before it ended
+    saved_time = since                                  # when the checkpoint on disk was written (or the loop began)
+    stop.training = True                                # from here a first signal waits for the step boundary
     try:
         for step in range(start_step, last + 1):
             # ------------------------------------------------------------------ evaluation and checkpoint
+            stopping = stop.signum is not None          # SIGINT or SIGTERM came during the step before
             evaluating = step % args.stats_every == 0 and (ckpt is None or step > start_step)   # a resumed run did
-            saving = args.ckpt_every and step > start_step and step % args.ckpt_every == 0
-            if evaluating or saving:
+            saving = step > start_step and (stopping or checkpoint.due(
+                args.ckpt_every, args.steps, step - 1 - stop.saved, time.perf_counter() - saved_time))
+            if evaluating or saving or stopping:
                 if pending:
                     previous, pending = pending, None   # (cleared first: no line is written twice)
-                    log_step(args, log, previous, since)
+                    log_step(args, log, previous, since)   # (NonFinite here: the weights are never saved)
                 if evaluating:
                     report(step)
                 if saving:
                     checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step - 1)
-                    print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
+                    stop.saved, saved_time = step - 1, time.perf_counter()
+                    if not stopping:                    # (stopping: the last line says it)
+                        print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
+                if stopping:
+                    raise stop.end(stop.signum, at_once=False)
                 since = time.perf_counter()                 # the pause is no step's time
 
             # ------------------------------------------------------------------ one training step
@@ -273,14 +310,17 @@ def main(argv=None):
                 group["lr"] = lr
             host = [next(loader) for _ in range(args.grad_accum)]   # built ahead (in workers unless --workers 0)
             micro_batches = [batches.to_device(b, args.device, fast_weight_slots(args)) for b in host]
-            loss_sum, inner_sum = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
-            launched = step_record(step, lr, loss_sum, inner_sum, sum(int(b["attention_mask"].sum()) for b in host))
+            loss_sum, inner_sum, grad_norm = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
+            launched = step_record(step, lr, loss_sum, inner_sum, grad_norm,
+                                   sum(int(b["attention_mask"].sum()) for b in host))
             previous, pending = pending, launched
             if previous:                                    # the last step's line, now that this one is queued
                 since = log_step(args, log, previous, since)
             if launched["done"] is None:                    # a CPU step is over when it returns: nothing to overlap
                 pending = None
                 since = log_step(args, log, launched, since)
+    except NonFinite:
+        raise                                           # no line after the bad step's
     except BaseException:                               # a failed step (or ^C): the one before it keeps its
         if pending:                                     # line, unless the GPU itself failed and it has none;
             with contextlib.suppress(Exception):        # its ms then runs to the failure
@@ -291,6 +331,7 @@ def main(argv=None):
 
     report(last + 1)                                    # the model the checkpoint holds
     checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, last)
+    stop.saved = last
     if args.device.startswith("cuda"):
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"saved {checkpoint.path(args.out)} at step {last}")

@@ -189,7 +189,7 @@ def test_log_step_waits_for_its_own_step_only(tmp_path):
     import types
     import train
     x = torch.randn(4096, 4096, device="cuda") / 64
-    record = train.step_record(0, 1e-3, (x @ x).square().mean(), (x @ x).mean().repeat(3), tokens=4096)
+    record = train.step_record(0, 1e-3, (x @ x).square().mean(), (x @ x).mean().repeat(3), x.norm(), tokens=4096)
     for _ in range(200):                          # the next step: ~30 ms of matmuls queued behind the record
         x = torch.tanh(x @ x)
     queued = torch.cuda.Event()
