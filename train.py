@@ -18,7 +18,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -28,6 +27,7 @@ import checkpoint
 import config
 import data
 import masks
+from cli import refuse
 from fastweights import InnerConfig, adapted_layers, focusft_loss
 from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend, autocast as model_autocast
 from stats import attention_stats
@@ -200,9 +200,13 @@ def progress(step: int, total: int, width: int = 20) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args, start_step, ckpt, why = config.from_command_line(argv)
+    args, start_step, ckpt, why = config.from_command_line(argv, __doc__)   # bad input refused here, in one line
     if args is None:                                    # a finished run given --resume
         return
+    try:
+        source = batches.data_source(args)        # books (and stories) for the loader and the evaluation
+    except (OSError, ValueError, RuntimeError) as e:
+        refuse(config.PROG, str(e))               # (a missing book folder: before the model is built)
     print("defaults chosen:\n  " + "\n  ".join(why) if why else "no defaults needed")
     print("config:", json.dumps(vars(args)))
 
@@ -232,10 +236,6 @@ def main(argv=None):
           f"fast weights on layers {list(adapted_layers(model_cfg.n_layer, inner.fraction))}")
 
     enc = data.gpt2()
-    try:
-        source = batches.data_source(args)        # books (and stories) for the loader and the evaluation
-    except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"train.py: error: {e}")
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")   # a new run: a new log
     log.write(json.dumps({"config": recorded, "start_step": start_step}) + "\n")

@@ -21,6 +21,13 @@ def tiny_config(**kw) -> GPTConfig:
     return GPTConfig(**{**base, **kw})
 
 
+def write_checkpoint(path, model: GPT, args: dict):
+    """`model` saved as train.py saves a run (checkpoint.save), its recorded args only those given."""
+    import checkpoint
+    config = {"args": args, "model": model.config.to_dict()}
+    checkpoint.save(str(path), model, torch.optim.AdamW(model.parameters()), config, 0)
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
