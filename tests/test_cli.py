@@ -15,6 +15,7 @@ import torch
 import checkpoint
 import cli
 import config
+import eval_babilong
 import train
 from conftest import ROOT, tiny_config, write_checkpoint
 from model import GPT, preset
@@ -89,9 +90,10 @@ def test_count_flags_refuse_what_is_not_a_count(capsys, flag, value):
 
 @pytest.mark.parametrize("kind", ["missing", "folder", "empty", "truncated", "text", "tensor", "parts",
                                   "weights"])
-def test_what_is_not_a_checkpoint_is_one_line_for_init_and_resume(tmp_path, capsys, no_model, tiny_ckpt, kind):
-    """The one loader (checkpoint.load) names the file and why; --init and --resume each refuse it in one line
-    naming the flag, before a model is built or an output folder made."""
+def test_what_is_not_a_checkpoint_is_one_line_for_init_resume_and_eval(tmp_path, capsys, no_model, tiny_ckpt,
+                                                                         kind):
+    """The one loader (checkpoint.load) names the file and why; --init, --resume and eval_babilong.py --ckpt
+    each refuse it in one line naming the flag, before a model is built or an output folder made."""
     bad = tmp_path / "run" / "ckpt.pt"                     # where --resume --out run looks
     bad.parent.mkdir()
     good = open(tiny_ckpt, "rb").read()
@@ -116,7 +118,9 @@ def test_what_is_not_a_checkpoint_is_one_line_for_init_and_resume(tmp_path, caps
     new = tmp_path / "new"
     cpu = ["--device", "cpu", "--ctx", "512", "--data", "synthetic"]
     for main, argv, flag in ((train.main, ["--init", str(bad), "--out", str(new)] + cpu, "--init"),
-                             (train.main, ["--resume", "--out", str(bad.parent)], "--resume")):
+                             (train.main, ["--resume", "--out", str(bad.parent)], "--resume"),
+                             (eval_babilong.main, ["--ckpt", str(bad), "--out", str(new), "--device", "cpu"],
+                              "--ckpt")):
         if kind == "missing" and flag == "--resume":
             flag, why = "--resume", "no checkpoint at"      # (config.check_args: nothing to resume)
         line = refused(capsys, main, argv)
@@ -164,3 +168,67 @@ def test_train_refusals_exit_2_with_one_line_and_no_folder(tmp_path):
         r = run("train.py", "--device", "cpu", "--out", "o", *argv, cwd=tmp_path)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
         assert r.stdout == "" and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval_babilong.py
+
+@pytest.mark.parametrize("content,why", [
+    ('[{"input": 3}]', "qa1/0k.json[0]: 'input' must be a string"),               # the issue's case
+    ('[{"input": "Mary went home.", "target": "home"}]', "qa1/0k.json[0]: no 'question'"),
+    ('[{"input": "a", "question": "b", "target": "c"}, [1]]', "qa1/0k.json[1]: a sample is an object"),
+    ('{"input": "a"}', "qa1/0k.json: expected a JSON list of samples, found a dict"),
+    ("", "qa1/0k.json is not a JSON file of samples"),                            # empty
+    ("[{", "qa1/0k.json is not a JSON file of samples"),                          # cut short
+    (b"PK\x03\x04\xff\xfe", "qa1/0k.json is not a JSON file of samples"),        # not text (not ours)
+    (None, "qa1/0k.json is a folder, not a BABILong file"),
+    ("missing", "no BABILong file"),
+])
+def test_a_bad_sample_file_is_one_line_naming_the_file_and_sample(tmp_path, capsys, no_model, tiny_ckpt, content,
+                                                                   why):
+    """Samples are read and checked before the model is built: a sample lacking a field (it used to be a KeyError
+    deep in the evaluation), a wrong type, an empty, cut-short or binary file, a folder; the --out folder is
+    not made."""
+    path = tmp_path / "d" / "data" / "qa1" / "0k.json"
+    path.parent.mkdir(parents=True)
+    if content is None:
+        path.mkdir()
+    elif content != "missing":
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = refused(capsys, eval_babilong.main, ["--ckpt", tiny_ckpt, "--data", str(tmp_path / "d"), "--tasks", "qa1",
+                                                "--lengths", "0k", "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert line.startswith("eval_babilong.py: error: --data: ") and why in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_make_data_writes_nothing_when_a_later_task_cannot_be_read(tmp_path, capsys):
+    """Every bAbI file is read before the first sample file is written: qa2's missing file leaves no qa1 files."""
+    babi_dir = tmp_path / "babi"
+    babi_dir.mkdir()
+    (babi_dir / "qa1_single-supporting-fact_test.txt").write_text("1 Mary went to the kitchen.\n"
+                                                                  "2 Where is Mary? \tkitchen\t1\n")
+    line = refused(capsys, eval_babilong.main, ["--make-data", str(tmp_path / "d"), "--tasks", "qa1,qa2",
+                                                "--lengths", "0k", "--n", "1", "--babi-dir", str(babi_dir)])
+    assert line.startswith("eval_babilong.py: error: --babi-dir: ") and "qa2" in line
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--n", "0"], "argument --n"), (["--tasks", "qa1,qa9"], "argument --tasks"),
+    (["--lengths", "1K"], "argument --lengths"), (["--make-data", ""], "--make-data: an empty path"),
+    (["--ckpt", "x.pt", "--out", "f"], "--out f: a file")])
+def test_eval_flags_are_one_line(tmp_path, monkeypatch, capsys, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").write_text("")
+    assert needle in refused(capsys, eval_babilong.main, argv + ["--device", "cpu"])
+
+
+def test_eval_refusal_exits_2_with_one_line(tmp_path, tiny_ckpt):
+    """As a process, the issue's case: a sample with a number for its input and no question."""
+    path = tmp_path / "d" / "data" / "qa1" / "0k.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('[{"input": 3}]')
+    r = run("eval_babilong.py", "--ckpt", tiny_ckpt, "--data", "d", "--tasks", "qa1", "--lengths", "0k",
+            "--device", "cpu", "--out", "o", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "0k.json[0]: 'input' must be a string" in r.stderr
+    assert r.stdout == "" and not (tmp_path / "o").exists()
