@@ -216,15 +216,16 @@ def heatmap(acc: dict, tasks: list[str], lengths: list[str], path: str):
 
 def main(argv=None):
     p = Parser(PROG, __doc__)
-    p.add_argument("--make-data", metavar="DIR", help="write samples in the hub layout DIR/data/qaN/LEN.json")
-    p.add_argument("--ckpt", help="checkpoint to evaluate")
+    mode = "; default: none (one of --make-data, --ckpt, --score is needed)"
+    p.add_argument("--make-data", metavar="DIR", help="write samples in the hub layout DIR/data/qaN/LEN.json" + mode)
+    p.add_argument("--ckpt", help="checkpoint to evaluate" + mode)
     p.add_argument("--data", default="babilong_data", help="hub-layout folder to read, or 'hub' (needs datasets)")
     p.add_argument("--revision", default="main", help="--data hub: the hub revision (a commit hash pins it)")
     p.add_argument("--prompt", choices=["trained", "official"], default="trained",
                    help="trained: the format models of this repo learn; official: the benchmark's template")
     p.add_argument("--prompt-parts", default=None,
                    help="--prompt official: JSON {task: {instruction, examples, post_prompt}} (default: empty)")
-    p.add_argument("--score", metavar="CSV", help="score a CSV of outputs (columns target, output, question)")
+    p.add_argument("--score", metavar="CSV", help="score a CSV of outputs (columns target, output, question)" + mode)
     p.add_argument("--tasks", type=names(TASK_LABELS), default="qa1,qa2,qa3,qa4,qa5", help="comma-separated tasks")
     p.add_argument("--lengths", type=names(babilong.LENGTHS), default="0k,1k,2k,4k",
                    help="comma-separated lengths (Nk = N*1000 GPT-2 tokens)")

@@ -22,7 +22,6 @@ it is there (run the command again to resume after a stop):
 Ideas to hold: every training stage is a train.py command (recorded in results.json, runnable by hand), and
 evaluation reads only the test books and test stories; the arms differ only in their flags.
 """
-import argparse
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import babilong
 import checkpoint
 import data
 import eval_babilong
+from cli import Parser, output_problem
 from model import autocast
 
 ROOT = Path(__file__).resolve().parent
@@ -286,16 +286,20 @@ def machine() -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The study's flags, every one checked before any stage runs (a bad one: one line, config.Parser's)."""
+    p = Parser("study.py", __doc__)
     p.add_argument("--out", default="runs/study", help="folder of the study's stages and results")
     p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: the pipeline, not the numbers")
     p.add_argument("--books", default="synthetic:0",
                    help="training text: a folder of .txt/.txt.gz books, pg19 (online) or synthetic:SEED")
     p.add_argument("--test-books", default="synthetic:7",
                    help="the test haystack, books no stage reads: a folder, or synthetic:SEED (other books)")
-    p.add_argument("--babi-dir", default=None, help="real bAbI files (their test split is the test set)")
+    p.add_argument("--babi-dir", default=None,
+                   help="real bAbI files (their test split is the test set); default: none, generated stories")
     args = p.parse_args(argv)
+    problem = output_problem("--out", args.out)
+    if problem:
+        p.error(problem)
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
         if value.split(":")[0] not in ("synthetic", "pg19") and not Path(value).is_dir():
             p.error(f"{flag}: no folder {value}")

@@ -12,10 +12,12 @@ import sys
 import pytest
 import torch
 
+import bench
 import checkpoint
 import cli
 import config
 import eval_babilong
+import study
 import train
 from conftest import ROOT, tiny_config, write_checkpoint
 from model import GPT, preset
@@ -232,3 +234,37 @@ def test_eval_refusal_exits_2_with_one_line(tmp_path, tiny_ckpt):
             "--device", "cpu", "--out", "o", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "0k.json[0]: 'input' must be a string" in r.stderr
     assert r.stdout == "" and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# study.py, bench.py, and --help everywhere
+
+@pytest.mark.parametrize("main,argv,needle", [
+    (study.get_args, ["--out", ""], "study.py: error: --out: an empty path"),
+    (study.get_args, ["--out", "f"], "study.py: error: --out f: a file"),
+    (study.get_args, ["--books", "nowhere"], "study.py: error: --books: no folder nowhere"),
+    (study.get_args, ["--quick", "2"], "study.py: error: unrecognized arguments: 2"),
+    (bench.main, ["--sizes", "8192,abc"], "bench.py: error: argument --sizes: expected an integer"),
+    (bench.main, ["--tokens", "nan"], "bench.py: error: argument --tokens"),
+    (bench.main, ["--sections", "work", "--out", "."], "bench.py: error: --out .: a folder, not a file"),
+    (bench.main, ["--sections", "work", "--out", "no/b.json"], "bench.py: error: --out no/b.json:"),
+])
+def test_study_and_bench_flags_are_one_line(tmp_path, monkeypatch, capsys, main, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").write_text("")
+    assert refused(capsys, main, argv).startswith(needle)
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+@pytest.mark.parametrize("main,doc", [(train.main, train.__doc__), (eval_babilong.main, eval_babilong.__doc__),
+                                      (study.get_args, study.__doc__), (bench.main, bench.__doc__)])
+def test_help_shows_the_whole_description_and_every_default(capsys, main, doc):
+    """--help prints the script's whole docstring (train.py's used to stop mid-sentence) and, for every flag,
+    its default: argparse's "(default: X)", or for a default of None the help's own words."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert " ".join(doc.split()) in " ".join(text.split())
+    flags = [" ".join(block.split()) for block in re.split(r"\n  (?=-)", text)[1:] if not block.startswith("-h")]
+    assert len(flags) >= 5 and [f for f in flags if "default" not in f] == []
