@@ -12,6 +12,8 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 if (SHARED / "tiktoken").is_dir():                         # offline GPT-2 tokenizer files, when present
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")               # tests never reach the hub: where `datasets` is
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")          # installed, its online paths fail at once, not on a timeout
 
 from model import GPT, GPTConfig, IGNORE  # noqa: E402
 

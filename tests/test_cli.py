@@ -268,3 +268,46 @@ def test_help_shows_the_whole_description_and_every_default(capsys, main, doc):
     assert " ".join(doc.split()) in " ".join(text.split())
     flags = [" ".join(block.split()) for block in re.split(r"\n  (?=-)", text)[1:] if not block.startswith("-h")]
     assert len(flags) >= 5 and [f for f in flags if "default" not in f] == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the README's commands and what they write
+
+def readme_commands() -> list[str]:
+    """Every command of the README's bash blocks, `a && b` split in two."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [command.strip() for line in lines for command in line.split("&&") if command.strip()]
+
+
+def test_the_readmes_training_commands_each_have_their_own_out():
+    """Run top to bottom in a fresh clone, no training command finds its --out holding another's run (which
+    train.py refuses): every new run (not --resume) names its own."""
+    outs = []
+    for command in readme_commands():
+        words = command.split()
+        if words[:2] == ["python", "train.py"] and "--resume" not in words:
+            outs.append(words[words.index("--out") + 1] if "--out" in words else config.parser().get_default("out"))
+    assert len(outs) >= 5 and len(set(outs)) == len(outs), outs
+
+
+@pytest.mark.skipif(subprocess.run(["git", "-C", str(ROOT), "rev-parse"], capture_output=True).returncode != 0,
+                    reason="not a git checkout")
+def test_what_commands_write_is_ignored_by_git(tmp_path, monkeypatch):
+    """The folders and files the scripts write by default (train.py's --out, study.py's, bench.py's, the folder
+    eval_babilong.py --data reads) and every --out or --make-data of the README's commands."""
+    monkeypatch.chdir(tmp_path)                             # (study.get_args tries its --out where it runs)
+    written = {config.parser().get_default("out"), study.get_args([]).out, "bench.json", "babilong_data"}
+    for command in readme_commands():
+        words = command.split()
+        written |= {words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--make-data")}
+    written = {w if w.endswith(".json") else w.rstrip("/") + "/" for w in written}    # folders end in "/" for git
+    check = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", *sorted(written)],
+                           capture_output=True, text=True)
+    assert set(check.stdout.split()) == written, written - set(check.stdout.split())
+
+
+def test_requirements_hold_the_design_cards_packages():
+    names = {re.split(r"[=<>\[ ]", line)[0] for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line and not line.startswith("#")}
+    assert {"torch", "numpy", "tiktoken", "datasets", "pytest"} <= names
