@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import tempfile
+from typing import NoReturn
 
 REFUSED = 2   # exit status of refused input: argparse's for a bad command line, kept for bad files too
 
@@ -29,7 +30,7 @@ class Refused(SystemExit):
         return self.line
 
 
-def refuse(prog: str, message: str):
+def refuse(prog: str, message: str) -> NoReturn:
     """End the script over bad input: one line `prog: error: message` on stderr, exit status REFUSED."""
     line = f"{prog}: error: {message}"
     print(line, file=sys.stderr, flush=True)
@@ -51,7 +52,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, prog: str, description: str):
         super().__init__(prog=prog, description=description, formatter_class=HelpFormatter)
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         refuse(self.prog, message)
 
 
@@ -71,7 +72,6 @@ def number(kind: type, low: float, high: float = math.inf, above: bool = False, 
         if not (math.isfinite(value) and low <= value <= high) or (above and value == low):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
-    parse.__name__ = kind.__name__
     return parse
 
 
