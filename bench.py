@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 
@@ -31,6 +30,7 @@ import eval_babilong
 import generate
 import train
 from bench_kernels import ATTN_CONFIGS, attn_config, bench_attention, bench_tuning, flash_attn_version, free_memory
+from cli import Parser, names, number, output_problem
 from flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
 from model import FLASH_INSTALL, GPT, PRESETS, preset, autocast as model_autocast
 
@@ -243,6 +243,20 @@ def table(title: str, rows: list[dict], columns: list[str]):
     print(f"\n{title}\n" + "\n".join(" | ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells))
 
 
+def sizes_list(text: str) -> tuple[int, ...]:
+    """--sizes: comma-separated positive sequence lengths."""
+    return tuple(number(int, 1)(x) for x in text.split(","))
+
+
+def attn_configs(text: str) -> list[str]:
+    """--attn-config: comma-separated ATTN_CONFIGS names, each maybe joined with + (a+b)."""
+    configs = text.split(",")
+    unknown = sorted({part for config in configs for part in config.split("+")} - set(ATTN_CONFIGS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(ATTN_CONFIGS)} (a+b joins two)")
+    return configs
+
+
 def write_json(path: str, result: dict):
     """Temp file then rename: a crash never leaves half a file (written after every section)."""
     with open(path + ".tmp", "w") as f:
@@ -251,41 +265,38 @@ def write_json(path: str, result: dict):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser("bench.py", __doc__)
     p.add_argument("--out", default="bench.json", help="JSON file for every number (written atomically)")
     p.add_argument("--quick", action="store_true", help="smoke run: 8K only, fewer steps and repeats")
-    p.add_argument("--sections", default="attention,training,eval",
+    p.add_argument("--sections", type=names(SECTIONS), default="attention,training,eval",
                    help=f"which of {','.join(SECTIONS)} to run (each of the default ones fits in a 10-minute job "
                         "on its own; tune: give one model and one size)")
-    p.add_argument("--sizes", default=None, help="sequence lengths of sections 1 and 2, e.g. 8192,16384")
-    p.add_argument("--models", default=",".join(MODELS), help="section 2's models (PRESETS names)")
-    p.add_argument("--tokens", type=int, default=TOKENS_PER_STEP,
+    p.add_argument("--sizes", type=sizes_list, default=None,
+                   help="sequence lengths of sections 1 and 2, e.g. 8192,16384; default: 8K-32K (--quick: 8K)")
+    p.add_argument("--models", type=names(sorted(PRESETS)), default=",".join(MODELS),
+                   help="section 2's models (PRESETS names)")
+    p.add_argument("--tokens", type=number(int, 1), default=TOKENS_PER_STEP,
                    help="section 2's tokens per step (batch = tokens // ctx; 8192 at 8K = the authors' batch 1)")
-    p.add_argument("--variants", default=",".join(f"{m}-{k}" for m, k in VARIANTS),
+    p.add_argument("--variants", type=names([f"{m}-{k}" for m, k in VARIANTS]),
+                   default=",".join(f"{m}-{k}" for m, k in VARIANTS),
                    help="section 2's rows, a subset of the default (method-mask); ratios need sft-causal")
     p.add_argument("--profile", action="store_true", help="section 2: print the top GPU kernels of one more step")
     p.add_argument("--trace", default=None, metavar="DIR",
-                   help="section 2: --profile, and that step's CPU and GPU timeline as DIR/CONFIG/*.json")
-    p.add_argument("--attn-config", default="default",
+                   help="section 2: --profile, and that step's CPU and GPU timeline as DIR/CONFIG/*.json "
+                        "(default: none)")
+    p.add_argument("--attn-config", type=attn_configs, default="default",
                    help=f"section 2: how flex compiles, one or more of {','.join(ATTN_CONFIGS)} (compared row by "
                         "row); a+b joins two (b's kernel options win), e.g. bwd-32x64-64x32-w4-s3+fwd-64x128")
     args = p.parse_args(argv)
-    sections = set(args.sections.split(","))
-    if sections - set(SECTIONS):
-        sys.exit(f"bench.py: error: --sections: unknown {sorted(sections - set(SECTIONS))}; choose from "
-                 f"{','.join(SECTIONS)}")
-    models = args.models.split(",")
-    configs = args.attn_config.split(",")
-    asked = {tuple(v.split("-", 1)) for v in args.variants.split(",")}
-    variants = [v for v in VARIANTS if v in asked]              # in VARIANTS' order: causal SFT, the base, first
-    unknown = {part for config in configs for part in config.split("+")} - set(ATTN_CONFIGS)
-    if set(models) - set(PRESETS) or args.tokens <= 0 or unknown or asked - set(VARIANTS):
-        sys.exit(f"bench.py: error: --models must name {','.join(PRESETS)}, --attn-config {','.join(ATTN_CONFIGS)}"
-                 " (a+b joins two), --variants some of the default; --tokens must be positive")
+    sections, models, configs = set(args.sections), args.models, args.attn_config
+    variants = [v for v in VARIANTS if f"{v[0]}-{v[1]}" in args.variants]   # in VARIANTS' order: causal SFT first
+    problem = output_problem("--out", args.out, folder=False)
+    if problem:
+        p.error(problem)
     if sections - {"work"} and not torch.cuda.is_available():
-        sys.exit("bench.py: error: needs a CUDA GPU (found none); only --sections work runs without one")
+        p.error("needs a CUDA GPU (found none); only --sections work runs without one")
     sizes, prompts = (SIZES[:1], EVAL_PROMPTS[:1]) if args.quick else (SIZES, EVAL_PROMPTS)
-    sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else sizes
+    sizes = args.sizes or sizes
     warmup, timed, repeats = ((QUICK_WARMUP, QUICK_TIMED, QUICK_REPEATS) if args.quick else
                               (WARMUP_STEPS, TIMED_STEPS, EVAL_REPEATS))
     torch._dynamo.config.cache_size_limit = 64        # one graph per shape, mask and grad mode: more than 8

@@ -9,12 +9,15 @@ no pickled code.
 """
 import contextlib
 import os
+import zipfile
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, PRESETS, GPTConfig, preset
 
 FILE = "ckpt.pt"   # one checkpoint per run folder, overwritten as the run goes
+PARTS = ("model", "optimizer", "config", "step", "rng")   # what save() writes
+CONFIG_PARTS = ("args", "model")   # of its config, what readers use: train.py's args, the GPTConfig
 EVERY_FRACTION = 0.1   # --ckpt-every 0 (the default): save every tenth of the steps or every five minutes of
 EVERY_SECONDS = 300    # training, whichever comes first, so that a crash costs at most that much work; but never
 MIN_SECONDS = 60       # sooner than a minute after the last save, or a run of fast steps (a small model, short
@@ -60,8 +63,53 @@ def save(file: str, model: GPT, optimizer: torch.optim.Optimizer, config: dict, 
         torch.save(ckpt, f)
 
 
-def load(file: str) -> dict:
-    return torch.load(file, map_location="cpu", weights_only=True)
+class NotACheckpoint(ValueError):
+    """A file load() does not take for a checkpoint of train.py's; the message is one line saying why."""
+
+
+def load(file: str, mmap: bool = False) -> dict:
+    """The checkpoint in `file`, on the CPU. Anything else raises NotACheckpoint, one line naming the file and why:
+    no such file, a folder, an empty, cut-short or text file, another program's file, a dict without a
+    checkpoint's parts, weights that do not fit their model's config. Every reader goes through here (--init,
+    --resume, eval_babilong.py --ckpt). mmap: map the tensors rather than read them, for a quick look."""
+    if not os.path.exists(file):
+        raise NotACheckpoint(f"no checkpoint at {file}")
+    why = ("it is a folder" if os.path.isdir(file) else "it is empty" if os.path.getsize(file) == 0 else
+           None if zipfile.is_zipfile(file) else "it is not a zip archive as torch.save writes (cut short, or "
+                                                 "another kind of file)")
+    if why is None:
+        try:
+            ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:   # torch's readers raise many kinds (RuntimeError, UnpicklingError, KeyError, ...)
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        else:
+            why = problem(ckpt)
+    if why:
+        raise NotACheckpoint(f"cannot load {file} as a train.py checkpoint: {why}")
+    return ckpt
+
+
+def problem(ckpt) -> str | None:
+    """Why a loaded object is not a checkpoint save() wrote (None if it is one): its parts, its config, and its
+    weights' names and shapes against those of its config's model, built on the meta device (no memory)."""
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}, not a dict"
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    missing = [k for k in PARTS if k not in ckpt] + [f"config.{k}" for k in CONFIG_PARTS
+                                                     if not isinstance(config.get(k), dict)]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    if not isinstance(ckpt["model"], dict):
+        return f"its model is a {type(ckpt['model']).__name__}, not a dict of tensors"
+    try:
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**ckpt["config"]["model"]))
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:   # unknown fields, impossible sizes
+        return f"its model config builds no GPT ({type(e).__name__}: {e})"
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in ckpt["model"].items()}
+    wrong = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+    return f"its weights do not fit its model config (first: {wrong[0]})" if wrong else None
 
 
 def model_from(ckpt: dict, **changes) -> GPT:
@@ -69,3 +117,9 @@ def model_from(ckpt: dict, **changes) -> GPT:
     model = GPT(GPTConfig(**{**ckpt["config"]["model"], **changes}))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def preset_name(ckpt: dict) -> str | None:
+    """The model.PRESETS size of the checkpoint's model (None if it is none of them)."""
+    shape = GPTConfig(**{**ckpt["config"]["model"], "attn": "sdpa"})       # the attention backend is no size
+    return next((name for name in PRESETS if preset(name, "sdpa") == shape), None)

@@ -6,16 +6,17 @@ log, so a run can be resumed, inspected or repeated from its files alone.
 """
 import argparse
 import os
-import sys
 
 import torch
 
 import batches
 import checkpoint
 import data
+from cli import Parser, number, output_problem, refuse
 from fastweights import PROJECTIONS
 from model import FLASH_INSTALL, FLEX_BACKENDS, PRESETS, flash_backend_available
 
+PROG = "train.py"            # the name this file's refusals give (train.py's command line lives here)
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
 SCRATCH_INNER_LR = 0.03      # from scratch: 0.1 left the base weights behind SFT on BABILong rows (README)
 FINETUNE_LR = 1e-5           # AdamW's rate with --init: the authors' for fine-tuning a pretrained model
@@ -24,15 +25,21 @@ LEGACY = {"workers": 0, "bos": 0, "max_docs": 1 << 30, "inner_per": "row"}   # r
 RUN_ONLY = ("out", "resume", "stop_after", "workers", "flex_backend")   # this invocation's, not the recorded run's
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                      # one clear line, non-zero exit
-        sys.exit(f"train.py: error: {message}")
+# ----------------------------------------------------------------------------------------------------------
+# train.py's command line
+
+def get_args(argv=None, description: str = "") -> argparse.Namespace:
+    """train.py's flags, each checked on its own as it is read (a number's range, a name's choices); how they
+    fit together is check_args's. `description`: --help's text (train.py's docstring)."""
+    return parser(description).parse_args(argv)
 
 
-def get_args(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0])
+def parser(description: str = "") -> Parser:
+    p = Parser(PROG, description)
+    count, positive = number(int, 0), number(int, 1)   # counts (0 = the default or off, as each help says)
+    nonnegative, above_zero = number(float, 0), number(float, 0, above=True)
     # --- data ---
-    p.add_argument("--ctx", type=int, default=8192, help="tokens per training row")
+    p.add_argument("--ctx", type=positive, default=8192, help="tokens per training row")
     p.add_argument("--data", choices=["babilong", "synthetic", "books"], default="babilong",
                    help="babilong: one-question samples built by BABILong's recipe (babilong.py), the format "
                         "eval_babilong.py uses; synthetic: multi-turn stories (every question a response turn); "
@@ -47,12 +54,13 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--haystack", default="synthetic",
                    help="haystack text: synthetic, pg19 (online) or a folder of .txt books")
     p.add_argument("--babi-dir", default=None, help="--data babilong: real bAbI stories instead of the generator "
-                                                    "(train files; the held-out check: test files)")
-    p.add_argument("--min-len", type=int, default=256,
+                                                    "(train files; the held-out check: test files); default: none, "
+                                                    "the generator")
+    p.add_argument("--min-len", type=positive, default=256,
                    help="--data synthetic, books: shortest sample in a row (tokens)")
-    p.add_argument("--max-len", type=int, default=0,
+    p.add_argument("--max-len", type=count, default=0,
                    help="--data synthetic, books: longest sample (tokens); 0 = --ctx")
-    p.add_argument("--max-docs", type=int, default=0,
+    p.add_argument("--max-docs", type=count, default=0,
                    help=f"most samples a row holds (the rest is padding); 0 = ctx / {batches.TOKENS_PER_DOC}")
     p.add_argument("--bos", type=int, choices=[0, 1], default=0,
                    help="1 = every sample opens with the same token (<|endoftext|>): a fixed attention sink")
@@ -63,56 +71,60 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="focusft (default): inner loop + hybrid mask; sft: causal mask, no inner loop")
     p.add_argument("--mask", choices=["hybrid", "causal"], default=None,
                    help="override the method's mask (for the 2x2 ablation); default hybrid for focusft")
-    p.add_argument("--inner-steps", type=int, default=2, help="inner SGD steps (0 = no inner loop)")
+    p.add_argument("--inner-steps", type=count, default=2, help="inner SGD steps (0 = no inner loop)")
     p.add_argument("--inner-per", choices=["sample", "row"], default="sample",
                    help="sample: every packed sample adapts its own fast weights (the authors'); row: the samples "
                         "of a row share one set (a different method)")
-    p.add_argument("--inner-lr", type=float, default=None,
+    p.add_argument("--inner-lr", type=nonnegative, default=None,
                    help=f"inner SGD learning rate; default 1.0 (the authors') with --init, {SCRATCH_INNER_LR} "
                         "from scratch")
-    p.add_argument("--inner-clip", type=float, default=1.0, help="per-tensor gradient norm clip in the inner loop")
-    p.add_argument("--inner-rank", type=int, default=32, help="LoRA rank of the fast weights")
-    p.add_argument("--inner-alpha", type=float, default=64.0, help="LoRA alpha (delta scaled by alpha/rank)")
-    p.add_argument("--inner-fraction", type=float, default=0.35, help="top fraction of layers with fast weights")
+    p.add_argument("--inner-clip", type=above_zero, default=1.0, help="per-tensor gradient norm clip in the inner loop")
+    p.add_argument("--inner-rank", type=positive, default=32, help="LoRA rank of the fast weights")
+    p.add_argument("--inner-alpha", type=above_zero, default=64.0, help="LoRA alpha (delta scaled by alpha/rank)")
+    p.add_argument("--inner-fraction", type=number(float, 0, 1, above=True), default=0.35,
+                   help="top fraction of layers with fast weights")
     p.add_argument("--inner-targets", default="gate,up,down", help="MLP projections with fast weights")
     p.add_argument("--inner-loss", choices=["response", "context"], default="response",
                    help="response: the outer SFT loss; context: next-token loss on context tokens (causal)")
     # --- optimisation ---
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps; 0 = the machine's default")
-    p.add_argument("--batch-size", type=int, default=0, help="rows per micro-batch; 0 = the machine's default")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=0.0, help="peak AdamW learning rate; 0 = the machine's default")
-    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (then cosine to 0)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient norm clip (0 = off)")
+    p.add_argument("--steps", type=count, default=0, help="optimizer steps; 0 = the machine's default")
+    p.add_argument("--batch-size", type=count, default=0, help="rows per micro-batch; 0 = the machine's default")
+    p.add_argument("--grad-accum", type=positive, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=number(float, 0, note=" (0 = the machine's default)"), default=0.0,
+                   help="peak AdamW learning rate; 0 = the machine's default")
+    p.add_argument("--warmup", type=number(float, 0, 1), default=0.1,
+                   help="warm-up fraction of the steps (then cosine to 0)")
+    p.add_argument("--weight-decay", type=nonnegative, default=0.01, help="AdamW weight decay on matrices")
+    p.add_argument("--clip", type=nonnegative, default=1.0, help="global gradient norm clip (0 = off)")
     # --- model ---
-    p.add_argument("--model", choices=sorted(PRESETS), default=None, help="size preset; default by device")
-    p.add_argument("--init", default=None, help="start from the weights (and model config) of this checkpoint")
+    p.add_argument("--model", choices=sorted(PRESETS), default=None,
+                   help="size preset; default by device, or --init's model")
+    p.add_argument("--init", default=None, help="start from the weights (and model config: --model may not name "
+                                                "another) of this checkpoint; default: none, from scratch")
     p.add_argument("--attn", choices=["flex", "sdpa"], default=None, help="attention backend; default by device")
     p.add_argument("--flex-backend", choices=sorted(FLEX_BACKENDS), default="triton",
                    help="flex's kernels: triton (torch's), or flash (FlashAttention-4's, where the optional "
-                        "flash-attn-4 package and an H100/H200/B200-class GPU are there): on one H200 faster at "
-                        "batch 8 (Qwen shape, 8K: FocuSFT 893 against 958 ms), slower at batch 1 (168 against 142 "
-                        "ms); README 'GPU numbers'")
+                        "flash-attn-4 package and an H100/H200/B200-class GPU are there): faster at batch 8, slower "
+                        "at batch 1 (README, 'GPU numbers')")
     # --- system ---
     p.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; default bf16 on cuda")
     p.add_argument("--compile", type=int, choices=[0, 1], default=None,
                    help="torch.compile each block (cuda default 1)")
     p.add_argument("--seed", type=int, default=1337, help="seed of data, init and fast weights")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=count, default=None,
                    help="processes building batches ahead of the GPU; default up to 8 on cuda, 0 (in-line) on cpu")
     # --- output ---
     p.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue exactly from --out/ckpt.pt")
-    p.add_argument("--stop-after", type=int, default=0, help="end this run after this step (continue with --resume)")
-    p.add_argument("--ckpt-every", type=int, default=0,
+    p.add_argument("--stop-after", type=count, default=0, help="end this run after this step (continue with --resume)")
+    p.add_argument("--ckpt-every", type=count, default=0,
                    help=f"checkpoint every N steps; 0 = every {checkpoint.EVERY_FRACTION * 100:g}%% of the steps or "
                         f"{checkpoint.EVERY_SECONDS // 60} minutes of training, whichever comes first, but no sooner "
                         f"than {checkpoint.MIN_SECONDS} s after the last; a run also saves at its end and when "
                         "stopped by SIGINT or SIGTERM")
-    p.add_argument("--stats-every", type=int, default=0, help="sink/engagement/accuracy every N steps; 0 = steps/5")
-    return p.parse_args(argv)
+    p.add_argument("--stats-every", type=count, default=0, help="sink/engagement/accuracy every N steps; 0 = steps/5")
+    return p
 
 
 def apply_defaults(args) -> list[str]:
@@ -128,7 +140,8 @@ def apply_defaults(args) -> list[str]:
     if args.init:
         default("lr", FINETUNE_LR, "the authors' AdamW rate for fine-tuning a trained model (--init)")
     if cuda:
-        default("model", "small", "8 x 512, head size 128 (flex's fast kernel shape), 51.5M parameters")
+        if not args.init:                               # with --init, the checkpoint's model (init_model)
+            default("model", "small", "8 x 512, head size 128 (flex's fast kernel shape), 51.5M parameters")
         default("attn", "flex", "fused flex_attention kernels with a sparse BlockMask")
         default("compile", 1, "flex must run compiled on the GPU")
         default("dtype", "bf16", "bf16 autocast")
@@ -141,7 +154,8 @@ def apply_defaults(args) -> list[str]:
         default("curriculum", 1, "0k samples alone for the first half (470 answers per step, 70 at 0k-8k): "
                                  "from scratch, reading is learned on short samples (README, 'Learning')")
     else:
-        default("model", "tiny", "2-core CPU")
+        if not args.init:
+            default("model", "tiny", "2-core CPU")
         default("attn", "sdpa", "flex_attention has no CPU backward")
         default("compile", 0, "no compile on CPU")
         default("dtype", "fp32", "CPU")
@@ -165,17 +179,9 @@ def usable_cpus() -> int:
 
 
 def check_args(args):
-    bad = [device_problem(args.device)]
-    bad += [f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})"
-            for k in ("ctx", "steps", "batch_size", "grad_accum", "lr", "inner_rank", "inner_clip", "inner_alpha")
-            if getattr(args, k) <= 0]
-    bad += [f"--{k.replace('_', '-')} must be >= 0 (got {getattr(args, k)})"
-            for k in ("workers", "stop_after", "inner_steps", "inner_lr", "weight_decay", "clip", "ckpt_every",
-                      "max_docs")
-            if getattr(args, k) < 0]
-    bad += [f"--warmup is a fraction of the steps, in [0, 1] (got {args.warmup})"
-            if not 0 <= args.warmup <= 1 else None,
-           "--inner-fraction must be in (0, 1]" if not 0 < args.inner_fraction <= 1 else None,
+    """Refuse flags that do not fit together or this machine (each flag's own range was checked as it was read,
+    get_args), before anything is built: the first problem, as one line."""
+    bad = [device_problem(args.device),
            f"--min-len ({args.min_len}) must be between {data.MIN_SAMPLE_TOKENS} (a turn of a story) and --ctx"
            if args.data != "babilong" and not data.MIN_SAMPLE_TOKENS <= args.min_len <= args.ctx else None,
            f"--max-len ({args.max_len}) must be between --min-len and --ctx"
@@ -190,9 +196,7 @@ def check_args(args):
            "--attn flex trains only on cuda (no CPU backward); use --attn sdpa"
            if args.attn == "flex" and args.device == "cpu" else None,
            f"--resume: no checkpoint at {checkpoint.path(args.out)}"
-           if args.resume and not os.path.exists(checkpoint.path(args.out)) else None,
-           f"--init: no checkpoint at {args.init}"              # a resumed run has its weights already
-           if args.init and not args.resume and not os.path.exists(args.init) else None]
+           if args.resume and not os.path.exists(checkpoint.path(args.out)) else None]
     unknown = set(args.tasks.split(",")) - set(data.TASKS)
     bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(data.TASKS)}" if unknown else None)
     if args.data == "babilong" and not unknown:
@@ -213,7 +217,7 @@ def check_args(args):
         bad.append(str(e))
     for b in bad:
         if b:
-            sys.exit(f"train.py: error: {b}")
+            refuse(PROG, b)
 
 
 def device_problem(device: str) -> str | None:
@@ -227,33 +231,62 @@ def device_problem(device: str) -> str | None:
     return None
 
 
-def from_command_line(argv=None) -> tuple[argparse.Namespace | None, int, dict | None, list[str]]:
+def from_command_line(argv=None, description: str = "") -> tuple[argparse.Namespace | None, int, dict | None,
+                                                                list[str]]:
     """(args, first step, checkpoint or None, the reasons for each default): a new run's flags with the
     machine's defaults, or with --resume the recorded run's (only RUN_ONLY flags may be given again). args is
-    None when --resume finds the run finished."""
-    args = get_args(argv)
+    None when --resume finds the run finished. Bad input is refused here, before anything is built or written.
+    `description`: --help's text."""
+    args = get_args(argv, description)
     start_step, ckpt = 0, None
     if args.resume and os.path.exists(checkpoint.path(args.out)):
         given = [k for k, v in vars(args).items() if v != vars(get_args([]))[k]
                  and k not in RUN_ONLY]
         if given:
-            sys.exit(f"train.py: error: --resume continues the recorded run; drop --{given[0].replace('_', '-')}")
-        ckpt = checkpoint.load(checkpoint.path(args.out))
+            refuse(PROG, f"--resume continues the recorded run; drop --{given[0].replace('_', '-')}")
+        ckpt = read_checkpoint("--resume", checkpoint.path(args.out))
         keep = {k: getattr(args, k) for k in RUN_ONLY if getattr(args, k) is not None}
         args = argparse.Namespace(**{**LEGACY, **ckpt["config"]["args"], **keep})
         start_step = ckpt["step"] + 1
         why = [f"resuming {checkpoint.path(args.out)} at step {start_step} with its recorded configuration"]
         if args.stop_after and args.stop_after <= start_step:
-            sys.exit(f"train.py: error: --stop-after {args.stop_after} is not past the checkpoint's step {start_step}")
+            refuse(PROG, f"--stop-after {args.stop_after} is not past the checkpoint's step {start_step}")
         if start_step >= args.steps:
             print(f"{checkpoint.path(args.out)} has finished its {args.steps} steps: nothing to resume")
             return None, start_step, ckpt, []
     else:
         if not args.resume and os.path.exists(checkpoint.path(args.out)):     # (bench.py's runs write nothing)
-            sys.exit(f"train.py: error: --out {args.out} already holds a run ({checkpoint.path(args.out)}): add "
-                     "--resume to continue it, or choose another --out")
-        why = apply_defaults(args)
+            refuse(PROG, f"--out {args.out} already holds a run ({checkpoint.path(args.out)}): add --resume to "
+                         "continue it, or choose another --out")
+        why = init_model(args) + apply_defaults(args)
         args.method = args.method or ("sft" if args.objective == "lm" else "focusft")
         args.mask = args.mask or ("hybrid" if args.method == "focusft" else "causal")
     check_args(args)
+    problem = output_problem("--out", args.out)       # (not in check_args: bench.py's runs write nothing)
+    if problem:
+        refuse(PROG, problem)
     return args, start_step, ckpt, why
+
+
+def read_checkpoint(flag: str, file: str, mmap: bool = False) -> dict:
+    """checkpoint.load, with a file that is not a checkpoint refused in one line naming the flag."""
+    try:
+        return checkpoint.load(file, mmap)
+    except checkpoint.NotACheckpoint as e:
+        refuse(PROG, f"{flag}: {e}")
+
+
+def init_model(args) -> list[str]:
+    """--init: the run trains the checkpoint's model (its weights fix the size), so --model is the checkpoint's,
+    and a --model naming another size is refused. Returns the reason, for printing, when --model was not given."""
+    if not args.init:
+        return []
+    name = checkpoint.preset_name(read_checkpoint("--init", args.init, mmap=True))   # mapped: a quick look
+    if args.model is not None:
+        if args.model != name:
+            refuse(PROG, f"--model {args.model} conflicts with --init {args.init}, whose model is "
+                         f"{name or 'none of the presets'}: drop --model (the checkpoint's weights fix the size)")
+        return []
+    args.model = name
+    return [f"--model {name}: the --init checkpoint's model" if name else
+            "--model none: the --init checkpoint's model is none of the presets"]

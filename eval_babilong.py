@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on BABILong, scored by the benchmark's own rule.
 
-    python eval_babilong.py --make-data bench --tasks qa1,qa2 --lengths 0k,1k,4k --n 50   # build the data
-    python eval_babilong.py --ckpt out/ckpt.pt --data bench --tasks qa1,qa2 --lengths 0k,1k,4k --n 50
+    python eval_babilong.py --make-data babilong_data --tasks qa1,qa2 --lengths 0k,1k,4k --n 50   # build the data
+    python eval_babilong.py --ckpt out/ckpt.pt --data babilong_data --tasks qa1,qa2 --lengths 0k,1k,4k --n 50
     python eval_babilong.py --ckpt out/ckpt.pt --data hub --revision <commit>   # the real benchmark (online)
     python eval_babilong.py --score outputs.csv --tasks qa1                           # score a CSV of outputs
 
@@ -15,7 +15,6 @@ Two ideas to hold:
      'Question', which never matches after lower-casing); drop the task's labels that the question names;
      correct iff the target is the only label of the task left in it.
 """
-import argparse
 import csv
 import json
 import math
@@ -33,6 +32,7 @@ import books
 import checkpoint
 import data
 import masks
+from cli import Parser, names, number, output_problem, refuse
 from config import device_problem
 from data import NEWLINE
 from generate import generate_batch, padded, padded_length
@@ -49,6 +49,8 @@ EVAL_TOKENS = 65536    # padded prompt tokens per decoding batch: 64 rows of 1K 
 HUB = "RMT-team/babilong"                         # the benchmark on the Hugging Face hub (configs = lengths)
 OFFICIAL = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
 READING_TITLE = "reading: accuracy where the baseline is wrong (echoing the last-named label scores 0 here)"
+PROG = "eval_babilong.py"                         # the name its refusals give
+FIELDS = ("input", "question", "target")          # a sample of the benchmark, every one a string
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,19 +99,48 @@ def score_file(path: str, task: str) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------------------
 
+def model_for(ckpt: dict, device: str) -> GPT:
+    """The checkpoint's model on `device`, to evaluate: flex attention on a GPU, SDPA on the CPU."""
+    return checkpoint.model_from(ckpt, attn="flex" if device.startswith("cuda") else "sdpa").to(device).eval()
+
+
 def load_model(path: str, device: str) -> tuple[GPT, dict]:
+    """The model of a checkpoint file and its run's config (checkpoint.NotACheckpoint if it is none)."""
     ckpt = checkpoint.load(path)
-    model = checkpoint.model_from(ckpt, attn="flex" if device.startswith("cuda") else "sdpa")
-    return model.to(device).eval(), ckpt["config"]
+    return model_for(ckpt, device), ckpt["config"]
 
 
 def read_samples(source: str, task: str, length: str, revision: str) -> list[dict]:
-    """Samples from a local hub-layout folder, or (source "hub") from the hub itself through `datasets`."""
-    if source != "hub":
-        return babilong.read_hub(source, task, length)
-    rows = books.from_hub(f"--data hub ({HUB} {length}/{task}@{revision})",
-                          lambda datasets: datasets.load_dataset(HUB, length, split=task, revision=revision))
-    return [{"input": r["input"], "question": r["question"], "target": r["target"]} for r in rows]
+    """Samples from a local hub-layout folder, or (source "hub") from the hub itself through `datasets`;
+    ValueError, naming the file, if they are not the benchmark's samples (check_samples)."""
+    if source == "hub":
+        where = f"--data hub ({HUB} {length}/{task}@{revision})"
+        rows = books.from_hub(where, lambda datasets: datasets.load_dataset(HUB, length, split=task,
+                                                                            revision=revision))
+        return check_samples(list(rows), where)
+    path = babilong.hub_path(source, task, length)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a BABILong file")
+    try:
+        rows = babilong.read_hub(source, task, length)
+    except ValueError as e:                     # not JSON (empty, cut short, another kind of file), not UTF-8
+        raise ValueError(f"{path} is not a JSON file of samples ({type(e).__name__}: {e})") from None
+    return check_samples(rows, str(path))
+
+
+def check_samples(rows, where: str) -> list[dict]:
+    """The samples, if they are what the benchmark's files hold: a list of objects with string FIELDS (other keys
+    are dropped); else ValueError naming `where` and the first bad sample by its index, where[i]."""
+    if not isinstance(rows, list):
+        raise ValueError(f"{where}: expected a JSON list of samples, found a {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}[{i}]: a sample is an object with {', '.join(FIELDS)}; found {row!r:.40}")
+        bad = next((k for k in FIELDS if not isinstance(row.get(k), str)), None)
+        if bad:
+            raise ValueError(f"{where}[{i}]: " + (f"no {bad!r}" if bad not in row else
+                                                  f"{bad!r} must be a string; found {row[bad]!r:.40}"))
+    return [{k: row[k] for k in FIELDS} for row in rows]
 
 
 def prompt_for(enc, sample: dict, task: str, style: str, parts: dict, bos: bool = False) -> list[int]:
@@ -183,30 +214,25 @@ def heatmap(acc: dict, tasks: list[str], lengths: list[str], path: str):
     os.replace(path + ".tmp.png", path)
 
 
-def parse_list(text: str, allowed, flag: str) -> list[str]:
-    items = [x for x in text.split(",") if x]
-    bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        sys.exit(f"eval_babilong.py: error: {flag}: unknown {bad or 'empty'}; choose from {','.join(allowed)}")
-    return items
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="BABILong: build the data, evaluate a checkpoint, or score outputs.")
-    p.add_argument("--make-data", metavar="DIR", help="write samples in the hub layout DIR/data/qaN/LEN.json")
-    p.add_argument("--ckpt", help="checkpoint to evaluate")
+    p = Parser(PROG, __doc__)
+    mode = "; default: none (one of --make-data, --ckpt, --score is needed)"
+    p.add_argument("--make-data", metavar="DIR", help="write samples in the hub layout DIR/data/qaN/LEN.json" + mode)
+    p.add_argument("--ckpt", help="checkpoint to evaluate" + mode)
     p.add_argument("--data", default="babilong_data", help="hub-layout folder to read, or 'hub' (needs datasets)")
     p.add_argument("--revision", default="main", help="--data hub: the hub revision (a commit hash pins it)")
     p.add_argument("--prompt", choices=["trained", "official"], default="trained",
                    help="trained: the format models of this repo learn; official: the benchmark's template")
     p.add_argument("--prompt-parts", default=None,
                    help="--prompt official: JSON {task: {instruction, examples, post_prompt}} (default: empty)")
-    p.add_argument("--score", metavar="CSV", help="score a CSV of outputs (columns target, output, question)")
-    p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="comma-separated tasks")
-    p.add_argument("--lengths", default="0k,1k,2k,4k", help="comma-separated lengths (Nk = N*1000 GPT-2 tokens)")
-    p.add_argument("--n", type=int, default=100, help="samples per task and length")
+    p.add_argument("--score", metavar="CSV", help="score a CSV of outputs (columns target, output, question)" + mode)
+    p.add_argument("--tasks", type=names(TASK_LABELS), default="qa1,qa2,qa3,qa4,qa5", help="comma-separated tasks")
+    p.add_argument("--lengths", type=names(babilong.LENGTHS), default="0k,1k,2k,4k",
+                   help="comma-separated lengths (Nk = N*1000 GPT-2 tokens)")
+    p.add_argument("--n", type=number(int, 1), default=100, help="samples per task and length")
     p.add_argument("--haystack", default="synthetic", help="--make-data haystack: synthetic, pg19 or a folder of .txt")
-    p.add_argument("--babi-dir", default=None, help="--make-data: real bAbI test files instead of the generator")
+    p.add_argument("--babi-dir", default=None,
+                   help="--make-data: real bAbI test files instead of the generator (default: the generator)")
     p.add_argument("--mask", choices=["hybrid", "causal"], default=None, help="prompt mask; default: as trained")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
@@ -214,46 +240,52 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="folder for predictions.json and heatmap.png (default: beside --ckpt)")
     p.add_argument("--seed", type=int, default=0, help="seed of --make-data")
     args = p.parse_args(argv)
-    tasks = parse_list(args.tasks, TASK_LABELS, "--tasks")
-    if args.score and len(tasks) != 1:
-        sys.exit("eval_babilong.py: error: --score needs exactly one task, e.g. --tasks qa5 (it picks the labels)")
     if args.score:
+        if len(args.tasks) != 1:
+            p.error("--score needs exactly one task, e.g. --tasks qa5 (it picks the labels)")
         try:
-            correct, total = score_file(args.score, tasks[0])
+            correct, total = score_file(args.score, args.tasks[0])
         except (OSError, ValueError) as e:
-            sys.exit(f"eval_babilong.py: error: {e}")
-        print(f"{tasks[0]}: {correct}/{total} = {correct / max(total, 1):.3f}")
+            p.error(f"--score: {e}")
+        print(f"{args.tasks[0]}: {correct}/{total} = {correct / max(total, 1):.3f}")
         return
-    lengths = parse_list(args.lengths, babilong.LENGTHS, "--lengths")
-    if args.n <= 0:
-        sys.exit(f"eval_babilong.py: error: --n must be positive (got {args.n})")
-    enc = data.gpt2()
-    if args.make_data:
-        make_data(args, enc, tasks, lengths)
-    elif args.ckpt:
-        run_eval(args, enc, tasks, lengths)
+    if args.make_data is None and args.ckpt is None:
+        p.error("give --make-data DIR, --ckpt CKPT or --score CSV")
+    try:
+        enc = data.gpt2()
+    except RuntimeError as e:
+        p.error(str(e))
+    if args.make_data is not None:
+        make_data(args, enc, args.tasks, args.lengths)
     else:
-        sys.exit("eval_babilong.py: error: give --make-data DIR, --ckpt CKPT or --score CSV")
+        run_eval(args, enc, args.tasks, args.lengths)
 
 
 def make_data(args, enc, tasks, lengths):
+    """--make-data: samples of every task and length, written only once everything they need has been read (a
+    missing bAbI file or book folder leaves no files behind)."""
+    problem = output_problem("--make-data", args.make_data)
+    if problem:
+        refuse(PROG, problem)
     try:
         hay = books.haystack(args.haystack, args.seed)
-        for task in tasks:
-            stories = None
-            if args.babi_dir:
-                stories = babi.read_babi(babi.babi_file(args.babi_dir, task, "test"))
-            budgets = [babilong.budget(n) for n in lengths if babilong.budget(n) > 0]
-            max_facts = min(budgets) // babilong.TOKENS_PER_FACT if budgets else None   # what every length fits
-            for length in lengths:                         # the same questions at every length, in order
-                questions = babilong.distinct_questions(random.Random(f"{args.seed}-{task}"), task, stories,
-                                                        max_facts)
-                rng = random.Random(f"{args.seed}-{task}-{length}")      # its haystack and where the facts go
-                samples = babilong.make_samples(enc, rng, task, length, args.n, hay, questions=questions)
-                babilong.write_hub(args.make_data, task, length, samples)
-                print(f"wrote {len(samples)} samples: {args.make_data}/data/{task}/{length}.json")
     except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"eval_babilong.py: error: {e}")
+        refuse(PROG, f"--haystack: {e}")
+    try:
+        stories = {t: babi.read_babi(babi.babi_file(args.babi_dir, t, "test")) if args.babi_dir else None
+                   for t in tasks}
+    except (OSError, ValueError) as e:
+        refuse(PROG, f"--babi-dir: {e}")
+    budgets = [babilong.budget(n) for n in lengths if babilong.budget(n) > 0]
+    max_facts = min(budgets) // babilong.TOKENS_PER_FACT if budgets else None     # what every length fits
+    for task in tasks:
+        for length in lengths:                             # the same questions at every length, in order
+            questions = babilong.distinct_questions(random.Random(f"{args.seed}-{task}"), task, stories[task],
+                                                    max_facts)
+            rng = random.Random(f"{args.seed}-{task}-{length}")          # its haystack and where the facts go
+            samples = babilong.make_samples(enc, rng, task, length, args.n, hay, questions=questions)
+            babilong.write_hub(args.make_data, task, length, samples)
+            print(f"wrote {len(samples)} samples: {args.make_data}/data/{task}/{length}.json")
 
 
 def reading_accuracy(records: list[dict]) -> float | None:
@@ -273,33 +305,31 @@ def cell(value: float | None) -> str:
 
 
 def run_eval(args, enc, tasks, lengths):
-    problem = device_problem(args.device)                  # everything that can fail cheaply, before any work
-    if problem:
-        sys.exit(f"eval_babilong.py: error: {problem}")
-    if not os.path.exists(args.ckpt):
-        sys.exit(f"eval_babilong.py: error: no checkpoint at {args.ckpt}")
-    try:
-        parts = json.load(open(args.prompt_parts)) if args.prompt_parts else {}
-    except (OSError, ValueError) as e:
-        sys.exit(f"eval_babilong.py: error: --prompt-parts: {e}")
-    if not (isinstance(parts, dict) and all(isinstance(v, dict) for v in parts.values())):
-        sys.exit("eval_babilong.py: error: --prompt-parts: expected a JSON object {task: {instruction, examples, "
-                 "post_prompt}}")
+    """--ckpt: every input checked (the device, --out, --prompt-parts, the checkpoint, every sample file) before
+    the model is built or anything written; then the tables, predictions.json and heatmap.png."""
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    problem = device_problem(args.device) or output_problem("--out", out)
+    if problem:
+        refuse(PROG, problem)
+    parts = {}
+    if args.prompt_parts:
+        try:
+            with open(args.prompt_parts) as f:
+                parts = json.load(f)
+        except (OSError, ValueError) as e:
+            refuse(PROG, f"--prompt-parts: {e}")
+    if not (isinstance(parts, dict) and all(isinstance(v, dict) for v in parts.values())):
+        refuse(PROG, "--prompt-parts: expected a JSON object {task: {instruction, examples, post_prompt}}")
     try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"eval_babilong.py: error: --out: {e}")
-    try:
-        model, config = load_model(args.ckpt, args.device)
-    except Exception as e:                                  # not a checkpoint of ours: one line, not a traceback
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        sys.exit(f"eval_babilong.py: error: cannot load {args.ckpt} as a train.py checkpoint: {type(e).__name__}"
-                 + (f": {why}" if why else ""))
-    try:                                                    # all samples first: a missing file fails before any work
+        ckpt = checkpoint.load(args.ckpt)
+    except checkpoint.NotACheckpoint as e:
+        refuse(PROG, f"--ckpt: {e}")
+    try:                                                    # all samples first: a bad file fails before any work
         todo = {(t, n): read_samples(args.data, t, n, args.revision)[:args.n] for n in lengths for t in tasks}
     except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"eval_babilong.py: error: {e}")
+        refuse(PROG, f"--data: {e}")
+    model, config = model_for(ckpt, args.device), ckpt["config"]
+    os.makedirs(out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64             # one flex graph per (rows, padded size)
     mask_kind = args.mask or config["args"]["mask"]
     bos = bool(config["args"].get("bos"))                 # prompts open as the model's training samples did

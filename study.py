@@ -22,7 +22,6 @@ it is there (run the command again to resume after a stop):
 Ideas to hold: every training stage is a train.py command (recorded in results.json, runnable by hand), and
 evaluation reads only the test books and test stories; the arms differ only in their flags.
 """
-import argparse
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import babilong
 import checkpoint
 import data
 import eval_babilong
+from cli import Parser, number, output_problem
 from model import autocast
 
 ROOT = Path(__file__).resolve().parent
@@ -87,8 +87,12 @@ def with_changes(plan: Plan, changes: list[str]) -> Plan:
         kind = type(old[0]) if isinstance(old, tuple) else type(old)
         try:
             fields[name] = tuple(kind(v) for v in value.split(",")) if isinstance(old, tuple) else kind(value)
+            if not all(math.isfinite(v) for v in (fields[name] if isinstance(old, tuple) else [fields[name]])
+                       if isinstance(v, float)):
+                raise ValueError
         except ValueError:
-            raise ValueError(f"{name}={value!r} is not {'a list of ' if isinstance(old, tuple) else 'of type '}{kind.__name__}")
+            what = {float: "finite number", int: "integer"}.get(kind, kind.__name__)
+            raise ValueError(f"{name}={value!r} is not {f'a list of {what}s' if isinstance(old, tuple) else f'a {what}'}")
     return Plan(**fields)
 
 
@@ -316,16 +320,17 @@ def machine() -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The study's flags, every one checked before any stage runs (a bad one: one line, config.Parser's)."""
+    p = Parser("study.py", __doc__)
     p.add_argument("--out", default="runs/study", help="folder of the study's stages and results")
     p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: the pipeline, not the numbers")
     p.add_argument("--books", default="synthetic:0",
                    help="training text: a folder of .txt/.txt.gz books, pg19 (online) or synthetic:SEED")
     p.add_argument("--test-books", default="synthetic:7",
                    help="the test haystack, books no stage reads: a folder, or synthetic:SEED (other books)")
-    p.add_argument("--babi-dir", default=None, help="real bAbI files (their test split is the test set)")
-    p.add_argument("--parallel", type=int, default=1,
+    p.add_argument("--babi-dir", default=None,
+                   help="real bAbI files (their test split is the test set); default: none, generated stories")
+    p.add_argument("--parallel", type=number(int, 1), default=1,
                    help="train.py runs at once in the sweep and the arms (one GPU is shared; 1 = one at a time)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one size of the plan, e.g. --set arm_steps=500 --set sweep_lrs=0.1,0.3 (repeatable)")
@@ -334,11 +339,12 @@ def get_args(argv=None):
         args.plan = with_changes(QUICK if args.quick else FULL, args.set)
     except ValueError as e:
         p.error(f"--set: {e}")
+    problem = output_problem("--out", args.out)
+    if problem:
+        p.error(problem)
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
         if value.split(":")[0] not in ("synthetic", "pg19") and not Path(value).is_dir():
             p.error(f"{flag}: no folder {value}")
-    if args.parallel < 1:
-        p.error(f"--parallel: {args.parallel} is not a positive number of runs")
     if args.babi_dir and not Path(args.babi_dir).is_dir():
         p.error(f"--babi-dir: no folder {args.babi_dir}")
     return args

@@ -33,6 +33,7 @@ import checkpoint
 import config
 import data
 import masks
+from cli import refuse
 from fastweights import InnerConfig, adapted_layers, focusft_loss
 from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend, autocast as model_autocast
 from stats import attention_stats
@@ -211,13 +212,17 @@ def progress(step: int, total: int, width: int = 20) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args, start_step, ckpt, why = config.from_command_line(argv)
+    args, start_step, ckpt, why = config.from_command_line(argv, __doc__)   # bad input refused here, in one line
     if args is None:                                    # a finished run given --resume
         return
+    try:
+        source = batches.data_source(args)        # books (and stories) for the loader and the evaluation
+    except (OSError, ValueError, RuntimeError) as e:
+        refuse(config.PROG, str(e))               # (a missing book folder: before the model is built)
     stop = Stop(saved=start_step - 1)
     with stop.handling_signals():
         try:
-            run(args, start_step, ckpt, why, stop)
+            run(args, start_step, ckpt, why, stop, source)
         except Interrupted as e:
             print(stop.last_line(args.out, e), file=sys.stderr, flush=True)
             sys.exit(128 + e.signum)                    # a shell's code for a process a signal ended: 130, 143
@@ -226,7 +231,7 @@ def main(argv=None):
             sys.exit(f"train.py: error: {e}: stopped; {kept}")
 
 
-def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop):
+def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, source):
     """The run itself: main() with its arguments parsed, ended early by raising Interrupted or NonFinite."""
     print("defaults chosen:\n  " + "\n  ".join(why) if why else "no defaults needed")
     print("config:", json.dumps(vars(args)))
@@ -257,10 +262,6 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop):
           f"fast weights on layers {list(adapted_layers(model_cfg.n_layer, inner.fraction))}")
 
     enc = data.gpt2()
-    try:
-        source = batches.data_source(args)        # books (and stories) for the loader and the evaluation
-    except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"train.py: error: {e}")
     os.makedirs(args.out, exist_ok=True)
     log_file = os.path.join(args.out, "log.jsonl")
     if ckpt is not None:

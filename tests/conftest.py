@@ -12,6 +12,8 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 if (SHARED / "tiktoken").is_dir():                         # offline GPT-2 tokenizer files, when present
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")               # tests never reach the hub: where `datasets` is
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")          # installed, its online paths fail at once, not on a timeout
 
 from model import GPT, GPTConfig, IGNORE  # noqa: E402
 
@@ -19,6 +21,13 @@ from model import GPT, GPTConfig, IGNORE  # noqa: E402
 def tiny_config(**kw) -> GPTConfig:
     base = dict(vocab_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64)
     return GPTConfig(**{**base, **kw})
+
+
+def write_checkpoint(path, model: GPT, args: dict):
+    """`model` saved as train.py saves a run (checkpoint.save), its recorded args only those given."""
+    import checkpoint
+    config = {"args": args, "model": model.config.to_dict()}
+    checkpoint.save(str(path), model, torch.optim.AdamW(model.parameters()), config, 0)
 
 
 @pytest.fixture

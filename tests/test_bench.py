@@ -78,7 +78,7 @@ def test_bad_input_or_no_cuda_is_one_line(tmp_path, argv, needle):
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(out), *argv], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0
+    assert r.returncode == 2                                    # cli.REFUSED
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("bench.py: error:")
     assert not out.exists()
 

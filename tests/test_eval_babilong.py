@@ -77,7 +77,7 @@ def test_unknown_task_and_bad_file_fail_cleanly(tmp_path):
     bad.write_text("target,answer\nkitchen,kitchen\n")
     run = subprocess.run([sys.executable, str(ROOT / "eval_babilong.py"), "--score", str(bad), "--tasks", "qa1"],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode != 0 and run.stderr.strip().count("\n") == 0 and "missing column" in run.stderr
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "missing column" in run.stderr
 
 
 def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path, monkeypatch, capsys):
@@ -151,7 +151,7 @@ def test_reading_table_counts_only_the_baselines_misses():
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, argv, needle):
     run = subprocess.run([sys.executable, str(ROOT / "eval_babilong.py"), *argv], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
-    assert run.returncode != 0
+    assert run.returncode == 2                                  # cli.REFUSED
     assert run.stderr.strip().count("\n") == 0 and needle in run.stderr, run.stderr
 
 
@@ -166,7 +166,7 @@ def test_malformed_files_are_one_line_and_nonzero_exit(tmp_path):
                          (["--ckpt", "/etc/hostname", "--prompt-parts", str(flat)], "JSON object")):
         run = subprocess.run([sys.executable, str(ROOT / "eval_babilong.py"), *argv], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path)
-        assert run.returncode != 0
+        assert run.returncode == 2
         assert run.stderr.strip().count("\n") == 0 and needle in run.stderr, run.stderr
 
 
@@ -209,12 +209,10 @@ def test_a_length_without_samples_is_blank_not_zero(tmp_path, monkeypatch, capsy
     """A data file with no samples gives '-' in every table and the heatmap, and no mean counts it as 0."""
     import json
     import torch
-    from conftest import tiny_config
+    from conftest import tiny_config, write_checkpoint
     from model import GPT
     torch.manual_seed(0)
-    model = GPT(tiny_config(vocab_size=50304)).eval()
-    monkeypatch.setattr(ev, "load_model", lambda path, device: (model, {"args": {"mask": "hybrid"}}))
-    (tmp_path / "ckpt.pt").write_bytes(b"")
+    write_checkpoint(tmp_path / "ckpt.pt", GPT(tiny_config(vocab_size=50304)), {"mask": "hybrid"})
     ev.main(["--make-data", str(tmp_path / "bench"), "--tasks", "qa1", "--lengths", "0k,1k", "--n", "2"])
     (tmp_path / "bench" / "data" / "qa1" / "1k.json").write_text("[]")
     capsys.readouterr()
@@ -281,16 +279,17 @@ def test_a_model_trained_with_bos_is_prompted_with_it(tmp_path, monkeypatch):
     """A checkpoint whose run had --bos 1 is evaluated on prompts that open with BOS_ID, as its samples did;
     without it, the prompt is the training format alone."""
     import data
+    from conftest import tiny_config, write_checkpoint
+    from model import GPT
     enc, sample = data.gpt2(), {"input": "Mary went to the kitchen.", "question": "Where is Mary? ", "target": "kitchen"}
     plain = ev.prompt_for(enc, sample, "qa1", "trained", {})
     assert ev.prompt_for(enc, sample, "qa1", "trained", {}, bos=True) == [data.BOS_ID] + plain
     assert plain == data.prompt_ids(enc, sample["input"], sample["question"]) and data.BOS_ID not in plain
     seen = []
     monkeypatch.setattr(ev, "generate_batch", lambda model, prompts, *a: seen.extend(prompts) or [[]] * len(prompts))
-    monkeypatch.setattr(ev, "load_model", lambda path, device: (None, {"args": {"mask": "causal", "bos": 1}}))
     monkeypatch.setattr(ev, "length_stats", lambda *a: {"sink_mass": 0, "sink_rate": 0, "engagement": 0})
     ev.main(["--make-data", str(tmp_path / "d"), "--tasks", "qa1", "--lengths", "0k", "--n", "2"])
-    (tmp_path / "ckpt.pt").write_bytes(b"")
+    write_checkpoint(tmp_path / "ckpt.pt", GPT(tiny_config()), {"mask": "causal", "bos": 1})
     ev.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "d"), "--tasks", "qa1", "--lengths", "0k",
              "--n", "2", "--device", "cpu", "--out", str(tmp_path / "o")])
     assert len(seen) == 2 and all(p[0] == data.BOS_ID for p in seen)

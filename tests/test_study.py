@@ -40,7 +40,8 @@ def test_every_arm_trained_from_the_base_for_its_steps(quick):
         if config["method"] == "focusft":                       # the sweep's inner lr, and the loop acted
             assert config["inner_lr"] == res["sweep"]["chosen"] and config["inner_per"] == "sample"
             assert all(r["moved"] > 0 for r in records if "moved" in r)
-    assert arms[f"sft_time/{plan.seeds[0]}"]["steps"] == round(plan.arm_steps * res["arms"]["time_ratio"])
+    assert arms[f"sft_time/{plan.seeds[0]}"]["steps"] == max(plan.arm_steps,      # never fewer than SFT's own
+                                                              round(plan.arm_steps * res["arms"]["time_ratio"]))
     assert res["sweep"]["chosen"] in plan.sweep_lrs and len(res["sweep"]["runs"]) == len(plan.sweep_lrs)
 
 
@@ -88,6 +89,6 @@ def test_set_changes_plan_fields_by_their_type_and_refuses_others():
     plan = study.get_args(["--set", "arm_steps=5", "--set", "sweep_lrs=0.1,0.3", "--set", "arm_lr=1e-4"]).plan
     assert (plan.arm_steps, plan.sweep_lrs, plan.arm_lr, plan.base_steps) == (5, (0.1, 0.3), 1e-4, study.FULL.base_steps)
     assert study.get_args(["--quick", "--set", "eval_n=2"]).plan == study.with_changes(study.QUICK, ["eval_n=2"])
-    for bad in ("nope=1", "arm_steps=x", "extra=--workers"):
+    for bad in ("nope=1", "arm_steps=x", "extra=--workers", "arm_lr=nan", "sweep_lrs=0.1,inf"):
         with pytest.raises(SystemExit):
             study.get_args(["--set", bad])

@@ -16,8 +16,8 @@ import checkpoint
 import config
 import data
 import train
-from conftest import ROOT, SHARED
-from model import GPT
+from conftest import ROOT, SHARED, write_checkpoint
+from model import GPT, preset
 
 TINY = ["--ctx", "512", "--data", "synthetic", "--model", "tiny", "--device", "cpu", "--batch-size", "2",
         "--lr", "3e-3", "--inner-rank", "8", "--stats-every", "100"]   # ctx 512 fits only 0k BABILong samples
@@ -177,7 +177,7 @@ def test_ablation_flags_reach_the_step(tmp_path):
 def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, argv, needle):
     run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--device", "cpu", "--out", str(tmp_path / "o"),
                           *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert run.returncode != 0
+    assert run.returncode == 2                                  # cli.REFUSED
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("train.py: error:"), run.stderr
     assert not (tmp_path / "o" / "ckpt.pt").exists()
@@ -248,16 +248,18 @@ def test_accumulated_micro_batches_weigh_every_answer_token_alike():
 
 
 def test_resume_does_not_need_the_init_checkpoint_any_more(tmp_path):
-    """--init is read at the start of a run only: resuming works after its file is gone, starting does not."""
-    (tmp_path / "ckpt.pt").write_bytes(b"")
-    argv = ["--device", "cpu", "--ctx", "512", "--data", "synthetic", "--init", str(tmp_path / "gone.pt")]
-    def check(extra):
-        args = config.get_args(argv + extra)
-        config.apply_defaults(args)
-        config.check_args(args)
-    check(["--resume", "--out", str(tmp_path)])
+    """--init is read when a run starts (config.init_model), never on --resume: a resumed run's recorded --init
+    may be gone, a new run's may not."""
+    gone = str(tmp_path / "gone.pt")
+    argv = ["--device", "cpu", "--ctx", "512", "--data", "synthetic", "--init", gone]
+    args = config.get_args(argv + ["--steps", "3", "--model", "tiny", "--out", str(tmp_path)])
+    config.apply_defaults(args)
+    args.method, args.mask = "focusft", "hybrid"
+    write_checkpoint(checkpoint.path(str(tmp_path)), GPT(preset("tiny", "sdpa")), vars(args))   # after step 0
+    resumed, start_step, _, _ = config.from_command_line(["--resume", "--out", str(tmp_path)])
+    assert resumed.init == gone and start_step == 1
     with pytest.raises(SystemExit, match="--init: no checkpoint"):
-        check(["--out", str(tmp_path / "new")])                # (a new run, so a new --out)
+        config.from_command_line(argv + ["--out", str(tmp_path / "new")])
 
 
 def test_evaluate_scores_each_answers_first_token():
