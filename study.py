@@ -26,8 +26,11 @@ import json
 import math
 import os
 import platform
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -103,19 +106,46 @@ def log_records(out: Path) -> list[dict]:
     return [json.loads(line) for line in open(out / "log.jsonl")]
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM reached the study: train.py runs in flight stop at a step boundary with a checkpoint."""
+
+
+STOP = threading.Event()                  # set by the first SIGINT / SIGTERM: no new run starts
+RUNNING: set[subprocess.Popen] = set()    # train.py runs in flight, each in a session of its own
+
+
+def on_signal(signum, frame):
+    """Each run in flight gets one SIGINT (a second one stops them at once). The runs live in sessions of their
+    own, so that a terminal's ^C reaches them only through here, once; with none in flight (evaluation, the
+    report), the study stops where it is: what it has written is whole (write_json)."""
+    STOP.set()
+    for child in list(RUNNING):
+        child.send_signal(signal.SIGINT)
+    if not RUNNING:
+        raise Stopped(signal.Signals(signum).name)
+
+
 def train(name: str, out: Path, flags: list[str], clock: "Clock") -> dict:
     """Run one train.py command into `out`, unless an earlier study finished it (a "done" file); a run that
     was cut off after a checkpoint is resumed. Returns its command and what it cost."""
     command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out)]
     if not (out / "done").exists():
+        if STOP.is_set():
+            raise Stopped(name)
         resume = (out / checkpoint.FILE).exists()
         clock.say(f"{name}: python train.py {' '.join(command[2:])}" + (" (resuming)" if resume else ""))
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(out.parent / f"{out.name}.out", "a") as log:
             argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
-            if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                sys.exit(f"study.py: error: {name} failed; its output: {out.parent / f'{out.name}.out'}")
+            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            RUNNING.add(child)
+            code = child.wait()
+            RUNNING.discard(child)
+        if STOP.is_set() and code in (130, 143, -signal.SIGINT):      # stopped at a step boundary, or before
+            raise Stopped(name)
+        if code != 0:
+            sys.exit(f"study.py: error: {name} failed; its output: {out.parent / f'{out.name}.out'}")
         (out / "done").write_text(f"{time.perf_counter() - start:.1f}\n")   # wall seconds
     clock.finished(name)
     steps = [r for r in log_records(out) if "loss" in r]
@@ -352,6 +382,22 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()      # (only it may set signal handlers)
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    STOP.clear()
+    try:
+        run(args)
+    except Stopped:
+        again = shlex.join(["python", "study.py", *(sys.argv[1:] if argv is None else argv)])
+        print(f"study.py: stopped: finished stages are kept and a run cut off resumes from its checkpoint; "
+              f"continue with: {again}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def run(args):
     plan = args.plan
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,17 @@
 Run: python -m pytest -q tests/test_study.py
 """
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+import checkpoint
 import study
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +99,29 @@ def test_set_changes_plan_fields_by_their_type_and_refuses_others():
     for bad in ("nope=1", "arm_steps=x", "extra=--workers", "arm_lr=nan", "sweep_lrs=0.1,inf"):
         with pytest.raises(SystemExit):
             study.get_args(["--set", bad])
+
+
+def test_sigint_stops_the_run_in_flight_at_a_step_boundary_and_the_study_says_how_to_continue(tmp_path):
+    """^C to a study (its process group, as a terminal sends it): the train.py run in flight, in a session of its
+    own, gets one SIGINT from the study and saves at a step boundary; the study exits 130 with one line."""
+    out = tmp_path / "study"
+    flags = ["--quick", "--out", str(out), "--set", "base_steps=400", "--set", "stats_every=1000"]   # a long base
+    study_run = subprocess.Popen([sys.executable, "study.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = out / "base_books" / "log.jsonl"
+    def steps(settled: bool = False) -> list[int]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        lines = lines if settled else lines[:-1]                      # (while it runs, the last may be half written)
+        return [r["step"] for r in map(json.loads, lines) if "loss" in r]
+    deadline = time.time() + 180
+    while time.time() < deadline and len(steps()) < 2:
+        time.sleep(0.2)
+    os.killpg(study_run.pid, signal.SIGINT)
+    _, stderr = study_run.communicate(timeout=180)
+    assert study_run.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == ("study.py: stopped: finished stages are kept and a run cut off "
+                                               "resumes from its checkpoint; continue with: python study.py "
+                                               + " ".join(flags))
+    ckpt = checkpoint.load(str(log.parent / checkpoint.FILE))
+    assert 1 <= ckpt["step"] < 399 and steps(settled=True) == list(range(ckpt["step"] + 1))   # the last one logged
+    assert not (log.parent / "done").exists()
