@@ -337,6 +337,24 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"saved {checkpoint.path(args.out)} at step {last}")
     log.close()
+    print(summary(args, os.path.join(args.out, "log.jsonl")))
+
+
+def summary(args, log_file: str) -> str:
+    """What the run shows, from its log: the loss from first to last step, the held-out answers before and after,
+    and, where none is answered, what that means (a short run learns the text before it learns to answer)."""
+    records = [json.loads(line) for line in open(log_file)]
+    steps, evals = [r for r in records if "loss" in r], [r for r in records if "eval_acc" in r]
+    said = f"summary: loss {steps[0]['loss']:.2f} -> {steps[-1]['loss']:.2f} over steps {steps[0]['step']}-" \
+           f"{steps[-1]['step']}"
+    if args.objective == "lm":
+        return said + f"; held-out next-token accuracy {evals[0]['eval_acc']:.3f} -> {evals[-1]['eval_acc']:.3f}"
+    said += (f"; held-out answers right {evals[0]['eval_acc']:.3f} -> {evals[-1]['eval_acc']:.3f} "
+             f"(of {evals[-1]['eval_n']} answer tokens)")
+    if evals[-1]["eval_acc"] < 0.05:
+        said += ("\n  no answer is learned yet: a short run learns the words of the text first and answers only "
+                 "after many more steps (README, \"Learning\"); the loss falling is what a run this short can show")
+    return said
 
 
 if __name__ == "__main__":

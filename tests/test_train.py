@@ -31,9 +31,11 @@ def losses(out):
 
 
 @pytest.mark.parametrize("method", ["focusft", "sft"])
-def test_twenty_steps_loss_falls_and_checkpoint_is_written(tmp_path, method):
+def test_twenty_steps_loss_falls_and_checkpoint_is_written(tmp_path, method, capsys):
     train.main(TINY + ["--steps", "20", "--method", method, "--out", str(tmp_path)])
     got = losses(tmp_path)
+    said = capsys.readouterr().out.split("summary: ")[1]          # the run ends by saying what it shows
+    assert said.startswith(f"loss {got[0]:.2f} -> {got[-1]:.2f} over steps 0-19; held-out answers right")
     assert len(got) == 20
     assert sum(got[-5:]) / 5 < 0.7 * sum(got[:5]) / 5
     if method == "focusft":  # inner[0] is the loss of the base weights alone (fresh fast weights): it falls too
