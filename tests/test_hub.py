@@ -94,3 +94,33 @@ def test_pg19_books_split_into_sentences_as_a_folder_of_txt_books(pg19, tmp_path
     assert ["CHAPTER I.", "This is book 3 of the validation split, a quiet story.", '"Who is there?"',
             "asked the keeper of book 3!", "Nobody answered; the house was still.", "The end of book 3"] in hay
     assert pickle.loads(pickle.dumps(hay))[2] == hay[2]
+
+
+def babilong_rows(length: str, task: str) -> list[dict]:
+    return [{"input": f"Mary went to the garden. ({length} {task} sample {i})", "question": "Where is Mary? ",
+             "target": "garden"} for i in range(3)]
+
+
+def write_babilong(folder, rows: dict) -> None:
+    """A local BABILong: {length}/{task}.jsonl, declared in README.md's header as config = length, split = task,
+    as the hub's dataset card declares its configs."""
+    card = ["---", "configs:"]
+    for length in sorted({length for length, _ in rows}):
+        card += [f"- config_name: {length}", "  data_files:"]
+        for (n, task), samples in rows.items():
+            if n == length:
+                card += [f"  - split: {task}", f"    path: {length}/{task}.jsonl"]
+                write_jsonl(folder / length / f"{task}.jsonl", samples)
+    (folder / "README.md").write_text("\n".join(card + ["---", ""]), encoding="utf-8")
+
+
+def test_babilong_hub_samples_are_read_by_length_and_task(tmp_path, monkeypatch):
+    """`--data hub`: config = length and split = task pick the samples written there, in their order. A local
+    folder has no revisions: datasets takes revision= and ignores it (a name that exists nowhere reads too)."""
+    rows = {(n, t): babilong_rows(n, t) for n in ("0k", "1k") for t in ("qa1", "qa2")}
+    write_babilong(tmp_path / "babilong", rows)
+    monkeypatch.setattr(ev, "HUB", str(tmp_path / "babilong"))
+    for (length, task), samples in rows.items():
+        assert ev.read_samples("hub", task, length, "main") == samples, (length, task)
+    assert ev.read_samples("hub", "qa2", "1k", "no-such-revision") == rows["1k", "qa2"]
+
