@@ -138,8 +138,8 @@ def check_samples(rows, where: str) -> list[dict]:
         if not isinstance(row, dict):
             raise ValueError(f"{where}[{i}]: a sample is an object with {', '.join(FIELDS)}; found {row!r:.40}")
         bad = next((k for k in FIELDS if not isinstance(row.get(k), str)), None)
-        if bad:
-            raise ValueError(f"{where}[{i}]: " + (f"no {bad!r}" if bad not in row else
+        if bad:                                 # None: the hub's rows have every column, null where a row had none
+            raise ValueError(f"{where}[{i}]: " + (f"no {bad!r}" if row.get(bad) is None else
                                                   f"{bad!r} must be a string; found {row[bad]!r:.40}"))
     return [{k: row[k] for k in FIELDS} for row in rows]
 

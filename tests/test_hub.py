@@ -124,3 +124,20 @@ def test_babilong_hub_samples_are_read_by_length_and_task(tmp_path, monkeypatch)
         assert ev.read_samples("hub", task, length, "main") == samples, (length, task)
     assert ev.read_samples("hub", "qa2", "1k", "no-such-revision") == rows["1k", "qa2"]
 
+
+def test_a_malformed_hub_row_is_named_as_in_a_local_file(tmp_path, monkeypatch):
+    """A sample without `question` is refused in one line naming its index, in the words a local file's gets
+    (the hub's rows are Arrow records: a field missing from one row comes back as None)."""
+    rows = babilong_rows("1k", "qa1")
+    del rows[1]["question"]
+    write_babilong(tmp_path / "babilong", {("1k", "qa1"): rows})
+    babilong.write_hub(tmp_path / "local", "qa1", "1k", rows)
+    monkeypatch.setattr(ev, "HUB", str(tmp_path / "babilong"))
+    errors = []
+    for source in ("hub", str(tmp_path / "local")):
+        with pytest.raises(ValueError) as e:
+            ev.read_samples(source, "qa1", "1k", "main")
+        errors.append(str(e.value))
+    assert errors[0].startswith(f"--data hub ({ev.HUB} 1k/qa1@main)[1]: ")
+    assert errors[1] == f"{babilong.hub_path(tmp_path / 'local', 'qa1', '1k')}[1]: no 'question'"
+    assert errors[0].partition("[1]: ")[2] == "no 'question'" and "\n" not in errors[0]
