@@ -141,3 +141,21 @@ def test_a_malformed_hub_row_is_named_as_in_a_local_file(tmp_path, monkeypatch):
     assert errors[0].startswith(f"--data hub ({ev.HUB} 1k/qa1@main)[1]: ")
     assert errors[1] == f"{babilong.hub_path(tmp_path / 'local', 'qa1', '1k')}[1]: no 'question'"
     assert errors[0].partition("[1]: ")[2] == "no 'question'" and "\n" not in errors[0]
+
+
+def test_the_real_hub_offline_is_one_line_at_once():
+    """With the offline variables set (conftest.py) and the real hub ids, PG19 and `--data hub` fail in one
+    RuntimeError line, with no chained traceback, in well under the network timeout of huggingface_hub: the
+    offline check comes before any connection is tried."""
+    if not datasets.config.HF_HUB_OFFLINE:
+        pytest.skip("HF_HUB_OFFLINE is not set: this run may reach the hub")
+    from huggingface_hub import constants
+    for hub_id, read in ((books.PG19, lambda: books.pg19_books(seed=0)),
+                         (ev.HUB, lambda: ev.read_samples("hub", "qa1", "1k", "main"))):
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError) as e:
+            read()
+        assert time.perf_counter() - t0 < constants.HF_HUB_ETAG_TIMEOUT / 2, hub_id
+        message = str(e.value)
+        assert "\n" not in message and hub_id in message and "needs the network" in message, message
+        assert e.value.__cause__ is None and e.value.__suppress_context__       # `raise ... from None`
