@@ -7,8 +7,9 @@ Run from the repository root (offline; skipped where `datasets` is not installed
 Each test writes a dataset in tmp_path in the shape of the hub's (PG19: one file per split with a `text`
 column; BABILong: configs named by length, splits by task, declared in a README.md header) and points the
 module constant (books.PG19, eval_babilong.HUB) at the folder: `load_dataset` reads a local folder where it
-would read a hub id, so everything after the download is the code that runs online. conftest.py sets the
-Hugging Face offline variables, so nothing here can reach the network.
+would read a hub id, so all of this repository's code on those paths runs as it does online; only where
+`datasets` finds the files differs. conftest.py sets the Hugging Face offline variables: nothing here can
+reach the network.
 """
 import json
 import pickle
