@@ -19,9 +19,9 @@ from data import haystack_sentences
 
 SYNTHETIC_BOOKS = 100  # books of the synthetic haystack (PG19's test split also has 100)
 BOOK_SENTENCES = 5000  # sentences per synthetic book: ~100K tokens, about a novel
-PG19 = "deepmind/pg19"  # the hub name of PG19, the books BABILong's haystack comes from
+PG19 = "deepmind/pg19"  # the hub name of PG19, the books BABILong's haystack comes from (tests: a local folder)
 PG19_SPLIT = "test"  # split read by source "pg19"; "pg19:train" etc. chooses another
-PG19_BOOKS = 100  # books read from the PG19 stream (the whole test split)
+PG19_BOOKS = 100  # books read from the PG19 stream (the whole test split); a smaller split gives all it has
 HELD_OUT = 10  # 1 in 10 books of a source (the last ones; at least one) is read by held-out rows only
 GUTENBERG_START, GUTENBERG_END = "*** START OF", "*** END OF"  # lines around a Gutenberg book's own text
 SENTENCE = re.compile(r"\S.*?[.!?]+[\"'’”)\]]*(?=\s|$)|\S.+$")  # see split_sentences
@@ -121,7 +121,8 @@ def from_hub(what: str, read: Callable, hint: str = ""):
 
 
 def pg19_books(seed: int, split: str = PG19_SPLIT) -> Library:
-    """PG19_BOOKS books of PG19 streamed from the hub in a seeded order (needs `datasets` and the network)."""
+    """The first PG19_BOOKS books (all, if the split has fewer) of PG19's split streamed from the hub in a
+    seeded order (needs `datasets` and the network)."""
     def read(datasets):
         stream = datasets.load_dataset(PG19, split=split, streaming=True).shuffle(seed=seed)
         return [row["text"] for _, row in zip(range(PG19_BOOKS), stream)]

@@ -46,7 +46,7 @@ TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,
 CUT_AT = ("<context>", "<example>", "Question")   # the official cut list; 'Question' is kept though inert
 MAX_NEW_TOKENS = 20                               # the benchmark's generation budget
 EVAL_TOKENS = 65536    # padded prompt tokens per decoding batch: 64 rows of 1K keep a GPU busy, 2 of 32K fit it
-HUB = "RMT-team/babilong"                         # the benchmark on the Hugging Face hub (configs = lengths)
+HUB = "RMT-team/babilong"                         # the benchmark on the HF hub (configs = lengths, splits = tasks)
 OFFICIAL = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
 READING_TITLE = "reading: accuracy where the baseline is wrong (echoing the last-named label scores 0 here)"
 PROG = "eval_babilong.py"                         # the name its refusals give
@@ -115,6 +115,7 @@ def read_samples(source: str, task: str, length: str, revision: str) -> list[dic
     ValueError, naming the file, if they are not the benchmark's samples (check_samples)."""
     if source == "hub":
         where = f"--data hub ({HUB} {length}/{task}@{revision})"
+        # a local folder as HUB (the tests) has no history: datasets takes revision there and ignores it
         rows = books.from_hub(where, lambda datasets: datasets.load_dataset(HUB, length, split=task,
                                                                             revision=revision))
         return check_samples(list(rows), where)
@@ -137,8 +138,8 @@ def check_samples(rows, where: str) -> list[dict]:
         if not isinstance(row, dict):
             raise ValueError(f"{where}[{i}]: a sample is an object with {', '.join(FIELDS)}; found {row!r:.40}")
         bad = next((k for k in FIELDS if not isinstance(row.get(k), str)), None)
-        if bad:
-            raise ValueError(f"{where}[{i}]: " + (f"no {bad!r}" if bad not in row else
+        if bad:                                 # None: the hub's rows have every column, null where a row had none
+            raise ValueError(f"{where}[{i}]: " + (f"no {bad!r}" if row.get(bad) is None else
                                                   f"{bad!r} must be a string; found {row[bad]!r:.40}"))
     return [{k: row[k] for k in FIELDS} for row in rows]
 
