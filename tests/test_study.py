@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from conftest import ROOT
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    study.main(["--quick", "--parallel", "2", "--out", str(out)])      # two runs at once in the sweep and arms
+    study.main(["--quick", "--out", str(out)])
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -125,3 +126,27 @@ def test_sigint_stops_the_run_in_flight_at_a_step_boundary_and_the_study_says_ho
     ckpt = checkpoint.load(str(log.parent / checkpoint.FILE))
     assert 1 <= ckpt["step"] < 399 and steps(settled=True) == list(range(ckpt["step"] + 1))   # the last one logged
     assert not (log.parent / "done").exists()
+
+
+def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(monkeypatch):
+    running, most, seen = [0], [0], {}
+    lock = threading.Lock()
+
+    def fake_train(name, out, flags, clock):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+        seen[name] = flags
+        return {"name": name}
+    monkeypatch.setattr(study, "train", fake_train)
+    args = study.get_args(["--parallel", "2"])
+    jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
+    got = study.side_by_side(args, study.Clock(5), jobs)
+    assert most[0] == 2 and list(got) == list(jobs)
+    assert all(got[f"k{i}"] == {"name": f"run {i}", "shared": True} for i in range(5))
+    assert all(flags[:2] == ["--steps", "3"] and flags[2] == "--workers" for flags in seen.values())
+    alone = study.side_by_side(study.get_args([]), study.Clock(1), {"k": ("one", None, ["--steps", "3"])})
+    assert alone == {"k": {"name": "one", "shared": False}} and seen["one"] == ["--steps", "3"]
