@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import babilong
+import books
 import checkpoint
 import data
 import eval_babilong
@@ -56,18 +57,18 @@ class Plan:
     model: str = "small"              # train.py --model preset
     ctx: int = 8192                   # training row length: arms train at <= 8K, evaluation runs to 32K
     batch: int = 8                    # rows per step
-    base_steps: int = 3000            # book-text pretraining steps
+    base_steps: int = 1200            # book-text pretraining steps
     base_lr: float = 3e-3             # its peak AdamW rate
     base_wd: float = 0.1              # its weight decay (Gu et al.: more decay, stronger sinks)
-    qa_steps: int = 300               # then next-token training on short BABILong samples (0k, 1k) as text
-    arm_steps: int = 1000             # fine-tuning steps of every arm
+    qa_steps: int = 200               # then next-token training on short BABILong samples (0k, 1k) as text
+    arm_steps: int = 400              # fine-tuning steps of every arm
     arm_lr: float = 3e-4              # their peak AdamW rate
     train_lengths: str = "0k,1k,2k,4k,8k"
-    sweep_lrs: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)   # inner learning rates tried (2 inner steps, the authors')
-    sweep_steps: int = 250            # FocuSFT steps per sweep run
+    sweep_lrs: tuple = (0.03, 0.1, 0.3, 1.0)   # inner learning rates tried (2 inner steps, the authors')
+    sweep_steps: int = 200            # FocuSFT steps per sweep run
     seeds: tuple = (1, 2)             # SFT and FocuSFT run with each; the other arms with the first
     eval_lengths: tuple = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
-    eval_n: int = 40                  # samples per task and length
+    eval_n: int = 20                  # samples per task and length
     stats_n: int = 5                  # samples per length for the attention statistics (one per task)
     stats_every: int = 100            # training-log statistics every N steps
     extra: list = field(default_factory=list)   # more train.py flags for every run (e.g. --workers 0)
@@ -373,8 +374,11 @@ def get_args(argv=None):
     if problem:
         p.error(problem)
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
-        if value.split(":")[0] not in ("synthetic", "pg19") and not Path(value).is_dir():
-            p.error(f"{flag}: no folder {value}")
+        if value.split(":")[0] not in ("synthetic", "pg19"):
+            try:
+                books.folder_books(value)
+            except (FileNotFoundError, ValueError) as e:
+                p.error(f"{flag}: {e}")
     if args.babi_dir and not Path(args.babi_dir).is_dir():
         p.error(f"--babi-dir: no folder {args.babi_dir}")
     return args

@@ -88,9 +88,14 @@ def test_paired_differences_and_the_sign_test_by_hand():
     assert many["p"] == pytest.approx(2 / 2 ** 10) and many["se"] == 0
 
 
-def test_bad_folders_are_one_line(tmp_path):
-    with pytest.raises(SystemExit):
-        study.get_args(["--books", str(tmp_path / "missing")])
+def test_bad_folders_are_one_line_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for flag, folder in (("--books", "missing"), ("--books", "empty"), ("--test-books", "empty")):
+        with pytest.raises(SystemExit) as stop:
+            study.get_args([flag, str(tmp_path / folder), "--out", str(tmp_path / "out")])
+        message = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message.count("\n") == 0 and flag in message and folder in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_set_changes_plan_fields_by_their_type_and_refuses_others():
