@@ -23,6 +23,15 @@ FINETUNE_LR = 1e-5           # AdamW's rate with --init: the authors' for fine-t
 LEGACY = {"workers": 0, "bos": 0, "max_docs": 1 << 30, "inner_per": "row"}   # runs recorded before these flags:
                                                                              # no cap on samples per row
 RUN_ONLY = ("out", "resume", "stop_after", "workers", "flex_backend")   # this invocation's, not the recorded run's
+BY_DEVICE = {   # flag: (its value on a GPU, on a CPU) where the user gives none; apply_defaults says why
+    "model": ("small", "tiny"), "attn": ("flex", "sdpa"), "compile": (1, 0), "dtype": ("bf16", "fp32"),
+    "batch_size": (f"{GPU_TOKENS_PER_STEP} / --ctx", 1), "workers": ("up to 8", 0), "steps": (5000, 20),
+    "lr": (1e-3, 3e-3), "curriculum": (1, 0)}
+
+
+def by_device(name: str) -> str:
+    gpu, cpu = BY_DEVICE[name]
+    return f"{gpu} on a GPU, {cpu} on a CPU"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -50,7 +59,7 @@ def parser(description: str = "") -> Parser:
                         "dropped")
     p.add_argument("--curriculum", type=int, choices=[0, 1], default=None,
                    help="--data babilong: 1 = the shortest length alone for the first half of the steps, then "
-                        "the others one at a time, shortest first (default 1 on a GPU, 0 on a CPU)")
+                        "the others one at a time, shortest first (default " + by_device("curriculum") + ")")
     p.add_argument("--haystack", default="synthetic",
                    help="haystack text: synthetic, pg19 (online) or a folder of .txt books")
     p.add_argument("--babi-dir", default=None, help="--data babilong: real bAbI stories instead of the generator "
@@ -62,8 +71,9 @@ def parser(description: str = "") -> Parser:
                    help="--data synthetic, books: longest sample (tokens); 0 = --ctx")
     p.add_argument("--max-docs", type=count, default=0,
                    help=f"most samples a row holds (the rest is padding); 0 = ctx / {batches.TOKENS_PER_DOC}")
-    p.add_argument("--bos", type=int, choices=[0, 1], default=0,
-                   help="1 = every sample opens with the same token (<|endoftext|>): a fixed attention sink")
+    p.add_argument("--bos", type=int, choices=[0, 1], default=None,
+                   help="1 = every sample opens with the same token (<|endoftext|>): a fixed attention sink "
+                        "(default: the --init checkpoint's, else 0)")
     p.add_argument("--objective", choices=["sft", "lm"], default="sft",
                    help="sft: loss on answers; lm: next-token loss on every token, causal mask (pretraining)")
     # --- method ---
@@ -87,33 +97,33 @@ def parser(description: str = "") -> Parser:
     p.add_argument("--inner-loss", choices=["response", "context"], default="response",
                    help="response: the outer SFT loss; context: next-token loss on context tokens (causal)")
     # --- optimisation ---
-    p.add_argument("--steps", type=count, default=0, help="optimizer steps; 0 = the machine's default")
-    p.add_argument("--batch-size", type=count, default=0, help="rows per micro-batch; 0 = the machine's default")
+    p.add_argument("--steps", type=count, default=0, help="optimizer steps; 0 = " + by_device("steps"))
+    p.add_argument("--batch-size", type=count, default=0, help="rows per micro-batch; 0 = " + by_device("batch_size"))
     p.add_argument("--grad-accum", type=positive, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=number(float, 0, note=" (0 = the machine's default)"), default=0.0,
-                   help="peak AdamW learning rate; 0 = the machine's default")
+                   help=f"peak AdamW learning rate; 0 = {by_device('lr')}, {FINETUNE_LR:g} with --init")
     p.add_argument("--warmup", type=number(float, 0, 1), default=0.1,
                    help="warm-up fraction of the steps (then cosine to 0)")
     p.add_argument("--weight-decay", type=nonnegative, default=0.01, help="AdamW weight decay on matrices")
     p.add_argument("--clip", type=nonnegative, default=1.0, help="global gradient norm clip (0 = off)")
     # --- model ---
     p.add_argument("--model", choices=sorted(PRESETS), default=None,
-                   help="size preset; default by device, or --init's model")
+                   help=f"size preset; default {by_device('model')}, or --init's model")
     p.add_argument("--init", default=None, help="start from the weights (and model config: --model may not name "
                                                 "another) of this checkpoint; default: none, from scratch")
-    p.add_argument("--attn", choices=["flex", "sdpa"], default=None, help="attention backend; default by device")
+    p.add_argument("--attn", choices=["flex", "sdpa"], default=None, help=f"attention backend; default {by_device('attn')}")
     p.add_argument("--flex-backend", choices=sorted(FLEX_BACKENDS), default="triton",
                    help="flex's kernels: triton (torch's), or flash (FlashAttention-4's, where the optional "
                         "flash-attn-4 package and an H100/H200/B200-class GPU are there): faster at batch 8, slower "
                         "at batch 1 (README, 'GPU numbers')")
     # --- system ---
     p.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype; default bf16 on cuda")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help=f"autocast dtype; default {by_device('dtype')}")
     p.add_argument("--compile", type=int, choices=[0, 1], default=None,
-                   help="torch.compile each block (cuda default 1)")
+                   help=f"torch.compile each block; default {by_device('compile')}")
     p.add_argument("--seed", type=int, default=1337, help="seed of data, init and fast weights")
     p.add_argument("--workers", type=count, default=None,
-                   help="processes building batches ahead of the GPU; default up to 8 on cuda, 0 (in-line) on cpu")
+                   help=f"processes building batches ahead of the GPU (0: in line); default {by_device('workers')}")
     # --- output ---
     p.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue exactly from --out/ckpt.pt")
@@ -139,31 +149,33 @@ def apply_defaults(args) -> list[str]:
             why.append(f"--{name.replace('_', '-')} {value}: {reason}")
     if args.init:
         default("lr", FINETUNE_LR, "the authors' AdamW rate for fine-tuning a trained model (--init)")
+    side = 0 if cuda else 1
+    plain = lambda name, reason: default(name, BY_DEVICE[name][side], reason)
     if cuda:
         if not args.init:                               # with --init, the checkpoint's model (init_model)
-            default("model", "small", "8 x 512, head size 128 (flex's fast kernel shape), 51.5M parameters")
-        default("attn", "flex", "fused flex_attention kernels with a sparse BlockMask")
-        default("compile", 1, "flex must run compiled on the GPU")
-        default("dtype", "bf16", "bf16 autocast")
+            plain("model", "8 x 512, head size 128 (flex's fast kernel shape), 51.5M parameters")
+        plain("attn", "fused flex_attention kernels with a sparse BlockMask")
+        plain("compile", "flex must run compiled on the GPU")
+        plain("dtype", "bf16 autocast")
         default("batch_size", max(1, GPU_TOKENS_PER_STEP // args.ctx), f"about {GPU_TOKENS_PER_STEP:,} tokens per step")
-        default("workers", min(8, usable_cpus()), "batches are built ahead in other processes: a batch of 0k "
-                "samples is ~0.3 s of Python (470 stories simulated one by one), a GPU step 45-120 ms")
-        default("steps", 5000, "half on 0k rows (FocuSFT 80 ms/step), half as 1k-8k join (85-126 ms): about "
-                               "12 minutes on one H200 with start-up and compilation; reads qa5 (README)")
-        default("lr", 1e-3, "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
-        default("curriculum", 1, "0k samples alone for the first half (470 answers per step, 70 at 0k-8k): "
-                                 "from scratch, reading is learned on short samples (README, 'Learning')")
+        default("workers", min(8, usable_cpus()), "batches are built ahead in other processes: building one "
+                "takes longer than a GPU step")
+        plain("steps", "half on 0k rows, half as 1k-8k join: enough from scratch to read qa5 to 8K "
+                       "(README, 'Learning')")
+        plain("lr", "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
+        plain("curriculum", "0k samples alone for the first half (470 answers per step, 70 at 0k-8k): "
+                            "from scratch, reading is learned on short samples (README, 'Learning')")
     else:
         if not args.init:
-            default("model", "tiny", "2-core CPU")
-        default("attn", "sdpa", "flex_attention has no CPU backward")
-        default("compile", 0, "no compile on CPU")
-        default("dtype", "fp32", "CPU")
-        default("batch_size", 1, "CPU")
-        default("workers", 0, "a CPU step takes seconds, building its batch milliseconds")
-        default("steps", 20, "about 6 minutes on 2 cores at --ctx 8192")
-        default("lr", 3e-3, "a tiny model from scratch")
-        default("curriculum", 0, "20 steps: every length from the start")
+            plain("model", "2-core CPU")
+        plain("attn", "flex_attention has no CPU backward")
+        plain("compile", "no compile on CPU")
+        plain("dtype", "CPU")
+        plain("batch_size", "CPU")
+        plain("workers", "a CPU step takes longer than building its batch")
+        plain("steps", "a first look on a CPU: the loss falls, answers need a GPU's steps")
+        plain("lr", "a tiny model from scratch")
+        plain("curriculum", "a short run: every length from the start")
     if args.data in ("synthetic", "books"):
         default("max_len", args.ctx, "samples up to a full row")
     if args.inner_lr is None:
@@ -255,10 +267,11 @@ def from_command_line(argv=None, description: str = "") -> tuple[argparse.Namesp
             print(f"{checkpoint.path(args.out)} has finished its {args.steps} steps: nothing to resume")
             return None, start_step, ckpt, []
     else:
+        why = init_model(args)
         if not args.resume and os.path.exists(checkpoint.path(args.out)):     # (bench.py's runs write nothing)
             refuse(PROG, f"--out {args.out} already holds a run ({checkpoint.path(args.out)}): add --resume to "
                          "continue it, or choose another --out")
-        why = init_model(args) + apply_defaults(args)
+        why += apply_defaults(args)
         args.method = args.method or ("sft" if args.objective == "lm" else "focusft")
         args.mask = args.mask or ("hybrid" if args.method == "focusft" else "causal")
     check_args(args)
@@ -280,13 +293,18 @@ def init_model(args) -> list[str]:
     """--init: the run trains the checkpoint's model (its weights fix the size), so --model is the checkpoint's,
     and a --model naming another size is refused. Returns the reason, for printing, when --model was not given."""
     if not args.init:
+        args.bos = args.bos or 0
         return []
-    name = checkpoint.preset_name(read_checkpoint("--init", args.init, mmap=True))   # mapped: a quick look
+    ckpt = read_checkpoint("--init", args.init, mmap=True)     # mapped: a quick look
+    name, why = checkpoint.preset_name(ckpt), []
+    if args.bos is None:                    # the base learned with (or without) its start-of-document token
+        args.bos = ckpt["config"]["args"].get("bos", 0)
+        why.append(f"--bos {args.bos}: the --init checkpoint's")
     if args.model is not None:
         if args.model != name:
             refuse(PROG, f"--model {args.model} conflicts with --init {args.init}, whose model is "
                          f"{name or 'none of the presets'}: drop --model (the checkpoint's weights fix the size)")
-        return []
+        return why
     args.model = name
-    return [f"--model {name}: the --init checkpoint's model" if name else
-            "--model none: the --init checkpoint's model is none of the presets"]
+    return why + [f"--model {name}: the --init checkpoint's model" if name else
+                  "--model none: the --init checkpoint's model is none of the presets"]

@@ -1,8 +1,8 @@
 """Train a GPT with FocuSFT (or plain SFT, or next-token pretraining) on long packed rows.
 
-    python train.py --ctx 8192                      # FocuSFT, defaults picked for this machine
-    python train.py --ctx 8192 --method sft         # the causal SFT baseline
-    python train.py --objective lm --out runs/base  # pretrain a base model, then --init runs/base/ckpt.pt
+    python train.py --ctx 8192                                   # FocuSFT, defaults picked for this machine
+    python train.py --ctx 8192 --method sft --out runs/sft       # the causal SFT baseline
+    python train.py --objective lm --data books --out runs/lm    # pretrain a base, then --init runs/lm/ckpt.pt
 
 One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its mask built
 once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py), then one AdamW step on the

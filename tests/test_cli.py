@@ -143,6 +143,27 @@ def test_init_with_a_model_of_another_size_is_refused_and_its_size_recorded(tmp_
     assert list(tmp_path.iterdir()) == []                   # no --out yet (and no probe of it left behind)
 
 
+def test_init_takes_the_checkpoints_start_of_document_token_unless_bos_is_given(tmp_path, no_model):
+    """A base pretrained with --bos 1 read every document from that token: a fine-tune from it keeps it (the
+    README's fine-tune after the base used to drop it)."""
+    base = tmp_path / "base.pt"
+    torch.manual_seed(0)
+    write_checkpoint(base, GPT(preset("tiny", "sdpa")), {"mask": "causal", "bos": 1})
+    argv = ["--init", str(base), "--device", "cpu", "--out", str(tmp_path / "o")]
+    for given, bos in (([], 1), (["--bos", "0"], 0)):
+        args, _, _, why = config.from_command_line(argv + given)
+        assert args.bos == bos and ("--bos 1: the --init checkpoint's" in why) == (not given)
+    assert config.from_command_line(["--device", "cpu", "--out", str(tmp_path / "o")])[0].bos == 0
+
+
+def test_a_bad_init_is_named_even_where_out_holds_a_run(tmp_path, capsys, no_model, tiny_ckpt):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(open(tiny_ckpt, "rb").read())
+    line = refused(capsys, train.main, ["--init", str(tmp_path / "none.pt"), "--device", "cpu", "--out", str(out)])
+    assert line.startswith("train.py: error: --init: "), line
+
+
 def test_a_missing_book_folder_is_refused_before_the_model_is_built(tmp_path, capsys, no_model):
     line = refused(capsys, train.main, ["--device", "cpu", "--data", "synthetic", "--haystack", str(tmp_path / "no"),
                                         "--out", str(tmp_path / "o")])
@@ -242,7 +263,7 @@ def test_eval_refusal_exits_2_with_one_line(tmp_path, tiny_ckpt):
 @pytest.mark.parametrize("main,argv,needle", [
     (study.get_args, ["--out", ""], "study.py: error: --out: an empty path"),
     (study.get_args, ["--out", "f"], "study.py: error: --out f: a file"),
-    (study.get_args, ["--books", "nowhere"], "study.py: error: --books: no folder nowhere"),
+    (study.get_args, ["--books", "nowhere"], "study.py: error: --books: haystack folder nowhere does not exist"),
     (study.get_args, ["--quick", "2"], "study.py: error: unrecognized arguments: 2"),
     (bench.main, ["--sizes", "8192,abc"], "bench.py: error: argument --sizes: expected an integer"),
     (bench.main, ["--tokens", "nan"], "bench.py: error: argument --tokens"),
