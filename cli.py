@@ -9,6 +9,7 @@ Two ideas to hold:
      of range never reach the code; how flags fit together is each script's check (config.check_args).
 """
 import argparse
+import errno
 import math
 import os
 import sys
@@ -102,5 +103,6 @@ def output_problem(flag: str, path: str, folder: bool = True) -> str | None:
     try:
         os.rmdir(tempfile.mkdtemp(dir=where, prefix=".probe-"))
     except OSError as e:
-        return f"{flag} {path}: cannot write in {where} ({e.strerror})"
+        why = "nothing can be created there" if e.errno == errno.ENOENT else e.strerror   # (/proc says ENOENT)
+        return f"{flag} {path}: cannot write in {where} ({why})"
     return None

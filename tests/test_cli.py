@@ -179,6 +179,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_is_built(tmp_
     monkeypatch.chdir(tmp_path)
     line = refused(capsys, train.main, ["--device", "cpu", "--ctx", "512", "--data", "synthetic", "--out", out])
     assert line.startswith(f"train.py: error: --out {out}".rstrip()), line
+    assert "No such file" not in line                       # /proc's ENOENT said as what it means
     assert sorted(os.listdir(tmp_path)) == ["file"]          # nothing made, not even a probe left behind
 
 
