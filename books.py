@@ -138,7 +138,10 @@ def haystack(source: str, seed: int = 0) -> Library:
     """The haystack source named by `source`: "synthetic" (or "synthetic:SEED", books of that seed whatever the
     run's), "pg19" (or "pg19:SPLIT"), or a folder of .txt books."""
     if source == "synthetic" or source.startswith("synthetic:"):
-        return synthetic_books(int(source.partition(":")[2] or seed))
+        given = source.partition(":")[2]
+        if given and not given.isdigit():
+            raise ValueError(f"haystack {source}: the seed after 'synthetic:' must be a whole number")
+        return synthetic_books(int(given or seed))
     if source == "pg19" or source.startswith("pg19:"):
         return pg19_books(seed, source.partition(":")[2] or PG19_SPLIT)
     return folder_books(source)

@@ -168,6 +168,8 @@ def test_a_missing_book_folder_is_refused_before_the_model_is_built(tmp_path, ca
     line = refused(capsys, train.main, ["--device", "cpu", "--data", "synthetic", "--haystack", str(tmp_path / "no"),
                                         "--out", str(tmp_path / "o")])
     assert line.startswith("train.py: error: haystack folder") and not (tmp_path / "o").exists()
+    line = refused(capsys, train.main, ["--device", "cpu", "--haystack", "synthetic:abc", "--out", str(tmp_path / "o")])
+    assert line.startswith("train.py: error: haystack synthetic:abc: the seed") and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("out", ["file", "", "/proc/focusft", "file/below"])
