@@ -88,12 +88,13 @@ def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLo
 
 
 def worker_signals(worker_id: int):
-    """A loader worker ignores ^C and leaves it to the main process, which finishes its step and saves (train.py):
-    a terminal sends SIGINT to every process of the run, and a worker that quit on it would fail the batch the
-    main process waits for. SIGTERM ends a worker as by default (the loader stops its workers with it), not
-    by the handler of train.py's main process, which a forked worker inherits."""
+    """A loader worker leaves SIGINT and SIGTERM to the main process, which finishes its step and saves (train.py):
+    a terminal's ^C, or a SIGTERM to the whole process group (a scheduler's, a job's), reaches every process of
+    the run, and a worker that quit on it would fail the batch the main process waits for (the loader raises
+    when a worker dies by a signal). The workers end with the loader, or when the main process is gone (torch's
+    worker loop watches its parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def sample_groups(document_ids: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:

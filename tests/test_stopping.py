@@ -63,12 +63,14 @@ def finishes_as_straight(out, straight):
     assert not os.path.exists(checkpoint.path(str(out)) + ".tmp")
 
 
-@pytest.mark.parametrize("sig,workers", [pytest.param(signal.SIGINT, "1", id="SIGINT"),
-                                         pytest.param(signal.SIGTERM, "0", id="SIGTERM")])
-def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, straight, sig, workers):
+@pytest.mark.parametrize("sig,workers,group", [pytest.param(signal.SIGINT, "1", True, id="SIGINT"),
+                                               pytest.param(signal.SIGTERM, "0", False, id="SIGTERM"),
+                                               pytest.param(signal.SIGTERM, "1", True, id="SIGTERM-group")])
+def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, straight, sig, workers, group):
     """A real train.py process, signalled mid-run as a terminal's ^C does (SIGINT to its process group, loader
-    workers included) or as `kill` does (SIGTERM to it alone): the step in flight finishes, a checkpoint of it
-    is saved, one line says how to resume, the exit code is 128 + the signal; --resume then finishes exactly."""
+    workers included), as `kill` does (SIGTERM to it alone) or as a scheduler does (SIGTERM to the group): the
+    step in flight finishes, a checkpoint of it is saved, one line says how to resume, the exit code is 128 +
+    the signal; --resume then finishes exactly."""
     out = tmp_path / "run"
     run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, "--workers", workers, "--out", str(out)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -76,7 +78,7 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, straight,
     for line in run.stdout:
         if re.search(rf"\]\s+2/{STEPS} ", line):       # step 1 logged: signal it during step 2
             break
-    if sig == signal.SIGINT:
+    if group:
         os.killpg(run.pid, sig)
     else:
         run.send_signal(sig)
@@ -222,16 +224,10 @@ def test_the_default_schedule_reaches_the_loop(tmp_path, monkeypatch, capsys):
     assert re.findall(r"saved .* at step (\d+)", capsys.readouterr().out) == ["1", "3", "4"]
 
 
-def a_worker(ready):
-    batches.worker_signals(0)
-    ready.set()
-    time.sleep(60)
-
-
-def test_loader_workers_leave_ctrl_c_to_the_main_process():
-    """A terminal's ^C reaches the loader's workers too: they go on building batches (the main process stops
-    the run at a step boundary, and may still wait for the batch of the step in flight). SIGTERM still ends a
-    worker, also one forked from train.py's main process, which handles SIGTERM itself."""
+def test_loader_workers_leave_signals_to_the_main_process():
+    """A terminal's ^C, or a SIGTERM to the process group, reaches the loader's workers too: they go on building
+    batches (the main process stops the run at a step boundary, and may still wait for the batch of the step in
+    flight)."""
     args = config.get_args(RUN + ["--workers", "1"])
     config.apply_defaults(args)
     with stopping.Stop(saved=-1).handling_signals():
@@ -239,15 +235,8 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process():
         loader = iter(batches.batch_loader(args, 0, STEPS - 1, batches.data_source(args)))
         next(loader)
         (worker,) = set(multiprocessing.active_children()) - before
-        os.kill(worker.pid, signal.SIGINT)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(worker.pid, sig)
         time.sleep(0.5)
         assert worker.is_alive()
         assert len(list(loader)) == STEPS - 1
-        fork = multiprocessing.get_context("fork")
-        ready = fork.Event()
-        worker = fork.Process(target=a_worker, args=(ready,))
-        worker.start()
-        assert ready.wait(timeout=30)
-        os.kill(worker.pid, signal.SIGTERM)
-        worker.join(timeout=30)
-        assert worker.exitcode == -signal.SIGTERM
