@@ -322,6 +322,19 @@ def accuracy(records: list[dict], length: str | None = None, task: str | None = 
                 if (length is None or r["length"] == length) and (task is None or r["task"] == task))
 
 
+def answer_shaped(records: list[dict], length: str) -> float:
+    """Share of the outputs that have an answer's form, one word: past the lengths a model was trained on, a
+    causal model's answers may turn into prose, which no scorer accepts whatever the model read."""
+    return mean(float(len(r["output"].split()) == 1) for r in records if r["length"] == length)
+
+
+def top_output_share(records: list[dict], lengths) -> float:
+    """Share of the outputs (of `lengths`) that are the most frequent one: near 1, the model answers every
+    question alike, whatever its context says."""
+    outputs = [r["output"].strip() for r in records if r["length"] in lengths]
+    return max(map(outputs.count, set(outputs))) / len(outputs) if outputs else math.nan
+
+
 def paired(a: list[dict], b: list[dict], lengths) -> dict:
     """a minus b on the same test samples (of `lengths`): the accuracy difference, its standard error over the
     samples, and the exact two-sided sign test (McNemar) on the samples only one of them gets right."""
@@ -343,8 +356,12 @@ def write_json(path: Path, value):
 
 def machine() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    return {"gpu": gpu, "cpu": platform.machine(), "torch": torch.__version__, "commit": commit.strip() or None,
+    def git(*argv):
+        return subprocess.run(["git", *argv], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or None
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += " with changes"                        # the files that ran are not that commit's
+    return {"gpu": gpu, "cpu": platform.machine(), "torch": torch.__version__, "commit": commit,
             "date": time.strftime("%Y-%m-%d")}
 
 
@@ -363,6 +380,8 @@ def get_args(argv=None):
                    help="real bAbI files (their test split is the test set); default: none, generated stories")
     p.add_argument("--parallel", type=number(int, 1), default=1,
                    help="train.py runs at once in the sweep and the arms (one GPU is shared; 1 = one at a time)")
+    p.add_argument("--report", action="store_true",
+                   help="only rewrite results.md and the figures from --out's results.json and logs (no training)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one size of the plan, e.g. --set arm_steps=500 --set sweep_lrs=0.1,0.3 (repeatable)")
     args = p.parse_args(argv)
@@ -373,6 +392,8 @@ def get_args(argv=None):
     problem = output_problem("--out", args.out)
     if problem:
         p.error(problem)
+    if args.report and not (Path(args.out) / "results.json").is_file():
+        p.error(f"--report: no {Path(args.out) / 'results.json'} (a finished study writes it)")
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
         if value.split(":")[0] not in ("synthetic", "pg19"):
             try:
@@ -390,7 +411,10 @@ def main(argv=None):
     before = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     STOP.clear()
     try:
-        run(args)
+        if args.report:
+            rewrite_report(Path(args.out))
+        else:
+            run(args)
     except Stopped:
         again = shlex.join(["python", "study.py", *(sys.argv[1:] if argv is None else argv)])
         print(f"study.py: stopped: finished stages are kept and a run cut off resumes from its checkpoint; "
@@ -454,6 +478,13 @@ def report(out: Path, plan: Plan, res: dict):
                                                                                           "only B", "p"],
           [[f"{a} - {b}", str(d["only_a"]), str(d["only_b"]), f"{d['p']:.3g}"]
            for a, b in comparisons for d in [paired(own(a), own(b), long)]])
+    both = "+".join(long)
+    table(f"Answers in an answer's form (one word), share of outputs, own mask; then over {both}: the accuracy "
+          "of those one-word answers, and the share of outputs that are the model's most frequent one",
+          ["model", *lengths, f"{both} one-word acc", f"{both} top output"],
+          [[name, *[fmt(answer_shaped(own(name), n)) for n in lengths],
+            fmt(accuracy([r for r in own(name) if len(r["output"].split()) == 1 and r["length"] in long])),
+            fmt(top_output_share(own(name), long))] for name in ev])
     stats_at = list(ev["base"]["stats"][ev["base"]["mask"]])
     table("Attention on test samples, own mask: sink mass / sink rate / engagement", ["model", *stats_at],
           [[name, *[f"{s['sink_mass']:.3f} / {s['sink_rate']:.2f} / {s['engagement']:.3f}"
@@ -486,6 +517,14 @@ def report(out: Path, plan: Plan, res: dict):
     tmp.write_text("\n".join(lines))
     os.replace(tmp, out / "results.md")
     figures(out, plan, res, curves, comparisons)
+
+
+def rewrite_report(out: Path):
+    """results.md and the figures again, from what a finished study recorded (e.g. after the report changed)."""
+    res = json.loads((out / "results.json").read_text())
+    plan = Plan(**{k: tuple(v) if isinstance(v, list) and k != "extra" else v for k, v in res["plan"].items()})
+    report(out, plan, res)
+    print(f"wrote {out / 'results.md'} and the figures")
 
 
 def training_curves(out: Path, res: dict) -> dict:

@@ -78,6 +78,25 @@ def test_a_second_run_skips_every_finished_stage(quick, capsys):
     assert (out / "arms" / "sft_s1" / "log.jsonl").read_text() == before
 
 
+def test_report_alone_rewrites_the_tables_from_results_json(quick, tmp_path, capsys):
+    out, res = quick
+    text = (out / "results.md").read_text()
+    (out / "results.md").unlink()
+    study.main(["--report", "--out", str(out)])
+    assert (out / "results.md").read_text() == text and "python train.py" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--report", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "--report: no" in capsys.readouterr().err
+
+
+def test_answer_form_and_top_output_by_hand():
+    records = [{"length": "16k", "output": o} for o in (" office\n", "office", "the garden, and the", "kitchen")]
+    records.append({"length": "8k", "output": "and gone, and gone"})
+    assert study.answer_shaped(records, "16k") == 0.75 and study.answer_shaped(records, "8k") == 0
+    assert study.top_output_share(records, ["16k"]) == 0.5 and study.top_output_share(records, ["16k", "8k"]) == 0.4
+    assert study.top_output_share(records, ["32k"]) != study.top_output_share(records, ["32k"])      # nan: none
+
+
 def test_paired_differences_and_the_sign_test_by_hand():
     a = [{"length": "1k", "correct": c} for c in (1, 1, 1, 0, 1, 0)]
     b = [{"length": "1k", "correct": c} for c in (0, 0, 1, 0, 1, 1)]
