@@ -392,8 +392,8 @@ def get_args(argv=None):
     problem = output_problem("--out", args.out)
     if problem:
         p.error(problem)
-    if args.report and not (Path(args.out) / "results.json").is_file():
-        p.error(f"--report: no {Path(args.out) / 'results.json'} (a finished study writes it)")
+    if args.report and not ((Path(args.out) / "results.json").is_file() and (Path(args.out) / "arms").is_dir()):
+        p.error(f"--report: {args.out} is not a finished study's folder (results.json and the runs' logs)")
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
         if value.split(":")[0] not in ("synthetic", "pg19"):
             try:
@@ -450,7 +450,8 @@ def run(args):
 
 def report(out: Path, plan: Plan, res: dict):
     ev, lengths, first = res["eval"], list(plan.eval_lengths), plan.seeds[0]
-    long = [n for n in ("16k", "32k") if n in lengths] or lengths[-1:]
+    long = [n for n in ("16k", "32k") if n in lengths] or lengths[-1:]     # past the arms' training length
+    short = [n for n in lengths if n not in long] or lengths
     lines = [f"# The FocuSFT study ({res['machine']['date']}, {res['machine']['gpu'] or 'CPU'}, commit "
              f"{res['machine']['commit']}{', --quick' if res['args']['quick'] else ''})", ""]
 
@@ -466,9 +467,9 @@ def report(out: Path, plan: Plan, res: dict):
             mask = ev[name]["mask"] if which == "its own" else "causal"
             recs = ev[name]["records"][mask]
             rows.append([name, mask, *[fmt(accuracy(recs, n)) for n in lengths],
-                         fmt(mean(accuracy(recs, n) for n in long))])
+                         fmt(mean(accuracy(recs, n) for n in short)), fmt(mean(accuracy(recs, n) for n in long))])
         table(f"BABILong accuracy, mean over qa1-qa5, each model under {which} mask ({plan.eval_n} samples per "
-              f"task and length)", ["model", "mask", *lengths, "+".join(long)], rows)
+              f"task and length)", ["model", "mask", *lengths, "+".join(short), "+".join(long)], rows)
     comparisons = [(f"focusft/{s}", f"sft/{s}") for s in plan.seeds] + [(f"focusft/{first}", f"sft_time/{first}")]
     table("Paired differences on the same test samples (own masks): A minus B ± its standard error over samples",
           ["A - B", *lengths, "+".join(long)],

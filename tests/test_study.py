@@ -66,7 +66,7 @@ def test_every_model_is_evaluated_on_every_cell_and_the_tables_have_their_shape(
     text = (out / "results.md").read_text()
     own = text.split("## ")[1].strip().splitlines()             # the first table: one row per model
     rows = [line for line in own if line.startswith("| ") and not line.startswith("| model")]
-    assert len(rows) == len(res["eval"]) and all(r.count("|") == 3 + len(plan.eval_lengths) + 1 for r in rows)
+    assert len(rows) == len(res["eval"]) and all(r.count("|") == 3 + len(plan.eval_lengths) + 2 for r in rows)
 
 
 def test_a_second_run_skips_every_finished_stage(quick, capsys):
@@ -86,7 +86,7 @@ def test_report_alone_rewrites_the_tables_from_results_json(quick, tmp_path, cap
     assert (out / "results.md").read_text() == text and "python train.py" not in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
         study.main(["--report", "--out", str(tmp_path)])
-    assert stop.value.code == 2 and "--report: no" in capsys.readouterr().err
+    assert stop.value.code == 2 and "is not a finished study's folder" in capsys.readouterr().err
 
 
 def test_answer_form_and_top_output_by_hand():
