@@ -482,8 +482,9 @@ def report(out: Path, plan: Plan, res: dict):
     both = "+".join(long)
     table(f"Answers in an answer's form (one word), share of outputs, own mask; then over {both}: the accuracy "
           "of those one-word answers, and the share of outputs that are the model's most frequent one",
-          ["model", *lengths, f"{both} one-word acc", f"{both} top output"],
+          ["model", *lengths, both, f"{both} one-word acc", f"{both} top output"],
           [[name, *[fmt(answer_shaped(own(name), n)) for n in lengths],
+            fmt(mean(float(len(r["output"].split()) == 1) for r in own(name) if r["length"] in long)),
             fmt(accuracy([r for r in own(name) if len(r["output"].split()) == 1 and r["length"] in long])),
             fmt(top_output_share(own(name), long))] for name in ev])
     stats_at = list(ev["base"]["stats"][ev["base"]["mask"]])
