@@ -117,7 +117,9 @@ def from_hub(what: str, read: Callable, hint: str = ""):
     try:
         return read(datasets)
     except Exception as e:  # offline: ConnectionError, or datasets' own errors when HF_DATASETS_OFFLINE is set
-        raise RuntimeError(f"{what} failed ({type(e).__name__}: {e}); it needs the network{hint}") from None
+        offline = isinstance(e, (ConnectionError, TimeoutError)) or "offline" in str(e).lower()
+        raise RuntimeError(f"{what} failed ({type(e).__name__}: {e})"
+                           f"{'; it needs the network' if offline else ''}{hint}") from None
 
 
 def pg19_books(seed: int, split: str = PG19_SPLIT) -> Library:

@@ -332,6 +332,13 @@ def test_pg19_errors_clearly_without_datasets_or_network(monkeypatch):
     with pytest.raises(RuntimeError, match="needs the network"):
         books.haystack("pg19", seed=0)
 
+    def script(*args, **kwargs):      # datasets >= 4 on a hub dataset that still ships a loading script
+        raise RuntimeError("Dataset scripts are no longer supported, but found pg19.py")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=script))
+    with pytest.raises(RuntimeError, match="no longer supported") as e:
+        books.haystack("pg19", seed=0)
+    assert "needs the network" not in str(e.value)                  # online, the network is not the problem
+
 
 def test_pg19_books_from_a_stream(monkeypatch, enc):
     """The online path with a stand-in for `datasets`: the seeded shuffle is asked for, the first PG19_BOOKS
