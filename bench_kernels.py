@@ -125,7 +125,7 @@ def bench_attention(sizes) -> list[dict]:
             "flex hybrid": (flex_on(hybrid_bm), hybrid_n),
             "flex causal": (flex_on(causal_bm), causal_n),
             "sdpa causal (flash)": (lambda q, k, v: sdpa(q, k, v, is_causal=True), causal_n),
-            "sdpa dense hybrid": (lambda q, k, v: sdpa(q, k, v, attn_mask=dense), hybrid_n),
+            "sdpa dense hybrid": (lambda q, k, v, dense=dense: sdpa(q, k, v, attn_mask=dense), hybrid_n),
         }
         if gpt.flash_backend_available():              # flex's FLASH backend: FlashAttention-4's CuTe kernels
             kernels["flex hybrid (FLASH)"] = (flex_on(hybrid_bm, FLASH), hybrid_n)
@@ -173,7 +173,7 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
         for name, opts, (qq, kk, vv) in variants:
             row = {"model": model_name, "ctx": ctx, "batch": B, "mask": mask, "options": name}
             options = tiles(q) if opts is None else (opts or None)
-            attn = lambda: flex(qq)(qq, kk, vv, block_mask=bm, enable_gqa=gqa, kernel_options=options)
+            attn = lambda bm=bm: flex(qq)(qq, kk, vv, block_mask=bm, enable_gqa=gqa, kernel_options=options)
             try:                          # an option this torch or GPU does not support fails alone
                 with torch.no_grad():
                     out = attn()
@@ -189,7 +189,7 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
         for name, bwd in BWD_TUNE_OPTIONS.items():                   # the backward alone under other tiles
             row = {"model": model_name, "ctx": ctx, "batch": B, "mask": mask, "options": name}
             options = {**(tiles(q) or {}), **bwd}
-            attn = lambda: flex(q)(q, kf, vf, block_mask=bm, enable_gqa=gqa, kernel_options=options)
+            attn = lambda bm=bm: flex(q)(q, kf, vf, block_mask=bm, enable_gqa=gqa, kernel_options=options)
             try:
                 time_backward(row, attn, q, kf, vf, dy, allowed, ref_grads)
             except Exception as e:        # noqa: BLE001
