@@ -23,16 +23,23 @@ import warnings
 
 import torch
 
-import batches
-import config as run_config   # train.py's command line (`config` below is an --attn-config)
-import data
+import config as run_config  # train.py's command line (`config` below is an --attn-config)
 import eval_babilong
 import generate
 import train
-from bench_kernels import ATTN_CONFIGS, attn_config, bench_attention, bench_tuning, flash_attn_version, free_memory
+from bench_kernels import (
+    ATTN_CONFIGS,
+    attn_config,
+    bench_attention,
+    bench_tuning,
+    flash_attn_version,
+    free_memory,
+)
 from cli import Parser, names, number, output_problem
+from data import batches, tokenizer
 from flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
-from model import FLASH_INSTALL, GPT, PRESETS, preset, autocast as model_autocast
+from model import FLASH_INSTALL, GPT, PRESETS, preset
+from model import autocast as model_autocast
 
 PEAK_FLOPS = 989e12          # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
 SIZES = (8192, 16384, 32768)      # sequence lengths of sections 1 and 2: FocuSFT's long-context range
@@ -88,7 +95,7 @@ def section_batches(model: str, ctx: int, steps: range, tokens: int, device: str
     with each sample's fast-weight slot marked: FocuSFT's rows time per-sample fast weights, train.py's default."""
     args = make_args(model, "sft", "causal", ctx, steps.stop, tokens, device)
     source = batches.data_source(args)
-    return [batches.to_device(batches.get_batch(args, data.gpt2(), source, step, 0), device, batches.max_docs(args))
+    return [batches.to_device(batches.get_batch(args, tokenizer.gpt2(), source, step, 0), device, batches.max_docs(args))
             for step in steps]
 
 
@@ -211,7 +218,7 @@ def bench_eval(prompts, repeats: int) -> list[dict]:
     model = preset_model("small", 0).eval()
     rows = []
     for n in prompts:
-        prompt = torch.randint(0, data.PAD_ID, (n,)).tolist()
+        prompt = torch.randint(0, tokenizer.PAD_ID, (n,)).tolist()
         prefill, decode = [], []
         for r in range(repeats + 1):                  # repeat 0 compiles and is not counted
             torch.cuda.synchronize()
@@ -221,7 +228,7 @@ def bench_eval(prompts, repeats: int) -> list[dict]:
                 torch.cuda.synchronize()
                 t1 = time.perf_counter()
                 for i in range(DECODE_TOKENS):
-                    token = int(logits[:data.PAD_ID + 1].argmax())                       # greedy, as generate()
+                    token = int(logits[:tokenizer.PAD_ID + 1].argmax())                       # greedy, as generate()
                     logits = generate.decode_step(model, token, n + i, caches, "cuda")
             torch.cuda.synchronize()
             if r:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import masks
-import model as gpt   # model.py as a module (flex_options, flex_gqa_kv, the switches --attn-config sets)
+import model as gpt  # model.py as a module (flex_options, flex_gqa_kv, the switches --attn-config sets)
 import train
 from flops import FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops
 from model import flex, preset
@@ -78,7 +78,7 @@ def qkv(S: int, head_dim: int, heads: int, kv_heads: int = 0, batch: int = 1):
 
 def median_ms(fn) -> float:
     """Median milliseconds of fn() by triton's do_bench (call fn once first if it compiles)."""
-    from triton.testing import do_bench               # GPU path only: triton need not exist on a CPU machine
+    from triton.testing import do_bench  # GPU path only: triton need not exist on a CPU machine
     return do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median")
 
 

@@ -9,10 +9,9 @@ import os
 
 import torch
 
-import batches
 import checkpoint
-import data
 from cli import Parser, number, output_problem, refuse
+from data import babi, batches, packing, tokenizer
 from fastweights import PROJECTIONS
 from model import FLASH_INSTALL, FLEX_BACKENDS, PRESETS, flash_backend_available
 
@@ -194,8 +193,8 @@ def check_args(args):
     """Refuse flags that do not fit together or this machine (each flag's own range was checked as it was read,
     get_args), before anything is built: the first problem, as one line."""
     bad = [device_problem(args.device),
-           f"--min-len ({args.min_len}) must be between {data.MIN_SAMPLE_TOKENS} (a turn of a story) and --ctx"
-           if args.data != "babilong" and not data.MIN_SAMPLE_TOKENS <= args.min_len <= args.ctx else None,
+           f"--min-len ({args.min_len}) must be between {packing.MIN_SAMPLE_TOKENS} (a turn of a story) and --ctx"
+           if args.data != "babilong" and not packing.MIN_SAMPLE_TOKENS <= args.min_len <= args.ctx else None,
            f"--max-len ({args.max_len}) must be between --min-len and --ctx"
            if args.data != "babilong" and not args.min_len <= args.max_len <= args.ctx else None,
            "--data books is plain text, with no answers: train it with --objective lm"
@@ -209,8 +208,8 @@ def check_args(args):
            if args.attn == "flex" and args.device == "cpu" else None,
            f"--resume: no checkpoint at {checkpoint.path(args.out)}"
            if args.resume and not os.path.exists(checkpoint.path(args.out)) else None]
-    unknown = set(args.tasks.split(",")) - set(data.TASKS)
-    bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(data.TASKS)}" if unknown else None)
+    unknown = set(args.tasks.split(",")) - set(babi.TASKS)
+    bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(babi.TASKS)}" if unknown else None)
     if args.data == "babilong" and not unknown:
         try:
             fits = batches.lengths_at(args, args.steps)
@@ -224,7 +223,7 @@ def check_args(args):
     bad.append("--objective lm predicts every next token: under the hybrid mask a context token sees its own "
                "target; use --mask causal" if args.objective == "lm" and args.mask == "hybrid" else None)
     try:
-        data.gpt2()
+        tokenizer.gpt2()
     except RuntimeError as e:
         bad.append(str(e))
     for b in bad:

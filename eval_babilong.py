@@ -26,17 +26,15 @@ import time
 
 import torch
 
-import babi
-import babilong
-import books
 import checkpoint
-import data
 import masks
 from cli import Parser, names, number, output_problem, refuse
 from config import device_problem
-from data import NEWLINE
+from data import babi, babilong, books, packing, tokenizer
+from data.tokenizer import NEWLINE
 from generate import generate_batch, padded, padded_length
-from model import GPT, autocast as model_autocast
+from model import GPT
+from model import autocast as model_autocast
 from stats import attention_stats
 from train import progress
 
@@ -148,9 +146,9 @@ def prompt_for(enc, sample: dict, task: str, style: str, parts: dict, bos: bool 
     """Our training format, or the benchmark's official template (parts: instruction/examples/post_prompt);
     with `bos` (a model trained with train.py --bos 1), after the start-of-document token."""
     if bos:
-        return [data.BOS_ID] + prompt_for(enc, sample, task, style, parts)
+        return [tokenizer.BOS_ID] + prompt_for(enc, sample, task, style, parts)
     if style == "trained":
-        return data.prompt_ids(enc, sample["input"], sample["question"])
+        return packing.prompt_ids(enc, sample["input"], sample["question"])
     fill = {k: parts.get(task, {}).get(k, "") for k in ("instruction", "examples", "post_prompt")}
     text = OFFICIAL.format(**fill, context=sample["input"].strip(), question=sample["question"])
     return enc.encode_ordinary(text.strip())          # both strips as the benchmark's get_formatted_input
@@ -175,7 +173,7 @@ def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device,
     """Greedy answers to the samples, decoded in batches and scored, in the samples' order; tick() after each
     sample (the progress bar). A sample's seconds: its batch's time over the batch's rows."""
     records = [None] * len(samples)
-    stop = (NEWLINE, data.PAD_ID) if style == "trained" else (data.PAD_ID,)   # our answers end at a newline
+    stop = (NEWLINE, tokenizer.PAD_ID) if style == "trained" else (tokenizer.PAD_ID,)   # our answers end at a newline
     prompts = [prompt_for(enc, s, task, style, parts or {}, bos) for s in samples]
     for batch in decoding_batches([len(p) for p in prompts], EVAL_TOKENS):
         t0 = time.perf_counter()
@@ -253,7 +251,7 @@ def main(argv=None):
     if args.make_data is None and args.ckpt is None:
         p.error("give --make-data DIR, --ckpt CKPT or --score CSV")
     try:
-        enc = data.gpt2()
+        enc = tokenizer.gpt2()
     except RuntimeError as e:
         p.error(str(e))
     if args.make_data is not None:
@@ -383,7 +381,7 @@ def length_stats(model, enc, sample: dict, task: str, mask_kind: str, device, st
     """Sink mass / engagement on one prompt (as evaluated) plus its target answer as the response turn
     (padded as generate pads prompts)."""
     ids = prompt_for(enc, sample, task, style, parts, bos)
-    answer = data.answer_ids(enc, sample["target"])
+    answer = packing.answer_ids(enc, sample["target"])
     n = len(ids) + len(answer)
     idx, S = padded([ids + answer], device)
     loss_mask = torch.zeros(1, S, dtype=torch.long, device=device)

@@ -17,8 +17,8 @@ Used by every evaluation (eval_babilong.py; any later benchmark). Two ideas to h
 import torch
 from torch import Tensor
 
-import data
 import masks
+from data import tokenizer
 from model import GPT
 
 PAD_TO = 1024          # prompt lengths are rounded up to this: few compiled shapes
@@ -32,7 +32,7 @@ def padded_length(n: int) -> int:
 def padded(prompts: list[list[int]], device) -> tuple[Tensor, int]:
     """(B, S) tokens right-padded with PAD_ID to S, the padded length of the longest prompt."""
     S = padded_length(max(len(ids) for ids in prompts))
-    idx = torch.full((len(prompts), S), data.PAD_ID)
+    idx = torch.full((len(prompts), S), tokenizer.PAD_ID)
     for b, ids in enumerate(prompts):
         idx[b, :len(ids)] = torch.tensor(ids)
     return idx.to(device), S
@@ -94,7 +94,7 @@ def generate_batch(model: GPT, prompts: list[list[int]], mask_kind: str, device,
     keys = torch.arange(longest, device=device)[None] < lengths[:, None]              # (B, n_max): real prompt
     out, done = [[] for _ in prompts], [False] * len(prompts)
     for i in range(max_new):
-        tokens = logits[:, :data.PAD_ID + 1].argmax(dim=-1)                           # (B,) real GPT-2 ids only
+        tokens = logits[:, :tokenizer.PAD_ID + 1].argmax(dim=-1)                           # (B,) real GPT-2 ids only
         for b, token in enumerate(tokens.tolist()):
             if done[b]:                                                               # finished: token dropped
                 continue

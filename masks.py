@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import and_masks, create_block_mask, create_mask
 
-
 # ----------------------------------------------------------------------------------------------------------
 # predicates
 

@@ -38,12 +38,10 @@ from pathlib import Path
 
 import torch
 
-import babilong
-import books
 import checkpoint
-import data
 import eval_babilong
 from cli import Parser, number, output_problem
+from data import babilong, books, tokenizer
 from model import autocast
 
 ROOT = Path(__file__).resolve().parent
@@ -277,7 +275,7 @@ def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"    # (--quick trains on the CPU)
     torch._dynamo.config.cache_size_limit = 64      # compiled flex: one graph per (rows, padded length, mask)
     stats_at = [n for n in STATS_LENGTHS if n in plan.eval_lengths] or [plan.eval_lengths[-1]]
-    enc, results = data.gpt2(), {}
+    enc, results = tokenizer.gpt2(), {}
     for name, ckpt in models.items():
         file = out / "eval" / f"{name.replace('/', '_')}.json"
         if not file.exists():

@@ -28,14 +28,14 @@ import time
 
 import torch
 
-import batches
 import checkpoint
 import config
-import data
 import masks
 from cli import refuse
+from data import batches, packing, tokenizer
 from fastweights import InnerConfig, adapted_layers, focusft_loss
-from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend, autocast as model_autocast
+from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend
+from model import autocast as model_autocast
 from stats import attention_stats
 from stopping import Interrupted, NonFinite, Stop, cut_log
 
@@ -72,7 +72,7 @@ def inner_config(args) -> InnerConfig:
 
 def context_targets(batch) -> torch.Tensor:
     """The "context" inner loss's targets: carried by the batch (batches.get_batch) or built here."""
-    return batch["context_targets"] if "context_targets" in batch else data.context_targets(batch)
+    return batch["context_targets"] if "context_targets" in batch else packing.context_targets(batch)
 
 
 def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, dict | None]:
@@ -261,7 +261,7 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
     print(f"model: {n_params / 1e6:.1f}M parameters, {model_cfg.n_layer} layers; "
           f"fast weights on layers {list(adapted_layers(model_cfg.n_layer, inner.fraction))}")
 
-    enc = data.gpt2()
+    enc = tokenizer.gpt2()
     os.makedirs(args.out, exist_ok=True)
     log_file = os.path.join(args.out, "log.jsonl")
     if ckpt is not None:

@@ -15,7 +15,7 @@ if (SHARED / "tiktoken").is_dir():                         # offline GPT-2 token
 os.environ.setdefault("HF_HUB_OFFLINE", "1")               # tests never reach the hub: where `datasets` is
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")          # installed, its online paths fail at once, not on a timeout
 
-from model import GPT, GPTConfig, IGNORE  # noqa: E402
+from model import GPT, IGNORE, GPTConfig  # noqa: E402
 
 
 def tiny_config(**kw) -> GPTConfig:

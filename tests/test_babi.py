@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import babi
+from data import babi
 
 BABI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "babi" / "en"
 needs_files = pytest.mark.skipif(not BABI_DIR.is_dir(), reason=f"no bAbI files at {BABI_DIR}")

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-import babi
-import babilong as bl
-import books
-from data import gpt2
+from data import babi, books
+from data import babilong as bl
+from data.tokenizer import gpt2
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GUTENBERG = SHARED / "data" / "gutenberg"
@@ -188,7 +187,7 @@ def test_facts_hide_between_sentences(enc, hay):
 
 def test_every_gap_between_sentences_takes_facts_the_last_one_too():
     """BABILong's rule: each fact goes into one of the len(sentences) + 1 gaps, drawn uniformly, in order."""
-    from data import hide_facts
+    from data.packing import hide_facts
     gaps = collections.Counter()
     for seed in range(600):
         out = hide_facts(random.Random(seed), ["s0", "s1", "s2"], ["f0", "f1"])
@@ -397,8 +396,8 @@ def test_deterministic(enc):
 
 
 def test_training_sample_is_the_evaluation_prompt_then_the_answer():
-    import data as data_mod
-    enc = data_mod.gpt2()
+    from data import packing, tokenizer
+    enc = tokenizer.gpt2()
     hay = books.haystack("synthetic", 0)
     for seed in range(5):
         rng = random.Random(seed)
@@ -407,9 +406,9 @@ def test_training_sample_is_the_evaluation_prompt_then_the_answer():
         first = mask.index(1)
         assert sum(mask) == len(mask) - first                                  # one response run, at the end
         answer = enc.decode(ids[first:])
-        assert ids[-1] == data_mod.NEWLINE and answer.strip() in babi.PLACES + babi.OBJECTS   # generation stops there
+        assert ids[-1] == tokenizer.NEWLINE and answer.strip() in babi.PLACES + babi.OBJECTS   # generation stops there
         text = enc.decode(ids[:first])
         question = text.split("\nQuestion: ")[1].split("\nAnswer:")[0]
         context = text.split("\nQuestion: ")[0]
-        assert ids[:first] == data_mod.prompt_ids(enc, context, question)      # the format evaluation uses
+        assert ids[:first] == packing.prompt_ids(enc, context, question)      # the format evaluation uses
     assert bl.training_sample(enc, random.Random(0), hay, ["qa1"], ["1k"], 900) is None   # 1k needs 1000

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, random_batch
 
 import bench
 import bench_kernels
 import flops
 import masks
-from conftest import ROOT, random_batch
 
 
 def dense_count(mask_mod, batch: int, S: int) -> int:
@@ -44,13 +44,12 @@ def test_batch_count_matches_the_training_masks(seed):
 
 
 def test_batch_count_on_a_real_packed_batch():
-    import data
-    import batches
     import config
+    from data import batches, tokenizer
     args = config.get_args(["--ctx", "1024", "--data", "synthetic", "--batch-size", "2", "--device", "cpu",
                            "--min-len", "200"])
     config.apply_defaults(args)
-    b = batches.get_batch(args, data.gpt2(), batches.data_source(args), 0, 0)
+    b = batches.get_batch(args, tokenizer.gpt2(), batches.data_source(args), 0, 0)
     for hybrid in (True, False):
         mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]) if hybrid else \
             masks.causal(b["attention_mask"], b["document_ids"])
@@ -99,7 +98,7 @@ def test_step_work_by_hand():
 def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
     """Section 2's bookkeeping on the CPU (the timing itself needs a GPU): every variant of every model is
     timed once on the same pre-built batches, and its ratios are over that model's causal-SFT row."""
-    import batches
+    from data import batches
     seen = []
 
     def fake_time(args, prebuilt, warmup, profile, trace=None):
@@ -135,8 +134,8 @@ def test_work_section_runs_without_a_gpu(tmp_path):
 def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
     """--attn-config: every configuration times every variant with its own kernel options in force (and
     none left behind after), and its ratios are over its own causal-SFT row."""
-    import batches
     import model
+    from data import batches
     seen = []
 
     def fake_time(args, prebuilt, warmup, profile, trace=None):
@@ -226,6 +225,7 @@ def test_flash_backend_needs_flash_attn_cute_and_hopper(monkeypatch, package, cu
     lookups and the GPU faked; without such a GPU nothing is looked up); bench then records flash-attn-4's
     version, and None otherwise."""
     import importlib.util
+
     import model
 
     def find_spec(name):
@@ -244,6 +244,7 @@ def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
     """"a+b": both configurations' kernel options (over torch's tiles, b's winning) and inductor settings in
     force at once; "default" is the model's own choice whatever was set before; everything restored after."""
     import torch._inductor.config as inductor_config
+
     import model
     with bench_kernels.attn_config("bwd-32x64-64x32-w4-s3+fwd-64x128+no-prologue"):   # a later part's option wins
         assert model.FLEX_OPTIONS == {**model.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,

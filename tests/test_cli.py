@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_config, write_checkpoint
 
 import bench
 import checkpoint
@@ -19,7 +20,6 @@ import config
 import eval_babilong
 import study
 import train
-from conftest import ROOT, tiny_config, write_checkpoint
 from model import GPT, preset
 
 OUT_OF_RANGE = {"--lr": "-1e-3", "--inner-lr": "-0.5", "--warmup": "1.5", "--weight-decay": "-0.01",

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, SHARED
 
 import eval_babilong as ev
-from conftest import ROOT, SHARED
 
 PREDICTIONS = SHARED / "data" / "babilong_predictions" / "phi-3-mini-128k-instruct"
 # (file, correct) as booydar/babilong's own babilong/metrics.py counts them on these files (run 2026-11-28
@@ -61,10 +61,9 @@ def test_last_mentioned_is_a_guess_not_the_answer():
     """On generated qa1 stories (every sentence ends with a room) the baseline is right exactly when the last
     sentence's room is the answer, and that is neither never nor always."""
     import random
-    import babilong
-    import books
-    import data
-    samples = babilong.make_samples(data.gpt2(), random.Random(3), "qa1", "0k", 200, books.haystack("synthetic"))
+
+    from data import babilong, books, tokenizer
+    samples = babilong.make_samples(tokenizer.gpt2(), random.Random(3), "qa1", "0k", 200, books.haystack("synthetic"))
     right = [ev.is_correct(s["target"], ev.last_mentioned(s, "qa1"), s["question"], "qa1") for s in samples]
     last_room = [s["input"].rstrip(".").split(". ")[-1].split()[-1] == s["target"] for s in samples]
     assert right == last_room and 0 < sum(right) < len(right)
@@ -83,6 +82,7 @@ def test_unknown_task_and_bad_file_fail_cleanly(tmp_path):
 def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path, monkeypatch, capsys):
     import io
     import json
+
     import train
 
     class Terminal(io.StringIO):                  # stderr as a terminal: the progress bar is drawn there
@@ -192,8 +192,8 @@ def test_hub_source_asks_for_the_pinned_revision(monkeypatch):
 
 
 def test_official_template_holds_context_and_question():
-    import data
-    enc = data.gpt2()
+    from data import tokenizer
+    enc = tokenizer.gpt2()
     sample = {"input": " Mary went to the garden. ", "question": "Where is Mary? ", "target": "garden"}
     parts = {"qa1": {"instruction": "Answer briefly.", "examples": "", "post_prompt": "One word."}}
     text = enc.decode(ev.prompt_for(enc, sample, "qa1", "official", parts))
@@ -208,8 +208,10 @@ def test_official_template_holds_context_and_question():
 def test_a_length_without_samples_is_blank_not_zero(tmp_path, monkeypatch, capsys):
     """A data file with no samples gives '-' in every table and the heatmap, and no mean counts it as 0."""
     import json
+
     import torch
     from conftest import tiny_config, write_checkpoint
+
     from model import GPT
     torch.manual_seed(0)
     write_checkpoint(tmp_path / "ckpt.pt", GPT(tiny_config(vocab_size=50304)), {"mask": "hybrid"})
@@ -240,12 +242,12 @@ def test_batched_evaluate_gives_each_samples_own_record(monkeypatch):
     """evaluate with many rows per batch (prompts of three padded sizes, in no order) gives the records, in the
     samples' order, that it gives decoding one sample at a time; only the seconds differ."""
     import random
+
     import torch
-    import babilong
-    import books
-    import data
-    import generate
     from conftest import tiny_config
+
+    import generate
+    from data import babilong, books, tokenizer
     from model import GPT
     monkeypatch.setattr(generate, "PAD_TO", 32)              # these prompts (22 to 73 tokens) pad to 32, 64, 96
     torch.manual_seed(0)
@@ -254,7 +256,7 @@ def test_batched_evaluate_gives_each_samples_own_record(monkeypatch):
         for block in model.h:
             block.attn.q_proj.weight.mul_(20)
             block.attn.kv_proj.weight.mul_(20)
-    enc, hay = data.gpt2(), books.haystack("synthetic")
+    enc, hay = tokenizer.gpt2(), books.haystack("synthetic")
     samples = babilong.make_samples(enc, random.Random(0), "qa1", "0k", 8, hay)
     rows = []
     generate_batch = ev.generate_batch
@@ -278,13 +280,14 @@ def test_batched_evaluate_gives_each_samples_own_record(monkeypatch):
 def test_a_model_trained_with_bos_is_prompted_with_it(tmp_path, monkeypatch):
     """A checkpoint whose run had --bos 1 is evaluated on prompts that open with BOS_ID, as its samples did;
     without it, the prompt is the training format alone."""
-    import data
     from conftest import tiny_config, write_checkpoint
+
+    from data import packing, tokenizer
     from model import GPT
-    enc, sample = data.gpt2(), {"input": "Mary went to the kitchen.", "question": "Where is Mary? ", "target": "kitchen"}
+    enc, sample = tokenizer.gpt2(), {"input": "Mary went to the kitchen.", "question": "Where is Mary? ", "target": "kitchen"}
     plain = ev.prompt_for(enc, sample, "qa1", "trained", {})
-    assert ev.prompt_for(enc, sample, "qa1", "trained", {}, bos=True) == [data.BOS_ID] + plain
-    assert plain == data.prompt_ids(enc, sample["input"], sample["question"]) and data.BOS_ID not in plain
+    assert ev.prompt_for(enc, sample, "qa1", "trained", {}, bos=True) == [tokenizer.BOS_ID] + plain
+    assert plain == packing.prompt_ids(enc, sample["input"], sample["question"]) and tokenizer.BOS_ID not in plain
     seen = []
     monkeypatch.setattr(ev, "generate_batch", lambda model, prompts, *a: seen.extend(prompts) or [[]] * len(prompts))
     monkeypatch.setattr(ev, "length_stats", lambda *a: {"sink_mass": 0, "sink_rate": 0, "engagement": 0})
@@ -292,4 +295,4 @@ def test_a_model_trained_with_bos_is_prompted_with_it(tmp_path, monkeypatch):
     write_checkpoint(tmp_path / "ckpt.pt", GPT(tiny_config()), {"mask": "causal", "bos": 1})
     ev.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "d"), "--tasks", "qa1", "--lengths", "0k",
              "--n", "2", "--device", "cpu", "--out", str(tmp_path / "o")])
-    assert len(seen) == 2 and all(p[0] == data.BOS_ID for p in seen)
+    assert len(seen) == 2 and all(p[0] == tokenizer.BOS_ID for p in seen)

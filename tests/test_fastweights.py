@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import random_batch
 
 import fastweights as fw
 import masks
-from conftest import random_batch
 
 
 def rows(targets):
@@ -144,7 +144,7 @@ def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss
     mask = hybrid_dense(b)
     inner_mask = inner_targets = None
     if inner_loss == "context":
-        from data import context_targets
+        from data.packing import context_targets
         inner_mask = masks.dense_mask(masks.causal(b["attention_mask"], b["document_ids"]), 2, 70, "cpu")
         inner_targets = context_targets(b)
 
@@ -210,7 +210,7 @@ def packed_batch(docs_per_row=((3, 30, 25), (40, 28)), S=100, vocab=128, seed=0)
 
 
 def test_sample_groups_give_each_sample_its_slot():
-    import batches
+    from data import batches
     b = packed_batch()
     ids, ends = batches.sample_groups(b["document_ids"], slots=4)
     assert ends.tolist() == [3, 33, 100, 100, 140, 200, 200, 200]   # padding joins its row's last sample
@@ -226,7 +226,7 @@ def test_per_sample_fast_weights_equal_a_loop_over_the_samples_one_at_a_time(tin
     against each sample run alone in a batch of its own (one row, plain per-row LoRA), from the same starting
     fast weights: the same inner losses, adapted weights, outer loss (the answer-weighted mean of the samples')
     and base-weight gradients (the same weighted sum)."""
-    import batches
+    from data import batches
     if grad_fn_name == "autograd_grad":               # the flex route's gradient function, here on SDPA
         monkeypatch.setattr(fw, "func_grad", fw.autograd_grad)
     cfg = fw.InnerConfig(rank=4, alpha=8, steps=2, lr=0.5)

@@ -5,11 +5,11 @@ Run: python -m pytest -q tests/test_generate.py
 """
 import pytest
 import torch
+from conftest import tiny_config
 
-import data
 import generate
 import masks
-from conftest import tiny_config
+from data import tokenizer
 from model import GPT
 
 LENGTHS = (5, 37, 300)              # prompts of a batch: none a multiple of the PAD_TO the tests set (64)
@@ -48,7 +48,7 @@ def greedy_without_cache(model: GPT, prompt: list[int], mask_kind: str, max_new:
     """The reference greedy decoder: every token from a full forward pass over the prompt and all tokens so far."""
     out = []
     while len(out) < max_new:
-        token = int(full_logits(model, prompt + out, len(prompt), mask_kind)[:data.PAD_ID + 1].argmax())
+        token = int(full_logits(model, prompt + out, len(prompt), mask_kind)[:tokenizer.PAD_ID + 1].argmax())
         if token in stop:
             break
         out.append(token)
@@ -130,7 +130,7 @@ def test_first_token_comes_from_each_prompts_own_last_token(monkeypatch, mask_ki
     want = torch.stack([full_logits(model, p, len(p), mask_kind) for p in prompts])          # (3, vocab)
     torch.testing.assert_close(logits, want, atol=2e-4, rtol=1e-4)
     assert caches[0]["k"].size(2) == max(LENGTHS)                                             # padding cut
-    first = [[int(w[:data.PAD_ID + 1].argmax())] for w in want]
+    first = [[int(w[:tokenizer.PAD_ID + 1].argmax())] for w in want]
     assert generate.generate_batch(model, prompts, mask_kind, "cpu", max_new=1, stop=()) == first
     assert len({f[0] for f in first}) == len(prompts)                                         # rows differ
 

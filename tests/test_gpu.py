@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batch
 
 import masks
-from conftest import random_batch
 from model import flex, flex_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -81,8 +81,9 @@ def test_compiled_training_steps_run_fused(tmp_path, method, backend, monkeypatc
 
 def test_kv_cache_prefill_and_decode_on_flex_match_sdpa():
     """Evaluation's compiled-flex prefill and cached decode give the logits of the dense SDPA path."""
-    import generate
     from conftest import tiny_config
+
+    import generate
     from model import GPT
     torch.manual_seed(0)
     flex_model = GPT(tiny_config(vocab_size=50304, n_embd=64, attn="flex")).cuda().eval()
@@ -104,6 +105,7 @@ def test_compiled_block_without_grad_matches_eager(heads, kv_heads):
     output) gives the eager block's output, under both masks (on a CPU, compiled flex in this setting was
     seen to differ from eager by 5 % of the output's scale, torch 2.13)."""
     from conftest import tiny_config
+
     from model import GPT
     torch.manual_seed(0)
     m = GPT(tiny_config(vocab_size=50304, n_embd=128, n_head=heads, n_kv_head=kv_heads, attn="flex")).cuda()
@@ -128,6 +130,7 @@ def test_compiled_focusft_step_gives_every_base_weight_its_eager_gradient(heads,
     step on SDPA with the dense mask (an independent reference). Grouped-query heads (K/V repeated before
     flex) and plain heads (K/V strided views into the projection's output, as in the GPU default model)."""
     from conftest import tiny_config
+
     from fastweights import InnerConfig, focusft_loss
     from model import GPT
     torch.manual_seed(0)
@@ -187,6 +190,7 @@ def test_log_step_waits_for_its_own_step_only(tmp_path):
     """train.py's step line on a GPU: printed from host copies once its step is done, while the work queued
     after it (the next step) is still running, so the GPU never waits for the host's print."""
     import types
+
     import train
     x = torch.randn(4096, 4096, device="cuda") / 64
     record = train.step_record(0, 1e-3, (x @ x).square().mean(), (x @ x).mean().repeat(3), x.norm(), tokens=4096)
@@ -239,8 +243,9 @@ def test_compiled_per_sample_focusft_step_in_bf16_matches_sdpa_fp32():
     """Per-sample fast weights as train.py runs them on a GPU (compiled blocks, flex, bf16 autocast, so the
     grouped GEMM kernel) against the same step on SDPA in fp32 (the loop over samples): loss and gradients
     within bf16's error, and far from those of one set of fast weights per row."""
-    import batches
     from conftest import tiny_config
+
+    from data import batches
     from fastweights import InnerConfig, focusft_loss
     from model import GPT
     torch.manual_seed(0)

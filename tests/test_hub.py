@@ -19,9 +19,8 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-import babilong  # noqa: E402
-import books  # noqa: E402
 import eval_babilong as ev  # noqa: E402
+from data import babilong, books
 
 PG19_COLUMNS = {"short_book_title": "A Book", "publication_date": 1900, "url": "https://www.gutenberg.org/"}
 SPLIT_SIZES = {"train": 14, "validation": 5, "test": 12}

@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
+from conftest import random_batch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import masks
-from conftest import random_batch
 
 
 def reference_hybrid(loss_mask, attention_mask, document_ids):

@@ -7,11 +7,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from conftest import random_batch, tiny_config
 from torch.nn.attention.flex_attention import create_block_mask
 
 import masks
 import model as M
-from conftest import random_batch, tiny_config
 import stats
 from stats import attention_stats
 

@@ -17,14 +17,14 @@ import types
 
 import pytest
 import torch
+from conftest import ROOT
+from test_train import TINY, losses
 
-import batches
 import checkpoint
 import config
 import stopping
 import train
-from conftest import ROOT
-from test_train import TINY, losses
+from data import batches
 
 STEPS = 8
 RUN = TINY + ["--data", "babilong", "--lengths", "0k", "--method", "sft", "--steps", str(STEPS), "--stats-every", "4",

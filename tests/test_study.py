@@ -11,10 +11,10 @@ import threading
 import time
 
 import pytest
+from conftest import ROOT
 
 import checkpoint
 import study
-from conftest import ROOT
 
 
 @pytest.fixture(scope="module")

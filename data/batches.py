@@ -10,8 +10,7 @@ import signal
 
 import torch
 
-import babilong
-import data
+from data import babilong, packing, tokenizer
 from model import target_positions
 
 TOKENS_PER_DOC = 64         # rows hold at most ctx / 64 samples by default: per-sample fast weights need a fixed
@@ -36,8 +35,8 @@ def max_docs(args) -> int:
 
 
 def get_batch(args, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
-    """One micro-batch of CPU tensors (see data.pack_rows), a pure function of (seed, split, step, micro).
-    With FocuSFT's "context" inner loss, also that loss's targets ("context_targets", data.context_targets),
+    """One micro-batch of CPU tensors (see packing.pack_rows), a pure function of (seed, split, step, micro).
+    With FocuSFT's "context" inner loss, also that loss's targets ("context_targets", packing.context_targets),
     so that their positions too are found on the host (to_device)."""
     rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
     tasks = args.tasks.split(",")
@@ -45,18 +44,18 @@ def get_batch(args, enc, source, step: int, micro: int, split: str = "train", ro
     draw = lambda r, n: babilong.draw_haystack(enc, r, hay, n)                # noqa: E731
     rows, pack = rows or args.batch_size, dict(max_docs=max_docs(args), bos=bool(args.bos))
     if args.data == "synthetic":
-        batch = data.pack_batch(enc, rng, draw, rows, args.ctx, tasks, args.min_len, args.max_len, args.objective,
+        batch = packing.pack_batch(enc, rng, draw, rows, args.ctx, tasks, args.min_len, args.max_len, args.objective,
                                 **pack)
     elif args.data == "books":
-        sample = lambda room: data.book_document(rng, draw, room, args.min_len, args.max_len)   # noqa: E731
-        batch = data.pack_rows(sample, rows, args.ctx, args.objective, **pack)
+        sample = lambda room: packing.book_document(rng, draw, room, args.min_len, args.max_len)   # noqa: E731
+        batch = packing.pack_rows(sample, rows, args.ctx, args.objective, **pack)
     else:
         lengths = lengths_at(args, args.steps if split == "eval" else step)
         def sample(room):                               # a BABILong sample that fits in `room` tokens
             return babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split)
-        batch = data.pack_rows(sample, rows, args.ctx, args.objective, **pack)
+        batch = packing.pack_rows(sample, rows, args.ctx, args.objective, **pack)
     if args.method == "focusft" and args.inner_loss == "context":
-        batch["context_targets"] = data.context_targets(batch)
+        batch["context_targets"] = packing.context_targets(batch)
     return batch
 
 
@@ -74,7 +73,7 @@ class Batches(torch.utils.data.Dataset):
         return len(self.coords)
 
     def __getitem__(self, i: int) -> dict:
-        return get_batch(self.args, data.gpt2(), self.source, *self.coords[i])
+        return get_batch(self.args, tokenizer.gpt2(), self.source, *self.coords[i])
 
 
 def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLoader:

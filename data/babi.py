@@ -3,7 +3,7 @@ r"""bAbI tasks qa1–qa5 (Weston et al. 2015), simulated: the stories BABILong h
 A story is a list of turns; a turn tells a few facts, then asks one question that all facts so far answer:
 `Turn = (facts, question, answer)`. The generator copies bAbI's cast, rooms, objects, verbs, sentence
 templates and question forms, and its rhythm, measured on the train files of ../shared/data/babi/en (see
-`python babi.py --coverage DIR`). Two ideas to hold:
+`python -m data.babi --coverage DIR`). Two ideas to hold:
 
 1. Two worlds in one. The *true* world places every person and object in a room from the start, and only
    true-world actions happen (grab what is in your room, give to someone in your room). The *told* world is

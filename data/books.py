@@ -2,7 +2,7 @@
 
 BABILong hides bAbI facts in PG19 books (babilong.py builds the samples); this file supplies the books. Three
 sources, all behind one small class, `Library` (`len(lib)` books, `lib[i]` book i's sentences, loaded once):
-synthetic books of data.py's sentences (offline, the default), a folder of Project Gutenberg .txt files
+synthetic books of a small grammar's sentences (offline, the default), a folder of Project Gutenberg .txt files
 (their license header and footer cut), and PG19 itself, streamed from the Hugging Face hub with `datasets`
 (online only; the one place that package is imported). Two ideas to hold: a book is loaded when first read,
 by a module-level function bound with functools.partial, so a Library pickles into DataLoader workers; and
@@ -15,8 +15,6 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from data import haystack_sentences
-
 SYNTHETIC_BOOKS = 100  # books of the synthetic haystack (PG19's test split also has 100)
 BOOK_SENTENCES = 5000  # sentences per synthetic book: ~100K tokens, about a novel
 PG19 = "deepmind/pg19"  # the hub name of PG19, the books BABILong's haystack comes from (tests: a local folder)
@@ -25,6 +23,61 @@ PG19_BOOKS = 100  # books read from the PG19 stream (the whole test split); a sm
 HELD_OUT = 10  # 1 in 10 books of a source (the last ones; at least one) is read by held-out rows only
 GUTENBERG_START, GUTENBERG_END = "*** START OF", "*** END OF"  # lines around a Gutenberg book's own text
 SENTENCE = re.compile(r"\S.*?[.!?]+[\"'’”)\]]*(?=\s|$)|\S.+$")  # see split_sentences
+
+
+# ----------------------------------------------------------------------------- synthetic prose: a small grammar
+
+AGENTS = ("farmer sailor merchant painter doctor teacher soldier poet baker carpenter widow stranger child "
+          "captain clerk lawyer priest miller weaver shepherd traveler musician hunter scholar tailor banker "
+          "judge nurse pilot student writer neighbor rider fisherman blacksmith innkeeper mayor peddler").split()
+THINGS = ("lantern letter engine wagon carriage clock mirror candle basket blanket coat hat book map key ring "
+          "chair table window door fence ladder barrel rope bread coin painting ribbon umbrella kettle "
+          "compass violin drum bell boat saddle bucket knife needle shovel").split()
+SETTINGS = ("harbor market valley library station forest chapel field tower mill village square cellar attic "
+            "courtyard bakery tavern orchard meadow cottage workshop quarry lighthouse shore pier barn").split()
+ADJECTIVES = ("old young quiet tired small heavy bright narrow distant careful patient clever silent stubborn "
+              "gentle nervous ancient broken golden wooden rusty dusty crowded empty proud honest foolish "
+              "cheerful lonely restless curious faded polished strange humble weary sturdy fragile").split()
+VERBS = ("repaired carried painted noticed borrowed sold bought described forgot remembered admired ignored "
+         "followed praised studied mended counted inspected signed delivered hid found examined measured "
+         "wrapped cleaned guarded traded built burned stole lost").split()  # transitive, past tense
+INTRANSITIVE = ("waited laughed rested slept hesitated whistled listened sang wandered shivered sighed paused "
+                "stumbled lingered argued complained prayed smiled nodded trembled worked hurried").split()
+ADVERBS = ("quietly slowly carefully suddenly happily patiently softly briefly eagerly nervously gladly "
+           "rarely often anxiously loudly calmly wearily proudly").split()
+PREPOSITIONS = "near beside behind under across beyond toward above below along inside outside".split()
+DETERMINERS = "the this that one each some another".split()
+CONJUNCTIONS = "and but so yet".split()  # join two clauses after a comma
+SUBORDINATORS = "after when because although while before once since".split()  # open or join a clause
+DETAIL_PROB = 0.5  # chance of each optional part: adjective, "of the place", prepositional phrase
+WORDS = (10, 30)  # a haystack sentence has this many words, like a sentence of a novel
+
+
+def _noun_phrase(rng: random.Random, nouns: list[str]) -> str:
+    adjective = [rng.choice(ADJECTIVES)] if rng.random() < DETAIL_PROB else []
+    origin = ["of", "the", rng.choice(SETTINGS)] if rng.random() < DETAIL_PROB else []
+    return " ".join([rng.choice(DETERMINERS), *adjective, rng.choice(nouns), *origin])
+
+
+def _clause(rng: random.Random) -> str:
+    if rng.random() < DETAIL_PROB:
+        action = f"{rng.choice(VERBS)} {_noun_phrase(rng, THINGS)}"
+    else:
+        action = f"{rng.choice(INTRANSITIVE)} {rng.choice(ADVERBS)}"
+    where = f" {rng.choice(PREPOSITIONS)} the {rng.choice(SETTINGS)}" if rng.random() < DETAIL_PROB else ""
+    return f"{_noun_phrase(rng, AGENTS)} {action}{where}"
+
+
+def haystack_sentences(rng: random.Random, n: int) -> list[str]:
+    """n English-like sentences that never name a bAbI person, room or object, so they answer nothing."""
+    out = []
+    while len(out) < n:  # a draw of the wrong length is thrown away (a lone clause is often too short)
+        a, b = _clause(rng), _clause(rng)
+        text = rng.choice([a, f"{a}, {rng.choice(CONJUNCTIONS)} {b}", f"{rng.choice(SUBORDINATORS)} {a}, {b}",
+                           f"{a} {rng.choice(SUBORDINATORS)} {b}"])
+        if WORDS[0] <= len(text.split()) <= WORDS[1]:
+            out.append(text[0].upper() + text[1:] + ".")
+    return out
 
 
 class Library:
@@ -81,7 +134,7 @@ def split_sentences(text: str) -> list[str]:
 
 
 def synthetic_books(seed: int) -> Library:
-    """SYNTHETIC_BOOKS books of data.haystack_sentences; book i depends only on (seed, i)."""
+    """SYNTHETIC_BOOKS books of haystack_sentences; book i depends only on (seed, i)."""
     return Library("synthetic", SYNTHETIC_BOOKS, functools.partial(_synthetic_book, seed))
 
 
