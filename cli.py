@@ -1,4 +1,4 @@
-"""The command line every script shares (train.py, eval_babilong.py, study.py, bench.py): one convention for bad
+"""The command line every script shares (train.py, eval_babilong.py, study.py, python -m bench): one convention for bad
 input, and --help that shows everything.
 
 Two ideas to hold:
@@ -106,3 +106,9 @@ def output_problem(flag: str, path: str, folder: bool = True) -> str | None:
         why = "nothing can be created there" if e.errno == errno.ENOENT else e.strerror   # (/proc says ENOENT)
         return f"{flag} {path}: cannot write in {where} ({why})"
     return None
+
+
+def progress(step: int, total: int, width: int = 20) -> str:
+    """A progress bar, "[#####...............]  5/20", for a script's per-step lines."""
+    done = int(width * step / total)
+    return "[" + "#" * done + "." * (width - done) + f"] {step:>{len(str(total))}}/{total}"

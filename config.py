@@ -267,14 +267,14 @@ def from_command_line(argv=None, description: str = "") -> tuple[argparse.Namesp
             return None, start_step, ckpt, []
     else:
         why = init_model(args)
-        if not args.resume and os.path.exists(checkpoint.path(args.out)):     # (bench.py's runs write nothing)
+        if not args.resume and os.path.exists(checkpoint.path(args.out)):     # (bench/'s runs write nothing)
             refuse(PROG, f"--out {args.out} already holds a run ({checkpoint.path(args.out)}): add --resume to "
                          "continue it, or choose another --out")
         why += apply_defaults(args)
         args.method = args.method or ("sft" if args.objective == "lm" else "focusft")
         args.mask = args.mask or ("hybrid" if args.method == "focusft" else "causal")
     check_args(args)
-    problem = output_problem("--out", args.out)       # (not in check_args: bench.py's runs write nothing)
+    problem = output_problem("--out", args.out)       # (not in check_args: bench/'s runs write nothing)
     if problem:
         refuse(PROG, problem)
     return args, start_step, ckpt, why

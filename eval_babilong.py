@@ -28,7 +28,7 @@ import torch
 
 import checkpoint
 import masks
-from cli import Parser, names, number, output_problem, refuse
+from cli import Parser, names, number, output_problem, progress, refuse
 from config import device_problem
 from data import babi, babilong, books, packing, tokenizer
 from data.tokenizer import NEWLINE
@@ -36,7 +36,6 @@ from generate import generate_batch, padded, padded_length
 from model import GPT
 from model import autocast as model_autocast
 from stats import attention_stats
-from train import progress
 
 ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
 TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,

@@ -107,6 +107,11 @@ def by_name(name: str, loss_mask: Tensor, attention_mask: Tensor | None = None,
     return causal(attention_mask, document_ids)
 
 
+def for_batch(name: str, batch: dict):
+    """by_name for a batch of packed rows (data.packing): its loss mask, padding and documents."""
+    return by_name(name, batch["loss_mask"], batch["attention_mask"], batch["document_ids"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # materialising a predicate for each attention backend
 

@@ -27,16 +27,16 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100          # target value of positions without a loss (PyTorch's cross_entropy default)
 LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
 FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
-                                   # own; set before the first compiled call (bench.py --attn-config does)
+                                   # own; set before the first compiled call (python -m bench --attn-config does)
 FLASH_INSTALL = "pip install flash-attn-4==4.0.0b36"   # the FLASH backend's package, at the version measured
 FLEX_BACKENDS = {"triton": None,   # train.py --flex-backend: FLEX_OPTIONS for flex's Triton kernels (the tiles of
                  "flash": {"BACKEND": "FLASH"}}   # flex_options), or FlashAttention-4's (flash_backend_available)
 HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,   # flex's tiles at head size 64, forward and backward:
-                "fwd_num_warps": 4, "fwd_num_stages": 3,  # the fastest of bench.py --sections tune's options
+                "fwd_num_warps": 4, "fwd_num_stages": 3,  # the fastest of python -m bench --sections tune's options
                 "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,   # (flex_options)
                 "bwd_num_warps": 4, "bwd_num_stages": 3}
 FLEX_EXPAND_KV = True  # grouped-query K/V copied to every query head before a flex call that needs a backward
-                       # (flex_gqa_kv); set before the first compiled call (bench.py --attn-config shared-kv)
+                       # (flex_gqa_kv); set before the first compiled call (python -m bench --attn-config shared-kv)
 
 
 @dataclass
@@ -104,7 +104,7 @@ def use_flex_backend(name: str):
 
 def flex_options(head_dim: int) -> dict | None:
     """kernel_options for flex_attention (None = torch's choice). At head size 64 the forward's tiles matter
-    most: on the Qwen2-0.5B shape (14 heads, 2 KV heads, 8K, a packed BABILong row; bench.py --sections tune,
+    most: on the Qwen2-0.5B shape (14 heads, 2 KV heads, 8K, a packed BABILong row; python -m bench --sections tune,
     H200, 2026-11-29) flex's forward took, per layer, causal / hybrid mask: torch's tiles (128 x 128, 4 warps)
     2.12 / 4.74 ms, 64 x 128 with 4 warps (max-autotune's pick at an earlier commit) 0.54 / 0.76, 128 x 128
     with 8 warps 0.145 / 0.237, and HEAD64_TILES (64 x 64, 4 warps, 3 stages) 0.113 / 0.198. At head size 128

@@ -31,17 +31,23 @@ import torch
 import checkpoint
 import config
 import masks
-from cli import refuse
-from data import batches, packing, tokenizer
-from fastweights import InnerConfig, adapted_layers, focusft_loss
+from cli import progress, refuse
+from data import batches, tokenizer
+from fastweights import adapted_layers
 from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend
 from model import autocast as model_autocast
 from stats import attention_stats
 from stopping import Interrupted, NonFinite, Stop, cut_log
+from training_step import (
+    build_mask,
+    fast_weight_slots,
+    inner_config,
+    make_optimizer,
+    optimizer_step,
+)
 
 EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
 GPU_EVAL_TOKENS = 262144   # on a GPU, at least this many held-out tokens (32 rows at 8K): ~200 answers, not ~26
-ADAM_BETAS = (0.9, 0.95)     # nanoGPT's; beta2 < 0.999 is steadier for from-scratch training at small batch
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -53,90 +59,6 @@ def lr_at(step: int, args) -> float:
     if step < warm:
         return args.lr * (step + 1) / warm
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
-
-
-def mask_mod_for(mask: str, batch):
-    """The batch's mask_mod: "hybrid" (FocuSFT's) or "causal" (SFT's), with its padding and documents."""
-    return masks.by_name(mask, batch["loss_mask"], batch["attention_mask"], batch["document_ids"])
-
-
-def build_mask(args, mask_mod, batch_size: int):
-    return masks.for_backend(args.attn, mask_mod, batch_size, args.ctx, args.device)
-
-
-def inner_config(args) -> InnerConfig:
-    return InnerConfig(steps=args.inner_steps, lr=args.inner_lr, clip=args.inner_clip, rank=args.inner_rank,
-                       alpha=args.inner_alpha, fraction=args.inner_fraction,
-                       targets=tuple(args.inner_targets.split(",")), loss=args.inner_loss)
-
-
-def context_targets(batch) -> torch.Tensor:
-    """The "context" inner loss's targets: carried by the batch (batches.get_batch) or built here."""
-    return batch["context_targets"] if "context_targets" in batch else packing.context_targets(batch)
-
-
-def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, dict | None]:
-    """Loss of one micro-batch, and the inner loop's record (fastweights.focusft_loss; None without one)."""
-    B = batch["idx"].size(0)
-    mask = build_mask(args, mask_mod_for(args.mask, batch), B)
-    if args.method == "sft" or inner.steps == 0:
-        return model(batch["idx"], batch["pos"], mask, batch["targets"], index=batch.get("target_index")), None
-    inner_mask = None
-    if inner.loss == "context":   # next-token prediction under a bidirectional mask would be copying: go causal
-        inner_mask = build_mask(args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
-        batch = {**batch, "context_targets": context_targets(batch)}
-    return focusft_loss(model, batch, mask, inner, inner_mask)
-
-
-def fast_weight_slots(args) -> int:
-    """Fast-weight groups per row that batches.to_device marks: one per sample (--inner-per sample), or none
-    (one per row) for --inner-per row and for runs without an inner loop."""
-    return batches.max_docs(args) if args.method == "focusft" and args.inner_per == "sample" else 0
-
-
-def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],
-               autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward of one optimizer step over its micro-batches: of the mean loss over all their target tokens,
-    each micro-batch's mean weighted by its share of the targets (a micro-batch of few answers counts as few).
-    Returns that loss () and the inner loop's record (steps + 2,): the inner loss before each inner step and
-    after the last, then how far the fast weights moved, each averaged over the groups (samples or rows) that
-    have inner targets and weighted the same way; empty without an inner loop. Device tensors, read after the
-    optimizer step, so that nothing here waits for the GPU."""
-    counts = [len(b["target_index"]) for b in micro_batches]   # found on the host (batches.to_device): no sync
-    losses, inners = [], []
-    for batch, count in zip(micro_batches, counts):
-        if count == 0:                                  # nothing to learn from
-            continue
-        weight = count / sum(counts)
-        with autocast:
-            loss, record = train_loss(args, model, inner, batch)
-        (loss * weight).backward()
-        losses.append(loss.detach().float() * weight)
-        if record is not None:                          # a group without inner targets (loss 0) is left out
-            has = record["has"].float()                                                            # (G,)
-            values = torch.cat([record["losses"], record["after"][None], record["moved"][None]])   # (steps + 2, G)
-            inners.append((values.detach().float() * has).sum(dim=1) / has.sum().clamp(min=1) * weight)
-    return sum(losses, torch.zeros(())), sum(inners) if inners else torch.zeros(0)
-
-
-def make_optimizer(args, model: GPT) -> torch.optim.AdamW:
-    """AdamW over the base weights, decaying matrices only (not norms' gains); fused kernels on a GPU."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, betas=ADAM_BETAS, fused=args.device.startswith("cuda"))
-
-
-def optimizer_step(args, model, inner: InnerConfig, optimizer, micro_batches: list[dict],
-                   autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training step on its micro-batches (accumulate), gradient clipping, AdamW; returns accumulate's
-    device tensors and the gradient's norm before clipping (a device tensor too). bench.py times this function."""
-    loss_sum, inner_sum = accumulate(args, model, inner, micro_batches, autocast)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
-    optimizer.step()                                                    # (--clip 0: measured, not clipped)
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, inner_sum, grad_norm
 
 
 def held_out_batch(args, enc, source) -> dict:
@@ -152,7 +74,7 @@ def evaluate(args, model, batch: dict) -> dict:
     Accuracy is the argmax at each answer's first token (for the lm objective: at every next token), with the
     base weights alone: fast weights exist only inside a training step."""
     rows = batch["idx"].size(0)
-    mask_mod = mask_mod_for(args.mask, batch)
+    mask_mod = masks.for_batch(args.mask, batch)
     x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, rows),
                      range(model.config.n_layer))
     sel = batch["targets"] != IGNORE
@@ -162,7 +84,7 @@ def evaluate(args, model, batch: dict) -> dict:
     pred = torch.cat([model.lm_head(chunk).argmax(-1) for chunk in h.split(LOSS_CHUNK)])   # no (N, vocab) at once
     out = {"eval_acc": (pred == batch["targets"][sel]).float().mean().item(), "eval_n": int(sel.sum())}
     one = {k: v[:1] for k, v in batch.items() if v.dim() == 2}        # the first row of each (B, S) tensor
-    out.update(attention_stats(model, one["idx"], one["pos"], mask_mod_for(args.mask, one), one["loss_mask"],
+    out.update(attention_stats(model, one["idx"], one["pos"], masks.for_batch(args.mask, one), one["loss_mask"],
                                one["attention_mask"]))
     return out
 
@@ -202,11 +124,6 @@ def log_step(args, log, step: dict, since: float) -> float:
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise NonFinite(f"step {step['step']} has loss {loss:.4g} and gradient norm {norm:.4g}")
     return now
-
-
-def progress(step: int, total: int, width: int = 20) -> str:
-    done = int(width * step / total)
-    return "[" + "#" * done + "." * (width - done) + f"] {step:>{len(str(total))}}/{total}"
 
 
 # ----------------------------------------------------------------------------------------------------------

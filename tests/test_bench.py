@@ -1,8 +1,9 @@
-"""bench.py, bench_kernels.py and flops.py on the CPU: allowed-entry counts, FLOP and work formulas, each
+"""bench/ (sections.py, kernels.py, flops.py) on the CPU: allowed-entry counts, FLOP and work formulas, each
 section's bookkeeping with the GPU work faked, the benchmark's one-line refusal without a GPU.
 
 Run: python -m pytest -q tests/test_bench.py   (a few seconds; the benchmark itself needs a GPU)
 """
+import os
 import subprocess
 import sys
 
@@ -10,10 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, random_batch
 
-import bench
-import bench_kernels
-import flops
 import masks
+from bench import flops
+from bench import kernels as bench_kernels
+from bench import sections as bench
 
 
 def dense_count(mask_mod, batch: int, S: int) -> int:
@@ -74,11 +75,12 @@ def test_flop_formulas_by_hand():
                                           (["--variants", "sft-hybrid,focusft-causal"], "--variants")])
 def test_bad_input_or_no_cuda_is_one_line(tmp_path, argv, needle):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(out), *argv], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "bench", "--out", str(out), *argv], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})   # (-m finds the package from anywhere)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2                                    # cli.REFUSED
-    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("bench.py: error:")
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("python -m bench: error:")
     assert not out.exists()
 
 
@@ -269,7 +271,7 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     and under each backward option (over the model's forward options), FLOPs on the batch's allowed entries,
     and an option that fails reported alone."""
     import model
-    from flops import FWD_BWD, allowed_in_batch
+    from bench.flops import FWD_BWD, allowed_in_batch
     seen, bwd_seen, built, layouts = [], [], {}, set()
     bad_name, bad_bwd = list(bench_kernels.BWD_TUNE_OPTIONS.items())[1]   # a backward option that breaks dq
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config, write_checkpoint
 
-import bench
 import checkpoint
 import cli
 import config
 import eval_babilong
 import study
 import train
+from bench import sections as bench
 from model import GPT, preset
 
 OUT_OF_RANGE = {"--lr": "-1e-3", "--inner-lr": "-0.5", "--warmup": "1.5", "--weight-decay": "-0.01",
@@ -261,17 +261,17 @@ def test_eval_refusal_exits_2_with_one_line(tmp_path, tiny_ckpt):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# study.py, bench.py, and --help everywhere
+# study.py, python -m bench, and --help everywhere
 
 @pytest.mark.parametrize("main,argv,needle", [
     (study.get_args, ["--out", ""], "study.py: error: --out: an empty path"),
     (study.get_args, ["--out", "f"], "study.py: error: --out f: a file"),
     (study.get_args, ["--books", "nowhere"], "study.py: error: --books: haystack folder nowhere does not exist"),
     (study.get_args, ["--quick", "2"], "study.py: error: unrecognized arguments: 2"),
-    (bench.main, ["--sizes", "8192,abc"], "bench.py: error: argument --sizes: expected an integer"),
-    (bench.main, ["--tokens", "nan"], "bench.py: error: argument --tokens"),
-    (bench.main, ["--sections", "work", "--out", "."], "bench.py: error: --out .: a folder, not a file"),
-    (bench.main, ["--sections", "work", "--out", "no/b.json"], "bench.py: error: --out no/b.json:"),
+    (bench.main, ["--sizes", "8192,abc"], "python -m bench: error: argument --sizes: expected an integer"),
+    (bench.main, ["--tokens", "nan"], "python -m bench: error: argument --tokens"),
+    (bench.main, ["--sections", "work", "--out", "."], "python -m bench: error: --out .: a folder, not a file"),
+    (bench.main, ["--sections", "work", "--out", "no/b.json"], "python -m bench: error: --out no/b.json:"),
 ])
 def test_study_and_bench_flags_are_one_line(tmp_path, monkeypatch, capsys, main, argv, needle):
     monkeypatch.chdir(tmp_path)
@@ -318,7 +318,7 @@ def test_the_readmes_training_commands_each_have_their_own_out():
 @pytest.mark.skipif(subprocess.run(["git", "-C", str(ROOT), "rev-parse"], capture_output=True).returncode != 0,
                     reason="not a git checkout")
 def test_what_commands_write_is_ignored_by_git(tmp_path, monkeypatch):
-    """The folders and files the scripts write by default (train.py's --out, study.py's, bench.py's, the folder
+    """The folders and files the scripts write by default (train.py's --out, study.py's, python -m bench's, the folder
     eval_babilong.py --data reads) and every --out or --make-data of the README's commands."""
     monkeypatch.chdir(tmp_path)                             # (study.get_args tries its --out where it runs)
     written = {config.parser().get_default("out"), study.get_args([]).out, "bench.json", "babilong_data"}

@@ -178,7 +178,7 @@ def test_compiled_sgd_step_matches_eager():
 def test_bench_times_steps_back_to_back_and_one_at_a_time():
     """bench.time_steps on the tiny model: both timings of real steps, a model-FLOP utilisation that is a
     fraction, and the peak memory of the timed steps."""
-    import bench
+    from bench import sections as bench
     args = bench.make_args("tiny", "focusft", "hybrid", 2048, 5, 8192)
     prebuilt = bench.section_batches("tiny", 2048, range(5), 8192, "cuda")
     row = bench.time_steps(args, prebuilt, warmup=2)

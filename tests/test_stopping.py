@@ -24,6 +24,7 @@ import checkpoint
 import config
 import stopping
 import train
+import training_step
 from data import batches
 
 STEPS = 8
@@ -97,7 +98,7 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, straight,
 
 def second_signal_mid_step(monkeypatch):
     """^C twice during step 5's forward: the second one ends the run there (the checkpoint of step 2 stays)."""
-    real, calls = train.optimizer_step, []
+    real, calls = training_step.optimizer_step, []
 
     def step(*args):
         calls.append(1)
@@ -154,7 +155,7 @@ def test_a_nan_stops_the_run_before_its_weights_are_saved(tmp_path, monkeypatch,
     stays. late: the step's line waits for the next step's launch, as on a GPU, so the NaN is seen at the next
     step boundary, before the checkpoint due there (--ckpt-every 1), or else after step 4 has run on those
     weights (--ckpt-every 3), whose line then never comes."""
-    real, steps_run = train.optimizer_step, []
+    real, steps_run = training_step.optimizer_step, []
 
     def step(args, model, *rest):
         steps_run.append(1)

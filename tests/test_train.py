@@ -14,7 +14,9 @@ from conftest import ROOT, SHARED, write_checkpoint
 
 import checkpoint
 import config
+import masks
 import train
+import training_step
 from data import batches, packing, tokenizer
 from model import GPT, preset
 
@@ -92,7 +94,7 @@ def test_a_failed_step_keeps_the_line_of_the_step_before_it(tmp_path, monkeypatc
     class Event:                                                      # a finished GPU step's end marker
         def synchronize(self):
             pass
-    record, step_fn, calls = train.step_record, train.optimizer_step, []
+    record, step_fn, calls = train.step_record, training_step.optimizer_step, []
 
     def held_back(*args):
         return {**record(*args), "done": Event()}
@@ -235,12 +237,12 @@ def test_accumulated_micro_batches_weigh_every_answer_token_alike():
     micro[1]["targets"][0, answers[:-3]] = -100             # few answers in the second micro-batch
     counts = [int((b["targets"] != -100).sum()) for b in micro]
     assert counts[1] == 3 and counts[0] > 3
-    loss, inner = train.accumulate(args, model, train.inner_config(args), [batches.to_device(b, "cpu") for b in micro],
+    loss, inner = training_step.accumulate(args, model, training_step.inner_config(args), [batches.to_device(b, "cpu") for b in micro],
                                    contextlib.nullcontext())
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     whole = {k: torch.cat([b[k] for b in micro]) for k in micro[0]}
-    want = train.train_loss(args, model, train.inner_config(args), whole)[0]
+    want = training_step.train_loss(args, model, training_step.inner_config(args), whole)[0]
     want.backward()
     assert math.isclose(loss, want.item(), rel_tol=1e-5) and inner.numel() == 0
     for g, p in zip(got, model.parameters()):
@@ -277,7 +279,7 @@ def test_evaluate_scores_each_answers_first_token():
     with torch.no_grad():
         out = train.evaluate(args, model, batch)
         x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]),
-                         train.build_mask(args, train.mask_mod_for(args.mask, batch), 2), range(4))
+                         training_step.build_mask(args, masks.for_batch(args.mask, batch), 2), range(4))
         hits = [int(model.lm_head(model.ln_f(x[b, t])).argmax() == batch["idx"][b, t + 1]) for b, t in starts]
     assert out["eval_n"] == len(starts) == 4
     assert out["eval_acc"] == sum(hits) / len(hits)
@@ -295,7 +297,7 @@ def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_los
                             "cpu", "--model", "tiny", "--ctx", "90", "--inner-rank", "4", "--inner-loss", inner_loss])
     config.apply_defaults(args)
     torch.manual_seed(0)
-    model, inner = GPT(tiny_config()), train.inner_config(args)
+    model, inner = GPT(tiny_config()), training_step.inner_config(args)
     plain = random_batch(B=2, S=90, seed=5)                    # the context targets built in train_loss
     loaded = {**plain, "context_targets": packing.context_targets(plain)} if inner_loss == "context" else plain
     moved = batches.to_device(loaded, "cpu")                   # ... or with the batch, as get_batch adds them
@@ -307,7 +309,7 @@ def test_target_positions_found_on_the_host_give_the_same_loss(method, inner_los
     def step(batch):
         torch.manual_seed(1)                                   # the same fresh fast weights
         model.zero_grad()
-        loss, record = train.train_loss(args, model, inner, batch)
+        loss, record = training_step.train_loss(args, model, inner, batch)
         loss.backward()
         inner_losses = torch.zeros(0) if record is None else record["losses"]
         return loss, inner_losses, [p.grad.clone() for p in model.parameters()]
@@ -381,14 +383,14 @@ def test_the_logged_inner_loss_leaves_out_rows_without_targets(per):
     config.apply_defaults(args)
     args.method, args.mask = "focusft", "hybrid"
     torch.manual_seed(0)
-    model, inner = GPT(tiny_config()), train.inner_config(args)
+    model, inner = GPT(tiny_config()), training_step.inner_config(args)
     batch = random_batch(B=2, S=90, seed=5)                    # two samples a row
     batch["targets"][1] = -100
-    moved = batches.to_device(batch, "cpu", train.fast_weight_slots(args))
+    moved = batches.to_device(batch, "cpu", training_step.fast_weight_slots(args))
     torch.manual_seed(1)                                        # the same fresh fast weights in both
-    _, logged = train.accumulate(args, model, inner, [moved], contextlib.nullcontext())
+    _, logged = training_step.accumulate(args, model, inner, [moved], contextlib.nullcontext())
     torch.manual_seed(1)
-    _, record = train.train_loss(args, model, inner, moved)
+    _, record = training_step.train_loss(args, model, inner, moved)
     values = torch.cat([record["losses"], record["after"][None], record["moved"][None]])   # (steps + 2, G)
     used = [0] if per == "row" else [0, 1]                      # row 0, or row 0's two samples
     assert values.size(1) == 2 * len(used) and record["has"].tolist() == [True] * len(used) + [False] * len(used)

@@ -1,11 +1,11 @@
 """Attention kernels on one GPU: flex_attention under FocuSFT's masks against SDPA, and flex's kernel options.
 
-bench.py's section 1 (`--sections attention`: forward + backward of flex under the hybrid mask, flex causal,
+`python -m bench`'s section 1 (`--sections attention`: forward + backward of flex under the hybrid mask, flex causal,
 SDPA causal = flash, the ceiling, SDPA with the hybrid mask as a dense bool tensor, and flex through
 FlashAttention-4's kernels where flash-attn-4 is installed) and its tuning section
 (`--sections tune`: flex's forward, then its backward, under each of several kernel options on a real
-training batch's masks), and ATTN_CONFIGS: the ways bench.py --attn-config compiles the model's attention.
-Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
+training batch's masks), and ATTN_CONFIGS: the ways `python -m bench --attn-config` compiles the model's attention.
+Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (bench/flops.py
 counts them), and flex is always timed compiled (eager flex materialises the scores).
 """
 import contextlib
@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 import masks
 import model as gpt  # model.py as a module (flex_options, flex_gqa_kv, the switches --attn-config sets)
-import train
-from flops import FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops
+from bench.flops import FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops
 from model import flex, preset
 
 CONTEXT_PERCENT = 90         # attention benchmark rows: the first 90 % context, the rest one response turn
@@ -38,7 +37,7 @@ TUNE_OPTIONS = {  # --sections tune: flex kernel_options tried on a training bat
 BWD_TUNE_OPTIONS = {  # --sections tune: the backward's tiles, on top of the model's forward options. M1 x N1 =
     # the dK/dV programs' query x key tiles, M2 x N2 the dQ programs'. The first is torch's on an H100/H200 at head
     # size <= 128; the "model" row's backward is model.HEAD64_TILES' (64 x 64 both, 4 warps, 3 stages) at head
-    # size 64. Each is also a bench.py --attn-config.
+    # size 64. Each is also a `python -m bench --attn-config`.
     f"bwd-{m1}x{n1}-{m2}x{n2}-w{w}-s{st}": {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2,
                                              "bwd_BLOCK_N2": n2, "bwd_num_warps": w, "bwd_num_stages": st}
     for m1, n1, m2, n2, w, st in ((64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 4, 3), (64, 128, 128, 64, 8, 2),
@@ -146,7 +145,7 @@ def bench_attention(sizes) -> list[dict]:
 
 
 def bench_tuning(model_name: str, batch: dict) -> list[dict]:
-    """Flex on the masks of a real training batch (packed documents, so many partly masked tiles; bench.py
+    """Flex on the masks of a real training batch (packed documents, so many partly masked tiles; bench/sections.py
     passes the batch its training section profiles) with the model's head shape and its K/V as
     a training step passes them (model.flex_gqa_kv): the forward under each of TUNE_OPTIONS and, with the
     model's options, the backward (fwd+bwd minus the forward in grad mode). The sweep's forward runs under
@@ -168,7 +167,7 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
     variants.append(("model, BSHD", None, bshd))
     rows = []
     for mask in ("causal", "hybrid"):
-        bm = masks.block_mask(train.mask_mod_for(mask, batch), B, ctx, "cuda")       # as the training step's
+        bm = masks.block_mask(masks.for_batch(mask, batch), B, ctx, "cuda")       # as the training step's
         allowed, ref, ref_grads = allowed_in_batch(batch, mask == "hybrid"), None, None
         for name, opts, (qq, kk, vv) in variants:
             row = {"model": model_name, "ctx": ctx, "batch": B, "mask": mask, "options": name}

@@ -1,15 +1,15 @@
 """Speed on one GPU: attention kernels, SFT against FocuSFT training steps, evaluation decoding.
 
-    python bench.py [--out bench.json]   # attention, training, eval (mostly compilation); tables + JSON
-    python bench.py --quick              # smoke run: 8K only, few steps
+    python -m bench [--out bench.json]   # attention, training, eval (mostly compilation); tables + JSON
+    python -m bench --quick            # smoke run: 8K only, few steps
 
 1. attention fwd+bwd: flex under the hybrid mask, flex causal, SDPA causal (flash, the ceiling), SDPA with the
    hybrid mask as a dense bool tensor, and flex through FlashAttention-4's kernels where flash-attn-4 is
-   installed (bench_kernels.py); 2. a whole training step from train.py's own pieces,
+   installed (bench/kernels.py); 2. a whole training step from train.py's own pieces,
    same model and data for both methods; 3. generate.py's prefill and KV-cache decode; and, asked for with
    --sections tune, flex's forward and backward under each of several kernel options on a training batch's masks
-   (bench_kernels.py), and with --sections work (no GPU), each step's matmul work.
-   Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (flops.py
+   (bench/kernels.py), and with --sections work (no GPU), each step's matmul work.
+   Two ideas to hold: FLOPs count only the (q, k) entries a mask allows, never the S x S square (bench/flops.py
    counts them); timed regions hold GPU work only (batches are built beforehand, compilation happens in
    warm-up), and training steps are timed back to back, as train.py runs them.
 """
@@ -26,8 +26,9 @@ import torch
 import config as run_config  # train.py's command line (`config` below is an --attn-config)
 import eval_babilong
 import generate
-import train
-from bench_kernels import (
+import training_step
+from bench.flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
+from bench.kernels import (
     ATTN_CONFIGS,
     attn_config,
     bench_attention,
@@ -37,7 +38,6 @@ from bench_kernels import (
 )
 from cli import Parser, names, number, output_problem
 from data import batches, tokenizer
-from flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
 from model import FLASH_INSTALL, GPT, PRESETS, preset
 from model import autocast as model_autocast
 
@@ -70,7 +70,7 @@ FORMULAS = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. attention kernels (and --sections tune), and the --attn-config compile settings: bench_kernels.py
+# 1. attention kernels (and --sections tune), and the --attn-config compile settings: bench/kernels.py
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. training steps
@@ -142,7 +142,7 @@ def bench_work(sizes, models, warmup: int, timed: int, tokens: int) -> list[dict
             work = {}
             for method, mask in VARIANTS:                     # VARIANTS[0], causal SFT, is the denominator
                 args = make_args(name, method, mask, ctx, warmup + timed, tokens, "cpu")
-                work[method, mask] = batch_work(args, preset(name, "sdpa"), train.inner_config(args), allowed[mask])
+                work[method, mask] = batch_work(args, preset(name, "sdpa"), training_step.inner_config(args), allowed[mask])
                 rows.append({"model": name, "ctx": ctx, "batch": args.batch_size, "method": method, "mask": mask,
                              "work_tflop": work[method, mask] / 1e12,
                              "work_ratio": work[method, mask] / work[VARIANTS[0]]})
@@ -150,13 +150,13 @@ def bench_work(sizes, models, warmup: int, timed: int, tokens: int) -> list[dict
 
 
 def time_steps(args, prebuilt, warmup: int, profile: bool = False, trace: str | None = None) -> dict:
-    model, inner = preset_model(args.model, args.seed), train.inner_config(args)
+    model, inner = preset_model(args.model, args.seed), training_step.inner_config(args)
     for block in model.h:                             # as train.main: compiled blocks, one graph per shape
         block.compile(dynamic=False)
-    optimizer, autocast = train.make_optimizer(args, model), model_autocast(args.device, args.dtype)
+    optimizer, autocast = training_step.make_optimizer(args, model), model_autocast(args.device, args.dtype)
     def step(batch):                                 # train.py's step, one micro-batch
         torch.compiler.cudagraph_mark_step_begin()   # --attn-config cudagraphs: a new step (a no-op otherwise)
-        train.optimizer_step(args, model, inner, optimizer, [batch], autocast)
+        training_step.optimizer_step(args, model, inner, optimizer, [batch], autocast)
 
     assert warmup >= 1, "the back-to-back timing starts from the end of a warm-up step"
     for batch in prebuilt[:warmup]:                                 # the warm-up steps compile
@@ -272,7 +272,7 @@ def write_json(path: str, result: dict):
 
 
 def main(argv=None):
-    p = Parser("bench.py", __doc__)
+    p = Parser("python -m bench", __doc__)
     p.add_argument("--out", default="bench.json", help="JSON file for every number (written atomically)")
     p.add_argument("--quick", action="store_true", help="smoke run: 8K only, fewer steps and repeats")
     p.add_argument("--sections", type=names(SECTIONS), default="attention,training,eval",
@@ -358,7 +358,3 @@ def main(argv=None):
         print(f"WARNING: {len(result['unfused_flex_warnings'])} flex call(s) ran unfused: their numbers are wrong")
     write_json(args.out, result)
     print(f"\nwrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()
