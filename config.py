@@ -17,7 +17,7 @@ from model import FLASH_INSTALL, FLEX_BACKENDS, PRESETS, flash_backend_available
 
 PROG = "train.py"            # the name this file's refusals give (train.py's command line lives here)
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
-SCRATCH_INNER_LR = 0.03      # from scratch: 0.1 left the base weights behind SFT on BABILong rows (README)
+SCRATCH_INNER_LR = 0.03      # from scratch: 0.1 left the base weights behind SFT on BABILong rows (docs/learning.md)
 FINETUNE_LR = 1e-5           # AdamW's rate with --init: the authors' for fine-tuning a pretrained model
 LEGACY = {"workers": 0, "bos": 0, "max_docs": 1 << 30, "inner_per": "row"}   # runs recorded before these flags:
                                                                              # no cap on samples per row
@@ -114,7 +114,7 @@ def parser(description: str = "") -> Parser:
     p.add_argument("--flex-backend", choices=sorted(FLEX_BACKENDS), default="triton",
                    help="flex's kernels: triton (torch's), or flash (FlashAttention-4's, where the optional "
                         "flash-attn-4 package and an H100/H200/B200-class GPU are there): faster at batch 8, slower "
-                        "at batch 1 (README, 'GPU numbers')")
+                        "at batch 1 (docs/speed.md)")
     # --- system ---
     p.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help=f"autocast dtype; default {by_device('dtype')}")
@@ -160,10 +160,10 @@ def apply_defaults(args) -> list[str]:
         default("workers", min(8, usable_cpus()), "batches are built ahead in other processes: building one "
                 "takes longer than a GPU step")
         plain("steps", "half on 0k rows, half as 1k-8k join: enough from scratch to read qa5 to 8K "
-                       "(README, 'Learning')")
+                       "(docs/learning.md)")
         plain("lr", "a from-scratch model; use ~1e-5 to fine-tune a pretrained one")
         plain("curriculum", "0k samples alone for the first half (470 answers per step, 70 at 0k-8k): "
-                            "from scratch, reading is learned on short samples (README, 'Learning')")
+                            "from scratch, reading is learned on short samples (docs/learning.md)")
     else:
         if not args.init:
             plain("model", "2-core CPU")
@@ -180,7 +180,7 @@ def apply_defaults(args) -> list[str]:
     if args.inner_lr is None:
         args.inner_lr = 1.0 if args.init else SCRATCH_INNER_LR
         why.append(f"--inner-lr {args.inner_lr}: " + ("the authors' value, for a pretrained model" if args.init else
-                   "from scratch, stronger fast weights leave the base weights worse on their own (README)"))
+                   "from scratch, stronger fast weights leave the base weights worse on their own (docs/learning.md)"))
     default("stats_every", max(1, args.steps // 5), "six measurements a run: untrained, every fifth, trained")
     return why
 

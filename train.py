@@ -270,7 +270,7 @@ def summary(args, log_file: str) -> str:
              f"(of {evals[-1]['eval_n']} answer tokens)")
     if evals[-1]["eval_acc"] < 0.05:
         said += ("\n  no answer is learned yet: a short run learns the words of the text first and answers only "
-                 "after many more steps (README, \"Learning\"); the loss falling is what a run this short can show")
+                 "after many more steps (docs/learning.md); the loss falling is what a run this short can show")
     return said
 
 

@@ -46,7 +46,7 @@ MIN_SENTENCE_TOKENS = 10  # shorter haystack sentences ("CHAPTER I.", "Yes.") ar
 MAX_SKIPPED = 10_000  # short sentences in a row before we decide a haystack has no usable text
 STORY_TRIES = 1000  # skipped stories in a row before we decide no story of a task fits a length
 FIRST_STAGE = 0.5  # curriculum: share of the steps on the shortest length alone. From scratch, reading is
-                   # learned on short samples (README, "Learning"); 1/5 of 4,000 steps taught one task
+                   # learned on short samples (docs/learning.md); 1/5 of 4,000 steps taught one task
 ROOM_TRIES = 10  # samples drawn for the room left in a training row before leaving the rest as padding
 HOLDOUT = 10  # 1 in 10 of all possible generated questions is for evaluation only (`held_out`)
 
