@@ -185,6 +185,17 @@ def apply_defaults(args) -> list[str]:
     return why
 
 
+def data_config(args) -> batches.DataConfig:
+    """The run's data flags as the data layer takes them (plain values, no argparse)."""
+    return batches.DataConfig(
+        data=args.data, objective=args.objective, tasks=tuple(args.tasks.split(",")),
+        lengths=tuple(args.lengths.split(",")), curriculum=bool(args.curriculum), haystack=args.haystack,
+        babi_dir=args.babi_dir, min_len=args.min_len, max_len=args.max_len, max_docs=args.max_docs,
+        bos=bool(args.bos), ctx=args.ctx, rows=args.batch_size, grad_accum=args.grad_accum, steps=args.steps,
+        seed=args.seed, context_targets=args.method == "focusft" and args.inner_loss == "context",
+        workers=args.workers or 0, pin_memory=(args.device or "cpu").startswith("cuda"))
+
+
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -212,7 +223,7 @@ def check_args(args):
     bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(babi.TASKS)}" if unknown else None)
     if args.data == "babilong" and not unknown:
         try:
-            fits = batches.lengths_at(args, args.steps)
+            fits = batches.lengths_at(data_config(args), args.steps)
             bad.append(None if fits else f"--lengths: none of {args.lengths} fits --ctx {args.ctx}")
         except (OSError, ValueError, RuntimeError) as e:
             bad.append(str(e))

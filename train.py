@@ -64,7 +64,8 @@ def lr_at(step: int, args) -> float:
 def held_out_batch(args, enc, source) -> dict:
     """The rows every evaluation of the run measures, on the device (the eval split, all lengths)."""
     rows = EVAL_ROWS if args.device == "cpu" else max(EVAL_ROWS, GPU_EVAL_TOKENS // args.ctx)
-    return batches.to_device(batches.get_batch(args, enc, source, 0, 0, split="eval", rows=rows), args.device)
+    batch = batches.get_batch(config.data_config(args), enc, source, 0, 0, split="eval", rows=rows)
+    return batches.to_device(batch, args.device)
 
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ def main(argv=None):
     if args is None:                                    # a finished run given --resume
         return
     try:
-        source = batches.data_source(args)        # books (and stories) for the loader and the evaluation
+        source = batches.data_source(config.data_config(args))   # books (and stories) for the loader and the evaluation
     except (OSError, ValueError, RuntimeError) as e:
         refuse(config.PROG, str(e))               # (a missing book folder: before the model is built)
     stop = Stop(saved=start_step - 1)
@@ -187,7 +188,7 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
     log.write(json.dumps({"config": recorded, "start_step": start_step}) + "\n")
     autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1
-    loader = iter(batches.batch_loader(args, start_step, last, source))
+    loader = iter(batches.batch_loader(config.data_config(args), start_step, last, source))
     held_out = held_out_batch(args, enc, source)         # built once: the same rows at every evaluation
     def report(updates: int):                           # "eval step N": the model after N optimizer steps
         with autocast:

@@ -9,8 +9,9 @@ import math
 
 import torch
 
+import config
 import masks
-from data import batches, packing
+from data import packing
 from fastweights import InnerConfig, focusft_loss
 from model import GPT
 
@@ -48,7 +49,7 @@ def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, di
 def fast_weight_slots(args) -> int:
     """Fast-weight groups per row that batches.to_device marks: one per sample (--inner-per sample), or none
     (one per row) for --inner-per row and for runs without an inner loop."""
-    return batches.max_docs(args) if args.method == "focusft" and args.inner_per == "sample" else 0
+    return config.data_config(args).docs_per_row if args.method == "focusft" and args.inner_per == "sample" else 0
 
 
 def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],

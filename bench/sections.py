@@ -94,8 +94,9 @@ def section_batches(model: str, ctx: int, steps: range, tokens: int, device: str
     """train.py's batches of these steps, the same for every model and method (the data depend on neither),
     with each sample's fast-weight slot marked: FocuSFT's rows time per-sample fast weights, train.py's default."""
     args = make_args(model, "sft", "causal", ctx, steps.stop, tokens, device)
-    source = batches.data_source(args)
-    return [batches.to_device(batches.get_batch(args, tokenizer.gpt2(), source, step, 0), device, batches.max_docs(args))
+    cfg = run_config.data_config(args)
+    source = batches.data_source(cfg)
+    return [batches.to_device(batches.get_batch(cfg, tokenizer.gpt2(), source, step, 0), device, cfg.docs_per_row)
             for step in steps]
 
 

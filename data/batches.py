@@ -7,6 +7,7 @@ as much Python time as a GPU step). Data-parallel ranks would add their rank to 
 """
 import random
 import signal
+from dataclasses import dataclass
 
 import torch
 
@@ -19,42 +20,67 @@ TOKENS_PER_DOC = 64         # rows hold at most ctx / 64 samples by default: per
 PREFETCH = 4                 # batches each loader worker builds ahead: absorbs a slow batch (a new book)
 
 
-def lengths_at(args, step: int) -> list[str]:
-    """--data babilong: the lengths a row can hold; with --curriculum, only the first stages' so far."""
-    return babilong.training_lengths(args.lengths.split(","), args.ctx, step if args.curriculum else None, args.steps)
+@dataclass(frozen=True)
+class DataConfig:
+    """What a run's batches are made of: train.py's data flags as plain values (config.data_config), so that
+    this layer never sees the command line. Picklable: loader workers get a copy."""
+    data: str                   # babilong, synthetic (multi-turn stories) or books (plain text)
+    objective: str              # sft (answers are the targets) or lm (every next token)
+    tasks: tuple[str, ...]      # bAbI tasks to draw stories from
+    lengths: tuple[str, ...]    # --data babilong: sample lengths (0k, 1k, ...)
+    curriculum: bool            # --data babilong: shortest length first, the others one at a time
+    haystack: str               # books.haystack's source
+    babi_dir: str | None        # real bAbI stories instead of the generator
+    min_len: int                # --data synthetic, books: shortest and longest sample (tokens)
+    max_len: int
+    max_docs: int               # samples a row may hold; 0: ctx / TOKENS_PER_DOC
+    bos: bool                   # a start-of-document token opens every sample
+    ctx: int                    # tokens per row
+    rows: int                   # rows per micro-batch
+    grad_accum: int             # micro-batches per step
+    steps: int                  # the run's steps (the curriculum's clock; evaluation reads its last stage)
+    seed: int                   # with (split, step, micro), all a batch's randomness
+    context_targets: bool       # also the next-token targets of the context (FocuSFT's "context" inner loss)
+    workers: int = 0            # loader processes building batches ahead (0: in line)
+    pin_memory: bool = False    # pinned host memory, for copies queued behind a GPU's work
+
+    @property
+    def docs_per_row(self) -> int:
+        """Samples a row may hold: max_docs, or ctx / TOKENS_PER_DOC by default."""
+        return self.max_docs or max(1, self.ctx // TOKENS_PER_DOC)
 
 
-def data_source(args):
-    """What batches are drawn from: haystack books, and (--babi-dir) real bAbI stories for --data babilong."""
-    return babilong.training_source(args.haystack, args.seed, args.babi_dir, args.tasks.split(","))
+def lengths_at(cfg: DataConfig, step: int) -> list[str]:
+    """--data babilong: the lengths a row can hold; with the curriculum, only the first stages' so far."""
+    return babilong.training_lengths(list(cfg.lengths), cfg.ctx, step if cfg.curriculum else None, cfg.steps)
 
 
-def max_docs(args) -> int:
-    """Samples a row may hold: --max-docs, or ctx / TOKENS_PER_DOC by default."""
-    return args.max_docs or max(1, args.ctx // TOKENS_PER_DOC)
+def data_source(cfg: DataConfig):
+    """What batches are drawn from: haystack books, and (babi_dir) real bAbI stories for --data babilong."""
+    return babilong.training_source(cfg.haystack, cfg.seed, cfg.babi_dir, list(cfg.tasks))
 
 
-def get_batch(args, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
+def get_batch(cfg: DataConfig, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
     """One micro-batch of CPU tensors (see packing.pack_rows), a pure function of (seed, split, step, micro).
     With FocuSFT's "context" inner loss, also that loss's targets ("context_targets", packing.context_targets),
     so that their positions too are found on the host (to_device)."""
-    rng = random.Random(f"{split}-{args.seed}-{step}-{micro}")
-    tasks = args.tasks.split(",")
+    rng = random.Random(f"{split}-{cfg.seed}-{step}-{micro}")
+    tasks = list(cfg.tasks)
     hay, stories = source[0][split], source[1][split] if source[1] else None
     draw = lambda r, n: babilong.draw_haystack(enc, r, hay, n)                # noqa: E731
-    rows, pack = rows or args.batch_size, dict(max_docs=max_docs(args), bos=bool(args.bos))
-    if args.data == "synthetic":
-        batch = packing.pack_batch(enc, rng, draw, rows, args.ctx, tasks, args.min_len, args.max_len, args.objective,
-                                **pack)
-    elif args.data == "books":
-        sample = lambda room: packing.book_document(rng, draw, room, args.min_len, args.max_len)   # noqa: E731
-        batch = packing.pack_rows(sample, rows, args.ctx, args.objective, **pack)
+    rows, pack = rows or cfg.rows, dict(max_docs=cfg.docs_per_row, bos=cfg.bos)
+    if cfg.data == "synthetic":
+        batch = packing.pack_batch(enc, rng, draw, rows, cfg.ctx, tasks, cfg.min_len, cfg.max_len, cfg.objective,
+                                   **pack)
+    elif cfg.data == "books":
+        sample = lambda room: packing.book_document(rng, draw, room, cfg.min_len, cfg.max_len)   # noqa: E731
+        batch = packing.pack_rows(sample, rows, cfg.ctx, cfg.objective, **pack)
     else:
-        lengths = lengths_at(args, args.steps if split == "eval" else step)
+        lengths = lengths_at(cfg, cfg.steps if split == "eval" else step)
         def sample(room):                               # a BABILong sample that fits in `room` tokens
             return babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split)
-        batch = packing.pack_rows(sample, rows, args.ctx, args.objective, **pack)
-    if args.method == "focusft" and args.inner_loss == "context":
+        batch = packing.pack_rows(sample, rows, cfg.ctx, cfg.objective, **pack)
+    if cfg.context_targets:
         batch["context_targets"] = packing.context_targets(batch)
     return batch
 
@@ -65,23 +91,23 @@ class Batches(torch.utils.data.Dataset):
     (the GPU then never waits for Python building text). Workers get a copy of the main process's source
     (its books pickle), so a download such as PG19 happens once, and fails in the main process."""
 
-    def __init__(self, args, start: int, last: int, source):
-        self.args, self.source = args, source
-        self.coords = [(step, micro) for step in range(start, last + 1) for micro in range(args.grad_accum)]
+    def __init__(self, cfg: DataConfig, start: int, last: int, source):
+        self.cfg, self.source = cfg, source
+        self.coords = [(step, micro) for step in range(start, last + 1) for micro in range(cfg.grad_accum)]
 
     def __len__(self) -> int:
         return len(self.coords)
 
     def __getitem__(self, i: int) -> dict:
-        return get_batch(self.args, tokenizer.gpt2(), self.source, *self.coords[i])
+        return get_batch(self.cfg, tokenizer.gpt2(), self.source, *self.coords[i])
 
 
-def batch_loader(args, start: int, last: int, source) -> torch.utils.data.DataLoader:
-    """Batches in order: built ahead in --workers processes, or in this one with --workers 0."""
-    workers = args.workers
-    return torch.utils.data.DataLoader(Batches(args, start, last, source), batch_size=None,
+def batch_loader(cfg: DataConfig, start: int, last: int, source) -> torch.utils.data.DataLoader:
+    """Batches in order: built ahead in cfg.workers processes, or in this one with 0 workers."""
+    workers = cfg.workers
+    return torch.utils.data.DataLoader(Batches(cfg, start, last, source), batch_size=None,
                                        num_workers=workers, prefetch_factor=PREFETCH if workers else None,
-                                       pin_memory=args.device.startswith("cuda"), worker_init_fn=worker_signals,
+                                       pin_memory=cfg.pin_memory, worker_init_fn=worker_signals,
                                        generator=torch.Generator())  # else it draws a seed from the global RNG,
                                                                      # which --resume restores: not exact
 

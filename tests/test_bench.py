@@ -50,7 +50,8 @@ def test_batch_count_on_a_real_packed_batch():
     args = config.get_args(["--ctx", "1024", "--data", "synthetic", "--batch-size", "2", "--device", "cpu",
                            "--min-len", "200"])
     config.apply_defaults(args)
-    b = batches.get_batch(args, tokenizer.gpt2(), batches.data_source(args), 0, 0)
+    cfg = config.data_config(args)
+    b = batches.get_batch(cfg, tokenizer.gpt2(), batches.data_source(cfg), 0, 0)
     for hybrid in (True, False):
         mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]) if hybrid else \
             masks.causal(b["attention_mask"], b["document_ids"])

@@ -1,5 +1,5 @@
-"""The repository's layout: import arrows run one way (no cycle among the project's modules), and nothing
-imports train.py (it is the program, not a library).
+"""The repository's layout: import arrows run one way (no cycle among the project's modules), nothing
+imports train.py (it is the program, not a library), and the data layer never sees the command line.
 
 Run: python -m pytest -q tests/test_layout.py
 """
@@ -69,3 +69,11 @@ def test_no_import_cycle_among_the_projects_modules():
 
 def test_nothing_imports_train():
     assert [name for name, targets in graph().items() if "train" in targets] == []
+
+
+def test_the_data_layer_takes_plain_values_not_the_command_line():
+    """data/ functions take plain parameters or a batches.DataConfig, never train.py's argparse namespace."""
+    takers = [f"{name}.{node.name}" for name, src in project_modules().items() if name.startswith("data.")
+              for node in ast.walk(ast.parse(src)) if isinstance(node, ast.FunctionDef)
+              and "args" in [a.arg for a in node.args.args + node.args.kwonlyargs]]
+    assert takers == []

@@ -233,7 +233,8 @@ def test_loader_workers_leave_signals_to_the_main_process():
     config.apply_defaults(args)
     with stopping.Stop(saved=-1).handling_signals():
         before = set(multiprocessing.active_children())
-        loader = iter(batches.batch_loader(args, 0, STEPS - 1, batches.data_source(args)))
+        cfg = config.data_config(args)
+        loader = iter(batches.batch_loader(cfg, 0, STEPS - 1, batches.data_source(cfg)))
         next(loader)
         (worker,) = set(multiprocessing.active_children()) - before
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -190,13 +190,13 @@ def test_babilong_data_with_a_curriculum(tmp_path):
     args = config.get_args(["--data", "babilong", "--ctx", "8192", "--lengths", "0k,1k,2k,4k,16k", "--steps", "10",
                            "--curriculum", "1"])
     # the first half on 0k alone, then 1k, 2k, 4k one per stage over the other five steps; 16k never fits 8192
-    assert [batches.lengths_at(args, s) for s in range(11)] == [["0k"]] * 5 + [
+    assert [batches.lengths_at(config.data_config(args), s) for s in range(11)] == [["0k"]] * 5 + [
         ["0k", "1k"], ["0k", "1k", "2k"], ["0k", "1k", "2k"], ["0k", "1k", "2k", "4k"], ["0k", "1k", "2k", "4k"],
         ["0k", "1k", "2k", "4k"]]
     args.steps = 3                                  # few steps: every length still arrives by the last one
-    assert batches.lengths_at(args, 2) == ["0k", "1k", "2k", "4k"]
+    assert batches.lengths_at(config.data_config(args), 2) == ["0k", "1k", "2k", "4k"]
     args.curriculum = 0
-    assert batches.lengths_at(args, 0) == ["0k", "1k", "2k", "4k"]
+    assert batches.lengths_at(config.data_config(args), 0) == ["0k", "1k", "2k", "4k"]
     train.main(TINY + ["--ctx", "1024", "--steps", "2", "--data", "babilong", "--lengths", "0k,1k",
                        "--out", str(tmp_path)])
     assert len(losses(tmp_path)) == 2 and all(x == x for x in losses(tmp_path))
@@ -211,14 +211,14 @@ def test_real_babi_stories_train_on_train_files_and_hold_out_test_files(monkeypa
     args = config.get_args(["--data", "babilong", "--ctx", "1024", "--lengths", "0k", "--tasks", "qa1,qa4",
                            "--babi-dir", str(BABI_EN), "--device", "cpu", "--batch-size", "1"])
     config.apply_defaults(args)
-    source = batches.data_source(args)
+    source = batches.data_source(config.data_config(args))
     for split, file in (("train", "train"), ("eval", "test")):
         assert source[1][split]["qa4"] == babi.read_babi(babi.babi_file(str(BABI_EN), "qa4", file))
     drawn = []
     real_sample = babilong.training_sample
     monkeypatch.setattr(babilong, "training_sample", lambda *a: drawn.append(a[6:]) or real_sample(*a))
     for split in ("train", "eval"):
-        batches.get_batch(args, tokenizer.gpt2(), source, 0, 0, split)
+        batches.get_batch(config.data_config(args), tokenizer.gpt2(), source, 0, 0, split)
         assert drawn[-1][0] is source[1][split] and drawn[-1][1] == split   # generated stories: held out or not
 
 
@@ -332,7 +332,8 @@ def test_context_inner_loss_batches_carry_their_targets(tmp_path):
     for inner_loss, method in (("context", "focusft"), ("response", "focusft"), ("context", "sft")):
         args = config.get_args(TINY + ["--method", method, "--inner-loss", inner_loss, "--out", str(tmp_path)])
         config.apply_defaults(args)
-        b = batches.get_batch(args, tokenizer.gpt2(), batches.data_source(args), 0, 0)
+        cfg = config.data_config(args)
+        b = batches.get_batch(cfg, tokenizer.gpt2(), batches.data_source(cfg), 0, 0)
         assert ("context_targets" in b) == (inner_loss == "context" and method == "focusft")
         if "context_targets" in b:                                    # the slow way: token by token
             want = torch.full_like(b["idx"], -100)
