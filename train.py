@@ -19,7 +19,6 @@ A run that stops early loses little (stopping.py): it saves a checkpoint every s
 code 130 or 143); a NaN or inf loss or gradient norm ends it with one line naming the step, before those
 weights are saved (exit code 1).
 """
-import contextlib
 import json
 import math
 import os
@@ -31,12 +30,13 @@ import torch
 import checkpoint
 import config
 import masks
-from cli import progress, refuse
+from cli import refuse
 from data import batches, tokenizer
 from fastweights import adapted_layers
 from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend
 from model import autocast as model_autocast
 from stats import attention_stats
+from steplog import StepLog, step_record
 from stopping import Interrupted, NonFinite, Stop, cut_log
 from training_step import (
     build_mask,
@@ -88,43 +88,6 @@ def evaluate(args, model, batch: dict) -> dict:
     out.update(attention_stats(model, one["idx"], one["pos"], masks.for_batch(args.mask, one), one["loss_mask"],
                                one["attention_mask"]))
     return out
-
-
-def step_record(step: int, lr: float, loss: torch.Tensor, inner: torch.Tensor, grad_norm: torch.Tensor,
-                tokens: int) -> dict:
-    """What a step's log line needs. On a GPU the loss values are copied to (pinned) host memory as the GPU
-    reaches them, and an event marks the end of the step: reading them later waits for this step alone,
-    where .item() would wait for everything queued since."""
-    record = {"step": step, "lr": lr, "tokens": tokens, "loss": loss.to("cpu", non_blocking=True),
-              "inner": inner.to("cpu", non_blocking=True), "grad_norm": grad_norm.to("cpu", non_blocking=True),
-              "done": None}
-    if loss.is_cuda:
-        record["done"] = torch.cuda.Event()
-        record["done"].record()
-    return record
-
-
-def log_step(args, log, step: dict, since: float) -> float:
-    """The fixed-format line of a step (step_record), printed once its work is done; returns when that was.
-    ms counts from `since`, when the step before it was done: the time per step of steps run back to back.
-    Raises NonFinite after the line of a step whose loss or gradient norm is NaN or inf: checked here, from
-    the host copies, a step late on a GPU, so that no step waits for the GPU to check its own."""
-    if step["done"] is not None:
-        step["done"].synchronize()                      # this step only: a step queued after it keeps running
-    now = time.perf_counter()
-    dt = now - since
-    loss, il, norm = step["loss"].item(), step["inner"].tolist(), step["grad_norm"].item()   # host copies, complete
-    inner, moved = il[:-1], il[-1:]                                 # (accumulate's record)
-    inner_txt = f" | inner {inner[0]:.3f}->{inner[-1]:.3f} (moved {moved[0]:.3g})" if il else ""
-    print(f"{progress(step['step'] + 1, args.steps)} | loss {loss:.4f}{inner_txt} | lr {step['lr']:.2e} | "
-          f"{step['tokens'] / dt:,.0f} tok/s | {dt * 1000:.0f} ms", flush=True)
-    record = {"step": step["step"], "loss": loss, "inner": inner, "moved": moved[0] if il else None,
-              "grad_norm": norm, "lr": step["lr"], "tok_s": step["tokens"] / dt, "ms": dt * 1000}
-    log.write(json.dumps(record) + "\n")
-    log.flush()
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise NonFinite(f"step {step['step']} has loss {loss:.4g} and gradient norm {norm:.4g}")
-    return now
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,8 +161,8 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
         log.write(json.dumps({"step": updates, **ev}) + "\n")
         log.flush()
 
-    pending, since = None, time.perf_counter()        # the last step launched, and when the one before it ended
-    saved_time = since                                  # when the checkpoint on disk was written (or the loop began)
+    lines = StepLog(log, args.steps)                    # each step's line, once its work is done
+    saved_time = time.perf_counter()                    # when the checkpoint on disk was written (or the loop began)
     stop.training = True                                # from here a first signal waits for the step boundary
     try:
         for step in range(start_step, last + 1):
@@ -209,9 +172,7 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
             saving = step > start_step and (stopping or checkpoint.due(
                 args.ckpt_every, args.steps, step - 1 - stop.saved, time.perf_counter() - saved_time))
             if evaluating or saving or stopping:
-                if pending:
-                    previous, pending = pending, None   # (cleared first: no line is written twice)
-                    log_step(args, log, previous, since)   # (NonFinite here: the weights are never saved)
+                lines.drain()                           # (NonFinite here: the weights are never saved)
                 if evaluating:
                     report(step)
                 if saving:
@@ -221,7 +182,7 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
                         print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
                 if stopping:
                     raise stop.end(stop.signum, at_once=False)
-                since = time.perf_counter()                 # the pause is no step's time
+                lines.pause()                           # the pause is no step's time
 
             # ------------------------------------------------------------------ one training step
             lr = lr_at(step, args)
@@ -230,23 +191,14 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
             host = [next(loader) for _ in range(args.grad_accum)]   # built ahead (in workers unless --workers 0)
             micro_batches = [batches.to_device(b, args.device, fast_weight_slots(args)) for b in host]
             loss_sum, inner_sum, grad_norm = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
-            launched = step_record(step, lr, loss_sum, inner_sum, grad_norm,
-                                   sum(int(b["attention_mask"].sum()) for b in host))
-            previous, pending = pending, launched
-            if previous:                                    # the last step's line, now that this one is queued
-                since = log_step(args, log, previous, since)
-            if launched["done"] is None:                    # a CPU step is over when it returns: nothing to overlap
-                pending = None
-                since = log_step(args, log, launched, since)
+            lines.queued(step_record(step, lr, loss_sum, inner_sum, grad_norm,
+                                     sum(int(b["attention_mask"].sum()) for b in host)))
     except NonFinite:
         raise                                           # no line after the bad step's
-    except BaseException:                               # a failed step (or ^C): the one before it keeps its
-        if pending:                                     # line, unless the GPU itself failed and it has none;
-            with contextlib.suppress(Exception):        # its ms then runs to the failure
-                log_step(args, log, pending, since)
+    except BaseException:
+        lines.failed()
         raise
-    if pending:
-        log_step(args, log, pending, since)
+    lines.drain()
 
     report(last + 1)                                    # the model the checkpoint holds
     checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, last)

@@ -187,19 +187,17 @@ def test_bench_times_steps_back_to_back_and_one_at_a_time():
 
 
 def test_log_step_waits_for_its_own_step_only(tmp_path):
-    """train.py's step line on a GPU: printed from host copies once its step is done, while the work queued
-    after it (the next step) is still running, so the GPU never waits for the host's print."""
-    import types
-
-    import train
+    """train.py's step line on a GPU (steplog.py): printed from host copies once its step is done, while the
+    work queued after it (the next step) is still running, so the GPU never waits for the host's print."""
+    import steplog
     x = torch.randn(4096, 4096, device="cuda") / 64
-    record = train.step_record(0, 1e-3, (x @ x).square().mean(), (x @ x).mean().repeat(3), x.norm(), tokens=4096)
+    record = steplog.step_record(0, 1e-3, (x @ x).square().mean(), (x @ x).mean().repeat(3), x.norm(), tokens=4096)
     for _ in range(200):                          # the next step: ~30 ms of matmuls queued behind the record
         x = torch.tanh(x @ x)
     queued = torch.cuda.Event()
     queued.record()
     with open(tmp_path / "log.jsonl", "w") as log:
-        train.log_step(types.SimpleNamespace(steps=1), log, record, time.perf_counter())
+        steplog.log_step(1, log, record, time.perf_counter())
     assert not queued.query()                     # .item() on the device loss would have waited for all of it
     line = json.loads(open(tmp_path / "log.jsonl").read())
     assert line["step"] == 0 and line["loss"] > 0 and len(line["inner"]) == 2 and line["moved"] == line["inner"][0]

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from test_train import TINY, losses
 
 import checkpoint
 import config
+import steplog
 import stopping
 import train
 import training_step
@@ -181,10 +181,9 @@ def test_a_nan_stops_the_run_before_its_weights_are_saved(tmp_path, monkeypatch,
 
 
 def test_a_finite_loss_with_an_infinite_gradient_norm_stops_too(tmp_path):
-    args = types.SimpleNamespace(steps=8)
-    record = train.step_record(7, 1e-3, torch.tensor(2.0), torch.zeros(0), torch.tensor(math.inf), tokens=100)
+    record = steplog.step_record(7, 1e-3, torch.tensor(2.0), torch.zeros(0), torch.tensor(math.inf), tokens=100)
     with open(tmp_path / "log.jsonl", "w") as log, pytest.raises(stopping.NonFinite, match="step 7 .* norm inf"):
-        train.log_step(args, log, record, time.perf_counter())
+        steplog.log_step(8, log, record, time.perf_counter())
     assert json.loads((tmp_path / "log.jsonl").read_text())["grad_norm"] == math.inf
 
 

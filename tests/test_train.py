@@ -15,6 +15,7 @@ from conftest import ROOT, SHARED, write_checkpoint
 import checkpoint
 import config
 import masks
+import steplog
 import train
 import training_step
 from data import batches, packing, tokenizer
@@ -110,14 +111,14 @@ def test_a_failed_step_keeps_the_line_of_the_step_before_it(tmp_path, monkeypatc
     logged = lambda out: [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
     assert logged(tmp_path / "fail") == [0, 1, 2]
     calls.clear()                           # ^C just after step 1's line is written: no line twice, none lost
-    real_log = train.log_step
+    real_log = steplog.log_step
 
-    def interrupted(args, log, step, since):
-        now = real_log(args, log, step, since)
+    def interrupted(total, log, step, since):
+        now = real_log(total, log, step, since)
         if step["step"] == 1:
             raise KeyboardInterrupt
         return now
-    monkeypatch.setattr(train, "log_step", interrupted)
+    monkeypatch.setattr(steplog, "log_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.main(TINY + ["--steps", "6", "--method", "sft", "--out", str(tmp_path / "stop")])
     assert logged(tmp_path / "stop") == [0, 1, 2]
