@@ -11,7 +11,7 @@ it is there (run the command again to resume after a stop):
   base      a causal LM pretrained on book text (train.py --objective lm --data books --bos 1), then briefly on
             short BABILong samples as text (so that it knows the question format, as a pretrained model would);
             sink mass, sink rate and engagement on held-out books are logged as it trains
-  sweep     the inner loop's learning rate, chosen on a validation split of the training distribution (held-out
+  sweep     the inner loop's learning rate (and steps), chosen on a validation split of the training distribution (held-out
             questions in held-out books), never on the test data: short FocuSFT runs from the base
   arms      from the base, the same data, seed and steps: SFT (causal), hybrid mask only, inner loop only,
             FocuSFT, and SFT given FocuSFT's time (more steps); SFT and FocuSFT with --seeds seeds
@@ -62,7 +62,8 @@ class Plan:
     arm_steps: int = 400              # fine-tuning steps of every arm
     arm_lr: float = 3e-4              # their peak AdamW rate
     train_lengths: str = "0k,1k,2k,4k,8k"
-    sweep_lrs: tuple = (0.03, 0.1, 0.3, 1.0)   # inner learning rates tried (2 inner steps, the authors')
+    sweep_lrs: tuple = (0.03, 0.1, 0.3, 1.0)   # inner learning rates tried
+    sweep_inner_steps: tuple = (2,)   # inner steps tried with each (2: the authors'); the sweep is their product
     sweep_steps: int = 200            # FocuSFT steps per sweep run
     seeds: tuple = (1, 2)             # SFT and FocuSFT run with each; the other arms with the first
     eval_lengths: tuple = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
@@ -74,7 +75,7 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(model="tiny", ctx=512, batch=2, base_steps=4, qa_steps=2, arm_steps=3, arm_lr=1e-3,
-             train_lengths="0k", sweep_lrs=(0.03, 1.0), sweep_steps=2, seeds=(1, 2), eval_lengths=("0k", "1k"),
+             train_lengths="0k", sweep_lrs=(0.03, 1.0), sweep_inner_steps=(1, 2), sweep_steps=2, seeds=(1, 2), eval_lengths=("0k", "1k"),
              eval_n=1, stats_n=1, stats_every=2, extra=["--device", "cpu", "--workers", "0"])
 
 
@@ -219,20 +220,25 @@ def arm_flags(plan: Plan, args, base: str, seed: int, steps: int) -> list[str]:
 
 
 def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock) -> dict:
-    """Short FocuSFT runs, one per inner lr, side by side. The answer accuracy of their last evaluation on the
-    validation split (train.py's held-out rows: held-out questions in held-out books) decides, then the lower
-    base loss."""
-    runs = side_by_side(args, clock, {f"{lr:g}": (f"sweep inner lr {lr:g}", out / f"lr{lr:g}", arm_flags(
-        plan, args, base, plan.seeds[0], plan.sweep_steps) + ["--method", "focusft", "--inner-lr", str(lr)])
-        for lr in plan.sweep_lrs})
-    for lr, r in runs.items():
-        records = log_records(out / f"lr{lr}")
+    """Short FocuSFT runs, one per inner lr and number of inner steps, side by side. The answer accuracy of
+    their last evaluation on the validation split (train.py's held-out rows: held-out questions in held-out
+    books) decides, then the lower base loss. A run is named by its lr, and by its steps too where several
+    are tried ("0.03x1")."""
+    both = len(plan.sweep_inner_steps) > 1
+    grid = {f"{lr:g}" + (f"x{k}" if both else ""): (lr, k) for lr in plan.sweep_lrs for k in plan.sweep_inner_steps}
+    runs = side_by_side(args, clock, {key: (f"sweep inner lr {lr:g}, {k} steps", out / f"lr{key}", arm_flags(
+        plan, args, base, plan.seeds[0], plan.sweep_steps) + ["--method", "focusft", "--inner-lr", str(lr),
+                                                              "--inner-steps", str(k)])
+        for key, (lr, k) in grid.items()})
+    for key, r in runs.items():
+        records = log_records(out / f"lr{key}")
         last = [x for x in records if "eval_acc" in x][-1]
         tail = [x for x in records if x.get("inner")][-max(1, plan.sweep_steps // 5):]    # the last fifth
-        r.update(val_acc=last["eval_acc"], val_n=last["eval_n"], inner_before=mean(x["inner"][0] for x in tail),
-                 inner_after=mean(x["inner"][-1] for x in tail), moved=mean(x["moved"] for x in tail))
-    chosen = max(runs, key=lambda lr: (runs[lr]["val_acc"], -runs[lr]["inner_before"]))
-    return {"runs": runs, "chosen": float(chosen)}
+        r.update(inner_lr=grid[key][0], inner_steps=grid[key][1], val_acc=last["eval_acc"], val_n=last["eval_n"],
+                 inner_before=mean(x["inner"][0] for x in tail), inner_after=mean(x["inner"][-1] for x in tail),
+                 moved=mean(x["moved"] for x in tail))
+    chosen = max(runs, key=lambda key: (runs[key]["val_acc"], -runs[key]["inner_before"]))
+    return {"runs": runs, "chosen": grid[chosen][0], "chosen_steps": grid[chosen][1]}
 
 
 ARMS = {   # name: train.py flags (the method's defaults: focusft = hybrid mask + inner loop)
@@ -244,14 +250,14 @@ ARMS = {   # name: train.py flags (the method's defaults: focusft = hybrid mask 
 }
 
 
-def stage_arms(plan: Plan, args, out: Path, base: str, inner_lr: float, clock: Clock) -> dict:
+def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: Clock) -> dict:
     """Every arm from the base; SFT and FocuSFT with each seed. The first seed's SFT and FocuSFT run first, each
     alone on the machine: their median step times give sft_time its steps (SFT's times the ratio, FocuSFT's
-    time per step); then the other arms side by side."""
+    time per step); then the other arms side by side. `inner`: the sweep's choice, as flags of the arms
+    with an inner loop."""
     def job(name: str, seed: int, steps: int) -> tuple:
-        inner = ["--inner-lr", str(inner_lr)] if name in ("focusft", "inner") else []
         return (f"arm {name} seed {seed}", out / f"{name}_s{seed}",
-                arm_flags(plan, args, base, seed, steps) + ARMS[name] + inner)
+                arm_flags(plan, args, base, seed, steps) + ARMS[name] + (inner if name in ("focusft", "inner") else []))
     first = plan.seeds[0]
     runs = {f"{name}/{first}": train(*job(name, first, plan.arm_steps), clock) for name in ("sft", "focusft")}
     ratio = runs[f"focusft/{first}"]["median_ms"] / runs[f"sft/{first}"]["median_ms"]
@@ -428,13 +434,16 @@ def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arms = 2 * len(plan.seeds) + 3
-    clock = Clock(1 + bool(plan.qa_steps) + len(plan.sweep_lrs) + arms + 1 + arms)   # train.py runs, evaluations
+    clock = Clock(1 + bool(plan.qa_steps) + len(plan.sweep_lrs) * len(plan.sweep_inner_steps) + arms + 1 + arms)   # train.py runs, evaluations
     results = {"plan": asdict(plan), "args": {k: v for k, v in vars(args).items() if k != "plan"},
                "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)
     base = results["base"]["checkpoint"]
     results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
-    results["arms"] = stage_arms(plan, args, out / "arms", base, results["sweep"]["chosen"], clock)
+    sweep = results["sweep"]
+    inner = ["--inner-lr", str(sweep["chosen"])] + (["--inner-steps", str(sweep["chosen_steps"])]
+                                                    if len(plan.sweep_inner_steps) > 1 else [])
+    results["arms"] = stage_arms(plan, args, out / "arms", base, inner, clock)
     models = {"base": base, **{name: str(out / "arms" / name.replace("/", "_s") / checkpoint.FILE)
                                for name in results["arms"] if "/" in name}}
     results["eval"] = stage_eval(plan, args, out, models, clock)
@@ -496,11 +505,13 @@ def report(out: Path, plan: Plan, res: dict):
           [[name, f"{c['sink'][0]:.3f} -> {c['sink'][-1]:.3f}",
             f"{c['engagement'][0]:.3f} -> {c['engagement'][-1]:.3f}", c["inner"], c["moved"]]
            for name, c in curves.items()])
-    table(f"Inner learning rate sweep ({plan.sweep_steps} FocuSFT steps each; validation: held-out questions in "
-          f"held-out books); chosen {res['sweep']['chosen']:g}", ["inner lr", "validation acc",
-                                                                 "inner loss before -> after", "moved"],
-          [[lr, f"{r['val_acc']:.3f} (n={r['val_n']})", f"{r['inner_before']:.3f} -> {r['inner_after']:.3f}",
-            f"{r['moved']:.3g}"] for lr, r in res["sweep"]["runs"].items()])
+    sweep = res["sweep"]                    # (a study recorded before the steps were swept ran 2 inner steps)
+    table(f"Inner learning rate and steps sweep ({plan.sweep_steps} FocuSFT steps each; validation: held-out "
+          f"questions in held-out books); chosen {sweep['chosen']:g}, {sweep.get('chosen_steps', 2)} steps",
+          ["inner lr", "inner steps", "validation acc", "inner loss before -> after", "moved"],
+          [[f"{r.get('inner_lr', key)}", str(r.get("inner_steps", 2)), f"{r['val_acc']:.3f} (n={r['val_n']})",
+            f"{r['inner_before']:.3f} -> {r['inner_after']:.3f}", f"{r['moved']:.3g}"]
+           for key, r in sweep["runs"].items()])
     table("The base while it learns (held-out books; _64: queries in their document's first 64 positions, as "
           "Gu et al. measure)", ["step", "sink mass", "sink rate", "sink mass _64", "sink rate _64"],
           [[str(r["step"]), f"{r['sink_mass']:.3f}", f"{r['sink_rate']:.2f}", f"{r['sink_mass_64']:.3f}",

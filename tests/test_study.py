@@ -45,12 +45,18 @@ def test_every_arm_trained_from_the_base_for_its_steps(quick):
         assert (config["method"], config["mask"]) == {"sft": ("sft", "causal"), "hybrid": ("sft", "hybrid"),
                                                       "inner": ("focusft", "causal"), "focusft": ("focusft", "hybrid"),
                                                       "sft_time": ("sft", "causal")}[name.split("/")[0]]
-        if config["method"] == "focusft":                       # the sweep's inner lr, and the loop acted
+        if config["method"] == "focusft":                       # the sweep's inner lr and steps; the loop acted
             assert config["inner_lr"] == res["sweep"]["chosen"] and config["inner_per"] == "sample"
+            assert config["inner_steps"] == res["sweep"]["chosen_steps"]
             assert all(r["moved"] > 0 for r in records if "moved" in r)
     assert arms[f"sft_time/{plan.seeds[0]}"]["steps"] == max(plan.arm_steps,      # never fewer than SFT's own
                                                               round(plan.arm_steps * res["arms"]["time_ratio"]))
-    assert res["sweep"]["chosen"] in plan.sweep_lrs and len(res["sweep"]["runs"]) == len(plan.sweep_lrs)
+    assert res["sweep"]["chosen"] in plan.sweep_lrs and res["sweep"]["chosen_steps"] in plan.sweep_inner_steps
+    tried = {(r["inner_lr"], r["inner_steps"]) for r in res["sweep"]["runs"].values()}
+    assert tried == {(lr, k) for lr in plan.sweep_lrs for k in plan.sweep_inner_steps}     # the whole grid
+    for key, r in res["sweep"]["runs"].items():                 # each run trained with its own pair
+        config = study.log_records(out / "sweep" / f"lr{key}")[0]["config"]["args"]
+        assert (config["inner_lr"], config["inner_steps"]) == (r["inner_lr"], r["inner_steps"])
 
 
 def test_every_model_is_evaluated_on_every_cell_and_the_tables_have_their_shape(quick):
@@ -74,7 +80,7 @@ def test_a_second_run_skips_every_finished_stage(quick, capsys):
     before = (out / "arms" / "sft_s1" / "log.jsonl").read_text()
     study.main(["--quick", "--out", str(out)])
     said = capsys.readouterr().out
-    assert "python train.py" not in said and "done (19/19)" in said
+    assert "python train.py" not in said and "done (21/21)" in said
     assert (out / "arms" / "sft_s1" / "log.jsonl").read_text() == before
 
 
