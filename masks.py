@@ -1,8 +1,8 @@
 """Attention masks for FocuSFT: the hybrid (dilution-aware) mask and the causal SFT baseline.
 
-FocuSFT trains with a *hybrid* mask, the same one in the inner and the outer loop. The loss mask cuts a
-sequence into turns: a run of context tokens (system / user / tool text, `loss_mask == 0`) is one turn, a run
-of response tokens (`loss_mask == 1`) is the next. Then:
+FocuSFT trains with a *hybrid* mask, the same one in the inner and the outer loop. The loss mask
+cuts a sequence into turns: a run of context tokens (system / user / tool text, `loss_mask == 0`) is
+one turn, a run of response tokens (`loss_mask == 1`) is the next. Then:
 
     context turn   -> bidirectional within itself (every context token sees the whole turn)
     response turn  -> causal within itself
@@ -10,11 +10,12 @@ of response tokens (`loss_mask == 1`) is the next. Then:
     padding        -> sees nothing and is seen by nothing; packed documents never see each other
 
 Two ideas to hold:
-  1. Every mask here is a `mask_mod(b, h, q_idx, kv_idx) -> bool` predicate, composed with `and_masks`
-     (attention-gym style). Per-token facts (turn id, response flag, document id) are tensors the predicate
-     captures, so one compiled kernel serves every batch without recompiling.
-  2. One predicate feeds both attention backends: `block_mask()` turns it into a sparse flex_attention
-     BlockMask (GPU, O(S) memory), `dense_mask()` into a (B, 1, S, S) bool tensor for SDPA (CPU, reference).
+  1. Every mask here is a `mask_mod(b, h, q_idx, kv_idx) -> bool` predicate, composed with
+     `and_masks` (attention-gym style). Per-token facts (turn id, response flag, document id) are
+     tensors the predicate captures, so one compiled kernel serves every batch without recompiling.
+  2. One predicate feeds both attention backends: `block_mask()` turns it into a sparse
+     flex_attention BlockMask (GPU, O(S) memory), `dense_mask()` into a (B, 1, S, S) bool tensor for
+     SDPA (CPU, reference).
 
 Run `python masks.py` to see the masks of a 16-token example drawn in the terminal.
 """
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import and_masks, create_block_mask, create_mask
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # predicates
 
 def causal_mask(b, h, q_idx, kv_idx):
@@ -48,7 +49,8 @@ def document_mask(document_ids: Tensor):
 
 
 def turn_mask(turn: Tensor, response: Tensor):
-    """Earlier turns fully visible; inside a turn, context is bidirectional and a response is causal."""
+    """Earlier turns fully visible; inside a turn, context is bidirectional and a response is
+    causal."""
     def turns(b, h, q_idx, kv_idx):
         same = turn[b, q_idx] == turn[b, kv_idx]
         inside = same & (~response[b, q_idx] | (kv_idx <= q_idx))
@@ -63,7 +65,7 @@ def key_in_set(keys: Tensor):
     return key_in
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # factories: the two masks a run trains with
 
 def turn_ids(loss_mask: Tensor, document_ids: Tensor | None = None) -> Tensor:
@@ -81,15 +83,18 @@ def _with_padding_and_documents(mod, attention_mask, document_ids, name):
         mods.append(padding_mask(attention_mask))
     if document_ids is not None:
         mods.append(document_mask(document_ids))
-    out = and_masks(*mods)                       # a new function even for one predicate: safe to rename
+    out = and_masks(*mods)  # a new function even for one predicate: safe to rename
     out.__name__ = name
     return out
 
 
-def hybrid(loss_mask: Tensor, attention_mask: Tensor | None = None, document_ids: Tensor | None = None):
-    """The FocuSFT mask as a mask_mod. All arguments are (B, S); loss_mask is 1 on response tokens."""
+def hybrid(loss_mask: Tensor, attention_mask: Tensor | None = None,
+           document_ids: Tensor | None = None):
+    """The FocuSFT mask as a mask_mod. All arguments are (B, S); loss_mask is 1 on response
+    tokens."""
     turn = turn_ids(loss_mask, document_ids)
-    return _with_padding_and_documents(turn_mask(turn, loss_mask.bool()), attention_mask, document_ids, "hybrid")
+    return _with_padding_and_documents(turn_mask(turn, loss_mask.bool()), attention_mask,
+                                       document_ids, "hybrid")
 
 
 def causal(attention_mask: Tensor | None = None, document_ids: Tensor | None = None):
@@ -99,7 +104,8 @@ def causal(attention_mask: Tensor | None = None, document_ids: Tensor | None = N
 
 def by_name(name: str, loss_mask: Tensor, attention_mask: Tensor | None = None,
             document_ids: Tensor | None = None):
-    """The mask a run names (--mask, eval's --mask): "hybrid" or "causal" (which ignores the loss mask)."""
+    """The mask a run names (--mask, eval's --mask): "hybrid" or "causal" (which ignores the loss
+    mask)."""
     if name not in ("hybrid", "causal"):
         raise ValueError(f"unknown mask {name!r}: expected hybrid or causal")
     if name == "hybrid":
@@ -112,7 +118,7 @@ def for_batch(name: str, batch: dict):
     return by_name(name, batch["loss_mask"], batch["attention_mask"], batch["document_ids"])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # materialising a predicate for each attention backend
 
 @functools.cache
@@ -123,8 +129,10 @@ def _compiled_create_block_mask():
 
 
 def block_mask(mask_mod, batch: int, seq_len: int, device: torch.device | str):
-    """flex_attention BlockMask, built once per batch and shared by every layer (heads broadcast)."""
-    build = _compiled_create_block_mask() if torch.device(device).type == "cuda" else create_block_mask
+    """flex_attention BlockMask, built once per batch and shared by every layer (heads
+    broadcast)."""
+    build = (_compiled_create_block_mask() if torch.device(device).type == "cuda"
+             else create_block_mask)
     return build(mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
@@ -134,16 +142,19 @@ def dense_mask(mask_mod, batch: int, seq_len: int, device: torch.device | str) -
 
 
 def for_backend(attn: str, mask_mod, batch: int, seq_len: int, device: torch.device | str):
-    """The mask the model's attention backend takes: a BlockMask for "flex", a dense bool mask for "sdpa"."""
+    """The mask the model's attention backend takes: a BlockMask for "flex", a dense bool mask for
+    "sdpa"."""
     return (block_mask if attn == "flex" else dense_mask)(mask_mod, batch, seq_len, device)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # python masks.py: draw the masks of a short example
 
 def draw(mask: Tensor, loss_mask: Tensor, attention_mask: Tensor, title: str) -> str:
-    """Text picture of one (S, S) mask: rows are queries, columns keys; C context, R response, _ pad."""
-    kind = ["_" if not a else ("R" if r else "C") for r, a in zip(loss_mask.tolist(), attention_mask.tolist())]
+    """Text picture of one (S, S) mask: rows are queries, columns keys; C context, R response,
+    _ pad."""
+    kind = ["_" if not a else ("R" if r else "C")
+            for r, a in zip(loss_mask.tolist(), attention_mask.tolist())]
     lines = [title, "    " + " ".join(kind)]
     for q, row in enumerate(mask.tolist()):
         lines.append(f" {kind[q]}  " + " ".join("■" if v else "·" for v in row))
@@ -152,10 +163,10 @@ def draw(mask: Tensor, loss_mask: Tensor, attention_mask: Tensor, title: str) ->
 
 def _demo():
     S = 16
-    one = lambda xs: torch.tensor([xs])                                     # noqa: E731  (1, S)
-    single = one([0] * 9 + [1] * 5 + [0] * 2)                                # prompt, answer, 2 pads
-    multi = one([0] * 5 + [1] * 3 + [0] * 4 + [1] * 3 + [0])                 # two question/answer turns
-    docs = one([0] * 8 + [1] * 8)                                            # two packed samples
+    one = lambda xs: torch.tensor([xs])                       # noqa: E731  (1, S)
+    single = one([0] * 9 + [1] * 5 + [0] * 2)                 # prompt, answer, 2 pads
+    multi = one([0] * 5 + [1] * 3 + [0] * 4 + [1] * 3 + [0])  # two question/answer turns
+    docs = one([0] * 8 + [1] * 8)                             # two packed samples
     packed = one([0] * 5 + [1] * 3 + [0] * 6 + [1] * 2)
     pad = one([1] * 14 + [0] * 2)
     full = torch.ones(1, S, dtype=torch.long)

@@ -1,9 +1,10 @@
-"""One training step: the loss of each micro-batch (SFT's, or FocuSFT's bilevel loss), their gradients
-accumulated, clipped, and one AdamW step on the base weights.
+"""One training step: the loss of each micro-batch (SFT's, or FocuSFT's bilevel loss), their
+gradients accumulated, clipped, and one AdamW step on the base weights.
 
-train.py runs this step in its loop; bench/ times it. Two ideas to hold: the mask is built once per micro-batch
-and handed to every layer (masks.py), and FocuSFT's fast weights live only inside `train_loss`
-(fastweights.focusft_loss): the optimizer never sees them, so they are thrown away after each step.
+train.py runs this step in its loop; bench/ times it. Two ideas to hold: the mask is built once per
+micro-batch and handed to every layer (masks.py), and FocuSFT's fast weights live only inside
+`train_loss` (fastweights.focusft_loss): the optimizer never sees them, so they are thrown away
+after each step.
 """
 import math
 
@@ -15,7 +16,8 @@ from data import packing
 from fastweights import InnerConfig, focusft_loss
 from model import GPT
 
-ADAM_BETAS = (0.9, 0.95)     # nanoGPT's; beta2 < 0.999 is steadier for from-scratch training at small batch
+# nanoGPT's; beta2 < 0.999 is steadier for from-scratch training at small batch
+ADAM_BETAS = (0.9, 0.95)
 
 
 def build_mask(args, mask_mod, batch_size: int):
@@ -23,62 +25,74 @@ def build_mask(args, mask_mod, batch_size: int):
 
 
 def inner_config(args) -> InnerConfig:
-    return InnerConfig(steps=args.inner_steps, lr=args.inner_lr, clip=args.inner_clip, rank=args.inner_rank,
-                       alpha=args.inner_alpha, fraction=args.inner_fraction,
+    return InnerConfig(steps=args.inner_steps, lr=args.inner_lr, clip=args.inner_clip,
+                       rank=args.inner_rank, alpha=args.inner_alpha, fraction=args.inner_fraction,
                        targets=tuple(args.inner_targets.split(",")), loss=args.inner_loss)
 
 
 def context_targets(batch) -> torch.Tensor:
-    """The "context" inner loss's targets: carried by the batch (batches.get_batch) or built here."""
-    return batch["context_targets"] if "context_targets" in batch else packing.context_targets(batch)
+    """The "context" inner loss's targets: carried by the batch (batches.get_batch) or built
+    here."""
+    return (batch["context_targets"] if "context_targets" in batch
+            else packing.context_targets(batch))
 
 
 def train_loss(args, model, inner: InnerConfig, batch) -> tuple[torch.Tensor, dict | None]:
-    """Loss of one micro-batch, and the inner loop's record (fastweights.focusft_loss; None without one)."""
+    """Loss of one micro-batch, and the inner loop's record (fastweights.focusft_loss; None without
+    one)."""
     B = batch["idx"].size(0)
     mask = build_mask(args, masks.for_batch(args.mask, batch), B)
     if args.method == "sft" or inner.steps == 0:
-        return model(batch["idx"], batch["pos"], mask, batch["targets"], index=batch.get("target_index")), None
+        return model(batch["idx"], batch["pos"], mask, batch["targets"],
+                     index=batch.get("target_index")), None
     inner_mask = None
-    if inner.loss == "context":   # next-token prediction under a bidirectional mask would be copying: go causal
-        inner_mask = build_mask(args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
+    if inner.loss == "context":
+        # next-token prediction under a bidirectional mask would be copying: go causal
+        inner_mask = build_mask(
+            args, masks.causal(batch["attention_mask"], batch["document_ids"]), B)
         batch = {**batch, "context_targets": context_targets(batch)}
     return focusft_loss(model, batch, mask, inner, inner_mask)
 
 
 def fast_weight_slots(args) -> int:
-    """Fast-weight groups per row that batches.to_device marks: one per sample (--inner-per sample), or none
-    (one per row) for --inner-per row and for runs without an inner loop."""
-    return config.data_config(args).docs_per_row if args.method == "focusft" and args.inner_per == "sample" else 0
+    """Fast-weight groups per row that batches.to_device marks: one per sample (--inner-per sample),
+    or none (one per row) for --inner-per row and for runs without an inner loop."""
+    return (config.data_config(args).docs_per_row
+            if args.method == "focusft" and args.inner_per == "sample" else 0)
 
 
 def accumulate(args, model, inner: InnerConfig, micro_batches: list[dict],
                autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward of one optimizer step over its micro-batches: of the mean loss over all their target tokens,
-    each micro-batch's mean weighted by its share of the targets (a micro-batch of few answers counts as few).
-    Returns that loss () and the inner loop's record (steps + 2,): the inner loss before each inner step and
-    after the last, then how far the fast weights moved, each averaged over the groups (samples or rows) that
-    have inner targets and weighted the same way; empty without an inner loop. Device tensors, read after the
-    optimizer step, so that nothing here waits for the GPU."""
-    counts = [len(b["target_index"]) for b in micro_batches]   # found on the host (batches.to_device): no sync
+    """The backward of one optimizer step over its micro-batches: of the mean loss over all their
+    target tokens, each micro-batch's mean weighted by its share of the targets (a micro-batch of
+    few answers counts as few). Returns that loss () and the inner loop's record (steps + 2,): the
+    inner loss before each inner step and after the last, then how far the fast weights moved, each
+    averaged over the groups (samples or rows) that have inner targets and weighted the same way;
+    empty without an inner loop. Device tensors, read after the optimizer step, so that nothing here
+    waits for the GPU."""
+    # found on the host (batches.to_device): no sync
+    counts = [len(b["target_index"]) for b in micro_batches]
     losses, inners = [], []
     for batch, count in zip(micro_batches, counts):
-        if count == 0:                                  # nothing to learn from
+        if count == 0:          # nothing to learn from
             continue
         weight = count / sum(counts)
         with autocast:
             loss, record = train_loss(args, model, inner, batch)
         (loss * weight).backward()
         losses.append(loss.detach().float() * weight)
-        if record is not None:                          # a group without inner targets (loss 0) is left out
-            has = record["has"].float()                                                            # (G,)
-            values = torch.cat([record["losses"], record["after"][None], record["moved"][None]])   # (steps + 2, G)
-            inners.append((values.detach().float() * has).sum(dim=1) / has.sum().clamp(min=1) * weight)
+        if record is not None:  # a group without inner targets (loss 0) is left out
+            has = record["has"].float()                                             # (G,)
+            values = torch.cat([record["losses"], record["after"][None],
+                                record["moved"][None]])                             # (steps + 2, G)
+            inners.append((values.detach().float() * has).sum(dim=1) / has.sum().clamp(min=1)
+                          * weight)
     return sum(losses, torch.zeros(())), sum(inners) if inners else torch.zeros(0)
 
 
 def make_optimizer(args, model: GPT) -> torch.optim.AdamW:
-    """AdamW over the base weights, decaying matrices only (not norms' gains); fused kernels on a GPU."""
+    """AdamW over the base weights, decaying matrices only (not norms' gains); fused kernels on a
+    GPU."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -88,10 +102,12 @@ def make_optimizer(args, model: GPT) -> torch.optim.AdamW:
 
 def optimizer_step(args, model, inner: InnerConfig, optimizer, micro_batches: list[dict],
                    autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training step on its micro-batches (accumulate), gradient clipping, AdamW; returns accumulate's
-    device tensors and the gradient's norm before clipping (a device tensor too). bench/ times this function."""
+    """One training step on its micro-batches (accumulate), gradient clipping, AdamW; returns
+    accumulate's device tensors and the gradient's norm before clipping (a device tensor too).
+    bench/ times this function."""
     loss_sum, inner_sum = accumulate(args, model, inner, micro_batches, autocast)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
-    optimizer.step()                                                    # (--clip 0: measured, not clipped)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               args.clip if args.clip > 0 else math.inf)
+    optimizer.step()  # (--clip 0: measured, not clipped)
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, inner_sum, grad_norm

@@ -1,9 +1,10 @@
 """What a training step reads: batches of packed rows, built ahead of the GPU.
 
-A batch is a pure function of its coordinates (seed, split, step, micro-step): the same numbers give the same
-rows, whoever builds them and whenever. Two things follow. `--resume` continues bit for bit, and the batches
-can be built in DataLoader worker processes, in any order, while the GPU trains (a BABILong batch costs about
-as much Python time as a GPU step). Data-parallel ranks would add their rank to the coordinates.
+A batch is a pure function of its coordinates (seed, split, step, micro-step): the same numbers give
+the same rows, whoever builds them and whenever. Two things follow. `--resume` continues bit for
+bit, and the batches can be built in DataLoader worker processes, in any order, while the GPU trains
+(a BABILong batch costs about as much Python time as a GPU step). Data-parallel ranks would add
+their rank to the coordinates.
 """
 import random
 import signal
@@ -14,16 +15,16 @@ import torch
 from data import babilong, packing, tokenizer
 from model import target_positions
 
-TOKENS_PER_DOC = 64         # rows hold at most ctx / 64 samples by default: per-sample fast weights need a fixed
-                            # number of slots per row (compiled shapes never change); BABILong 0k samples
-                            # average ~140 tokens, so the cap seldom binds
-PREFETCH = 4                 # batches each loader worker builds ahead: absorbs a slow batch (a new book)
+TOKENS_PER_DOC = 64  # rows hold at most ctx / 64 samples by default: per-sample fast weights need a
+                     # fixed number of slots per row (compiled shapes never change); BABILong 0k
+                     # samples average ~140 tokens, so the cap seldom binds
+PREFETCH = 4         # batches each loader worker builds ahead: absorbs a slow batch (a new book)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What a run's batches are made of: train.py's data flags as plain values (config.data_config), so that
-    this layer never sees the command line. Picklable: loader workers get a copy."""
+    """What a run's batches are made of: train.py's data flags as plain values (config.data_config),
+    so that this layer never sees the command line. Picklable: loader workers get a copy."""
     data: str                   # babilong, synthetic (multi-turn stories) or books (plain text)
     objective: str              # sft (answers are the targets) or lm (every next token)
     tasks: tuple[str, ...]      # bAbI tasks to draw stories from
@@ -38,9 +39,11 @@ class DataConfig:
     ctx: int                    # tokens per row
     rows: int                   # rows per micro-batch
     grad_accum: int             # micro-batches per step
-    steps: int                  # the run's steps (the curriculum's clock; evaluation reads its last stage)
+    steps: int                  # the run's steps (the curriculum's clock;
+                                # evaluation reads its last stage)
     seed: int                   # with (split, step, micro), all a batch's randomness
-    context_targets: bool       # also the next-token targets of the context (FocuSFT's "context" inner loss)
+    context_targets: bool       # also the next-token targets of the context
+                                # (FocuSFT's "context" inner loss)
     workers: int = 0            # loader processes building batches ahead (0: in line)
     pin_memory: bool = False    # pinned host memory, for copies queued behind a GPU's work
 
@@ -51,33 +54,39 @@ class DataConfig:
 
 
 def lengths_at(cfg: DataConfig, step: int) -> list[str]:
-    """--data babilong: the lengths a row can hold; with the curriculum, only the first stages' so far."""
-    return babilong.training_lengths(list(cfg.lengths), cfg.ctx, step if cfg.curriculum else None, cfg.steps)
+    """--data babilong: the lengths a row can hold; with the curriculum, only the first stages' so
+    far."""
+    return babilong.training_lengths(list(cfg.lengths), cfg.ctx, step if cfg.curriculum else None,
+                                     cfg.steps)
 
 
 def data_source(cfg: DataConfig):
-    """What batches are drawn from: haystack books, and (babi_dir) real bAbI stories for --data babilong."""
+    """What batches are drawn from: haystack books, and (babi_dir) real bAbI stories for
+    --data babilong."""
     return babilong.training_source(cfg.haystack, cfg.seed, cfg.babi_dir, list(cfg.tasks))
 
 
-def get_batch(cfg: DataConfig, enc, source, step: int, micro: int, split: str = "train", rows: int = 0) -> dict:
-    """One micro-batch of CPU tensors (see packing.pack_rows), a pure function of (seed, split, step, micro).
-    With FocuSFT's "context" inner loss, also that loss's targets ("context_targets", packing.context_targets),
-    so that their positions too are found on the host (to_device)."""
+def get_batch(cfg: DataConfig, enc, source, step: int, micro: int, split: str = "train",
+              rows: int = 0) -> dict:
+    """One micro-batch of CPU tensors (see packing.pack_rows), a pure function of
+    (seed, split, step, micro). With FocuSFT's "context" inner loss, also that loss's targets
+    ("context_targets", packing.context_targets), so that their positions too are found on the host
+    (to_device)."""
     rng = random.Random(f"{split}-{cfg.seed}-{step}-{micro}")
     tasks = list(cfg.tasks)
     hay, stories = source[0][split], source[1][split] if source[1] else None
     draw = lambda r, n: babilong.draw_haystack(enc, r, hay, n)                # noqa: E731
     rows, pack = rows or cfg.rows, dict(max_docs=cfg.docs_per_row, bos=cfg.bos)
     if cfg.data == "synthetic":
-        batch = packing.pack_batch(enc, rng, draw, rows, cfg.ctx, tasks, cfg.min_len, cfg.max_len, cfg.objective,
-                                   **pack)
+        batch = packing.pack_batch(enc, rng, draw, rows, cfg.ctx, tasks, cfg.min_len, cfg.max_len,
+                                   cfg.objective, **pack)
     elif cfg.data == "books":
-        sample = lambda room: packing.book_document(rng, draw, room, cfg.min_len, cfg.max_len)   # noqa: E731
+        sample = lambda room: packing.book_document(rng, draw, room, cfg.min_len,  # noqa: E731
+                                                    cfg.max_len)
         batch = packing.pack_rows(sample, rows, cfg.ctx, cfg.objective, **pack)
     else:
         lengths = lengths_at(cfg, cfg.steps if split == "eval" else step)
-        def sample(room):                               # a BABILong sample that fits in `room` tokens
+        def sample(room):  # a BABILong sample that fits in `room` tokens
             return babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split)
         batch = packing.pack_rows(sample, rows, cfg.ctx, cfg.objective, **pack)
     if cfg.context_targets:
@@ -86,14 +95,16 @@ def get_batch(cfg: DataConfig, enc, source, step: int, micro: int, split: str = 
 
 
 class Batches(torch.utils.data.Dataset):
-    """The run's micro-batches from `start` on, item i = get_batch at the i-th (step, micro). Being pure
-    functions of their coordinates, they can be built ahead, in any order, by DataLoader worker processes
-    (the GPU then never waits for Python building text). Workers get a copy of the main process's source
-    (its books pickle), so a download such as PG19 happens once, and fails in the main process."""
+    """The run's micro-batches from `start` on, item i = get_batch at the i-th (step, micro). Being
+    pure functions of their coordinates, they can be built ahead, in any order, by DataLoader worker
+    processes (the GPU then never waits for Python building text). Workers get a copy of the main
+    process's source (its books pickle), so a download such as PG19 happens once, and fails in the
+    main process."""
 
     def __init__(self, cfg: DataConfig, start: int, last: int, source):
         self.cfg, self.source = cfg, source
-        self.coords = [(step, micro) for step in range(start, last + 1) for micro in range(cfg.grad_accum)]
+        self.coords = [(step, micro) for step in range(start, last + 1)
+                       for micro in range(cfg.grad_accum)]
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -106,46 +117,52 @@ def batch_loader(cfg: DataConfig, start: int, last: int, source) -> torch.utils.
     """Batches in order: built ahead in cfg.workers processes, or in this one with 0 workers."""
     workers = cfg.workers
     return torch.utils.data.DataLoader(Batches(cfg, start, last, source), batch_size=None,
-                                       num_workers=workers, prefetch_factor=PREFETCH if workers else None,
+                                       num_workers=workers,
+                                       prefetch_factor=PREFETCH if workers else None,
                                        pin_memory=cfg.pin_memory, worker_init_fn=worker_signals,
-                                       generator=torch.Generator())  # else it draws a seed from the global RNG,
-                                                                     # which --resume restores: not exact
+                                       # else it draws a seed from the global RNG, which --resume
+                                       # restores: not exact
+                                       generator=torch.Generator())
 
 
 def worker_signals(worker_id: int):
-    """A loader worker leaves SIGINT and SIGTERM to the main process, which finishes its step and saves (train.py):
-    a terminal's ^C, or a SIGTERM to the whole process group (a scheduler's, a job's), reaches every process of
-    the run, and a worker that quit on it would fail the batch the main process waits for (the loader raises
-    when a worker dies by a signal). The workers end with the loader, or when the main process is gone (torch's
-    worker loop watches its parent)."""
+    """A loader worker leaves SIGINT and SIGTERM to the main process, which finishes its step and
+    saves (train.py): a terminal's ^C, or a SIGTERM to the whole process group (a scheduler's, a
+    job's), reaches every process of the run, and a worker that quit on it would fail the batch the
+    main process waits for (the loader raises when a worker dies by a signal). The workers end with
+    the loader, or when the main process is gone (torch's worker loop watches its parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def sample_groups(document_ids: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample fast weights (fastweights.focusft_loss): `slots` groups per row, group b * slots + d for
-    sample d of row b, as ((B, S) group of each token, (B * slots,) where each group ends in the flattened
-    batch). A row's padding joins its last sample (it is neither seen nor a target); unused slots are empty."""
+    """Per-sample fast weights (fastweights.focusft_loss): `slots` groups per row,
+    group b * slots + d for sample d of row b, as ((B, S) group of each token, (B * slots,) where
+    each group ends in the flattened batch). A row's padding joins its last sample (it is neither
+    seen nor a target); unused slots are empty."""
     B, S = document_ids.shape
-    n_docs = document_ids.max(dim=1).values + 1                                             # (B,)
+    n_docs = document_ids.max(dim=1).values + 1                                         # (B,)
     if int(n_docs.max()) > slots:
-        raise ValueError(f"a row holds {int(n_docs.max())} samples, more than its {slots} fast-weight slots")
-    last = (n_docs - 1).clamp(min=0)[:, None]                                               # (B, 1)
-    doc = torch.where(document_ids >= 0, document_ids, last)                                # (B, S)
-    rows = torch.arange(B)[:, None]                                                         # (B, 1)
-    sizes = torch.zeros(B, slots, dtype=torch.long).scatter_add_(1, doc, torch.ones_like(doc))   # (B, slots)
-    ends = rows * S + sizes.cumsum(dim=1)                                                   # (B, slots)
+        raise ValueError(f"a row holds {int(n_docs.max())} samples, "
+                         f"more than its {slots} fast-weight slots")
+    last = (n_docs - 1).clamp(min=0)[:, None]                                           # (B, 1)
+    doc = torch.where(document_ids >= 0, document_ids, last)                            # (B, S)
+    rows = torch.arange(B)[:, None]                                                     # (B, 1)
+    sizes = torch.zeros(B, slots, dtype=torch.long).scatter_add_(
+        1, doc, torch.ones_like(doc))                                                   # (B, slots)
+    ends = rows * S + sizes.cumsum(dim=1)                                               # (B, slots)
     return rows * slots + doc, ends.flatten().to(torch.int32)
 
 
 def to_device(batch: dict, device: str, slots: int = 0) -> dict:
-    """The batch on `device`, with "target_index": the flat positions that have a target (B * S indexing),
-    "context_index" likewise for "context_targets" where the batch has them (get_batch), and with `slots`
-    "group_ids" and "group_ends" (sample_groups). Found here on the host so that no loss needs a nonzero() on
-    the device, a host synchronisation that would stall the GPU in every inner and outer loss. They describe
-    these rows as they are: slice or join them afterwards and they are wrong (build such a batch first, then
-    call this). From pinned host memory (the loader pins its batches; the indices are pinned here) a copy is
-    queued behind the GPU's work, not waited for."""
+    """The batch on `device`, with "target_index": the flat positions that have a target
+    (B * S indexing), "context_index" likewise for "context_targets" where the batch has them
+    (get_batch), and with `slots` "group_ids" and "group_ends" (sample_groups). Found here on the
+    host so that no loss needs a nonzero() on the device, a host synchronisation that would stall
+    the GPU in every inner and outer loss. They describe these rows as they are: slice or join them
+    afterwards and they are wrong (build such a batch first, then call this). From pinned host
+    memory (the loader pins its batches; the indices are pinned here) a copy is queued behind the
+    GPU's work, not waited for."""
     pin = device.startswith("cuda")
     extra = {"target_index": target_positions(batch["targets"])}
     if "context_targets" in batch:

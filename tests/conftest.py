@@ -1,4 +1,5 @@
-"""Shared test helpers: a tiny model and a random packed batch with padding, documents and several turns."""
+"""Shared test helpers: a tiny model and a random packed batch with padding, documents and several
+turns."""
 import os
 import random
 import sys
@@ -10,10 +11,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
-if (SHARED / "tiktoken").is_dir():                         # offline GPT-2 tokenizer files, when present
+if (SHARED / "tiktoken").is_dir():                 # offline GPT-2 tokenizer files, when present
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")               # tests never reach the hub: where `datasets` is
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")          # installed, its online paths fail at once, not on a timeout
+os.environ.setdefault("HF_HUB_OFFLINE", "1")       # tests never reach the hub: where `datasets` is
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # installed, its online paths fail at once, not
+                                                   # on a timeout
 
 from model import GPT, IGNORE, GPTConfig  # noqa: E402
 
@@ -24,7 +26,8 @@ def tiny_config(**kw) -> GPTConfig:
 
 
 def write_checkpoint(path, model: GPT, args: dict):
-    """`model` saved as train.py saves a run (checkpoint.save), its recorded args only those given."""
+    """`model` saved as train.py saves a run (checkpoint.save), its recorded args only those
+    given."""
     import checkpoint
     config = {"args": args, "model": model.config.to_dict()}
     checkpoint.save(str(path), model, torch.optim.AdamW(model.parameters()), config, 0)

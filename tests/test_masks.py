@@ -1,4 +1,5 @@
-"""The hybrid mask against a reference written the slow, obvious way; flex against SDPA on the same predicate.
+"""The hybrid mask against a reference written the slow, obvious way; flex against SDPA on the same
+predicate.
 
 Run: python -m pytest -q tests/test_masks.py
 """
@@ -32,14 +33,16 @@ def reference_hybrid(loss_mask, attention_mask, document_ids):
                 mask[q, k] = True                               # an earlier turn: fully visible
             elif tk == tq:
                 is_response = loss_mask[q] == 1
-                mask[q, k] = (k <= q) if is_response else True  # causal response, bidirectional context
+                # causal response, bidirectional context
+                mask[q, k] = (k <= q) if is_response else True
     return mask
 
 
 def reference_causal(attention_mask, document_ids):
     S = len(attention_mask)
-    return torch.tensor([[bool(attention_mask[q] and attention_mask[k] and document_ids[q] == document_ids[k]
-                                and k <= q) for k in range(S)] for q in range(S)])
+    return torch.tensor([[bool(attention_mask[q] and attention_mask[k]
+                               and document_ids[q] == document_ids[k] and k <= q)
+                          for k in range(S)] for q in range(S)])
 
 
 def random_layout(rng: random.Random, S: int):
@@ -84,8 +87,10 @@ def test_hybrid_and_causal_match_reference_at_odd_lengths(S):
 def test_degenerate_layouts():
     S = 12
     causal = torch.tril(torch.ones(S, S, dtype=torch.bool))
-    all_response = masks.dense_mask(masks.hybrid(torch.ones(1, S, dtype=torch.long)), 1, S, "cpu")[0, 0]
-    all_context = masks.dense_mask(masks.hybrid(torch.zeros(1, S, dtype=torch.long)), 1, S, "cpu")[0, 0]
+    all_response = masks.dense_mask(
+        masks.hybrid(torch.ones(1, S, dtype=torch.long)), 1, S, "cpu")[0, 0]
+    all_context = masks.dense_mask(
+        masks.hybrid(torch.zeros(1, S, dtype=torch.long)), 1, S, "cpu")[0, 0]
     assert torch.equal(all_response, causal)
     assert all_context.all()
 
@@ -112,10 +117,11 @@ def test_flex_forward_matches_sdpa(S, gqa):
     block = create_block_mask(mod, 2, None, S, S, device="cpu")
     out_flex = flex_attention(q, k, v, block_mask=block, enable_gqa=gqa)
     dense = masks.dense_mask(mod, 2, S, "cpu")
-    out_sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa)
+    out_sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense,
+                                                                enable_gqa=gqa)
     assert not out_sdpa.isnan().any()
     torch.testing.assert_close(out_flex, out_sdpa, atol=1e-5, rtol=1e-5)
-    padded = ~am.bool()                                          # rows that see nothing: zeros on both paths
+    padded = ~am.bool()  # rows that see nothing: zeros on both paths
     assert out_sdpa.transpose(1, 2)[padded].abs().max() == 0 if padded.any() else True
 
 
@@ -132,7 +138,8 @@ def test_demo_draws_every_mask(capsys):
 
 
 def test_by_name_picks_the_named_mask():
-    """masks.by_name: "hybrid" is the hybrid mask, "causal" the causal one (the loss mask unused); else an error."""
+    """masks.by_name: "hybrid" is the hybrid mask, "causal" the causal one (the loss mask unused);
+    else an error."""
     b = random_batch(B=2, S=40, seed=2)
     args = (b["loss_mask"], b["attention_mask"], b["document_ids"])
     dense = lambda mod: masks.dense_mask(mod, 2, 40, "cpu")                       # noqa: E731
