@@ -17,7 +17,7 @@ it is there (run the command again to resume after a stop):
             FocuSFT, and SFT given FocuSFT's time (more steps); SFT and FocuSFT with --seeds seeds
   eval      BABILong qa1-qa5 at 0k-32k (the bAbI test split in books no stage read), each model under its own
             mask and the causal one; attention statistics at 4K and 16K
-  report    results.json, results.md (the tables) and PNG figures
+  report    results.json, results.md (the tables) and PNG figures (study_report.py)
 
 Ideas to hold: every training stage is a train.py command (recorded in results.json, runnable by hand), and
 evaluation reads only the test books and test stories; the arms differ only in their flags.
@@ -43,9 +43,9 @@ import eval_babilong
 from cli import Parser, number, output_problem
 from data import babilong, books, tokenizer
 from model import autocast
+from study_report import TASKS, log_records, mean, report
 
 ROOT = Path(__file__).resolve().parent
-TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 STATS_LENGTHS = ("4k", "16k")   # where each model's attention statistics are measured, as the paper's range
 
 
@@ -101,10 +101,6 @@ def with_changes(plan: Plan, changes: list[str]) -> Plan:
 
 # ----------------------------------------------------------------------------------------------------------
 # running train.py
-
-def log_records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in open(out / "log.jsonl")]
-
 
 class Stopped(Exception):
     """SIGINT or SIGTERM reached the study: train.py runs in flight stop at a step boundary with a checkpoint."""
@@ -316,42 +312,6 @@ def length_stats(plan: Plan, model, enc, test_dir: Path, length: str, mask: str,
 # ----------------------------------------------------------------------------------------------------------
 # numbers
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else math.nan
-
-
-def accuracy(records: list[dict], length: str | None = None, task: str | None = None) -> float:
-    return mean(float(r["correct"]) for r in records
-                if (length is None or r["length"] == length) and (task is None or r["task"] == task))
-
-
-def answer_shaped(records: list[dict], length: str) -> float:
-    """Share of the outputs that have an answer's form, one word: past the lengths a model was trained on, a
-    causal model's answers may turn into prose, which no scorer accepts whatever the model read."""
-    return mean(float(len(r["output"].split()) == 1) for r in records if r["length"] == length)
-
-
-def top_output_share(records: list[dict], lengths) -> float:
-    """Share of the outputs (of `lengths`) that are the most frequent one: near 1, the model answers every
-    question alike, whatever its context says."""
-    outputs = [r["output"].strip() for r in records if r["length"] in lengths]
-    return max(map(outputs.count, set(outputs))) / len(outputs) if outputs else math.nan
-
-
-def paired(a: list[dict], b: list[dict], lengths) -> dict:
-    """a minus b on the same test samples (of `lengths`): the accuracy difference, its standard error over the
-    samples, and the exact two-sided sign test (McNemar) on the samples only one of them gets right."""
-    pairs = [(x["correct"], y["correct"]) for x, y in zip(a, b) if x["length"] in lengths]
-    diffs = [float(x) - float(y) for x, y in pairs]
-    only_a, only_b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
-    n, k = only_a + only_b, min(only_a, only_b)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    d = mean(diffs)
-    se = math.sqrt(mean((x - d) ** 2 for x in diffs) / max(len(diffs) - 1, 1)) if diffs else math.nan
-    return {"diff": d, "se": se, "only_a": only_a, "only_b": only_b, "p": p, "n": len(diffs)}
-
-
 def write_json(path: Path, value):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=1))
@@ -367,6 +327,14 @@ def machine() -> dict:
         commit += " with changes"                        # the files that ran are not that commit's
     return {"gpu": gpu, "cpu": platform.machine(), "torch": torch.__version__, "commit": commit,
             "date": time.strftime("%Y-%m-%d")}
+
+
+def rewrite_report(out: Path):
+    """results.md and the figures again, from what a finished study recorded (e.g. after the report changed)."""
+    res = json.loads((out / "results.json").read_text())
+    plan = Plan(**{k: tuple(v) if isinstance(v, list) and k != "extra" else v for k, v in res["plan"].items()})
+    report(out, plan, res)
+    print(f"wrote {out / 'results.md'} and the figures")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -450,153 +418,6 @@ def run(args):
     write_json(out / "results.json", results)
     report(out, plan, results)
     clock.say(f"wrote {out / 'results.json'}, {out / 'results.md'} and the figures")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the report: results.md and figures
-
-def report(out: Path, plan: Plan, res: dict):
-    ev, lengths, first = res["eval"], list(plan.eval_lengths), plan.seeds[0]
-    long = [n for n in ("16k", "32k") if n in lengths] or lengths[-1:]     # past the arms' training length
-    short = [n for n in lengths if n not in long] or lengths
-    lines = [f"# The FocuSFT study ({res['machine']['date']}, {res['machine']['gpu'] or 'CPU'}, commit "
-             f"{res['machine']['commit']}{', --quick' if res['args']['quick'] else ''})", ""]
-
-    def table(title, header, rows):
-        lines.extend([f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
-        lines.extend("| " + " | ".join(row) + " |" for row in rows)
-        lines.append("")
-    fmt = lambda x: "-" if x != x else f"{x:.2f}"                                           # noqa: E731
-    own = lambda name: ev[name]["records"][ev[name]["mask"]]                                # noqa: E731
-    for which in ("its own", "the causal"):
-        rows = []
-        for name in ev:
-            mask = ev[name]["mask"] if which == "its own" else "causal"
-            recs = ev[name]["records"][mask]
-            rows.append([name, mask, *[fmt(accuracy(recs, n)) for n in lengths],
-                         fmt(mean(accuracy(recs, n) for n in short)), fmt(mean(accuracy(recs, n) for n in long))])
-        table(f"BABILong accuracy, mean over qa1-qa5, each model under {which} mask ({plan.eval_n} samples per "
-              f"task and length)", ["model", "mask", *lengths, "+".join(short), "+".join(long)], rows)
-    comparisons = [(f"focusft/{s}", f"sft/{s}") for s in plan.seeds] + [(f"focusft/{first}", f"sft_time/{first}")]
-    table("Paired differences on the same test samples (own masks): A minus B ± its standard error over samples",
-          ["A - B", *lengths, "+".join(long)],
-          [[f"{a} - {b}", *[f"{d['diff']:+.2f} ± {d['se']:.2f}" for n in [*([x] for x in lengths), long]
-                            for d in [paired(own(a), own(b), n)]]] for a, b in comparisons])
-    table(f"Exact sign tests over {'+'.join(long)}: samples only A / only B gets right", ["A - B", "only A",
-                                                                                          "only B", "p"],
-          [[f"{a} - {b}", str(d["only_a"]), str(d["only_b"]), f"{d['p']:.3g}"]
-           for a, b in comparisons for d in [paired(own(a), own(b), long)]])
-    both = "+".join(long)
-    table(f"Answers in an answer's form (one word), share of outputs, own mask; then over {both}: the accuracy "
-          "of those one-word answers, and the share of outputs that are the model's most frequent one",
-          ["model", *lengths, both, f"{both} one-word acc", f"{both} top output"],
-          [[name, *[fmt(answer_shaped(own(name), n)) for n in lengths],
-            fmt(mean(float(len(r["output"].split()) == 1) for r in own(name) if r["length"] in long)),
-            fmt(accuracy([r for r in own(name) if len(r["output"].split()) == 1 and r["length"] in long])),
-            fmt(top_output_share(own(name), long))] for name in ev])
-    stats_at = list(ev["base"]["stats"][ev["base"]["mask"]])
-    table("Attention on test samples, own mask: sink mass / sink rate / engagement", ["model", *stats_at],
-          [[name, *[f"{s['sink_mass']:.3f} / {s['sink_rate']:.2f} / {s['engagement']:.3f}"
-                    for s in ev[name]["stats"][ev[name]["mask"]].values()]] for name in ev])
-    curves = training_curves(out, res)
-    table("During training: held-out rows of the training distribution, own mask (first -> last check); the inner "
-          "loop over the last fifth of the steps", ["run", "sink mass", "engagement", "inner loss before -> after",
-                                                    "fast weights moved"],
-          [[name, f"{c['sink'][0]:.3f} -> {c['sink'][-1]:.3f}",
-            f"{c['engagement'][0]:.3f} -> {c['engagement'][-1]:.3f}", c["inner"], c["moved"]]
-           for name, c in curves.items()])
-    sweep = res["sweep"]                    # (a study recorded before the steps were swept ran 2 inner steps)
-    table(f"Inner learning rate and steps sweep ({plan.sweep_steps} FocuSFT steps each; validation: held-out "
-          f"questions in held-out books); chosen {sweep['chosen']:g}, {sweep.get('chosen_steps', 2)} steps",
-          ["inner lr", "inner steps", "validation acc", "inner loss before -> after", "moved"],
-          [[f"{r.get('inner_lr', key)}", str(r.get("inner_steps", 2)), f"{r['val_acc']:.3f} (n={r['val_n']})",
-            f"{r['inner_before']:.3f} -> {r['inner_after']:.3f}", f"{r['moved']:.3g}"]
-           for key, r in sweep["runs"].items()])
-    table("The base while it learns (held-out books; _64: queries in their document's first 64 positions, as "
-          "Gu et al. measure)", ["step", "sink mass", "sink rate", "sink mass _64", "sink rate _64"],
-          [[str(r["step"]), f"{r['sink_mass']:.3f}", f"{r['sink_rate']:.2f}", f"{r['sink_mass_64']:.3f}",
-            f"{r['sink_rate_64']:.2f}"] for r in res["base"]["curve"]])
-    runs = {**{f"base/{k}": v for k, v in res["base"].items() if isinstance(v, dict)},
-            **{f"sweep/{k}": v for k, v in res["sweep"]["runs"].items()},
-            **{k: v for k, v in res["arms"].items() if isinstance(v, dict)}}
-    table(f"Runs (FocuSFT / SFT median step time, each alone: {res['arms']['time_ratio']:.2f}; * ran side by "
-          "side with others, its times are shared)", ["run", "steps", "median ms", "wall s", "command"],
-          [[name, str(r["steps"]), f"{r['median_ms']:.0f}{' *' if r.get('shared') else ''}", f"{r['wall_s']:.0f}",
-            f"`{r['command']}`"]
-           for name, r in runs.items()])
-    tmp = out / "results.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out / "results.md")
-    figures(out, plan, res, curves, comparisons)
-
-
-def rewrite_report(out: Path):
-    """results.md and the figures again, from what a finished study recorded (e.g. after the report changed)."""
-    res = json.loads((out / "results.json").read_text())
-    plan = Plan(**{k: tuple(v) if isinstance(v, list) and k != "extra" else v for k, v in res["plan"].items()})
-    report(out, plan, res)
-    print(f"wrote {out / 'results.md'} and the figures")
-
-
-def training_curves(out: Path, res: dict) -> dict:
-    """Per arm: its held-out checks (sink mass, engagement), step losses, and the inner loop's last fifth."""
-    curves = {}
-    for name in [k for k in res["arms"] if "/" in k]:
-        records = log_records(out / "arms" / name.replace("/", "_s"))
-        checks, steps = [r for r in records if "sink_mass" in r], [r for r in records if "loss" in r]
-        tail = [r for r in steps if r.get("inner")][-max(1, len(steps) // 5):]
-        curves[name] = {"step": [r["step"] for r in checks], "sink": [r["sink_mass"] for r in checks],
-                        "engagement": [r["engagement"] for r in checks], "loss": [r["loss"] for r in steps],
-                        "inner": f"{mean(r['inner'][0] for r in tail):.3f} -> {mean(r['inner'][-1] for r in tail):.3f}"
-                        if tail else "-", "moved": f"{mean(r['moved'] for r in tail):.3g}" if tail else "-"}
-    return curves
-
-
-def figures(out: Path, plan: Plan, res: dict, curves: dict, comparisons: list):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no matplotlib: figures skipped)")
-        return
-    ev, lengths = res["eval"], list(plan.eval_lengths)
-    fig, axes = plt.subplots(1, len(ev), figsize=(2.2 * len(ev), 3), squeeze=False)
-    for ax, (name, e) in zip(axes[0], ev.items()):
-        ax.imshow([[accuracy(e["records"][e["mask"]], n, t) for n in lengths] for t in TASKS], vmin=0, vmax=1,
-                  cmap="RdYlGn")
-        ax.set_title(name, fontsize=8)
-        ax.set_xticks(range(len(lengths)), lengths, fontsize=6)
-        ax.set_yticks(range(len(TASKS)), TASKS, fontsize=6)
-    save(fig, out / "heatmaps.png")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for a, b in comparisons:
-        d = [paired(ev[a]["records"][ev[a]["mask"]], ev[b]["records"][ev[b]["mask"]], [n]) for n in lengths]
-        ax.errorbar(range(len(lengths)), [x["diff"] for x in d], yerr=[x["se"] for x in d], capsize=3, marker="o",
-                    label=f"{a} - {b}")
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xticks(range(len(lengths)), lengths)
-    ax.set_ylabel("accuracy difference (± s.e.)")
-    ax.legend(fontsize=7)
-    save(fig, out / "focusft_minus_sft.png")
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for name, c in curves.items():
-        axes[0].plot(c["loss"], lw=0.8, label=name)
-        axes[1].plot(c["step"], c["sink"], marker=".", label=name)
-        axes[2].plot(c["step"], c["engagement"], marker=".", label=name)
-    for ax, title in zip(axes, ("training loss", "sink mass (held-out rows)", "engagement (held-out rows)")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=6)
-    save(fig, out / "training.png")
-
-
-def save(fig, path: Path):
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"))
-    os.replace(path.with_suffix(".tmp.png"), path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from conftest import ROOT
 
 import checkpoint
 import study
+import study_report
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +99,18 @@ def test_report_alone_rewrites_the_tables_from_results_json(quick, tmp_path, cap
 def test_answer_form_and_top_output_by_hand():
     records = [{"length": "16k", "output": o} for o in (" office\n", "office", "the garden, and the", "kitchen")]
     records.append({"length": "8k", "output": "and gone, and gone"})
-    assert study.answer_shaped(records, "16k") == 0.75 and study.answer_shaped(records, "8k") == 0
-    assert study.top_output_share(records, ["16k"]) == 0.5 and study.top_output_share(records, ["16k", "8k"]) == 0.4
-    assert study.top_output_share(records, ["32k"]) != study.top_output_share(records, ["32k"])      # nan: none
+    assert study_report.answer_shaped(records, "16k") == 0.75 and study_report.answer_shaped(records, "8k") == 0
+    assert study_report.top_output_share(records, ["16k"]) == 0.5 and study_report.top_output_share(records, ["16k", "8k"]) == 0.4
+    assert study_report.top_output_share(records, ["32k"]) != study_report.top_output_share(records, ["32k"])      # nan: none
 
 
 def test_paired_differences_and_the_sign_test_by_hand():
     a = [{"length": "1k", "correct": c} for c in (1, 1, 1, 0, 1, 0)]
     b = [{"length": "1k", "correct": c} for c in (0, 0, 1, 0, 1, 1)]
-    d = study.paired(a, b, ["1k"])
+    d = study_report.paired(a, b, ["1k"])
     assert (d["only_a"], d["only_b"], d["n"]) == (2, 1, 6) and d["diff"] == pytest.approx(1 / 6)
     assert d["p"] == pytest.approx(1.0)                          # 2 * P(X <= 1 | n=3) = 2 * 4/8, capped at 1
-    many = study.paired([{"length": "1k", "correct": 1}] * 10, [{"length": "1k", "correct": 0}] * 10, ["1k"])
+    many = study_report.paired([{"length": "1k", "correct": 1}] * 10, [{"length": "1k", "correct": 0}] * 10, ["1k"])
     assert many["p"] == pytest.approx(2 / 2 ** 10) and many["se"] == 0
 
 
