@@ -1,10 +1,12 @@
-"""Tests for babi.py: generated answers agree with an independent tracker, shapes and rhythm match bAbI's files.
+"""Tests for babi.py: generated answers agree with an independent tracker, shapes and rhythm match
+bAbI's files.
 
 Run from the repository root (offline, a few seconds on 2 CPU cores):
 
     python -m pytest -q tests/test_babi.py
 
-The tests that compare with the real bAbI files read ../shared/data/babi/en and skip when it is absent.
+The tests that compare with the real bAbI files read ../shared/data/babi/en and skip when it is
+absent.
 """
 
 import itertools
@@ -22,10 +24,13 @@ BABI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "babi" / "e
 needs_files = pytest.mark.skipif(not BABI_DIR.is_dir(), reason=f"no bAbI files at {BABI_DIR}")
 STORIES = 500  # generated stories per task: every real shape appears within the first 40 or so
 MEAN_TOLERANCE = 0.25  # a generated mean gap may differ from the real one by this fraction
-QA3_EARLIER = 0.207  # share of the real qa3 train questions that name a room before the object's current one
-BABI_QA5_ERRORS = 4  # real qa5 questions (train + test) answered by an older gift although a later one matches
+# share of the real qa3 train questions that name a room before the object's current one
+QA3_EARLIER = 0.207
+# real qa5 questions (train + test) answered by an older gift although a later one matches
+BABI_QA5_ERRORS = 4
 OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
-GIFT_QUESTIONS = {  # qa5 question -> (its regex group naming the giver, object, receiver or None), answered slot
+# qa5 question -> (its regex group naming the giver, object, receiver or None), answered slot
+GIFT_QUESTIONS = {
     r"What did (\w+) give to (\w+)\?": ((1, None, 2), 1),
     r"Who gave the (\w+) to (\w+)\?": ((None, 1, 2), 0),
     r"Who gave the (\w+)\?": ((None, 1, None), 0),
@@ -35,13 +40,15 @@ GIFT_QUESTIONS = {  # qa5 question -> (its regex group naming the giver, object,
 
 
 class Tracker:
-    """Replays fact sentences with plain string rules and answers questions the way bAbI's files do."""
+    """Replays fact sentences with plain string rules and answers questions the way bAbI's files
+    do."""
 
     def __init__(self):
         self.at = {}  # person -> room the text last put them in
         self.holder = {}  # object -> person holding it
         self.where = {}  # object -> room, once the text implies it
-        self.trail = defaultdict(list)  # object -> rooms it was in, in order, no room twice in a row
+        # object -> rooms it was in, in order, no room twice in a row
+        self.trail = defaultdict(list)
         self.gifts = []  # (giver, object, receiver)
         self.relations = set()  # (a, direction, b): "the a is direction of the b", both ways round
 
@@ -55,17 +62,20 @@ class Tracker:
             self.trail[obj].append(room)
 
     def tell(self, fact: str) -> None:
-        if m := re.fullmatch(r"(\w+) (?:moved|went|went back|journeyed|travelled) to the (\w+)\.", fact):
+        if m := re.fullmatch(r"(\w+) (?:moved|went|went back|journeyed|travelled) to the (\w+)\.",
+                             fact):
             person, room = m.groups()
             assert self.at.get(person) != room, fact  # bAbI never "moves" someone to where they are
             self.at[person] = room
             for obj in [o for o, p in self.holder.items() if p == person]:
                 self._put(obj, room)
-        elif m := re.fullmatch(r"(\w+) (got|grabbed|took|picked up|dropped|discarded|left|put down) the (\w+)"
-                               r"( there)?\.", fact):
+        elif m := re.fullmatch(r"(\w+) (got|grabbed|took|picked up|dropped|discarded|left|"
+                               r"put down) the (\w+)( there)?\.", fact):
             person, verb, obj, _ = m.groups()
-            if verb in ("got", "grabbed", "took", "picked up"):  # a free object, in the person's room
-                assert obj not in self.holder and self._could_be_in(person, self.where.get(obj)), fact
+            # a free object, in the person's room
+            if verb in ("got", "grabbed", "took", "picked up"):
+                assert (obj not in self.holder
+                        and self._could_be_in(person, self.where.get(obj))), fact
                 self.holder[obj] = person
             else:
                 assert self.holder.pop(obj) == person, fact
@@ -73,7 +83,8 @@ class Tracker:
                 self._put(obj, self.at[person])
         elif m := re.fullmatch(r"(\w+) (?:gave|handed|passed) the (\w+) to (\w+)\.", fact):
             giver, obj, receiver = m.groups()
-            assert self.holder.get(obj) == giver and self._could_be_in(giver, self.at.get(receiver)), fact
+            assert (self.holder.get(obj) == giver
+                    and self._could_be_in(giver, self.at.get(receiver))), fact
             self.holder[obj] = receiver
             self.gifts.append((giver, obj, receiver))
         elif m := re.fullmatch(r"The (\w+) is (\w+) of the (\w+)\.", fact):
@@ -83,16 +94,19 @@ class Tracker:
             raise AssertionError(f"unknown fact {fact!r}")
 
     def _latest_gift(self, giver=None, obj=None, receiver=None) -> tuple | None:
-        matches = [g for g in self.gifts if all(x in (None, y) for x, y in zip((giver, obj, receiver), g))]
+        matches = [g for g in self.gifts
+                   if all(x in (None, y) for x, y in zip((giver, obj, receiver), g))]
         return matches[-1] if matches else None
 
     def answer(self, question: str) -> str | None:
-        """The answer the story so far gives, or None if it gives none (or more than one, in qa4)."""
+        """The answer the story so far gives, or None if it gives none (or more than one, in
+        qa4)."""
         if m := re.fullmatch(r"Where is the (\w+)\?", question):
             return self.where.get(m[1])
         if m := re.fullmatch(r"Where is (\w+)\?", question):
             return self.at.get(m[1])
-        if m := re.fullmatch(r"Where was the (\w+) before the (\w+)\?", question):  # its latest arrival there
+        # its latest arrival there
+        if m := re.fullmatch(r"Where was the (\w+) before the (\w+)\?", question):
             trail = self.trail[m[1]]
             arrivals = [i for i, room in enumerate(trail) if room == m[2] and i > 0]
             return trail[arrivals[-1] - 1] if arrivals else None
@@ -110,7 +124,8 @@ class Tracker:
 
 
 def replay(story: list):
-    """Yield (question, given answer, tracker's answer, tracker) per turn; the tracker holds that turn's state."""
+    """Yield (question, given answer, tracker's answer, tracker) per turn; the tracker holds that
+    turn's state."""
     tracker = Tracker()
     for facts, question, answer in story:
         for fact in facts:
@@ -137,27 +152,30 @@ def test_generated_answers_match_tracker(generated, task):
 
 
 def qa3_depths(stories) -> list[int]:
-    """For each qa3 question: how far back in the object's trail its room's latest arrival is (0 = now)."""
+    """For each qa3 question: how far back in the object's trail its room's latest arrival is
+    (0 = now)."""
     depths = []
     for story in stories:
         for question, _, _, tracker in replay(story):
             obj, room = re.fullmatch(r"Where was the (\w+) before the (\w+)\?", question).groups()
             trail = tracker.trail[obj]
-            depths.append(len(trail) - 1 - max(i for i, r in enumerate(trail) if r == room and i > 0))
+            depths.append(len(trail) - 1
+                          - max(i for i, r in enumerate(trail) if r == room and i > 0))
     return depths
 
 
 def test_generated_questions_follow_babi_conventions(generated):
-    """qa3 asks mostly about an object's current room, now and then an earlier one, as often as the real
-    file; qa5 about the latest gift; qa4 about a fact's second room."""
+    """qa3 asks mostly about an object's current room, now and then an earlier one, as often as the
+    real file; qa5 about the latest gift; qa4 about a fact's second room."""
     share = lambda depths: sum(d > 0 for d in depths) / len(depths)
     generated_share = share(qa3_depths(generated["qa3"]))
-    assert abs(generated_share - QA3_EARLIER) < 0.04                   # 2,500 questions: standard error 0.008
+    assert abs(generated_share - QA3_EARLIER) < 0.04  # 2,500 questions: standard error 0.008
     if BABI_DIR.is_dir():
         assert share(qa3_depths(real_stories("qa3"))) == QA3_EARLIER
     for story in generated["qa5"]:
         for question, answer, _, tracker in replay(story):
-            named = set(re.findall(r"\b(?:[A-Z][a-z]+|apple|football|milk)\b", question)) - {"What", "Who"}
+            named = (set(re.findall(r"\b(?:[A-Z][a-z]+|apple|football|milk)\b", question))
+                     - {"What", "Who"})
             assert named | {answer} <= set(tracker.gifts[-1])
     for story in generated["qa4"]:
         (facts, question, answer), = story
@@ -167,8 +185,10 @@ def test_generated_questions_follow_babi_conventions(generated):
 @needs_files
 @pytest.mark.parametrize("task", babi.TASKS)
 def test_tracker_agrees_with_real_files(task):
-    """The same tracker on bAbI's own stories: all answers agree, except qa5's few inconsistent ones."""
-    disagree = sum(answer != tracked for split in ("train", "test") for story in real_stories(task, split)
+    """The same tracker on bAbI's own stories: all answers agree, except qa5's few inconsistent
+    ones."""
+    disagree = sum(answer != tracked for split in ("train", "test")
+                   for story in real_stories(task, split)
                    for _, answer, tracked, _ in replay(story))
     assert disagree <= (BABI_QA5_ERRORS if task == "qa5" else 0)
 
@@ -194,7 +214,8 @@ def test_coverage_command_prints_full_coverage(capsys):
     babi.main(["--coverage", str(BABI_DIR), "--stories", str(STORIES)])
     rows = [row.split() for row in capsys.readouterr().out.splitlines()[1:]]
     assert [row[0] for row in rows] == list(babi.TASKS)
-    assert [int(row[1]) for row in rows] == [6, 18, 22, 12, 25]  # distinct fact and question shapes per task
+    # distinct fact and question shapes per task
+    assert [int(row[1]) for row in rows] == [6, 18, 22, 12, 25]
     assert all(row[2:] == ["100.0%", "0"] for row in rows)
 
 
@@ -206,7 +227,8 @@ def test_coverage_command_missing_folder(tmp_path):
 
 # ----------------------------------------------------------------------------- story statistics
 def gaps(stories: list) -> tuple[list[int], list[int], set[int], list[int]]:
-    """Facts before the first question, facts between later questions, numbers of questions, facts per story."""
+    """Facts before the first question, facts between later questions, numbers of questions, facts
+    per story."""
     return ([len(s[0][0]) for s in stories], [len(t[0]) for s in stories for t in s[1:]],
             {len(s) for s in stories}, [sum(len(t[0]) for t in s) for s in stories])
 
@@ -234,7 +256,8 @@ def test_statistics_constants_and_means_match_real_files(generated, task):
     first, later, _, _ = gaps(generated[task])
     for ours, theirs in ((first, real_first), (later, real_later)):
         if theirs:
-            assert statistics.mean(ours) == pytest.approx(statistics.mean(theirs), rel=MEAN_TOLERANCE)
+            assert statistics.mean(ours) == pytest.approx(statistics.mean(theirs),
+                                                          rel=MEAN_TOLERANCE)
 
 
 # ----------------------------------------------------------------------------- files and errors
@@ -254,11 +277,13 @@ def write_babi(stories: list, path: Path) -> None:
 
 def test_read_babi_small_file(tmp_path):
     path = tmp_path / "qa1_single-supporting-fact_train.txt"
-    path.write_text("1 Mary moved to the bathroom.\n2 John went to the hallway.\n3 Where is Mary? \tbathroom\t1\n"
+    path.write_text("1 Mary moved to the bathroom.\n2 John went to the hallway.\n"
+                    "3 Where is Mary? \tbathroom\t1\n"
                     "4 Where is John? \thallway\t2\n"
                     "1 Sandra journeyed to the garden.\n2 Where is Sandra? \tgarden\t1\n")
     assert babi.read_babi(path) == [
-        [(["Mary moved to the bathroom.", "John went to the hallway."], "Where is Mary?", "bathroom"),
+        [(["Mary moved to the bathroom.", "John went to the hallway."], "Where is Mary?",
+          "bathroom"),
          ([], "Where is John?", "hallway")],
         [(["Sandra journeyed to the garden."], "Where is Sandra?", "garden")]]
     assert babi.babi_file(tmp_path, "qa1", "train") == path
@@ -266,8 +291,8 @@ def test_read_babi_small_file(tmp_path):
 
 @pytest.mark.parametrize("task", babi.TASKS)
 def test_fact_sentences_finds_every_fact_and_nothing_else(generated, task):
-    """In generated and real stories every fact is found, in order, also glued to a cut sentence or amid
-    prose that names people and rooms; the prose itself is never taken for a fact."""
+    """In generated and real stories every fact is found, in order, also glued to a cut sentence or
+    amid prose that names people and rooms; the prose itself is never taken for a fact."""
     prose = ["Mary said that the garden was", "The kitchen of the house is north of here.",
              "John went there.", "They left the office early."]
     stories = generated[task][:50] + (real_stories(task)[:50] if BABI_DIR.is_dir() else [])

@@ -1,4 +1,5 @@
-"""The GPT: logits only where needed, chunked loss, backends and attention statistics against dense references.
+"""The GPT: logits only where needed, chunked loss, backends and attention statistics against dense
+references.
 
 Run: python -m pytest -q tests/test_model.py
 """
@@ -23,7 +24,8 @@ def full_logits(model, idx, pos, mask):
 
 def test_logits_at_positions_equal_full_logits_sliced(tiny_model):
     b = random_batch()
-    mask = masks.dense_mask(masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]), 2, 70, "cpu")
+    mask = masks.dense_mask(masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]),
+                            2, 70, "cpu")
     full = full_logits(tiny_model, b["idx"], b["pos"], mask)
     positions = torch.tensor([[0, 5, 69], [3, 3, 40]])
     x = tiny_model.blocks(tiny_model.wte(b["idx"]), tiny_model.rope(b["pos"]), mask, range(4))
@@ -32,7 +34,8 @@ def test_logits_at_positions_equal_full_logits_sliced(tiny_model):
     torch.testing.assert_close(got, want)
 
 
-def test_loss_equals_cross_entropy_of_full_logits_and_chunking_changes_nothing(tiny_model, monkeypatch):
+def test_loss_equals_cross_entropy_of_full_logits_and_chunking_changes_nothing(tiny_model,
+                                                                              monkeypatch):
     b = random_batch()
     mask = masks.dense_mask(masks.causal(b["attention_mask"], b["document_ids"]), 2, 70, "cpu")
     full = full_logits(tiny_model, b["idx"], b["pos"], mask)
@@ -40,7 +43,7 @@ def test_loss_equals_cross_entropy_of_full_logits_and_chunking_changes_nothing(t
     one = tiny_model(b["idx"], b["pos"], mask, b["targets"])
     torch.testing.assert_close(one, want)
     g_one = torch.autograd.grad(one, tiny_model.wte.weight)[0]
-    monkeypatch.setattr(M, "LOSS_CHUNK", 3)                                  # many checkpointed chunks
+    monkeypatch.setattr(M, "LOSS_CHUNK", 3)  # many checkpointed chunks
     chunked = tiny_model(b["idx"], b["pos"], mask, b["targets"])
     torch.testing.assert_close(chunked, want)
     torch.testing.assert_close(torch.autograd.grad(chunked, tiny_model.wte.weight)[0], g_one)
@@ -53,39 +56,45 @@ def test_flex_and_sdpa_backends_agree_on_the_model():
     mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"])
     with torch.no_grad():
         a = full_logits(m, b["idx"], b["pos"], masks.dense_mask(mod, 2, 140, "cpu"))
-        f = full_logits(m, b["idx"], b["pos"], create_block_mask(mod, 2, None, 140, 140, device="cpu"))
+        f = full_logits(m, b["idx"], b["pos"],
+                        create_block_mask(mod, 2, None, 140, 140, device="cpu"))
     valid = b["attention_mask"]
     torch.testing.assert_close(f[valid], a[valid], atol=2e-5, rtol=1e-4)
 
 
 def test_expanded_kv_is_grouped_query_attention_with_its_gradients(monkeypatch):
-    """model.FLEX_EXPAND_KV: K/V repeated so query head h reads KV head h // group (the enable_gqa rule),
-    only for calls that will be differentiated; attention on the copies gives enable_gqa's output and, summed
-    back by autograd, its K/V gradients, and flex's grouping is the same."""
+    """model.FLEX_EXPAND_KV: K/V repeated so query head h reads KV head h // group (the enable_gqa
+    rule), only for calls that will be differentiated; attention on the copies gives enable_gqa's
+    output and, summed back by autograd, its K/V gradients, and flex's grouping is the same."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 6, 50, 8, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 2, 50, 8, generator=g, requires_grad=True) for _ in range(2))
     monkeypatch.setattr(M, "FLEX_EXPAND_KV", False)
-    assert M.flex_gqa_kv(k, v, 6, backward=True) == (k, v, True)           # switched off: flex's own GQA
+    assert M.flex_gqa_kv(k, v, 6, backward=True) == (k, v, True)  # switched off: flex's own GQA
     monkeypatch.setattr(M, "FLEX_EXPAND_KV", True)
-    assert M.flex_gqa_kv(k, v, 6, backward=False) == (k, v, True)          # forward only: kept shared
-    assert M.flex_gqa_kv(q, q, 6, backward=True) == (q, q, False)          # multi-head: nothing to do
+    assert M.flex_gqa_kv(k, v, 6, backward=False) == (k, v, True)  # forward only: kept shared
+    assert M.flex_gqa_kv(q, q, 6, backward=True) == (q, q, False)  # multi-head: nothing to do
     ke, ve, gqa = M.flex_gqa_kv(k, v, 6, backward=True)
-    assert not gqa and torch.equal(ke, k.repeat_interleave(3, dim=1)) and torch.equal(ve, v.repeat_interleave(3, dim=1))
+    assert (not gqa and torch.equal(ke, k.repeat_interleave(3, dim=1))
+            and torch.equal(ve, v.repeat_interleave(3, dim=1)))
     dy = torch.randn(2, 6, 50, 8, generator=g)
     out = F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(out, ref)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)):
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dy),
+                    torch.autograd.grad(ref, (q, k, v), dy)):
         torch.testing.assert_close(a, b)
-    bm = create_block_mask(masks.causal(), 2, None, 50, 50, device="cpu")   # flex (forward only on a CPU)
+    # flex (forward only on a CPU)
+    bm = create_block_mask(masks.causal(), 2, None, 50, 50, device="cpu")
     q, k, v, ke, ve = (t.detach() for t in (q, k, v, ke, ve))
-    torch.testing.assert_close(M.flex(q)(q, ke, ve, block_mask=bm), M.flex(q)(q, k, v, block_mask=bm, enable_gqa=True))
+    torch.testing.assert_close(M.flex(q)(q, ke, ve, block_mask=bm),
+                               M.flex(q)(q, k, v, block_mask=bm, enable_gqa=True))
 
 
 def test_attention_expands_kv_only_for_flex_calls_that_will_be_differentiated(monkeypatch):
-    """The model asks for the repeated K/V exactly when a backward will follow (grad on, weights trainable),
-    never in a no-grad forward or in generation, whose cache keeps the shared KV heads."""
+    """The model asks for the repeated K/V exactly when a backward will follow (grad on, weights
+    trainable), never in a no-grad forward or in generation, whose cache keeps the shared KV
+    heads."""
     monkeypatch.setattr(M, "FLEX_EXPAND_KV", True)
     heads = []
 
@@ -111,11 +120,13 @@ def test_attention_expands_kv_only_for_flex_calls_that_will_be_differentiated(mo
 
 
 def test_rope_is_relative():
-    """Shifting every position by a constant leaves q.k unchanged: positions enter only as differences."""
+    """Shifting every position by a constant leaves q.k unchanged: positions enter only as
+    differences."""
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     pos = torch.arange(5)[None]
-    dots = [(M.apply_rope(q, M.rope_tables(p, 16, 1e4)) @ M.apply_rope(k, M.rope_tables(p, 16, 1e4)).transpose(-1, -2))
+    dots = [(M.apply_rope(q, M.rope_tables(p, 16, 1e4))
+             @ M.apply_rope(k, M.rope_tables(p, 16, 1e4)).transpose(-1, -2))
             for p in (pos, pos + 37)]
     torch.testing.assert_close(dots[0], dots[1], atol=1e-4, rtol=1e-4)
 
@@ -132,12 +143,15 @@ def dense_stats(model, b, mask_mod):
     for block in model.h:
         q, k, v = block.attn.qkv(block.ln_1(x), rope)
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))).masked_fill(~dense, float("-inf"))
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))).masked_fill(~dense,
+                                                                                float("-inf"))
         p = torch.softmax(scores, -1).nan_to_num(0.0)                          # (B, nh, S, S)
         sink_q = valid & (pos != 0)
-        p_first = p.gather(3, first[:, None, :, None].expand(B, p.size(1), S, 1))[..., 0]   # (B, nh, S)
+        # (B, nh, S)
+        p_first = p.gather(3, first[:, None, :, None].expand(B, p.size(1), S, 1))[..., 0]
         head_sink.append(torch.stack([p_first[:, h][sink_q].mean() for h in range(p.size(1))]))
-        early.append(torch.stack([p_first[:, h][sink_q & (pos < 64)].mean() for h in range(p.size(1))]))
+        early.append(torch.stack([p_first[:, h][sink_q & (pos < 64)].mean()
+                                  for h in range(p.size(1))]))
         resp_q = valid & (lm == 1)
         p_ctx = (p * ctx_key[:, None, None, :]).sum(-1)                          # (B, nh, S)
         eng.append(torch.stack([p_ctx[:, h][resp_q].mean() for h in range(p.size(1))]).mean())
@@ -160,7 +174,7 @@ def test_attention_stats_from_logsumexp_match_dense_softmax(monkeypatch):
     monkeypatch.setattr(stats, "QUERY_BLOCK", 64)                           # several query blocks
     torch.manual_seed(0)
     m = M.GPT(tiny_config())
-    with torch.no_grad():                                # larger activations: heads differ in their sinks
+    with torch.no_grad():  # larger activations: heads differ in their sinks
         m.wte.weight[:] += 0.5 * torch.randn_like(m.wte.weight)
     b = random_batch(S=150)
     mods = (masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]),
@@ -168,29 +182,36 @@ def test_attention_stats_from_logsumexp_match_dense_softmax(monkeypatch):
     for mod, backend in itertools.product(mods, ("flex", "dense")):
         with torch.no_grad():
             want, heads, early = dense_stats(m, b, mod)
-        eps = heads.flatten().sort().values[heads.numel() // 2].item() - 1e-6   # half the heads above it
+        # half the heads above it
+        eps = heads.flatten().sort().values[heads.numel() // 2].item() - 1e-6
         monkeypatch.setattr(stats, "SINK_EPS", eps)
         want["sink_rate"] = (heads > eps).float().mean().item()
         want["sink_rate_64"] = (early > eps).float().mean().item()
-        assert (b["pos"] >= 64).any() and abs(want["sink_mass_64"] - want["sink_mass"]) > 1e-4   # fewer queries
-        got = attention_stats(m, b["idx"], b["pos"], mod, b["loss_mask"], b["attention_mask"], backend)
+        # fewer queries
+        assert (b["pos"] >= 64).any() and abs(want["sink_mass_64"] - want["sink_mass"]) > 1e-4
+        got = attention_stats(m, b["idx"], b["pos"], mod, b["loss_mask"], b["attention_mask"],
+                              backend)
         for key in want:
             assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-6), (key, got, want)
         assert 0 < got["engagement"] < 1 and 0 < got["sink_mass"] < 1 and 0 < got["sink_rate"] < 1
 
 
 def test_grouped_mm_splits_more_runs_than_one_kernel_call_takes_by_whole_rows(monkeypatch):
-    """Rows of runs (batches.sample_groups' layout, a row's last run ending at its end, some runs empty) give
-    the same product and gradients whether they go in one call or in calls of whole rows, as they must past
-    the grouped kernel's limit of runs a call (lowered here so that the loop path splits too)."""
+    """Rows of runs (batches.sample_groups' layout, a row's last run ending at its end, some runs
+    empty) give the same product and gradients whether they go in one call or in calls of whole
+    rows, as they must past the grouped kernel's limit of runs a call (lowered here so that the loop
+    path splits too)."""
     import model
     torch.manual_seed(0)
     rows, S, per_row = 5, 12, 3
-    x, w = torch.randn(rows * S, 4, requires_grad=True), torch.randn(rows * per_row, 4, 2, requires_grad=True)
-    within = torch.tensor([[0, 5, 12], [4, 4, 12], [12, 12, 12], [1, 2, 12], [7, 11, 12]])    # ends inside a row
+    x, w = (torch.randn(rows * S, 4, requires_grad=True),
+            torch.randn(rows * per_row, 4, 2, requires_grad=True))
+    # ends inside a row
+    within = torch.tensor([[0, 5, 12], [4, 4, 12], [12, 12, 12], [1, 2, 12], [7, 11, 12]])
     ends = (within + torch.arange(rows)[:, None] * S).flatten().to(torch.int32)
     want = torch.cat([x[r * S:(r + 1) * S][a:b] @ w[r * per_row + i] for r in range(rows)
-                      for i, (a, b) in enumerate(zip([0, *within[r, :-1].tolist()], within[r].tolist()))])
+                      for i, (a, b) in enumerate(zip([0, *within[r, :-1].tolist()],
+                                                     within[r].tolist()))])
     up = torch.randn(rows * S, 2)
     grads = None
     for limit in (1000, 7, 5, 3):                                # one call; 2, 1 and 1 rows a call
@@ -201,5 +222,5 @@ def test_grouped_mm_splits_more_runs_than_one_kernel_call_takes_by_whole_rows(mo
         grads = grads or g
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, grads)), limit
     monkeypatch.setattr(model, "GROUPED_MM_GROUPS", 1000)
-    rotated = model.grouped_mm(x, w.roll(1, dims=0), ends, rows)                   # the check can fail
+    rotated = model.grouped_mm(x, w.roll(1, dims=0), ends, rows)  # the check can fail
     assert not torch.allclose(rotated, want, atol=1e-3)
