@@ -1,4 +1,5 @@
-"""study.py --quick: the whole study pipeline on the CPU with tiny sizes (the pipeline, not the numbers).
+"""study.py --quick: the whole study pipeline on the CPU with tiny sizes (the pipeline, not the
+numbers).
 
 Run: python -m pytest -q tests/test_study.py
 """
@@ -27,7 +28,8 @@ def quick(tmp_path_factory):
 
 def test_every_stage_writes_its_files(quick):
     out, res = quick
-    for name in ("results.json", "results.md", "heatmaps.png", "focusft_minus_sft.png", "training.png"):
+    for name in ("results.json", "results.md", "heatmaps.png", "focusft_minus_sft.png",
+                 "training.png"):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.rglob("*.tmp*"))                        # every file written whole
 
@@ -37,24 +39,29 @@ def test_every_arm_trained_from_the_base_for_its_steps(quick):
     plan = study.QUICK
     arms = {k: v for k, v in res["arms"].items() if "/" in k}
     assert sorted(arms) == sorted([f"{a}/{s}" for a in ("sft", "focusft") for s in plan.seeds]
-                                  + [f"{a}/{plan.seeds[0]}" for a in ("hybrid", "inner", "sft_time")])
+                                  + [f"{a}/{plan.seeds[0]}"
+                                     for a in ("hybrid", "inner", "sft_time")])
     for name, run in arms.items():
         records = study.log_records(out / "arms" / name.replace("/", "_s"))
         config = records[0]["config"]["args"]
         assert config["init"] == res["base"]["checkpoint"] and config["bos"] == 1
         assert run["steps"] == config["steps"] >= plan.arm_steps
-        assert (config["method"], config["mask"]) == {"sft": ("sft", "causal"), "hybrid": ("sft", "hybrid"),
-                                                      "inner": ("focusft", "causal"), "focusft": ("focusft", "hybrid"),
-                                                      "sft_time": ("sft", "causal")}[name.split("/")[0]]
-        if config["method"] == "focusft":                       # the sweep's inner lr and steps; the loop acted
+        assert (config["method"], config["mask"]) == {
+            "sft": ("sft", "causal"), "hybrid": ("sft", "hybrid"), "inner": ("focusft", "causal"),
+            "focusft": ("focusft", "hybrid"), "sft_time": ("sft", "causal")}[name.split("/")[0]]
+        # the sweep's inner lr and steps; the loop acted
+        if config["method"] == "focusft":
             assert config["inner_lr"] == res["sweep"]["chosen"] and config["inner_per"] == "sample"
             assert config["inner_steps"] == res["sweep"]["chosen_steps"]
             assert all(r["moved"] > 0 for r in records if "moved" in r)
-    assert arms[f"sft_time/{plan.seeds[0]}"]["steps"] == max(plan.arm_steps,      # never fewer than SFT's own
-                                                              round(plan.arm_steps * res["arms"]["time_ratio"]))
-    assert res["sweep"]["chosen"] in plan.sweep_lrs and res["sweep"]["chosen_steps"] in plan.sweep_inner_steps
+    # never fewer than SFT's own
+    assert arms[f"sft_time/{plan.seeds[0]}"]["steps"] == max(
+        plan.arm_steps, round(plan.arm_steps * res["arms"]["time_ratio"]))
+    assert (res["sweep"]["chosen"] in plan.sweep_lrs
+            and res["sweep"]["chosen_steps"] in plan.sweep_inner_steps)
     tried = {(r["inner_lr"], r["inner_steps"]) for r in res["sweep"]["runs"].values()}
-    assert tried == {(lr, k) for lr in plan.sweep_lrs for k in plan.sweep_inner_steps}     # the whole grid
+    # the whole grid
+    assert tried == {(lr, k) for lr in plan.sweep_lrs for k in plan.sweep_inner_steps}
     for key, r in res["sweep"]["runs"].items():                 # each run trained with its own pair
         config = study.log_records(out / "sweep" / f"lr{key}")[0]["config"]["args"]
         assert (config["inner_lr"], config["inner_steps"]) == (r["inner_lr"], r["inner_steps"])
@@ -73,7 +80,8 @@ def test_every_model_is_evaluated_on_every_cell_and_the_tables_have_their_shape(
     text = (out / "results.md").read_text()
     own = text.split("## ")[1].strip().splitlines()             # the first table: one row per model
     rows = [line for line in own if line.startswith("| ") and not line.startswith("| model")]
-    assert len(rows) == len(res["eval"]) and all(r.count("|") == 3 + len(plan.eval_lengths) + 2 for r in rows)
+    assert len(rows) == len(res["eval"]) and all(r.count("|") == 3 + len(plan.eval_lengths) + 2
+                                                 for r in rows)
 
 
 def test_a_second_run_skips_every_finished_stage(quick, capsys):
@@ -90,18 +98,24 @@ def test_report_alone_rewrites_the_tables_from_results_json(quick, tmp_path, cap
     text = (out / "results.md").read_text()
     (out / "results.md").unlink()
     study.main(["--report", "--out", str(out)])
-    assert (out / "results.md").read_text() == text and "python train.py" not in capsys.readouterr().out
+    assert ((out / "results.md").read_text() == text
+            and "python train.py" not in capsys.readouterr().out)
     with pytest.raises(SystemExit) as stop:
         study.main(["--report", "--out", str(tmp_path)])
     assert stop.value.code == 2 and "is not a finished study's folder" in capsys.readouterr().err
 
 
 def test_answer_form_and_top_output_by_hand():
-    records = [{"length": "16k", "output": o} for o in (" office\n", "office", "the garden, and the", "kitchen")]
+    records = [{"length": "16k", "output": o}
+               for o in (" office\n", "office", "the garden, and the", "kitchen")]
     records.append({"length": "8k", "output": "and gone, and gone"})
-    assert study_report.answer_shaped(records, "16k") == 0.75 and study_report.answer_shaped(records, "8k") == 0
-    assert study_report.top_output_share(records, ["16k"]) == 0.5 and study_report.top_output_share(records, ["16k", "8k"]) == 0.4
-    assert study_report.top_output_share(records, ["32k"]) != study_report.top_output_share(records, ["32k"])      # nan: none
+    assert (study_report.answer_shaped(records, "16k") == 0.75
+            and study_report.answer_shaped(records, "8k") == 0)
+    assert (study_report.top_output_share(records, ["16k"]) == 0.5
+            and study_report.top_output_share(records, ["16k", "8k"]) == 0.4)
+    # nan: none
+    assert (study_report.top_output_share(records, ["32k"])
+            != study_report.top_output_share(records, ["32k"]))
 
 
 def test_paired_differences_and_the_sign_test_by_hand():
@@ -109,8 +123,10 @@ def test_paired_differences_and_the_sign_test_by_hand():
     b = [{"length": "1k", "correct": c} for c in (0, 0, 1, 0, 1, 1)]
     d = study_report.paired(a, b, ["1k"])
     assert (d["only_a"], d["only_b"], d["n"]) == (2, 1, 6) and d["diff"] == pytest.approx(1 / 6)
-    assert d["p"] == pytest.approx(1.0)                          # 2 * P(X <= 1 | n=3) = 2 * 4/8, capped at 1
-    many = study_report.paired([{"length": "1k", "correct": 1}] * 10, [{"length": "1k", "correct": 0}] * 10, ["1k"])
+    # 2 * P(X <= 1 | n=3) = 2 * 4/8, capped at 1
+    assert d["p"] == pytest.approx(1.0)
+    many = study_report.paired([{"length": "1k", "correct": 1}] * 10,
+                               [{"length": "1k", "correct": 0}] * 10, ["1k"])
     assert many["p"] == pytest.approx(2 / 2 ** 10) and many["se"] == 0
 
 
@@ -120,30 +136,39 @@ def test_bad_folders_are_one_line_before_anything_is_written(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             study.get_args([flag, str(tmp_path / folder), "--out", str(tmp_path / "out")])
         message = capsys.readouterr().err.strip()
-        assert stop.value.code == 2 and message.count("\n") == 0 and flag in message and folder in message
+        assert (stop.value.code == 2 and message.count("\n") == 0 and flag in message
+                and folder in message)
     assert not (tmp_path / "out").exists()
 
 
 def test_set_changes_plan_fields_by_their_type_and_refuses_others():
-    plan = study.get_args(["--set", "arm_steps=5", "--set", "sweep_lrs=0.1,0.3", "--set", "arm_lr=1e-4"]).plan
-    assert (plan.arm_steps, plan.sweep_lrs, plan.arm_lr, plan.base_steps) == (5, (0.1, 0.3), 1e-4, study.FULL.base_steps)
-    assert study.get_args(["--quick", "--set", "eval_n=2"]).plan == study.with_changes(study.QUICK, ["eval_n=2"])
+    plan = study.get_args(["--set", "arm_steps=5", "--set", "sweep_lrs=0.1,0.3",
+                           "--set", "arm_lr=1e-4"]).plan
+    assert (plan.arm_steps, plan.sweep_lrs, plan.arm_lr, plan.base_steps) == (5, (0.1, 0.3), 1e-4,
+                                                                              study.FULL.base_steps)
+    assert study.get_args(["--quick", "--set", "eval_n=2"]).plan == study.with_changes(study.QUICK,
+                                                                                      ["eval_n=2"])
     for bad in ("nope=1", "arm_steps=x", "extra=--workers", "arm_lr=nan", "sweep_lrs=0.1,inf"):
         with pytest.raises(SystemExit):
             study.get_args(["--set", bad])
 
 
-def test_sigint_stops_the_run_in_flight_at_a_step_boundary_and_the_study_says_how_to_continue(tmp_path):
-    """^C to a study (its process group, as a terminal sends it): the train.py run in flight, in a session of its
-    own, gets one SIGINT from the study and saves at a step boundary; the study exits 130 with one line."""
+def test_sigint_stops_the_run_in_flight_at_a_step_boundary_and_the_study_says_how_to_continue(
+        tmp_path):
+    """^C to a study (its process group, as a terminal sends it): the train.py run in flight, in a
+    session of its own, gets one SIGINT from the study and saves at a step boundary; the study exits
+    130 with one line."""
     out = tmp_path / "study"
-    flags = ["--quick", "--out", str(out), "--set", "base_steps=400", "--set", "stats_every=1000"]   # a long base
-    study_run = subprocess.Popen([sys.executable, "study.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # a long base
+    flags = ["--quick", "--out", str(out), "--set", "base_steps=400", "--set", "stats_every=1000"]
+    study_run = subprocess.Popen([sys.executable, "study.py", *flags], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
     log = out / "base_books" / "log.jsonl"
     def steps(settled: bool = False) -> list[int]:
         lines = log.read_text().splitlines() if log.exists() else []
-        lines = lines if settled else lines[:-1]                      # (while it runs, the last may be half written)
+        # (while it runs, the last may be half written)
+        lines = lines if settled else lines[:-1]
         return [r["step"] for r in map(json.loads, lines) if "loss" in r]
     deadline = time.time() + 180
     while time.time() < deadline and len(steps()) < 2:
@@ -151,11 +176,12 @@ def test_sigint_stops_the_run_in_flight_at_a_step_boundary_and_the_study_says_ho
     os.killpg(study_run.pid, signal.SIGINT)
     _, stderr = study_run.communicate(timeout=180)
     assert study_run.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == ("study.py: stopped: finished stages are kept and a run cut off "
-                                               "resumes from its checkpoint; continue with: python study.py "
-                                               + " ".join(flags))
+    assert stderr.strip().splitlines()[-1] == ("study.py: stopped: finished stages are kept and a "
+                                               "run cut off resumes from its checkpoint; continue "
+                                               "with: python study.py " + " ".join(flags))
     ckpt = checkpoint.load(str(log.parent / checkpoint.FILE))
-    assert 1 <= ckpt["step"] < 399 and steps(settled=True) == list(range(ckpt["step"] + 1))   # the last one logged
+    # the last one logged
+    assert 1 <= ckpt["step"] < 399 and steps(settled=True) == list(range(ckpt["step"] + 1))
     assert not (log.parent / "done").exists()
 
 
@@ -179,5 +205,6 @@ def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(
     assert most[0] == 2 and list(got) == list(jobs)
     assert all(got[f"k{i}"] == {"name": f"run {i}", "shared": True} for i in range(5))
     assert all(flags[:2] == ["--steps", "3"] and flags[2] == "--workers" for flags in seen.values())
-    alone = study.side_by_side(study.get_args([]), study.Clock(1), {"k": ("one", None, ["--steps", "3"])})
+    alone = study.side_by_side(study.get_args([]), study.Clock(1),
+                               {"k": ("one", None, ["--steps", "3"])})
     assert alone == {"k": {"name": "one", "shared": False}} and seen["one"] == ["--steps", "3"]
