@@ -1,35 +1,23 @@
 """Train a GPT with FocuSFT (or plain SFT, or next-token pretraining) on long packed rows.
 
-    python train.py --ctx 8192                                   # FocuSFT, defaults picked for \
-this machine
-    python train.py --ctx 8192 --method sft --out runs/sft       # the causal SFT baseline
-    python train.py --objective lm --data books --out runs/lm    # pretrain a base, then --init \
-runs/lm/ckpt.pt
+    python train.py --ctx 8192                                 # FocuSFT, defaults for this machine
+    python train.py --ctx 8192 --method sft --out runs/sft     # the causal SFT baseline
+    python train.py --objective lm --data books --out runs/lm  # a base, for --init runs/lm/ckpt.pt
 
-One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its \
-mask built
-once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py), then one \
-AdamW step on the
-base weights. The loop is flat: evaluation and checkpointing at the top, the training step below, \
-and one
-last evaluation after it. On a GPU, steps run back to back: a step's log line is printed once the \
-next step
-is queued, so the GPU does not wait for the host between steps. The flags, the defaults each \
-machine fills in
-and --resume's rules are config.py.
-Every batch is a pure function of (seed, split, step, micro-step) (batches.py), so `--resume` \
-continues
-exactly, DataLoader workers build batches ahead of the GPU, and data-parallel ranks can later draw \
-disjoint
-data.
+One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its
+mask built once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py),
+then one AdamW step on the base weights (training_step.py). The loop is flat: evaluation and
+checkpointing at the top, the training step below, and one last evaluation after it. On a GPU,
+steps run back to back: a step's log line is printed once the next step is queued, so the GPU does
+not wait for the host between steps (steplog.py). The flags, the defaults each machine fills in and
+--resume's rules are config.py. Every batch is a pure function of (seed, split, step, micro-step)
+(data/batches.py), so `--resume` continues exactly, DataLoader workers build batches ahead of the
+GPU, and data-parallel ranks can later draw disjoint data.
 
-A run that stops early loses little (stopping.py): it saves a checkpoint every so often \
-(--ckpt-every); SIGINT
-(^C) or SIGTERM ends it at the next step boundary with a checkpoint and one line saying how to \
-continue (exit
-code 130 or 143); a NaN or inf loss or gradient norm ends it with one line naming the step, before \
-those
-weights are saved (exit code 1).
+A run that stops early loses little (stopping.py): it saves a checkpoint every so often
+(--ckpt-every); SIGINT (^C) or SIGTERM ends it at the next step boundary with a checkpoint and one
+line saying how to continue (exit code 130 or 143); a NaN or inf loss or gradient norm ends it with
+one line naming the step, before those weights are saved (exit code 1).
 """
 import json
 import math
