@@ -1,8 +1,9 @@
-"""A training run's configuration: train.py's command line, the defaults each machine fills in (and why), the
-checks that turn bad input into one clear line, and --resume's rule that a run continues as it was recorded.
+"""A training run's configuration: train.py's command line, the defaults each machine fills in (and
+why), the checks that turn bad input into one clear line, and --resume's rule that a run continues
+as it was recorded.
 
-Everything a run does follows from the Namespace this returns; train.py records it in every checkpoint and
-log, so a run can be resumed, inspected or repeated from its files alone.
+Everything a run does follows from the Namespace this returns; train.py records it in every
+checkpoint and log, so a run can be resumed, inspected or repeated from its files alone.
 """
 import argparse
 import os
@@ -15,16 +16,23 @@ from data import babi, batches, packing, tokenizer
 from fastweights import PROJECTIONS
 from model import FLASH_INSTALL, FLEX_BACKENDS, PRESETS, flash_backend_available
 
-PROG = "train.py"            # the name this file's refusals give (train.py's command line lives here)
+# the name this file's refusals give (train.py's command line lives here)
+PROG = "train.py"
 GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
-SCRATCH_INNER_LR = 0.03      # from scratch: 0.1 left the base weights behind SFT on BABILong rows (docs/learning.md)
-FINETUNE_LR = 1e-5           # AdamW's rate with --init: the authors' for fine-tuning a pretrained model
-LEGACY = {"workers": 0, "bos": 0, "max_docs": 1 << 30, "inner_per": "row"}   # runs recorded before these flags:
-                                                                             # no cap on samples per row
-RUN_ONLY = ("out", "resume", "stop_after", "workers", "flex_backend")   # this invocation's, not the recorded run's
-BY_DEVICE = {   # flag: (its value on a GPU, on a CPU) where the user gives none; apply_defaults says why
-    "model": ("small", "tiny"), "attn": ("flex", "sdpa"), "compile": (1, 0), "dtype": ("bf16", "fp32"),
-    "batch_size": (f"{GPU_TOKENS_PER_STEP} / --ctx", 1), "workers": ("up to 8", 0), "steps": (5000, 20),
+# from scratch: 0.1 left the base weights behind SFT on BABILong rows (docs/learning.md)
+SCRATCH_INNER_LR = 0.03
+# AdamW's rate with --init: the authors' for fine-tuning a pretrained model
+FINETUNE_LR = 1e-5
+# runs recorded before these flags: no cap on samples per row
+LEGACY = {"workers": 0, "bos": 0, "max_docs": 1 << 30, "inner_per": "row"}
+# this invocation's, not the recorded run's
+RUN_ONLY = ("out", "resume", "stop_after", "workers", "flex_backend")
+# flag: (its value on a GPU, on a CPU) where the user gives none; apply_defaults says why
+BY_DEVICE = {
+    "model": ("small", "tiny"), "attn": ("flex", "sdpa"), "compile": (1, 0),
+    "dtype": ("bf16", "fp32"),
+    "batch_size": (f"{GPU_TOKENS_PER_STEP} / --ctx", 1), "workers": ("up to 8", 0),
+    "steps": (5000, 20),
     "lr": (1e-3, 3e-3), "curriculum": (1, 0)}
 
 
@@ -33,12 +41,12 @@ def by_device(name: str) -> str:
     return f"{gpu} on a GPU, {cpu} on a CPU"
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # train.py's command line
 
 def get_args(argv=None, description: str = "") -> argparse.Namespace:
-    """train.py's flags, each checked on its own as it is read (a number's range, a name's choices); how they
-    fit together is check_args's. `description`: --help's text (train.py's docstring)."""
+    """train.py's flags, each checked on its own as it is read (a number's range, a name's choices);
+    how they fit together is check_args's. `description`: --help's text (train.py's docstring)."""
     return parser(description).parse_args(argv)
 
 
@@ -201,8 +209,8 @@ def usable_cpus() -> int:
 
 
 def check_args(args):
-    """Refuse flags that do not fit together or this machine (each flag's own range was checked as it was read,
-    get_args), before anything is built: the first problem, as one line."""
+    """Refuse flags that do not fit together or this machine (each flag's own range was checked as
+    it was read, get_args), before anything is built: the first problem, as one line."""
     bad = [device_problem(args.device),
            f"--min-len ({args.min_len}) must be between {packing.MIN_SAMPLE_TOKENS} (a turn of a story) and --ctx"
            if args.data != "babilong" and not packing.MIN_SAMPLE_TOKENS <= args.min_len <= args.ctx else None,
@@ -255,9 +263,10 @@ def device_problem(device: str) -> str | None:
 
 def from_command_line(argv=None, description: str = "") -> tuple[argparse.Namespace | None, int, dict | None,
                                                                 list[str]]:
-    """(args, first step, checkpoint or None, the reasons for each default): a new run's flags with the
-    machine's defaults, or with --resume the recorded run's (only RUN_ONLY flags may be given again). args is
-    None when --resume finds the run finished. Bad input is refused here, before anything is built or written.
+    """(args, first step, checkpoint or None, the reasons for each default): a new run's flags with
+    the machine's defaults, or with --resume the recorded run's (only RUN_ONLY flags may be given
+    again). args is None when --resume finds the run finished. Bad input is refused here, before
+    anything is built or written.
     `description`: --help's text."""
     args = get_args(argv, description)
     start_step, ckpt = 0, None
@@ -300,8 +309,9 @@ def read_checkpoint(flag: str, file: str, mmap: bool = False) -> dict:
 
 
 def init_model(args) -> list[str]:
-    """--init: the run trains the checkpoint's model (its weights fix the size), so --model is the checkpoint's,
-    and a --model naming another size is refused. Returns the reason, for printing, when --model was not given."""
+    """--init: the run trains the checkpoint's model (its weights fix the size), so --model is the
+    checkpoint's, and a --model naming another size is refused. Returns the reason, for printing,
+    when --model was not given."""
     if not args.init:
         args.bos = args.bos or 0
         return []

@@ -1,15 +1,16 @@
 """A small GPT for long-context fine-tuning, with slots for FocuSFT's fast weights.
 
-nanoGPT's shape with today's parts: rotary positions (RoPE), RMSNorm, a SwiGLU MLP whose three projections
-are named `gate`, `up`, `down` (the projections the paper adapts), optional grouped-query attention, GPT-2's
-vocabulary. Two ideas to hold:
-  1. Attention takes the batch's mask, built once per batch from a masks.py predicate, and passed unchanged to
-     every layer: a flex_attention BlockMask (backend "flex", compiled fused kernels on the GPU) or a dense
-     (B, 1, S, S) bool tensor (backend "sdpa", CPU and reference). Same predicate, same numbers.
-  2. The forward pass is cut into pieces, `embed -> blocks(range) -> loss`, so FocuSFT can run the lower layers
-     once and re-run only the adapted upper layers in its inner loop. Fast weights are a plain dict of LoRA
-     factors, one pair per batch row, `{"h.9.mlp.gate.A": (B, r, in), "h.9.mlp.gate.B": (B, out, r), ...}`,
-     added as deltas in the MLP.
+nanoGPT's shape with today's parts: rotary positions (RoPE), RMSNorm, a SwiGLU MLP whose three
+projections are named `gate`, `up`, `down` (the projections the paper adapts), optional
+grouped-query attention, GPT-2's vocabulary. Two ideas to hold:
+  1. Attention takes the batch's mask, built once per batch from a masks.py predicate, and passed
+     unchanged to every layer: a flex_attention BlockMask (backend "flex", compiled fused kernels on
+     the GPU) or a dense (B, 1, S, S) bool tensor (backend "sdpa", CPU and reference). Same
+     predicate, same numbers.
+  2. The forward pass is cut into pieces, `embed -> blocks(range) -> loss`, so FocuSFT can run the
+     lower layers once and re-run only the adapted upper layers in its inner loop. Fast weights are
+     a plain dict of LoRA factors, one pair per batch row, `{"h.9.mlp.gate.A": (B, r, in),
+     "h.9.mlp.gate.B": (B, out, r), ...}`, added as deltas in the MLP.
      Logits are computed only where a target exists: SFT never builds an S x vocab tensor.
 """
 import functools
@@ -24,19 +25,26 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100          # target value of positions without a loss (PyTorch's cross_entropy default)
-LOSS_CHUNK = 8192      # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
-FLEX_OPTIONS: dict | None = None   # kernel_options for every flex call: None = flex_options' choice, {} = torch's
-                                   # own; set before the first compiled call (python -m bench --attn-config does)
-FLASH_INSTALL = "pip install flash-attn-4==4.0.0b36"   # the FLASH backend's package, at the version measured
-FLEX_BACKENDS = {"triton": None,   # train.py --flex-backend: FLEX_OPTIONS for flex's Triton kernels (the tiles of
-                 "flash": {"BACKEND": "FLASH"}}   # flex_options), or FlashAttention-4's (flash_backend_available)
-HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,   # flex's tiles at head size 64, forward and backward:
-                "fwd_num_warps": 4, "fwd_num_stages": 3,  # the fastest of python -m bench --sections tune's options
-                "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,   # (flex_options)
+IGNORE = -100      # target value of positions without a loss (PyTorch's cross_entropy default)
+LOSS_CHUNK = 8192  # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
+# kernel_options for every flex call: None = flex_options' choice, {} = torch's own; set before the
+# first compiled call (python -m bench --attn-config does)
+FLEX_OPTIONS: dict | None = None
+# the FLASH backend's package, at the version measured
+FLASH_INSTALL = "pip install flash-attn-4==4.0.0b36"
+# train.py --flex-backend: FLEX_OPTIONS for flex's Triton kernels (the tiles of flex_options), or
+# FlashAttention-4's (flash_backend_available)
+FLEX_BACKENDS = {"triton": None,
+                 "flash": {"BACKEND": "FLASH"}}
+# flex's tiles at head size 64, forward and backward: the fastest of python -m bench --sections
+# tune's options (flex_options)
+HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,
+                "fwd_num_warps": 4, "fwd_num_stages": 3,
+                "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
                 "bwd_num_warps": 4, "bwd_num_stages": 3}
-FLEX_EXPAND_KV = True  # grouped-query K/V copied to every query head before a flex call that needs a backward
-                       # (flex_gqa_kv); set before the first compiled call (python -m bench --attn-config shared-kv)
+# grouped-query K/V copied to every query head before a flex call that needs a backward
+# (flex_gqa_kv); set before the first compiled call (python -m bench --attn-config shared-kv)
+FLEX_EXPAND_KV = True
 
 
 @dataclass
@@ -48,7 +56,8 @@ class GPTConfig:
     n_embd: int = 512          # residual width; head size = n_embd // n_head
     mlp_hidden: int = 1408     # SwiGLU hidden width (about 8/3 * n_embd, a multiple of 128)
     rope_base: float = 10000.0 # RoPE wavelength base
-    attn: str = "sdpa"         # "flex" (fused kernels, GPU) or "sdpa" (dense mask; CPU and reference)
+    # "flex" (fused kernels, GPU) or "sdpa" (dense mask; CPU and reference)
+    attn: str = "sdpa"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +65,8 @@ class GPTConfig:
 
 # size presets: (n_layer, n_head, n_kv_head, n_embd, mlp_hidden)
 PRESETS = {
-    "tiny": (4, 2, 2, 128, 384),       # a CPU default: an 8K-token FocuSFT step in seconds on 2 cores
+    # a CPU default: an 8K-token FocuSFT step in seconds on 2 cores
+    "tiny": (4, 2, 2, 128, 384),
     "small": (8, 4, 4, 512, 1408),     # the GPU default: head size 128, the fast flex kernel shape
     "qwen05b": (24, 14, 2, 896, 4864),  # Qwen2-0.5B's shape, to compare with the authors' timings
 }
@@ -64,8 +74,8 @@ PRESETS = {
 
 def preset(name: str, attn: str) -> GPTConfig:
     n_layer, n_head, n_kv_head, n_embd, mlp_hidden = PRESETS[name]
-    return GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, mlp_hidden=mlp_hidden,
-                     attn=attn)
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+                     mlp_hidden=mlp_hidden, attn=attn)
 
 
 @functools.cache
@@ -74,81 +84,90 @@ def _compiled_flex():
 
 
 def flex(q: Tensor):
-    """The flex_attention to call for q. On the GPU always the compiled one: eager flex materialises the
-    S x S scores. Inside an already compiled block dynamo fuses it itself. On the CPU, eager (forward only:
-    flex has no CPU backward, so CPU training uses the sdpa backend)."""
+    """The flex_attention to call for q. On the GPU always the compiled one: eager flex materialises
+    the S x S scores. Inside an already compiled block dynamo fuses it itself. On the CPU, eager
+    (forward only: flex has no CPU backward, so CPU training uses the sdpa backend)."""
     if torch.compiler.is_compiling():
         return flex_attention
     return _compiled_flex() if q.is_cuda else _eager_flex
 
 
 def flash_backend_available() -> bool:
-    """Whether flex_attention can run FlashAttention-4's CuTe DSL kernels (kernel_options {"BACKEND": "FLASH"},
-    experimental in torch 2.11): a Hopper or datacenter Blackwell GPU (SM90, SM100: the GPUs FlashAttention-4
-    is written for) and the `flash_attn.cute` package (PyPI's flash-attn-4, not a requirement of this project)."""
+    """Whether flex_attention can run FlashAttention-4's CuTe DSL kernels (kernel_options
+    {"BACKEND": "FLASH"}, experimental in torch 2.11): a Hopper or datacenter Blackwell GPU (SM90,
+    SM100: the GPUs FlashAttention-4 is written for) and the `flash_attn.cute` package (PyPI's
+    flash-attn-4, not a requirement of this project)."""
     import importlib.util
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
-        return False                                           # (looked at first: no import on other machines)
+        return False                           # (looked at first: no import on other machines)
     try:
         return importlib.util.find_spec("flash_attn.cute") is not None
-    except ImportError:                                        # no flash_attn at all
+    except ImportError:                        # no flash_attn at all
         return False
 
 
 def use_flex_backend(name: str):
-    """Every flex call compiled from now on runs FLEX_BACKENDS[name]'s kernels (before the first compiled call:
-    a compiled graph keeps the kernels it was built with)."""
+    """Every flex call compiled from now on runs FLEX_BACKENDS[name]'s kernels (before the first
+    compiled call: a compiled graph keeps the kernels it was built with)."""
     global FLEX_OPTIONS
     FLEX_OPTIONS = FLEX_BACKENDS[name]
 
 
 def flex_options(head_dim: int) -> dict | None:
-    """kernel_options for flex_attention (None = torch's choice). At head size 64 the forward's tiles matter
-    most: on the Qwen2-0.5B shape (14 heads, 2 KV heads, 8K, a packed BABILong row; python -m bench --sections tune,
-    H200, 2026-11-29) flex's forward took, per layer, causal / hybrid mask: torch's tiles (128 x 128, 4 warps)
-    2.12 / 4.74 ms, 64 x 128 with 4 warps (max-autotune's pick at an earlier commit) 0.54 / 0.76, 128 x 128
-    with 8 warps 0.145 / 0.237, and HEAD64_TILES (64 x 64, 4 warps, 3 stages) 0.113 / 0.198. At head size 128
-    (the default GPU model) torch's tiles are kept: not yet tuned there. The backward alone, on the 8K x 8 batch,
-    per layer, causal / hybrid: torch's tiles (64 x 128 dK/dV, 128 x 64 dQ, 8 warps, 3 stages) 4.58 / 8.56 ms,
-    HEAD64_TILES' (64 x 64 both, 4 warps, 3 stages) 4.15 / 7.93; the SFT step 432.1 -> 424.3 ms."""
+    """kernel_options for flex_attention (None = torch's choice). At head size 64 the forward's
+    tiles matter most: on the Qwen2-0.5B shape (14 heads, 2 KV heads, 8K, a packed BABILong row;
+    python -m bench --sections tune, H200, 2026-11-29) flex's forward took, per layer, causal /
+    hybrid mask: torch's tiles (128 x 128, 4 warps) 2.12 / 4.74 ms, 64 x 128 with 4 warps
+    (max-autotune's pick at an earlier commit) 0.54 / 0.76, 128 x 128 with 8 warps 0.145 / 0.237,
+    and HEAD64_TILES (64 x 64, 4 warps, 3 stages) 0.113 / 0.198. At head size 128 (the default GPU
+    model) torch's tiles are kept: not yet tuned there. The backward alone, on the 8K x 8 batch, per
+    layer, causal / hybrid: torch's tiles (64 x 128 dK/dV, 128 x 64 dQ, 8 warps, 3 stages) 4.58 /
+    8.56 ms, HEAD64_TILES' (64 x 64 both, 4 warps, 3 stages) 4.15 / 7.93; the SFT step 432.1 ->
+    424.3 ms."""
     if FLEX_OPTIONS is not None:
         return FLEX_OPTIONS or None
     return HEAD64_TILES if head_dim == 64 else None
 
 
 def flex_gqa_kv(k: Tensor, v: Tensor, n_head: int, backward: bool) -> tuple[Tensor, Tensor, bool]:
-    """K and V as the flex call takes them, and its enable_gqa. Flex's backward computes dK and dV in one
-    program per KV head and key block, which loops over all the query heads sharing that KV head (dQ has one
-    program per query head and query block): on the Qwen2-0.5B shape (2 KV heads of 7 query heads) at 8K and
-    batch 1, 128 dK/dV programs with 7 heads of work each, so the backward may end on a tail of long programs.
-    With FLEX_EXPAND_KV, a call that will be differentiated gets K and V repeated to n_head heads (their
-    gradients summed back by autograd): the backward sees plain multi-head attention, at the price of saving
-    the repeated K and V for it (n_head / n_kv times their memory). The forward and generation keep the shared
-    heads (their kernels split the work by query head)."""
+    """K and V as the flex call takes them, and its enable_gqa. Flex's backward computes dK and dV
+    in one program per KV head and key block, which loops over all the query heads sharing that KV
+    head (dQ has one program per query head and query block): on the Qwen2-0.5B shape (2 KV heads of
+    7 query heads) at 8K and batch 1, 128 dK/dV programs with 7 heads of work each, so the backward
+    may end on a tail of long programs. With FLEX_EXPAND_KV, a call that will be differentiated gets
+    K and V repeated to n_head heads (their gradients summed back by autograd): the backward sees
+    plain multi-head attention, at the price of saving the repeated K and V for it (n_head / n_kv
+    times their memory). The forward and generation keep the shared heads (their kernels split the
+    work by query head)."""
     n_kv = k.size(1)
     if n_kv == n_head:
         return k, v, False
     if not (FLEX_EXPAND_KV and backward):
         return k, v, True
     B, _, T, hs = k.shape
-    expand = lambda x: x[:, :, None].expand(B, n_kv, n_head // n_kv, T, hs).reshape(B, n_head, T, hs)
-    return expand(k), expand(v), False          # (B, nh, T, hs): kv head j serves query heads j*g ... j*g+g-1
+    expand = lambda x: (x[:, :, None].expand(B, n_kv, n_head // n_kv, T, hs)
+                        .reshape(B, n_head, T, hs))
+    # (B, nh, T, hs): kv head j serves query heads j*g ... j*g+g-1
+    return expand(k), expand(v), False
 
 
 def _eager_flex(*args, **kwargs):
-    with warnings.catch_warnings():   # the "unfused implementation" warning is expected (and harmless) here
+    # the "unfused implementation" warning is expected (and harmless) here
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention(*args, **kwargs)
 
 
 def autocast(device: str, dtype: str):
-    """The forward's precision: bf16 autocast on the device for "bf16", a no-op context for "fp32"."""
+    """The forward's precision: bf16 autocast on the device for "bf16", a no-op context for
+    "fp32"."""
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 def rope_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
     """cos/sin of each token's position: (B, 1, S, head_dim/2), broadcast over heads."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32)
+                        / head_dim)
     angles = pos.float()[:, None, :, None] * inv_freq                      # (B, 1, S, hd/2)
     return angles.cos(), angles.sin()
 
@@ -156,7 +175,8 @@ def rope_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     cos, sin = rope
     x1, x2 = x.float().chunk(2, dim=-1)                                     # 2 x (B, nh, S, hd/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)    # (B, nh, S, hd)
+    # (B, nh, S, hd)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -170,43 +190,51 @@ class RMSNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head attention under an arbitrary mask (the name is nanoGPT's; the mask decides causality)."""
+    """Multi-head attention under an arbitrary mask (the name is nanoGPT's; the mask decides
+    causality)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.n_head, self.n_kv_head, self.head_dim = (cfg.n_head, cfg.n_kv_head,
+                                                      cfg.n_embd // cfg.n_head)
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, nh, T, hs)
-        kv = self.kv_proj(x).view(B, T, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, 2 nkv, T, hs)
-        k, v = kv.chunk(2, dim=1)                                                            # 2 x (B, nkv, T, hs)
-        return apply_rope(q, rope), apply_rope(k, rope), v                                  # k, v: (B, nkv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        # (B, 2 nkv, T, hs)
+        kv = self.kv_proj(x).view(B, T, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        k, v = kv.chunk(2, dim=1)                                   # 2 x (B, nkv, T, hs)
+        return apply_rope(q, rope), apply_rope(k, rope), v          # k, v: (B, nkv, T, hs)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor | None,
                 cache: dict | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x, rope)
-        if cache is not None:   # generation: prefill stores K, V; each later token appends its own and sees all
+        # generation: prefill stores K, V; each later token appends its own and sees all
+        if cache is not None:
             if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nkv, S+T, hs)
+                # (B, nkv, S+T, hs)
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         if isinstance(mask, BlockMask):
             k, v, gqa = flex_gqa_kv(k, v, self.n_head, backward=q.requires_grad or k.requires_grad)
             y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa,
-                        kernel_options=flex_options(self.head_dim))                            # (B, nh, T, hs)
-        else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex; None = see all
+                        kernel_options=flex_options(self.head_dim))     # (B, nh, T, hs)
+        else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex;
+               # None = see all
+            # (B, nh, T, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               enable_gqa=self.n_kv_head != self.n_head)   # (B, nh, T, hs)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))                              # (B, T, C)
+                                               enable_gqa=self.n_kv_head != self.n_head)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))                 # (B, T, C)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Fast weights add a LoRA delta scale * B(A x) to any projection."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). Fast weights add a LoRA delta scale * B(A x) to any
+    projection."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -219,42 +247,53 @@ class MLP(nn.Module):
         out = getattr(self, name)(x)
         if name + ".A" in fast:
             if group_ends is None:                                    # one pair per row: G = B
-                A, B = fast[name + ".A"].to(x.dtype), fast[name + ".B"].to(x.dtype)  # (B, r, in), (B, out, r)
-                delta = (x @ A.mT) @ B.mT                                                # (B, T, out)
-            else:                         # one pair per group of consecutive tokens; autocast does not cover
-                dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") \
-                    else x.dtype          # grouped_mm: cast here, before the transposes (the kernel's layout)
-                A, B = fast[name + ".A"].to(dtype), fast[name + ".B"].to(dtype)      # (G, r, in), (G, out, r)
-                flat = x.flatten(0, 1).to(dtype)                                         # (B*T, in)
-                rows = x.size(0)                                                         # G / rows runs a row
-                low = grouped_mm(flat, A.mT, group_ends, rows)                           # (B*T, r)
-                delta = grouped_mm(low, B.mT, group_ends, rows).view(*x.shape[:2], -1)   # (B, T, out)
+                # (B, r, in), (B, out, r)
+                A, B = fast[name + ".A"].to(x.dtype), fast[name + ".B"].to(x.dtype)
+                delta = (x @ A.mT) @ B.mT                                  # (B, T, out)
+            else:
+                # one pair per group of consecutive tokens; autocast does not cover grouped_mm: cast
+                # here, before the transposes (the kernel's layout)
+                dtype = (torch.get_autocast_dtype("cuda")
+                         if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype)
+                # (G, r, in), (G, out, r)
+                A, B = fast[name + ".A"].to(dtype), fast[name + ".B"].to(dtype)
+                flat = x.flatten(0, 1).to(dtype)                           # (B*T, in)
+                rows = x.size(0)                                           # G / rows runs a row
+                low = grouped_mm(flat, A.mT, group_ends, rows)             # (B*T, r)
+                # (B, T, out)
+                delta = grouped_mm(low, B.mT, group_ends, rows).view(*x.shape[:2], -1)
             out = out + scale * delta
         return out
 
-    def forward(self, x: Tensor, fast: dict[str, Tensor], scale: float, group_ends: Tensor | None = None) -> Tensor:
-        h = F.silu(self.proj("gate", x, fast, scale, group_ends)) * self.proj("up", x, fast, scale, group_ends)
+    def forward(self, x: Tensor, fast: dict[str, Tensor], scale: float,
+                group_ends: Tensor | None = None) -> Tensor:
+        h = (F.silu(self.proj("gate", x, fast, scale, group_ends))
+             * self.proj("up", x, fast, scale, group_ends))
         return self.proj("down", h, fast, scale, group_ends)                             # (B, T, C)
 
 
-GROUPED_MM_GROUPS = 1023   # torch._grouped_mm takes fewer than 1024 groups a call (one thread per group)
+# torch._grouped_mm takes fewer than 1024 groups a call (one thread per group)
+GROUPED_MM_GROUPS = 1023
 
 
 def grouped_mm(x: Tensor, w: Tensor, ends: Tensor, rows: int = 1) -> Tensor:
-    """x (N, in) cut into G runs of consecutive rows, run g ending (exclusive) at ends[g]; w (G, in, out).
-    Returns (N, out): each row of x times its run's matrix. On an H100-class GPU in bf16, one grouped GEMM
-    (torch._grouped_mm: no launch per run, empty runs cost nothing; w as a transposed view, K contiguous);
-    elsewhere a loop over the runs. x may be `rows` batch rows of equal length, each with G / rows runs that
-    end at its end (batches.sample_groups); then more runs than one kernel call takes go in calls of whole
-    rows, each row's runs and ends found by slicing alone (no host sync)."""
+    """x (N, in) cut into G runs of consecutive rows, run g ending (exclusive) at ends[g]; w (G, in,
+    out). Returns (N, out): each row of x times its run's matrix. On an H100-class GPU in bf16, one
+    grouped GEMM (torch._grouped_mm: no launch per run, empty runs cost nothing; w as a transposed
+    view, K contiguous); elsewhere a loop over the runs. x may be `rows` batch rows of equal length,
+    each with G / rows runs that end at its end (batches.sample_groups); then more runs than one
+    kernel call takes go in calls of whole rows, each row's runs and ends found by slicing alone (no
+    host sync)."""
     per_row, S = w.size(0) // rows, x.size(0) // rows
     if w.size(0) > GROUPED_MM_GROUPS and per_row <= GROUPED_MM_GROUPS:
         n = GROUPED_MM_GROUPS // per_row                                  # rows per call
         return torch.cat([grouped_mm(x[r * S:(r + n) * S], w[r * per_row:(r + n) * per_row],
-                                     ends[r * per_row:(r + n) * per_row] - r * S) for r in range(0, rows, n)])
-    if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9:
+                                     ends[r * per_row:(r + n) * per_row] - r * S)
+                          for r in range(0, rows, n)])
+    if (x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9):
         return torch._grouped_mm(x, w, offs=ends)
-    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()          # host values: a sync on a GPU
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # host values: a sync on a GPU
     return torch.cat([run @ wg for run, wg in zip(x.split(sizes), w)])   # (N, out)
 
 
@@ -272,14 +311,16 @@ class Block(nn.Module):
 
 
 def group_mean(values: Tensor, group: Tensor, n_groups: int) -> Tensor:
-    """Mean of values (N,) per group (N,) -> (n_groups,); 0 for a group without values. Counted with index_add
-    (bincount would wait for the device)."""
-    per = lambda v: torch.zeros(n_groups, device=values.device, dtype=v.dtype).index_add(0, group, v)  # noqa: E731
+    """Mean of values (N,) per group (N,) -> (n_groups,); 0 for a group without values. Counted with
+    index_add (bincount would wait for the device)."""
+    per = lambda v: (torch.zeros(n_groups, device=values.device, dtype=v.dtype)  # noqa: E731
+                     .index_add(0, group, v))
     return per(values) / per(torch.ones_like(values)).clamp(min=1)
 
 
 def target_positions(targets: Tensor) -> Tensor:
-    """Flat positions (B * S indexing) that have a target: (N,). On a GPU, nonzero() waits for the device."""
+    """Flat positions (B * S indexing) that have a target: (N,). On a GPU, nonzero() waits for the
+    device."""
     return (targets != IGNORE).flatten().nonzero().squeeze(1)
 
 
@@ -291,9 +332,9 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight                # tied input/output embedding, as in GPT-2
+        self.lm_head.weight = self.wte.weight    # tied input/output embedding, as in GPT-2
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():              # GPT-2: scale residual projections by depth
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("c_proj.weight", "mlp.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
@@ -302,17 +343,18 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # --- the forward pass, in pieces -------------------------------------------------------------------------
+    # --- the forward pass, in pieces -------------------------------------------------------------
     def rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.config
         return rope_tables(pos, cfg.n_embd // cfg.n_head, cfg.rope_base)
 
-    def blocks(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor | None, layers: range,
-               fast: dict[str, Tensor] | None = None, scale: float = 1.0, caches: list[dict] | None = None,
-               group_ends: Tensor | None = None) -> Tensor:
-        """Run blocks `layers` on the residual stream x (B, S, C); fast weights apply where named, one pair per
-        row, or with `group_ends` (G,) one per group of consecutive tokens of the flattened batch (grouped_mm).
-        With `caches` (one dict per layer) keys and values are kept for generation: mask None = see every key."""
+    def blocks(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor | None,
+               layers: range, fast: dict[str, Tensor] | None = None, scale: float = 1.0,
+               caches: list[dict] | None = None, group_ends: Tensor | None = None) -> Tensor:
+        """Run blocks `layers` on the residual stream x (B, S, C); fast weights apply where named,
+        one pair per row, or with `group_ends` (G,) one per group of consecutive tokens of the
+        flattened batch (grouped_mm). With `caches` (one dict per layer) keys and values are kept
+        for generation: mask None = see every key."""
         fast = fast or {}
         for i in layers:
             prefix = f"h.{i}.mlp."
@@ -322,37 +364,43 @@ class GPT(nn.Module):
 
     def loss(self, x: Tensor, targets: Tensor, index: Tensor | None = None,
              groups: tuple[Tensor, int] | None = None) -> Tensor:
-        """Mean cross-entropy at positions with a target: over the batch, or per group (groups = ((B, S) group of
-        each position, G)) -> (G,). Logits exist only at those positions, LOSS_CHUNK at a time. `index`: those
-        positions, flat (N,), if known (batches.to_device finds them on the host; nonzero() here waits for the
-        GPU)."""
+        """Mean cross-entropy at positions with a target: over the batch, or per group (groups =
+        ((B, S) group of each position, G)) -> (G,). Logits exist only at those positions,
+        LOSS_CHUNK at a time. `index`: those positions, flat (N,), if known (batches.to_device finds
+        them on the host; nonzero() here waits for the GPU)."""
         losses, sel = self.token_losses(x, targets, index)
         if groups is not None:
             return group_mean(losses, groups[0].flatten().index_select(0, sel), groups[1])
         return losses.sum() / max(len(sel), 1)
 
-    def token_losses(self, x: Tensor, targets: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Cross-entropy at each position with a target, (N,), and those flat positions (N,) (see loss)."""
-        sel = target_positions(targets) if index is None else index                           # (N,)
-        h, y = x.flatten(0, 1).index_select(0, sel), targets.flatten().index_select(0, sel)  # (N, C), (N,)
+    def token_losses(self, x: Tensor, targets: Tensor,
+                     index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Cross-entropy at each position with a target, (N,), and those flat positions (N,) (see
+        loss)."""
+        sel = target_positions(targets) if index is None else index              # (N,)
+        # (N, C), (N,)
+        h, y = x.flatten(0, 1).index_select(0, sel), targets.flatten().index_select(0, sel)
         # recompute each chunk's logits in backward; torch.func transforms refuse checkpoint's hooks
         in_func = torch._C._functorch.peek_interpreter_stack() is not None
         chunk_loss = self._chunk_loss if in_func or len(sel) <= LOSS_CHUNK else functools.partial(
             checkpoint, self._chunk_loss, use_reentrant=False)
-        losses = torch.cat([chunk_loss(hc, yc) for hc, yc in zip(h.split(LOSS_CHUNK), y.split(LOSS_CHUNK))]
-                           or [h.new_zeros(0)])                                                # (N,)
+        losses = torch.cat([chunk_loss(hc, yc)
+                            for hc, yc in zip(h.split(LOSS_CHUNK), y.split(LOSS_CHUNK))]
+                           or [h.new_zeros(0)])                                   # (N,)
         return losses, sel
 
     def _chunk_loss(self, h: Tensor, y: Tensor) -> Tensor:
-        logits = self.lm_head(self.ln_f(h)).float()                                            # (n, vocab)
-        return F.cross_entropy(logits, y, reduction="none")                                    # (n,)
+        logits = self.lm_head(self.ln_f(h)).float()                              # (n, vocab)
+        return F.cross_entropy(logits, y, reduction="none")                      # (n,)
 
     def logits_at(self, x: Tensor, positions: Tensor) -> Tensor:
         """Logits of selected positions, x (B, S, C), positions (B, P) -> (B, P, vocab)."""
-        h = x.gather(1, positions[..., None].expand(-1, -1, x.size(-1)))                      # (B, P, C)
+        h = x.gather(1, positions[..., None].expand(-1, -1, x.size(-1)))         # (B, P, C)
         return self.lm_head(self.ln_f(h)).float()
 
     def forward(self, idx: Tensor, pos: Tensor, mask: BlockMask | Tensor, targets: Tensor,
-                fast: dict[str, Tensor] | None = None, scale: float = 1.0, index: Tensor | None = None) -> Tensor:
-        x = self.blocks(self.wte(idx), self.rope(pos), mask, range(self.config.n_layer), fast, scale)
+                fast: dict[str, Tensor] | None = None, scale: float = 1.0,
+                index: Tensor | None = None) -> Tensor:
+        x = self.blocks(self.wte(idx), self.rope(pos), mask, range(self.config.n_layer), fast,
+                        scale)
         return self.loss(x, targets, index=index)

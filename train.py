@@ -1,23 +1,23 @@
 """Train a GPT with FocuSFT (or plain SFT, or next-token pretraining) on long packed rows.
 
-    python train.py --ctx 8192                                   # FocuSFT, defaults picked for this machine
-    python train.py --ctx 8192 --method sft --out runs/sft       # the causal SFT baseline
-    python train.py --objective lm --data books --out runs/lm    # pretrain a base, then --init runs/lm/ckpt.pt
+    python train.py --ctx 8192                                 # FocuSFT, defaults for this machine
+    python train.py --ctx 8192 --method sft --out runs/sft     # the causal SFT baseline
+    python train.py --objective lm --data books --out runs/lm  # a base, for --init runs/lm/ckpt.pt
 
-One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its mask built
-once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py), then one AdamW step on the
-base weights. The loop is flat: evaluation and checkpointing at the top, the training step below, and one
-last evaluation after it. On a GPU, steps run back to back: a step's log line is printed once the next step
-is queued, so the GPU does not wait for the host between steps. The flags, the defaults each machine fills in
-and --resume's rules are config.py.
-Every batch is a pure function of (seed, split, step, micro-step) (batches.py), so `--resume` continues
-exactly, DataLoader workers build batches ahead of the GPU, and data-parallel ranks can later draw disjoint
-data.
+One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its
+mask built once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py),
+then one AdamW step on the base weights (training_step.py). The loop is flat: evaluation and
+checkpointing at the top, the training step below, and one last evaluation after it. On a GPU,
+steps run back to back: a step's log line is printed once the next step is queued, so the GPU does
+not wait for the host between steps (steplog.py). The flags, the defaults each machine fills in and
+--resume's rules are config.py. Every batch is a pure function of (seed, split, step, micro-step)
+(data/batches.py), so `--resume` continues exactly, DataLoader workers build batches ahead of the
+GPU, and data-parallel ranks can later draw disjoint data.
 
-A run that stops early loses little (stopping.py): it saves a checkpoint every so often (--ckpt-every); SIGINT
-(^C) or SIGTERM ends it at the next step boundary with a checkpoint and one line saying how to continue (exit
-code 130 or 143); a NaN or inf loss or gradient norm ends it with one line naming the step, before those
-weights are saved (exit code 1).
+A run that stops early loses little (stopping.py): it saves a checkpoint every so often
+(--ckpt-every); SIGINT (^C) or SIGTERM ends it at the next step boundary with a checkpoint and one
+line saying how to continue (exit code 130 or 143); a NaN or inf loss or gradient norm ends it with
+one line naming the step, before those weights are saved (exit code 1).
 """
 import json
 import math
@@ -46,11 +46,13 @@ from training_step import (
     optimizer_step,
 )
 
-EVAL_ROWS = 4              # held-out rows for the answer accuracy printed with the statistics (eval split)
-GPU_EVAL_TOKENS = 262144   # on a GPU, at least this many held-out tokens (32 rows at 8K): ~200 answers, not ~26
+# held-out rows for the answer accuracy printed with the statistics (eval split)
+EVAL_ROWS = 4
+# on a GPU, at least this many held-out tokens (32 rows at 8K): ~200 answers, not ~26
+GPU_EVAL_TOKENS = 262144
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # pieces of the loop
 
 def lr_at(step: int, args) -> float:
@@ -62,7 +64,8 @@ def lr_at(step: int, args) -> float:
 
 
 def held_out_batch(args, enc, source) -> dict:
-    """The rows every evaluation of the run measures, on the device (the eval split, all lengths)."""
+    """The rows every evaluation of the run measures, on the device (the eval split, all
+    lengths)."""
     rows = EVAL_ROWS if args.device == "cpu" else max(EVAL_ROWS, GPU_EVAL_TOKENS // args.ctx)
     batch = batches.get_batch(config.data_config(args), enc, source, 0, 0, split="eval", rows=rows)
     return batches.to_device(batch, args.device)
@@ -72,48 +75,55 @@ def held_out_batch(args, enc, source) -> dict:
 def evaluate(args, model, batch: dict) -> dict:
     """Held-out answer accuracy and the attention statistics of the batch's first row.
 
-    Accuracy is the argmax at each answer's first token (for the lm objective: at every next token), with the
-    base weights alone: fast weights exist only inside a training step."""
+    Accuracy is the argmax at each answer's first token (for the lm objective: at every next token),
+    with the base weights alone: fast weights exist only inside a training step."""
     rows = batch["idx"].size(0)
     mask_mod = masks.for_batch(args.mask, batch)
-    x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]), build_mask(args, mask_mod, rows),
-                     range(model.config.n_layer))
+    x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]),
+                     build_mask(args, mask_mod, rows), range(model.config.n_layer))
     sel = batch["targets"] != IGNORE
     if args.objective == "sft":
-        sel &= batch["loss_mask"] == 0                          # the last context token predicts the answer
-    h = model.ln_f(x[sel])                                      # (N, C); N ~ all tokens for the lm objective
-    pred = torch.cat([model.lm_head(chunk).argmax(-1) for chunk in h.split(LOSS_CHUNK)])   # no (N, vocab) at once
-    out = {"eval_acc": (pred == batch["targets"][sel]).float().mean().item(), "eval_n": int(sel.sum())}
-    one = {k: v[:1] for k, v in batch.items() if v.dim() == 2}        # the first row of each (B, S) tensor
-    out.update(attention_stats(model, one["idx"], one["pos"], masks.for_batch(args.mask, one), one["loss_mask"],
-                               one["attention_mask"]))
+        sel &= batch["loss_mask"] == 0              # the last context token predicts the answer
+    h = model.ln_f(x[sel])                          # (N, C); N ~ all tokens for the lm objective
+    # no (N, vocab) at once
+    pred = torch.cat([model.lm_head(chunk).argmax(-1) for chunk in h.split(LOSS_CHUNK)])
+    out = {"eval_acc": (pred == batch["targets"][sel]).float().mean().item(),
+           "eval_n": int(sel.sum())}
+    # the first row of each (B, S) tensor
+    one = {k: v[:1] for k, v in batch.items() if v.dim() == 2}
+    out.update(attention_stats(model, one["idx"], one["pos"], masks.for_batch(args.mask, one),
+                               one["loss_mask"], one["attention_mask"]))
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args, start_step, ckpt, why = config.from_command_line(argv, __doc__)   # bad input refused here, in one line
+    # bad input refused here, in one line
+    args, start_step, ckpt, why = config.from_command_line(argv, __doc__)
     if args is None:                                    # a finished run given --resume
         return
     try:
-        source = batches.data_source(config.data_config(args))   # books (and stories) for the loader and the evaluation
+        # books (and stories) for the loader and the evaluation
+        source = batches.data_source(config.data_config(args))
     except (OSError, ValueError, RuntimeError) as e:
-        refuse(config.PROG, str(e))               # (a missing book folder: before the model is built)
+        refuse(config.PROG, str(e))  # (a missing book folder: before the model is built)
     stop = Stop(saved=start_step - 1)
     with stop.handling_signals():
         try:
             run(args, start_step, ckpt, why, stop, source)
         except Interrupted as e:
             print(stop.last_line(args.out, e), file=sys.stderr, flush=True)
-            sys.exit(128 + e.signum)                    # a shell's code for a process a signal ended: 130, 143
+            sys.exit(128 + e.signum)  # a shell's code for a process a signal ended: 130, 143
         except NonFinite as e:
-            kept = f"{checkpoint.path(args.out)} keeps step {stop.saved}" if stop.saved >= 0 else "nothing saved"
+            kept = (f"{checkpoint.path(args.out)} keeps step {stop.saved}" if stop.saved >= 0
+                    else "nothing saved")
             sys.exit(f"train.py: error: {e}: stopped; {kept}")
 
 
 def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, source):
-    """The run itself: main() with its arguments parsed, ended early by raising Interrupted or NonFinite."""
+    """The run itself: main() with its arguments parsed, ended early by raising Interrupted or
+    NonFinite."""
     print("defaults chosen:\n  " + "\n  ".join(why) if why else "no defaults needed")
     print("config:", json.dumps(vars(args)))
 
@@ -122,7 +132,8 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
     if ckpt is not None:
         model = checkpoint.model_from(ckpt)
     else:
-        model = checkpoint.model_from(init, attn=args.attn) if init else GPT(preset(args.model, args.attn))
+        model = (checkpoint.model_from(init, attn=args.attn) if init
+                 else GPT(preset(args.model, args.attn)))
     model_cfg, inner = model.config, inner_config(args)
     model.to(args.device)
     optimizer = make_optimizer(args, model)
@@ -133,11 +144,13 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     use_flex_backend(args.flex_backend)                 # before anything compiles
     if args.compile:
-        # one graph per variant (shape, grad mode, with/without fast weights): allow more than the default 8
+        # one graph per variant (shape, grad mode, with/without fast weights): allow more than the
+        # default 8
         torch._dynamo.config.cache_size_limit = 64
         for block in model.h:
             block.compile(dynamic=False)
-    recorded = {"args": vars(args), "model": model_cfg.to_dict(), "inner": inner.to_dict()}   # in ckpt and log
+    # in ckpt and log
+    recorded = {"args": vars(args), "model": model_cfg.to_dict(), "inner": inner.to_dict()}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters, {model_cfg.n_layer} layers; "
           f"fast weights on layers {list(adapted_layers(model_cfg.n_layer, inner.fraction))}")
@@ -152,45 +165,54 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
     autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1
     loader = iter(batches.batch_loader(config.data_config(args), start_step, last, source))
-    held_out = held_out_batch(args, enc, source)         # built once: the same rows at every evaluation
-    def report(updates: int):                           # "eval step N": the model after N optimizer steps
+    held_out = held_out_batch(args, enc, source)  # built once: the same rows at every evaluation
+    # "eval step N": the model after N optimizer steps
+    def report(updates: int):
         with autocast:
             ev = evaluate(args, model, held_out)
-        print(f"eval step {updates}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | sink mass "
-              f"{ev['sink_mass']:.3f} | sink rate {ev['sink_rate']:.2f} | engagement {ev['engagement']:.3f}")
+        print(f"eval step {updates}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | "
+              f"sink mass {ev['sink_mass']:.3f} | sink rate {ev['sink_rate']:.2f} | engagement "
+              f"{ev['engagement']:.3f}")
         log.write(json.dumps({"step": updates, **ev}) + "\n")
         log.flush()
 
     lines = StepLog(log, args.steps)                    # each step's line, once its work is done
-    saved_time = time.perf_counter()                    # when the checkpoint on disk was written (or the loop began)
-    stop.training = True                                # from here a first signal waits for the step boundary
+    # when the checkpoint on disk was written (or the loop began)
+    saved_time = time.perf_counter()
+    # from here a first signal waits for the step boundary
+    stop.training = True
     try:
         for step in range(start_step, last + 1):
-            # ------------------------------------------------------------------ evaluation and checkpoint
-            stopping = stop.signum is not None          # SIGINT or SIGTERM came during the step before
-            evaluating = step % args.stats_every == 0 and (ckpt is None or step > start_step)   # a resumed run did
+            # ------------------------------------------------------------ evaluation and checkpoint
+            stopping = stop.signum is not None  # SIGINT or SIGTERM came during the step before
+            # a resumed run did
+            evaluating = step % args.stats_every == 0 and (ckpt is None or step > start_step)
             saving = step > start_step and (stopping or checkpoint.due(
-                args.ckpt_every, args.steps, step - 1 - stop.saved, time.perf_counter() - saved_time))
+                args.ckpt_every, args.steps, step - 1 - stop.saved,
+                time.perf_counter() - saved_time))
             if evaluating or saving or stopping:
-                lines.drain()                           # (NonFinite here: the weights are never saved)
+                lines.drain()                     # (NonFinite here: the weights are never saved)
                 if evaluating:
                     report(step)
                 if saving:
                     checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step - 1)
                     stop.saved, saved_time = step - 1, time.perf_counter()
-                    if not stopping:                    # (stopping: the last line says it)
+                    if not stopping:              # (stopping: the last line says it)
                         print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
                 if stopping:
                     raise stop.end(stop.signum, at_once=False)
-                lines.pause()                           # the pause is no step's time
+                lines.pause()                     # the pause is no step's time
 
             # ------------------------------------------------------------------ one training step
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            host = [next(loader) for _ in range(args.grad_accum)]   # built ahead (in workers unless --workers 0)
-            micro_batches = [batches.to_device(b, args.device, fast_weight_slots(args)) for b in host]
-            loss_sum, inner_sum, grad_norm = optimizer_step(args, model, inner, optimizer, micro_batches, autocast)
+            # built ahead (in workers unless --workers 0)
+            host = [next(loader) for _ in range(args.grad_accum)]
+            micro_batches = [batches.to_device(b, args.device, fast_weight_slots(args))
+                             for b in host]
+            loss_sum, inner_sum, grad_norm = optimizer_step(args, model, inner, optimizer,
+                                                            micro_batches, autocast)
             lines.queued(step_record(step, lr, loss_sum, inner_sum, grad_norm,
                                      sum(int(b["attention_mask"].sum()) for b in host)))
     except NonFinite:
@@ -211,19 +233,22 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
 
 
 def summary(args, log_file: str) -> str:
-    """What the run shows, from its log: the loss from first to last step, the held-out answers before and after,
-    and, where none is answered, what that means (a short run learns the text before it learns to answer)."""
+    """What the run shows, from its log: the loss from first to last step, the held-out answers
+    before and after, and, where none is answered, what that means (a short run learns the text
+    before it learns to answer)."""
     records = [json.loads(line) for line in open(log_file)]
     steps, evals = [r for r in records if "loss" in r], [r for r in records if "eval_acc" in r]
-    said = f"summary: loss {steps[0]['loss']:.2f} -> {steps[-1]['loss']:.2f} over steps {steps[0]['step']}-" \
-           f"{steps[-1]['step']}"
+    said = f"summary: loss {steps[0]['loss']:.2f} -> {steps[-1]['loss']:.2f} over steps " \
+           f"{steps[0]['step']}-{steps[-1]['step']}"
     if args.objective == "lm":
-        return said + f"; held-out next-token accuracy {evals[0]['eval_acc']:.3f} -> {evals[-1]['eval_acc']:.3f}"
+        return said + (f"; held-out next-token accuracy {evals[0]['eval_acc']:.3f} -> "
+                       f"{evals[-1]['eval_acc']:.3f}")
     said += (f"; held-out answers right {evals[0]['eval_acc']:.3f} -> {evals[-1]['eval_acc']:.3f} "
              f"(of {evals[-1]['eval_n']} answer tokens)")
     if evals[-1]["eval_acc"] < 0.05:
-        said += ("\n  no answer is learned yet: a short run learns the words of the text first and answers only "
-                 "after many more steps (docs/learning.md); the loss falling is what a run this short can show")
+        said += ("\n  no answer is learned yet: a short run learns the words of the text first and "
+                 "answers only after many more steps (docs/learning.md); the loss falling is what "
+                 "a run this short can show")
     return said
 
 
