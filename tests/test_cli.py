@@ -329,9 +329,9 @@ def test_help_shows_the_whole_description_and_every_default(capsys, main, doc):
 
 
 def test_train_help_names_each_default_a_machine_fills_in(capsys):
-    """A flag whose default depends on the machine names both values in --help (it used to say "default
-    by device"), from the same table (config.BY_DEVICE) that fills them in; the reasons printed for them
-    quote no timings (they went stale: measurements live in docs/)."""
+    """A flag whose default depends on the machine names both values in --help (it used to say
+    "default by device"), from the same table (config.BY_DEVICE) that fills them in; the reasons
+    printed for them quote no timings (they went stale: measurements live in docs/)."""
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
