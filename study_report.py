@@ -32,11 +32,11 @@ def one_word(record: dict) -> bool:
     return len(record["output"].split()) == 1
 
 
-def answer_shaped(records: list[dict], length: str) -> float:
-    """Share of the outputs that have an answer's form, one word: past the lengths a model was
-    trained on, a causal model's answers may turn into prose, which no scorer accepts whatever the
-    model read."""
-    return mean(float(one_word(r)) for r in records if r["length"] == length)
+def answer_shaped(records: list[dict], lengths) -> float:
+    """Share of the outputs (of `lengths`) that have an answer's form, one word: past the lengths a
+    model was trained on, a causal model's answers may turn into prose, which no scorer accepts
+    whatever the model read."""
+    return mean(float(one_word(r)) for r in records if r["length"] in lengths)
 
 
 def top_output_share(records: list[dict], lengths) -> float:
@@ -109,8 +109,8 @@ def report(out: Path, plan, res: dict):
           "the accuracy of those one-word answers, and the share of outputs that are the model's "
           "most frequent one",
           ["model", *lengths, both, f"{both} one-word acc", f"{both} top output"],
-          [[name, *[fmt(answer_shaped(own(name), n)) for n in lengths],
-            fmt(mean(float(one_word(r)) for r in own(name) if r["length"] in long)),
+          [[name, *[fmt(answer_shaped(own(name), [n])) for n in lengths],
+            fmt(answer_shaped(own(name), long)),
             fmt(accuracy([r for r in own(name) if one_word(r) and r["length"] in long])),
             fmt(top_output_share(own(name), long))] for name in ev])
     stats_at = list(ev["base"]["stats"][ev["base"]["mask"]])

@@ -165,6 +165,7 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
     autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1
     loader = iter(batches.batch_loader(config.data_config(args), start_step, last, source))
+    slots = fast_weight_slots(args)               # fast-weight groups per row (0: one set per row)
     held_out = held_out_batch(args, enc, source)  # built once: the same rows at every evaluation
     # "eval step N": the model after N optimizer steps
     def report(updates: int):
@@ -209,8 +210,7 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
                 group["lr"] = lr
             # built ahead (in workers unless --workers 0)
             host = [next(loader) for _ in range(args.grad_accum)]
-            micro_batches = [batches.to_device(b, args.device, fast_weight_slots(args))
-                             for b in host]
+            micro_batches = [batches.to_device(b, args.device, slots) for b in host]
             loss_sum, inner_sum, grad_norm = optimizer_step(args, model, inner, optimizer,
                                                             micro_batches, autocast)
             lines.queued(step_record(step, lr, loss_sum, inner_sum, grad_norm,

@@ -109,8 +109,9 @@ def test_answer_form_and_top_output_by_hand():
     records = [{"length": "16k", "output": o}
                for o in (" office\n", "office", "the garden, and the", "kitchen")]
     records.append({"length": "8k", "output": "and gone, and gone"})
-    assert (study_report.answer_shaped(records, "16k") == 0.75
-            and study_report.answer_shaped(records, "8k") == 0)
+    assert (study_report.answer_shaped(records, ["16k"]) == 0.75
+            and study_report.answer_shaped(records, ["8k"]) == 0)
+    assert study_report.answer_shaped(records, ["16k", "8k"]) == 0.6
     assert (study_report.top_output_share(records, ["16k"]) == 0.5
             and study_report.top_output_share(records, ["16k", "8k"]) == 0.4)
     # nan: none
