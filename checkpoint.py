@@ -13,6 +13,7 @@ import zipfile
 
 import torch
 
+from attention import Kernels
 from model import GPT, PRESETS, GPTConfig, preset
 
 FILE = "ckpt.pt"   # one checkpoint per run folder, overwritten as the run goes
@@ -123,10 +124,10 @@ def problem(ckpt) -> str | None:
     return f"its weights do not fit its model config (first: {wrong[0]})" if wrong else None
 
 
-def model_from(ckpt: dict, **changes) -> GPT:
-    """The checkpoint's model with its weights, on the CPU; `changes` replace config fields
-    (e.g. attn="sdpa")."""
-    model = GPT(GPTConfig(**{**ckpt["config"]["model"], **changes}))
+def model_from(ckpt: dict, kernels: Kernels = Kernels(), **changes) -> GPT:
+    """The checkpoint's model with its weights, on the CPU, its flex calls run by `kernels`;
+    `changes` replace config fields (e.g. attn="sdpa")."""
+    model = GPT(GPTConfig(**{**ckpt["config"]["model"], **changes}), kernels)
     model.load_state_dict(ckpt["model"])
     return model
 

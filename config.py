@@ -11,10 +11,11 @@ import os
 import torch
 
 import checkpoint
+from attention import BACKENDS, FLASH_INSTALL, flash_backend_available
 from cli import Parser, number, output_problem, refuse
 from data import babi, batches, packing, tokenizer
 from fastweights import PROJECTIONS
-from model import FLASH_INSTALL, FLEX_BACKENDS, PRESETS, flash_backend_available
+from model import PRESETS
 
 # the name this file's refusals give (train.py's command line lives here)
 PROG = "train.py"
@@ -119,7 +120,7 @@ def parser(description: str = "") -> Parser:
     p.add_argument("--init", default=None, help="start from the weights (and model config: --model may not name "
                                                 "another) of this checkpoint; default: none, from scratch")
     p.add_argument("--attn", choices=["flex", "sdpa"], default=None, help=f"attention backend; default {by_device('attn')}")
-    p.add_argument("--flex-backend", choices=sorted(FLEX_BACKENDS), default="triton",
+    p.add_argument("--flex-backend", choices=sorted(BACKENDS), default="triton",
                    help="flex's kernels: triton (torch's), or flash (FlashAttention-4's, where the optional "
                         "flash-attn-4 package and an H100/H200/B200-class GPU are there): faster at batch 8, slower "
                         "at batch 1 (docs/speed.md)")

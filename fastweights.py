@@ -198,11 +198,12 @@ def focusft_loss(model: GPT, batch: dict[str, Tensor], mask, cfg: InnerConfig,
         with torch.no_grad():
             x_inner = model.blocks(model.wte(idx), rope, inner_mask, lower)
 
+    grad_fn = func_grad if isinstance(mask, Tensor) else autograd_grad
+
     def inner_loss(fast: dict[str, Tensor]) -> Tensor:  # (G,): each group's own mean loss
         x_top = model.blocks(x_inner, rope, inner_mask, upper, fast, cfg.scale, group_ends=ends)
-        return model.loss(x_top, inner_targets, index=inner_index, groups=groups)
-
-    grad_fn = func_grad if isinstance(mask, Tensor) else autograd_grad
+        return model.loss(x_top, inner_targets, index=inner_index, groups=groups,
+                          recompute=grad_fn is autograd_grad)   # (torch.func refuses checkpoint)
     start = init_fast(model, cfg, groups[1])
     with frozen(model):
         fast, losses = adapt(inner_loss, start, cfg, grad_fn)

@@ -15,36 +15,19 @@ grouped-query attention, GPT-2's vocabulary. Two ideas to hold:
 """
 import functools
 import math
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
+
+from attention import Kernels, attend
 
 IGNORE = -100      # target value of positions without a loss (PyTorch's cross_entropy default)
 LOSS_CHUNK = 8192  # positions per logits chunk: bounds the (N, vocab) tensor the loss materialises
-# kernel_options for every flex call: None = flex_options' choice, {} = torch's own; set before the
-# first compiled call (python -m bench --attn-config does)
-FLEX_OPTIONS: dict | None = None
-# the FLASH backend's package, at the version measured
-FLASH_INSTALL = "pip install flash-attn-4==4.0.0b36"
-# train.py --flex-backend: FLEX_OPTIONS for flex's Triton kernels (the tiles of flex_options), or
-# FlashAttention-4's (flash_backend_available)
-FLEX_BACKENDS = {"triton": None,
-                 "flash": {"BACKEND": "FLASH"}}
-# flex's tiles at head size 64, forward and backward: the fastest of python -m bench --sections
-# tune's options (flex_options)
-HEAD64_TILES = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64,
-                "fwd_num_warps": 4, "fwd_num_stages": 3,
-                "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-                "bwd_num_warps": 4, "bwd_num_stages": 3}
-# grouped-query K/V copied to every query head before a flex call that needs a backward
-# (flex_gqa_kv); set before the first compiled call (python -m bench --attn-config shared-kv)
-FLEX_EXPAND_KV = True
 
 
 @dataclass
@@ -76,86 +59,6 @@ def preset(name: str, attn: str) -> GPTConfig:
     n_layer, n_head, n_kv_head, n_embd, mlp_hidden = PRESETS[name]
     return GPTConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                      mlp_hidden=mlp_hidden, attn=attn)
-
-
-@functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def flex(q: Tensor):
-    """The flex_attention to call for q. On the GPU always the compiled one: eager flex materialises
-    the S x S scores. Inside an already compiled block dynamo fuses it itself. On the CPU, eager
-    (forward only: flex has no CPU backward, so CPU training uses the sdpa backend)."""
-    if torch.compiler.is_compiling():
-        return flex_attention
-    return _compiled_flex() if q.is_cuda else _eager_flex
-
-
-def flash_backend_available() -> bool:
-    """Whether flex_attention can run FlashAttention-4's CuTe DSL kernels (kernel_options
-    {"BACKEND": "FLASH"}, experimental in torch 2.11): a Hopper or datacenter Blackwell GPU (SM90,
-    SM100: the GPUs FlashAttention-4 is written for) and the `flash_attn.cute` package (PyPI's
-    flash-attn-4, not a requirement of this project)."""
-    import importlib.util
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
-        return False                           # (looked at first: no import on other machines)
-    try:
-        return importlib.util.find_spec("flash_attn.cute") is not None
-    except ImportError:                        # no flash_attn at all
-        return False
-
-
-def use_flex_backend(name: str):
-    """Every flex call compiled from now on runs FLEX_BACKENDS[name]'s kernels (before the first
-    compiled call: a compiled graph keeps the kernels it was built with)."""
-    global FLEX_OPTIONS
-    FLEX_OPTIONS = FLEX_BACKENDS[name]
-
-
-def flex_options(head_dim: int) -> dict | None:
-    """kernel_options for flex_attention (None = torch's choice). At head size 64 the forward's
-    tiles matter most: on the Qwen2-0.5B shape (14 heads, 2 KV heads, 8K, a packed BABILong row;
-    python -m bench --sections tune, H200, 2026-11-29) flex's forward took, per layer, causal /
-    hybrid mask: torch's tiles (128 x 128, 4 warps) 2.12 / 4.74 ms, 64 x 128 with 4 warps
-    (max-autotune's pick at an earlier commit) 0.54 / 0.76, 128 x 128 with 8 warps 0.145 / 0.237,
-    and HEAD64_TILES (64 x 64, 4 warps, 3 stages) 0.113 / 0.198. At head size 128 (the default GPU
-    model) torch's tiles are kept: not yet tuned there. The backward alone, on the 8K x 8 batch, per
-    layer, causal / hybrid: torch's tiles (64 x 128 dK/dV, 128 x 64 dQ, 8 warps, 3 stages) 4.58 /
-    8.56 ms, HEAD64_TILES' (64 x 64 both, 4 warps, 3 stages) 4.15 / 7.93; the SFT step 432.1 ->
-    424.3 ms."""
-    if FLEX_OPTIONS is not None:
-        return FLEX_OPTIONS or None
-    return HEAD64_TILES if head_dim == 64 else None
-
-
-def flex_gqa_kv(k: Tensor, v: Tensor, n_head: int, backward: bool) -> tuple[Tensor, Tensor, bool]:
-    """K and V as the flex call takes them, and its enable_gqa. Flex's backward computes dK and dV
-    in one program per KV head and key block, which loops over all the query heads sharing that KV
-    head (dQ has one program per query head and query block): on the Qwen2-0.5B shape (2 KV heads of
-    7 query heads) at 8K and batch 1, 128 dK/dV programs with 7 heads of work each, so the backward
-    may end on a tail of long programs. With FLEX_EXPAND_KV, a call that will be differentiated gets
-    K and V repeated to n_head heads (their gradients summed back by autograd): the backward sees
-    plain multi-head attention, at the price of saving the repeated K and V for it (n_head / n_kv
-    times their memory). The forward and generation keep the shared heads (their kernels split the
-    work by query head)."""
-    n_kv = k.size(1)
-    if n_kv == n_head:
-        return k, v, False
-    if not (FLEX_EXPAND_KV and backward):
-        return k, v, True
-    B, _, T, hs = k.shape
-    expand = lambda x: (x[:, :, None].expand(B, n_kv, n_head // n_kv, T, hs)
-                        .reshape(B, n_head, T, hs))
-    # (B, nh, T, hs): kv head j serves query heads j*g ... j*g+g-1
-    return expand(k), expand(v), False
-
-
-def _eager_flex(*args, **kwargs):
-    # the "unfused implementation" warning is expected (and harmless) here
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(*args, **kwargs)
 
 
 def autocast(device: str, dtype: str):
@@ -193,7 +96,7 @@ class CausalSelfAttention(nn.Module):
     """Multi-head attention under an arbitrary mask (the name is nanoGPT's; the mask decides
     causality)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, kernels: Kernels):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
         self.n_head, self.n_kv_head, self.head_dim = (cfg.n_head, cfg.n_kv_head,
@@ -201,6 +104,7 @@ class CausalSelfAttention(nn.Module):
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.kernels = kernels  # the GPU kernels of flex calls (attention.py)
 
     def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
@@ -220,15 +124,7 @@ class CausalSelfAttention(nn.Module):
                 # (B, nkv, S+T, hs)
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        if isinstance(mask, BlockMask):
-            k, v, gqa = flex_gqa_kv(k, v, self.n_head, backward=q.requires_grad or k.requires_grad)
-            y = flex(q)(q, k, v, block_mask=mask, enable_gqa=gqa,
-                        kernel_options=flex_options(self.head_dim))     # (B, nh, T, hs)
-        else:  # rows that see nothing come out as zeros (SDPA's safe softmax), like flex;
-               # None = see all
-            # (B, nh, T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               enable_gqa=self.n_kv_head != self.n_head)
+        y = attend(q, k, v, mask, self.kernels)                        # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))                 # (B, T, C)
 
 
@@ -298,9 +194,9 @@ def grouped_mm(x: Tensor, w: Tensor, ends: Tensor, rows: int = 1) -> Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, kernels: Kernels):
         super().__init__()
-        self.ln_1, self.attn = RMSNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_1, self.attn = RMSNorm(cfg.n_embd), CausalSelfAttention(cfg, kernels)
         self.ln_2, self.mlp = RMSNorm(cfg.n_embd), MLP(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: BlockMask | Tensor | None,
@@ -325,11 +221,13 @@ def target_positions(targets: Tensor) -> Tensor:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, kernels: Kernels = Kernels()):
         super().__init__()
+        # kernels: how flex calls run on the GPU (attention.py); the model's numbers do not depend
+        # on them, so they are not part of cfg (nor of a checkpoint)
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.n_layer))
         self.ln_f = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight    # tied input/output embedding, as in GPT-2
@@ -363,27 +261,27 @@ class GPT(nn.Module):
         return x
 
     def loss(self, x: Tensor, targets: Tensor, index: Tensor | None = None,
-             groups: tuple[Tensor, int] | None = None) -> Tensor:
+             groups: tuple[Tensor, int] | None = None, recompute: bool = True) -> Tensor:
         """Mean cross-entropy at positions with a target: over the batch, or per group (groups =
         ((B, S) group of each position, G)) -> (G,). Logits exist only at those positions,
         LOSS_CHUNK at a time. `index`: those positions, flat (N,), if known (batches.to_device finds
-        them on the host; nonzero() here waits for the GPU)."""
-        losses, sel = self.token_losses(x, targets, index)
+        them on the host; nonzero() here waits for the GPU). `recompute`: see token_losses."""
+        losses, sel = self.token_losses(x, targets, index, recompute)
         if groups is not None:
             return group_mean(losses, groups[0].flatten().index_select(0, sel), groups[1])
         return losses.sum() / max(len(sel), 1)
 
-    def token_losses(self, x: Tensor, targets: Tensor,
-                     index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def token_losses(self, x: Tensor, targets: Tensor, index: Tensor | None = None,
+                     recompute: bool = True) -> tuple[Tensor, Tensor]:
         """Cross-entropy at each position with a target, (N,), and those flat positions (N,) (see
-        loss)."""
+        loss). With more than LOSS_CHUNK of them and `recompute`, each chunk's logits are recomputed
+        in the backward instead of kept (activation checkpointing); torch.func transforms refuse
+        checkpoint's hooks, so a loss under torch.func.grad passes recompute=False."""
         sel = target_positions(targets) if index is None else index              # (N,)
         # (N, C), (N,)
         h, y = x.flatten(0, 1).index_select(0, sel), targets.flatten().index_select(0, sel)
-        # recompute each chunk's logits in backward; torch.func transforms refuse checkpoint's hooks
-        in_func = torch._C._functorch.peek_interpreter_stack() is not None
-        chunk_loss = self._chunk_loss if in_func or len(sel) <= LOSS_CHUNK else functools.partial(
-            checkpoint, self._chunk_loss, use_reentrant=False)
+        chunk_loss = (functools.partial(checkpoint, self._chunk_loss, use_reentrant=False)
+                      if recompute and len(sel) > LOSS_CHUNK else self._chunk_loss)
         losses = torch.cat([chunk_loss(hc, yc)
                             for hc, yc in zip(h.split(LOSS_CHUNK), y.split(LOSS_CHUNK))]
                            or [h.new_zeros(0)])                                   # (N,)

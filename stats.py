@@ -30,7 +30,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, and_masks
 
 import masks
-from model import GPT, flex
+from attention import flex
+from model import GPT
 
 SINK_EPS = 0.3      # Gu et al.'s threshold on a head's mean first-token attention
 EARLY = 64          # Gu et al.'s sequence length for their sink measure

@@ -27,13 +27,14 @@ import time
 
 import torch
 
+import attention
 import checkpoint
 import config
 import masks
 from cli import refuse
 from data import batches, tokenizer
 from fastweights import adapted_layers
-from model import GPT, IGNORE, LOSS_CHUNK, preset, use_flex_backend
+from model import GPT, IGNORE, LOSS_CHUNK, preset
 from model import autocast as model_autocast
 from stats import attention_stats
 from steplog import StepLog, step_record
@@ -129,11 +130,12 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
 
     torch.manual_seed(args.seed)
     init = checkpoint.load(args.init) if args.init and ckpt is None else None
+    kernels = attention.BACKENDS[args.flex_backend]    # how flex runs on the GPU (attention.py)
     if ckpt is not None:
-        model = checkpoint.model_from(ckpt)
+        model = checkpoint.model_from(ckpt, kernels)
     else:
-        model = (checkpoint.model_from(init, attn=args.attn) if init
-                 else GPT(preset(args.model, args.attn)))
+        model = (checkpoint.model_from(init, kernels, attn=args.attn) if init
+                 else GPT(preset(args.model, args.attn), kernels))
     model_cfg, inner = model.config, inner_config(args)
     model.to(args.device)
     optimizer = make_optimizer(args, model)
@@ -142,7 +144,6 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    use_flex_backend(args.flex_backend)                 # before anything compiles
     if args.compile:
         # one graph per variant (shape, grad mode, with/without fast weights): allow more than the
         # default 8

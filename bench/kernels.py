@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import masks
-
-# model.py as a module (flex_options, flex_gqa_kv, the switches --attn-config sets)
-import model as gpt
+from attention import BACKENDS, HEAD64_TILES, Kernels, flash_backend_available, flex, gqa_kv
 from bench.flops import FWD_BWD, allowed_causal, allowed_hybrid, allowed_in_batch, attention_flops
-from model import flex, preset
+from model import preset
 
 CONTEXT_PERCENT = 90  # attention benchmark rows: the first 90 % context, the rest one response turn
 HEAD_SHAPES = ((64, 16), (128, 8))  # (head dim, heads), both 1024 wide: the NOTES.md kernel shapes
@@ -31,11 +29,11 @@ FWD_TILES = {
                                 "fwd_num_stages": st}
     for m, n, w, st in ((128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                         (64, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4))}
-# flex through FlashAttention-4's kernels (model.flash_backend_available)
-FLASH = gpt.FLEX_BACKENDS["flash"]
+# flex through FlashAttention-4's kernels (attention.flash_backend_available)
+FLASH = BACKENDS["flash"].options
 # --sections tune: flex kernel_options tried on a training batch's own masks, forward alone.
 TUNE_OPTIONS = {
-    "model": None,                         # what the model uses (model.flex_options)
+    "model": None,                         # what the model uses (Kernels().flex_options)
     "torch": {},                           # torch's tiles for this head size and GPU
     **FWD_TILES,
     "PRESCALE_QK": {"PRESCALE_QK": True},  # fold 1/sqrt(d) into q: fewer multiplies, more rounding
@@ -45,7 +43,7 @@ TUNE_OPTIONS = {
     # see nothing)
 # --sections tune: the backward's tiles, on top of the model's forward options. M1 x N1 = the dK/dV
 # programs' query x key tiles, M2 x N2 the dQ programs'. The first is torch's on an H100/H200 at
-# head size <= 128; the "model" row's backward is model.HEAD64_TILES' (64 x 64 both, 4 warps, 3
+# head size <= 128; the "model" row's backward is attention.HEAD64_TILES' (64 x 64 both, 4 warps, 3
 # stages) at head size 64. Each is also a `python -m bench --attn-config`.
 BWD_TUNE_OPTIONS = {
     f"bwd-{m1}x{n1}-{m2}x{n2}-w{w}-s{st}": {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1,
@@ -54,25 +52,25 @@ BWD_TUNE_OPTIONS = {
     for m1, n1, m2, n2, w, st in ((64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 4, 3),
                                   (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 4, 3),
                                   (32, 64, 64, 32, 4, 3))}
-# --attn-config: how the model's attention compiles: (inductor config, model.py switches)
+# --attn-config: how the model's attention compiles: (inductor config, attention.Kernels fields)
 ATTN_CONFIGS = {
-    # the model's choices (model.flex_options)
-    "default": ({}, {"FLEX_OPTIONS": None}),
+    # the model's choices (attention.Kernels' defaults)
+    "default": ({}, {}),
     # torch's own tiles at every head size
-    "torch": ({}, {"FLEX_OPTIONS": {}}),
+    "torch": ({}, {"options": {}}),
     # q/k/v's view, split, RoPE out of flex
-    "no-prologue": ({"prologue_fusion": False}, {"FLEX_OPTIONS": {}}),
+    "no-prologue": ({"prologue_fusion": False}, {"options": {}}),
     # max-autotune's pick, 4 warps
-    "fwd-64x128": ({}, {"FLEX_OPTIONS": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}}),
+    "fwd-64x128": ({}, {"options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128}}),
     # the tuning section's forward tiles (torch's backward) and backward tiles
     # (bwd-M1xN1-M2xN2-wW-sS), the same way
-    **{name: ({}, {"FLEX_OPTIONS": fwd}) for name, fwd in FWD_TILES.items()},
-    **{name: ({}, {"FLEX_OPTIONS": {**gpt.HEAD64_TILES, **bwd}})
+    **{name: ({}, {"options": fwd}) for name, fwd in FWD_TILES.items()},
+    **{name: ({}, {"options": {**HEAD64_TILES, **bwd}})
        for name, bwd in BWD_TUNE_OPTIONS.items()},
     # GQA's K/V repeated per query head
-    "expand-kv": ({}, {"FLEX_EXPAND_KV": True}),
+    "expand-kv": ({}, {"expand_kv": True}),
     # flex's own GQA in the backward too
-    "shared-kv": ({}, {"FLEX_EXPAND_KV": False}),
+    "shared-kv": ({}, {"expand_kv": False}),
     # compiled graphs launch their kernels from C++, not Python: less host time
     "cpp-wrapper": ({"cpp_wrapper": True}, {}),
     # independent kernels of a graph launched as one (the inner update's 54 tensors)
@@ -80,12 +78,12 @@ ATTN_CONFIGS = {
     # each compiled graph replayed as a CUDA graph (torch.compile's reduce-overhead)
     "cudagraphs": ({"triton.cudagraphs": True}, {}),
     # flash-attn-4's CuTe kernels (needs flash_attn.cute, not a requirement)
-    "flash-backend": ({}, {"FLEX_OPTIONS": FLASH}),
+    "flash-backend": ({}, {"options": FLASH}),
     # inductor times candidate tiles for every kernel (slow compile)
-    "max-autotune": ({"max_autotune": True}, {"FLEX_OPTIONS": {}}),
+    "max-autotune": ({"max_autotune": True}, {"options": {}}),
     # flex's tiles timed, matmuls left to cuBLAS (shorter compile)
     "autotune-flex": ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"},
-                      {"FLEX_OPTIONS": {}}),
+                      {"options": {}}),
 }
 BENCH_WARMUP_MS, BENCH_REP_MS = 100, 500  # do_bench budgets: enough repetitions for a stable median
 
@@ -123,13 +121,13 @@ def hybrid_row(S: int):
 
 
 def tiles(q) -> dict | None:  # the kernel options the model would use at q's head size
-    return gpt.flex_options(q.shape[-1])
+    return Kernels().flex_options(q.shape[-1])
 
 
 def flash_attn_version() -> str | None:
-    """flash-attn-4's version where flex can use its kernels (model.flash_backend_available), else
-    None."""
-    if not gpt.flash_backend_available():
+    """flash-attn-4's version where flex can use its kernels (attention.flash_backend_available),
+    else None."""
+    if not flash_backend_available():
         return None
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -157,7 +155,7 @@ def bench_attention(sizes) -> list[dict]:
             "sdpa dense hybrid": (lambda q, k, v, dense=dense: sdpa(q, k, v, attn_mask=dense),
                                   hybrid_n),
         }
-        if gpt.flash_backend_available():  # flex's FLASH backend: FlashAttention-4's CuTe kernels
+        if flash_backend_available():  # flex's FLASH backend: FlashAttention-4's CuTe kernels
             kernels["flex hybrid (FLASH)"] = (flex_on(hybrid_bm, FLASH), hybrid_n)
             kernels["flex causal (FLASH)"] = (flex_on(causal_bm, FLASH), causal_n)
         for head_dim, heads in HEAD_SHAPES:
@@ -179,7 +177,7 @@ def bench_attention(sizes) -> list[dict]:
 def bench_tuning(model_name: str, batch: dict) -> list[dict]:
     """Flex on the masks of a real training batch (packed documents, so many partly masked tiles;
     bench/sections.py passes the batch its training section profiles) with the model's head shape
-    and its K/V as a training step passes them (model.flex_gqa_kv): the forward under each of
+    and its K/V as a training step passes them (attention.gqa_kv): the forward under each of
     TUNE_OPTIONS and, with the model's options, the backward (fwd+bwd minus the forward in grad
     mode). The sweep's forward runs under no_grad, so it skips the logsumexp store (4 bytes per
     query and head; a forward-only compile is quicker). Inside the model prologue fusion may fold
@@ -194,7 +192,7 @@ def bench_tuning(model_name: str, batch: dict) -> list[dict]:
     cfg = preset(model_name, "flex")
     (B, ctx), hd = batch["idx"].shape, cfg.n_embd // cfg.n_head
     q, k, v, dy = qkv(ctx, hd, cfg.n_head, cfg.n_kv_head, B)
-    kf, vf, gqa = gpt.flex_gqa_kv(k, v, cfg.n_head, backward=True)
+    kf, vf, gqa = gqa_kv(k, v, cfg.n_head, expand=Kernels().expand_kv)
     # (B, S, H, D) memory
     bshd = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, kf, vf)]
     variants = [(name, opts, (q, kf, vf)) for name, opts in TUNE_OPTIONS.items()]
@@ -266,24 +264,20 @@ def report(row: dict) -> dict:
 def attn_config(name: str):
     """Compile under ATTN_CONFIGS[name] ("a+b" joins several: their settings in force together,
     their kernel options merged over torch's tiles, a later part's winning): inductor settings
-    patched and model.py's switches set for the duration; dynamo starts afresh, so nothing compiled
-    under another configuration is reused."""
+    patched for the duration, and the Kernels to build the model with yielded; dynamo starts
+    afresh, so nothing compiled under another configuration is reused."""
     import torch._inductor.config as inductor_config
     parts = [ATTN_CONFIGS[part] for part in name.split("+")]
     inductor = {k: v for settings, _ in parts for k, v in settings.items()}
-    switches = {k: v for _, sw in parts for k, v in sw.items() if k != "FLEX_OPTIONS"}
-    options = [sw["FLEX_OPTIONS"] for _, sw in parts if sw.get("FLEX_OPTIONS") is not None]
-    switches["FLEX_OPTIONS"] = {k: v for o in options for k, v in o.items()} if options else None
-    saved = {k: getattr(gpt, k) for k in switches}
+    fields = {k: v for _, f in parts for k, v in f.items() if k != "options"}
+    options = [f["options"] for _, f in parts if "options" in f]
+    if options:
+        fields["options"] = {k: v for o in options for k, v in o.items()}
     torch._dynamo.reset()
     try:
-        for k, v in switches.items():
-            setattr(gpt, k, v)
         with inductor_config.patch(inductor):
-            yield
+            yield Kernels(**fields)
     finally:
-        for k, v in saved.items():
-            setattr(gpt, k, v)
         torch._dynamo.reset()
 
 

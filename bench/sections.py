@@ -30,6 +30,7 @@ import config as run_config  # train.py's command line (`config` below is an --a
 import eval_babilong
 import generate
 import training_step
+from attention import FLASH_INSTALL, Kernels
 from bench.flops import MODEL_FWD_BWD, allowed_causal, allowed_in_batch, attention_flops, batch_work
 from bench.kernels import (
     ATTN_CONFIGS,
@@ -41,7 +42,7 @@ from bench.kernels import (
 )
 from cli import Parser, names, number, output_problem
 from data import batches, tokenizer
-from model import FLASH_INSTALL, GPT, PRESETS, preset
+from model import GPT, PRESETS, preset
 from model import autocast as model_autocast
 
 # H200 (= H100 SXM) dense bf16 tensor-core peak, no sparsity: the MFU denominator
@@ -105,11 +106,11 @@ def make_args(model: str, method: str, mask: str, ctx: int, steps: int, tokens: 
     return args
 
 
-def preset_model(name: str, seed: int) -> GPT:
-    """A PRESETS model on the GPU with flex attention, seeded (the same weights for SFT and
-    FocuSFT)."""
+def preset_model(name: str, seed: int, kernels: Kernels = Kernels()) -> GPT:
+    """A PRESETS model on the GPU with flex attention run by `kernels`, seeded (the same weights for
+    SFT and FocuSFT)."""
     torch.manual_seed(seed)
-    return GPT(preset(name, "flex")).cuda()
+    return GPT(preset(name, "flex"), kernels).cuda()
 
 
 def section_batches(model: str, ctx: int, steps: range, tokens: int, device: str) -> list[dict]:
@@ -136,8 +137,8 @@ def bench_training(sizes, models, warmup: int, timed: int, tokens: int, profile:
                 row = {"model": name, "ctx": ctx, "batch": args.batch_size, "config": config,
                        "method": method, "mask": mask}
                 try:
-                    with attn_config(config):
-                        row.update(time_steps(args, prebuilt, warmup, profile,
+                    with attn_config(config) as kernels:
+                        row.update(time_steps(args, prebuilt, warmup, kernels, profile,
                                               trace and os.path.join(trace, config)))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
@@ -183,9 +184,9 @@ def bench_work(sizes, models, warmup: int, timed: int, tokens: int) -> list[dict
     return rows
 
 
-def time_steps(args, prebuilt, warmup: int, profile: bool = False,
+def time_steps(args, prebuilt, warmup: int, kernels: Kernels = Kernels(), profile: bool = False,
                trace: str | None = None) -> dict:
-    model, inner = preset_model(args.model, args.seed), training_step.inner_config(args)
+    model, inner = preset_model(args.model, args.seed, kernels), training_step.inner_config(args)
     for block in model.h:  # as train.main: compiled blocks, one graph per shape
         block.compile(dynamic=False)
     optimizer, autocast = (training_step.make_optimizer(args, model),

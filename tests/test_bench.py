@@ -113,7 +113,7 @@ def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
     from data import batches
     seen = []
 
-    def fake_time(args, prebuilt, warmup, profile, trace=None):
+    def fake_time(args, prebuilt, warmup, kernels, profile, trace=None):
         seen.append((args.model, args.method, args.mask, id(prebuilt)))
         ms = {"causal": 10.0, "hybrid": 15.0}[args.mask] * (2 if args.method == "focusft" else 1)
         return {"ms": ms, "ms_alone": ms + 1,
@@ -152,15 +152,14 @@ def test_work_section_runs_without_a_gpu(tmp_path):
 
 
 def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
-    """--attn-config: every configuration times every variant with its own kernel options in force
-    (and none left behind after), and its ratios are over its own causal-SFT row."""
-    import model
+    """--attn-config: every configuration times every variant with a model built with its own
+    kernels, and its ratios are over its own causal-SFT row."""
     from data import batches
     seen = []
 
-    def fake_time(args, prebuilt, warmup, profile, trace=None):
-        seen.append(model.FLEX_OPTIONS)
-        slow = 2.0 if model.FLEX_OPTIONS else 1.0
+    def fake_time(args, prebuilt, warmup, kernels, profile, trace=None):
+        seen.append(kernels.options)
+        slow = 2.0 if kernels.options else 1.0
         ms = slow * (3.0 if args.method == "focusft" else 1.0)
         return {"ms": ms, "ms_alone": ms, "work": 1.0}
     monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)
@@ -168,16 +167,17 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
     monkeypatch.setattr(bench, "time_steps", fake_time)
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     rows = bench.bench_training([1024], ["tiny"], 1, 1, 1024, False, ("default", "fwd-64x128"))
-    options = bench_kernels.ATTN_CONFIGS["fwd-64x128"][1]["FLEX_OPTIONS"]
-    assert seen == [None] * 3 + [options] * 3 and model.FLEX_OPTIONS is None
+    options = bench_kernels.ATTN_CONFIGS["fwd-64x128"][1]["options"]
+    assert seen == [None] * 3 + [options] * 3
     assert [r["config"] for r in rows] == ["default"] * 3 + ["fwd-64x128"] * 3
     assert [r["ratio"] for r in rows] == [1.0, 1.0, 3.0] * 2
 
 
 def test_attention_passes_flex_options_to_the_kernel(monkeypatch):
-    """Every flex_attention call gets model.flex_options: by default the head-64 forward tiles at
-    head size 64 and torch's choice (None) otherwise; model.FLEX_OPTIONS overrides it ({} = torch's
-    choice everywhere)."""
+    """Every flex_attention call gets the kernel options of the Kernels the model was built with:
+    by default the head-64 tiles at head size 64 and torch's choice (None) otherwise; options given
+    override it ({} = torch's choice everywhere)."""
+    import attention
     import model
     from masks import block_mask, causal
     calls = []
@@ -185,29 +185,28 @@ def test_attention_passes_flex_options_to_the_kernel(monkeypatch):
     def fake_flex(q, k, v, block_mask=None, enable_gqa=False, kernel_options=None):
         calls.append(kernel_options)
         return q
-    monkeypatch.setattr(model, "flex", lambda q: fake_flex)
+    monkeypatch.setattr(attention, "flex", lambda q: fake_flex)
     bm = block_mask(causal(), 1, 16, "cpu")
 
-    def run(n_embd):   # two layers, two heads: head size n_embd / 2
+    def run(n_embd, kernels=attention.Kernels()):   # two layers, two heads: head size n_embd / 2
         m = model.GPT(model.GPTConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=n_embd,
-                                      mlp_hidden=64, attn="flex"))
+                                      mlp_hidden=64, attn="flex"), kernels)
         m.blocks(m.wte(torch.zeros(1, 16, dtype=torch.long)), m.rope(torch.arange(16)[None]), bm,
                  range(2))
     run(32)
     run(128)
-    monkeypatch.setattr(model, "FLEX_OPTIONS", {"fwd_BLOCK_M": 32})
-    run(128)
-    monkeypatch.setattr(model, "FLEX_OPTIONS", {})
-    run(128)
-    assert calls == [None] * 2 + [model.HEAD64_TILES] * 2 + [{"fwd_BLOCK_M": 32}] * 2 + [None] * 2
+    run(128, attention.Kernels(options={"fwd_BLOCK_M": 32}))
+    run(128, attention.Kernels(options={}))
+    assert calls == ([None] * 2 + [attention.HEAD64_TILES] * 2 + [{"fwd_BLOCK_M": 32}] * 2
+                     + [None] * 2)
 
 
 @pytest.mark.parametrize("available", [False, True])
 def test_attention_rows_add_flex_flash_backend_where_it_runs(monkeypatch, available):
     """The attention section (timing and CUDA faked): flex with the model's options, SDPA, and flex
-    through FlashAttention-4's kernels only where model.flash_backend_available() says flex can use
-    them."""
-    import model
+    through FlashAttention-4's kernels only where attention.flash_backend_available() says flex can
+    use them."""
+    import attention
     options = []
 
     def fake_flex(q):
@@ -229,14 +228,15 @@ def test_attention_rows_add_flex_flash_backend_where_it_runs(monkeypatch, availa
     monkeypatch.setattr(bench_kernels, "fwd_bwd_ms",
                         lambda attn, q, k, v, dy: attn(q, k, v).shape[-1] / 32)
     monkeypatch.setattr(bench_kernels, "free_memory", lambda: None)
-    monkeypatch.setattr(model, "flash_backend_available", lambda: available)
+    monkeypatch.setattr(bench_kernels, "flash_backend_available", lambda: available)
     rows = bench_kernels.bench_attention([16])
     flash = ["flex hybrid (FLASH)", "flex causal (FLASH)"] if available else []
     names = ["flex hybrid", "flex causal", "sdpa causal (flash)", "sdpa dense hybrid"] + flash
     assert [(r["head_dim"], r["kernel"]) for r in rows] == [
         (hd, n) for hd, _ in bench_kernels.HEAD_SHAPES for n in names]
     assert options == [o for hd, _ in bench_kernels.HEAD_SHAPES
-                       for o in [model.flex_options(hd)] * 2 + [{"BACKEND": "FLASH"}] * len(flash)]
+                       for o in [attention.Kernels().flex_options(hd)] * 2
+                       + [{"BACKEND": "FLASH"}] * len(flash)]
     for r in rows:
         if r["kernel"] == "flex causal (FLASH)":
             assert r["error"] == "RuntimeError: CuteDSL template failed" and "ms" not in r
@@ -256,7 +256,7 @@ def test_flash_backend_needs_flash_attn_cute_and_hopper(monkeypatch, package, cu
     flash-attn-4's version, and None otherwise."""
     import importlib.util
 
-    import model
+    import attention
 
     def find_spec(name):
         assert cuda and capability[0] in (9, 10)  # looked up only on such a GPU
@@ -267,42 +267,38 @@ def test_flash_backend_needs_flash_attn_cute_and_hopper(monkeypatch, package, cu
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert model.flash_backend_available() is expected
+    assert attention.flash_backend_available() is expected
     assert (bench_kernels.flash_attn_version() is not None) is expected
 
 
 def test_joined_attn_configs_merge_their_options_and_settings(monkeypatch):
     """"a+b": both configurations' kernel options (over torch's tiles, b's winning) and inductor
-    settings in force at once; "default" is the model's own choice whatever was set before;
-    everything restored after."""
+    settings in force at once, the Kernels to build with yielded; "default" is the model's own
+    choice; inductor's settings restored after."""
     import torch._inductor.config as inductor_config
 
-    import model
+    from attention import HEAD64_TILES, Kernels
     # a later part's option wins
-    with bench_kernels.attn_config("bwd-32x64-64x32-w4-s3+fwd-64x128+no-prologue"):
-        assert model.FLEX_OPTIONS == {**model.HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
-                                      "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "fwd_BLOCK_N": 128}
+    with bench_kernels.attn_config("bwd-32x64-64x32-w4-s3+fwd-64x128+no-prologue") as kernels:
+        assert kernels.options == {**HEAD64_TILES, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64,
+                                   "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "fwd_BLOCK_N": 128}
         assert inductor_config.prologue_fusion is False
-    monkeypatch.setattr(model, "FLEX_OPTIONS", {"fwd_BLOCK_M": 32})
-    with bench_kernels.attn_config("default"):
-        assert model.FLEX_OPTIONS is None
-    assert model.FLEX_OPTIONS == {"fwd_BLOCK_M": 32}
-    monkeypatch.setattr(model, "FLEX_OPTIONS", None)
-    with bench_kernels.attn_config("torch+default"):
-        assert model.FLEX_OPTIONS == {}
-    with bench_kernels.attn_config("shared-kv+fwd-64x128"):
-        assert model.FLEX_EXPAND_KV is False and model.FLEX_OPTIONS == {"fwd_BLOCK_M": 64,
-                                                                         "fwd_BLOCK_N": 128}
-    assert model.FLEX_OPTIONS is None and inductor_config.prologue_fusion is not False
-    assert model.FLEX_EXPAND_KV is True
+    with bench_kernels.attn_config("default") as kernels:
+        assert kernels == Kernels()
+    with bench_kernels.attn_config("torch+default") as kernels:
+        assert kernels.options == {} and kernels.flex_options(64) is None
+    with bench_kernels.attn_config("shared-kv+fwd-64x128") as kernels:
+        assert kernels == Kernels(options={"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128},
+                                  expand_kv=False)
+    assert inductor_config.prologue_fusion is not False
 
 
 def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     """--sections tune on the CPU (timing faked): both masks of one real training batch, every
-    option's forward with its own kernel options (the model's = model.flex_options), the backward
-    with the model's and under each backward option (over the model's forward options), FLOPs on the
-    batch's allowed entries, and an option that fails reported alone."""
-    import model
+    option's forward with its own kernel options (the model's = Kernels().flex_options), the
+    backward with the model's and under each backward option (over the model's forward options),
+    FLOPs on the batch's allowed entries, and an option that fails reported alone."""
+    from attention import HEAD64_TILES
     from bench.flops import FWD_BWD, allowed_in_batch
     seen, bwd_seen, built, layouts = [], [], {}, set()
     # a backward option that breaks dq
@@ -322,7 +318,7 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
             # sweep: no_grad
             (bwd_seen if torch.is_grad_enabled() else seen).append((block_mask, kernel_options))
             layouts.add((q.transpose(1, 2).is_contiguous(), k.transpose(1, 2).is_contiguous()))
-            broken = kernel_options in ({"PRESCALE_QK": True}, {**model.HEAD64_TILES, **bad_bwd})
+            broken = kernel_options in ({"PRESCALE_QK": True}, {**HEAD64_TILES, **bad_bwd})
             # (k, v in the graph for autograd)
             return q * (1.5 if broken else 1.0) + 0 * (k.sum() + v.sum())
         return call
@@ -341,14 +337,14 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     assert (built == {"causal": (2, 1024), "hybrid": (2, 1024)}
             and all(r["batch"] == 2 for r in rows))
     calls = [o for mask, o in seen if mask == "causal"]
-    expected = ([model.HEAD64_TILES, None]
+    expected = ([HEAD64_TILES, None]
                 + [o for n, o in bench_kernels.TUNE_OPTIONS.items()
                    if n not in ("model", "torch", "USE_TMA")]
-                + [model.HEAD64_TILES])
+                + [HEAD64_TILES])
     assert calls == expected  # tiny's head size is 64: the model's options are the head-64 tiles
     # the model's, then each
-    assert [o for mask, o in bwd_seen if mask == "causal"] == [model.HEAD64_TILES] + [
-        {**model.HEAD64_TILES, **o} for o in bench_kernels.BWD_TUNE_OPTIONS.values()]
+    assert [o for mask, o in bwd_seen if mask == "causal"] == [HEAD64_TILES] + [
+        {**HEAD64_TILES, **o} for o in bench_kernels.BWD_TUNE_OPTIONS.values()]
     for r in rows:
         allowed = allowed_in_batch(batch, r["mask"] == "hybrid")
         if r["options"] == "USE_TMA":
@@ -375,14 +371,13 @@ def test_every_tuning_tile_choice_is_an_attn_config():
     """A tile choice the tuning section likes can be timed in training under the same name: a
     forward one with torch's backward tiles, a backward one with the model's head-64 forward
     tiles."""
-    import model
+    from attention import HEAD64_TILES
     for name, fwd in bench_kernels.FWD_TILES.items():
         assert bench_kernels.TUNE_OPTIONS[name] == fwd
-        with bench_kernels.attn_config(name):
-            assert model.flex_options(64) == model.flex_options(128) == fwd
+        with bench_kernels.attn_config(name) as kernels:
+            assert kernels.flex_options(64) == kernels.flex_options(128) == fwd
     for name, bwd in bench_kernels.BWD_TUNE_OPTIONS.items():
-        with bench_kernels.attn_config(name):  # what the model's flex calls get meanwhile
-            assert model.flex_options(64) == {**model.HEAD64_TILES, **bwd}
+        with bench_kernels.attn_config(name) as kernels:  # what the model's flex calls get
+            assert kernels.flex_options(64) == {**HEAD64_TILES, **bwd}
         # --trace DIR makes a folder of each config's name
         assert "/" not in name and " " not in name
-    assert model.flex_options(64) == model.HEAD64_TILES

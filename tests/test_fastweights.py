@@ -10,6 +10,7 @@ from conftest import random_batch
 
 import fastweights as fw
 import masks
+import model
 
 
 def rows(targets):
@@ -148,10 +149,16 @@ def test_inner_loop_leaves_no_gradient_on_base_weights(tiny_model, grad_fn):
                for v in fast.values())  # nothing to backprop into
 
 
-@pytest.mark.parametrize("inner_loss", ["response", "context"])
-def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss):
+@pytest.mark.parametrize("inner_loss,chunk", [("response", None), ("context", None),
+                                              ("response", 3)])
+def test_focusft_loss_equals_the_unoptimised_bilevel_step(tiny_model, inner_loss, chunk,
+                                                          monkeypatch):
     """focusft_loss shares the lower layers and re-runs only the upper ones; the naive step re-runs
-    the whole model everywhere. Same fast weights, same outer loss, same base-weight gradients."""
+    the whole model everywhere. Same fast weights, same outer loss, same base-weight gradients.
+    With a loss chunk of 3 targets: the outer loss recomputes its chunks' logits in the backward,
+    the inner one (under torch.func.grad, which refuses checkpoint's hooks) does not."""
+    if chunk:
+        monkeypatch.setattr(model, "LOSS_CHUNK", chunk)
     b, cfg = random_batch(), fw.InnerConfig(rank=4, alpha=8, loss=inner_loss, steps=2, lr=0.5)
     mask = hybrid_dense(b)
     inner_mask = inner_targets = None

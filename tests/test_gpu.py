@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from conftest import random_batch
 
+import attention
 import masks
-from model import flex, flex_options
+from attention import flex
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -28,14 +29,13 @@ def rel_err(a, b):
                                                         (1000, 14, 2, 64, True),
                                                         (2305, 8, 2, 128, False)])
 def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads, hd, expand,
-                                                              backend, monkeypatch):
-    """With the kernel options the model uses at this head size (model.flex_options), or through
-    flex's FLASH backend (FlashAttention-4's kernels, where flash-attn-4 is installed); `expand`:
-    grouped K/V repeated per query head as the model does with FLEX_EXPAND_KV."""
-    import model
-    if backend == "FLASH" and not model.flash_backend_available():
-        pytest.skip(f"flex's FLASH backend needs flash_attn.cute ({model.FLASH_INSTALL}) and SM90+")
-    monkeypatch.setattr(model, "FLEX_EXPAND_KV", expand)
+                                                              backend):
+    """With the kernel options the model uses at this head size (attention.Kernels' defaults), or
+    through flex's FLASH backend (FlashAttention-4's kernels, where flash-attn-4 is installed);
+    `expand`: grouped K/V repeated per query head as the model does with Kernels.expand_kv."""
+    if backend == "FLASH" and not attention.flash_backend_available():
+        pytest.skip(f"flex's FLASH backend needs flash_attn.cute ({attention.FLASH_INSTALL}) and "
+                    "SM90+")
     b = {k: v.cuda() for k, v in random_batch(B=2, S=S, seed=S).items()}
     mod = masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"])
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -45,10 +45,10 @@ def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads
                     generator=g).requires_grad_()
     v = torch.randn(2, kv_heads, S, hd, device="cuda", dtype=torch.bfloat16,
                     generator=g).requires_grad_()
-    kf, vf, flex_gqa = model.flex_gqa_kv(k, v, heads, backward=True)
+    kf, vf, flex_gqa = attention.gqa_kv(k, v, heads, expand=expand)
+    kernels = attention.BACKENDS["flash" if backend == "FLASH" else "triton"]
     out = flex(q)(q, kf, vf, block_mask=masks.block_mask(mod, 2, S, "cuda"), enable_gqa=flex_gqa,
-                  kernel_options=(model.FLEX_BACKENDS["flash"] if backend == "FLASH"
-                                  else flex_options(hd)))
+                  kernel_options=kernels.flex_options(hd))
     gqa = heads != kv_heads
     dense = masks.dense_mask(mod, 2, S, "cuda")
     ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=dense,
@@ -64,16 +64,14 @@ def test_compiled_flex_matches_sdpa_forward_and_backward_bf16(S, heads, kv_heads
 
 @pytest.mark.parametrize("method,backend", [("focusft", "triton"), ("sft", "triton"),
                                             ("focusft", "flash")])
-def test_compiled_training_steps_run_fused(tmp_path, method, backend, monkeypatch):
+def test_compiled_training_steps_run_fused(tmp_path, method, backend):
     """A few compiled bf16 steps of each method: finite falling loss and no fallback to unfused
     flex; through FlashAttention-4's kernels too where they are installed (train.py --flex-backend
     flash)."""
-    import model
     import train
-    if backend == "flash" and not model.flash_backend_available():
-        pytest.skip(f"--flex-backend flash needs flash_attn.cute ({model.FLASH_INSTALL}) and SM90+")
-    # train.main sets it for the process
-    monkeypatch.setattr(model, "FLEX_OPTIONS", model.FLEX_OPTIONS)
+    if backend == "flash" and not attention.flash_backend_available():
+        pytest.skip(f"--flex-backend flash needs flash_attn.cute ({attention.FLASH_INSTALL}) and "
+                    "SM90+")
     out = tmp_path / method
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -129,7 +127,7 @@ def test_compiled_block_without_grad_matches_eager(heads, kv_heads):
         masks.hybrid(b["loss_mask"], b["attention_mask"], b["document_ids"]),
         masks.causal(b["attention_mask"], b["document_ids"]))]
     with torch.no_grad():
-        # eager blocks, compiled flex (model.flex)
+        # eager blocks, compiled flex (attention.flex)
         eager = [m.blocks(x, rope, bm, range(4)) for bm in bms]
         for block in m.h:
             block.compile(dynamic=False)

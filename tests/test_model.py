@@ -6,11 +6,13 @@ Run: python -m pytest -q tests/test_model.py
 import itertools
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_batch, tiny_config
 from torch.nn.attention.flex_attention import create_block_mask
 
+import attention
 import masks
 import model as M
 import stats
@@ -62,19 +64,16 @@ def test_flex_and_sdpa_backends_agree_on_the_model():
     torch.testing.assert_close(f[valid], a[valid], atol=2e-5, rtol=1e-4)
 
 
-def test_expanded_kv_is_grouped_query_attention_with_its_gradients(monkeypatch):
-    """model.FLEX_EXPAND_KV: K/V repeated so query head h reads KV head h // group (the enable_gqa
-    rule), only for calls that will be differentiated; attention on the copies gives enable_gqa's
-    output and, summed back by autograd, its K/V gradients, and flex's grouping is the same."""
+def test_expanded_kv_is_grouped_query_attention_with_its_gradients():
+    """attention.gqa_kv: K/V repeated so query head h reads KV head h // group (the enable_gqa
+    rule); attention on the copies gives enable_gqa's output and, summed back by autograd, its K/V
+    gradients, and flex's grouping is the same."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 6, 50, 8, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 2, 50, 8, generator=g, requires_grad=True) for _ in range(2))
-    monkeypatch.setattr(M, "FLEX_EXPAND_KV", False)
-    assert M.flex_gqa_kv(k, v, 6, backward=True) == (k, v, True)  # switched off: flex's own GQA
-    monkeypatch.setattr(M, "FLEX_EXPAND_KV", True)
-    assert M.flex_gqa_kv(k, v, 6, backward=False) == (k, v, True)  # forward only: kept shared
-    assert M.flex_gqa_kv(q, q, 6, backward=True) == (q, q, False)  # multi-head: nothing to do
-    ke, ve, gqa = M.flex_gqa_kv(k, v, 6, backward=True)
+    assert attention.gqa_kv(k, v, 6, expand=False) == (k, v, True)  # flex's own GQA
+    assert attention.gqa_kv(q, q, 6, expand=True) == (q, q, False)  # multi-head: nothing to do
+    ke, ve, gqa = attention.gqa_kv(k, v, 6, expand=True)
     assert (not gqa and torch.equal(ke, k.repeat_interleave(3, dim=1))
             and torch.equal(ve, v.repeat_interleave(3, dim=1)))
     dy = torch.randn(2, 6, 50, 8, generator=g)
@@ -87,25 +86,29 @@ def test_expanded_kv_is_grouped_query_attention_with_its_gradients(monkeypatch):
     # flex (forward only on a CPU)
     bm = create_block_mask(masks.causal(), 2, None, 50, 50, device="cpu")
     q, k, v, ke, ve = (t.detach() for t in (q, k, v, ke, ve))
-    torch.testing.assert_close(M.flex(q)(q, ke, ve, block_mask=bm),
-                               M.flex(q)(q, k, v, block_mask=bm, enable_gqa=True))
+    torch.testing.assert_close(attention.flex(q)(q, ke, ve, block_mask=bm),
+                               attention.flex(q)(q, k, v, block_mask=bm, enable_gqa=True))
 
 
-def test_attention_expands_kv_only_for_flex_calls_that_will_be_differentiated(monkeypatch):
-    """The model asks for the repeated K/V exactly when a backward will follow (grad on, weights
-    trainable), never in a no-grad forward or in generation, whose cache keeps the shared KV
-    heads."""
-    monkeypatch.setattr(M, "FLEX_EXPAND_KV", True)
-    heads = []
+@pytest.mark.parametrize("expand", [True, False])
+def test_attention_expands_kv_only_for_flex_calls_that_will_be_differentiated(monkeypatch,
+                                                                               expand):
+    """With Kernels(expand_kv=True) (the default) the model asks for the repeated K/V exactly when
+    a backward will follow (grad on, weights trainable), never in a no-grad forward or in
+    generation, whose cache keeps the shared KV heads; with expand_kv=False, never. The kernel
+    options reach every call from the Kernels the model was built with."""
+    heads, options = [], {"fwd_BLOCK_M": 32}
 
     def fake_flex(q):
         def call(q, k, v, block_mask, enable_gqa, kernel_options):
             heads.append((k.size(1), enable_gqa))
+            assert kernel_options == options
             return q.new_zeros(q.shape)                            # (B, nh, T, hs)
         return call
-    monkeypatch.setattr(M, "flex", fake_flex)
+    monkeypatch.setattr(attention, "flex", fake_flex)
     torch.manual_seed(0)
-    m, b = M.GPT(tiny_config(attn="flex")), random_batch(S=64)      # 4 query heads, 2 KV heads
+    kernels = attention.Kernels(options=options, expand_kv=expand)
+    m, b = M.GPT(tiny_config(attn="flex"), kernels), random_batch(S=64)  # 4 q heads, 2 KV heads
     bm = create_block_mask(masks.causal(), 2, None, 64, 64, device="cpu")
     run = lambda cache=None: m.blocks(m.wte(b["idx"]), m.rope(b["pos"]), bm, range(1), caches=cache)
     run()
@@ -116,7 +119,8 @@ def test_attention_expands_kv_only_for_flex_calls_that_will_be_differentiated(mo
     caches = [{}]
     with torch.no_grad():
         run(caches)
-    assert heads == [(4, False), (2, True), (2, True), (2, True)] and caches[0]["k"].size(1) == 2
+    first = (4, False) if expand else (2, True)
+    assert heads == [first, (2, True), (2, True), (2, True)] and caches[0]["k"].size(1) == 2
 
 
 def test_rope_is_relative():

@@ -13,9 +13,11 @@ import pytest
 import torch
 from conftest import ROOT, SHARED, write_checkpoint
 
+import attention
 import checkpoint
 import config
 import masks
+import model
 import steplog
 import train
 import training_step
@@ -412,14 +414,22 @@ def test_a_new_run_does_not_overwrite_a_finished_one(tmp_path):
             and checkpoint.load(checkpoint.path(str(tmp_path)))["step"] == 0)
 
 
-def test_the_chosen_flex_backend_is_set_before_anything_compiles(tmp_path, monkeypatch):
-    """train.py hands --flex-backend to model.use_flex_backend (the FLASH case itself runs in
-    tests/test_gpu.py, where flash-attn-4 is installed); the flag is this invocation's, not recorded
-    as the run's method."""
-    calls = []
-    monkeypatch.setattr(train, "use_flex_backend", calls.append)
-    train.main(TINY + ["--steps", "1", "--out", str(tmp_path)])
-    assert calls == ["triton"] and "flex_backend" in config.RUN_ONLY
+def test_the_model_is_built_with_the_chosen_flex_backend(tmp_path, monkeypatch):
+    """train.py builds the model with attention.BACKENDS[--flex-backend] (the FLASH case itself runs
+    in tests/test_gpu.py, where flash-attn-4 is installed), and a resumed run with its own; the flag
+    is this invocation's, not recorded as the run's method."""
+    built = []
+    monkeypatch.setitem(attention.BACKENDS, "triton", attention.Kernels(options={"marker": 1}))
+    real_gpt = model.GPT.__init__
+
+    def spy(self, cfg, kernels=attention.Kernels()):
+        if torch.empty(0).device.type != "meta":    # checkpoint.problem's shape check: no model
+            built.append(kernels)
+        real_gpt(self, cfg, kernels)
+    monkeypatch.setattr(model.GPT, "__init__", spy)
+    train.main(TINY + ["--steps", "2", "--stop-after", "1", "--out", str(tmp_path)])
+    train.main(["--out", str(tmp_path), "--resume"])
+    assert built == [attention.BACKENDS["triton"]] * 2 and "flex_backend" in config.RUN_ONLY
 
 
 def test_init_defaults_to_the_authors_fine_tuning_rates():
