@@ -14,7 +14,7 @@ import checkpoint
 from attention import BACKENDS, FLASH_INSTALL, flash_backend_available
 from cli import Parser, number, output_problem, refuse
 from data import babi, batches, packing, tokenizer
-from fastweights import PROJECTIONS
+from fastweights import PROJECTIONS, InnerConfig
 from model import PRESETS
 
 # the name this file's refusals give (train.py's command line lives here)
@@ -89,20 +89,24 @@ def parser(description: str = "") -> Parser:
                    help="focusft (default): inner loop + hybrid mask; sft: causal mask, no inner loop")
     p.add_argument("--mask", choices=["hybrid", "causal"], default=None,
                    help="override the method's mask (for the 2x2 ablation); default hybrid for focusft")
-    p.add_argument("--inner-steps", type=count, default=2, help="inner SGD steps (0 = no inner loop)")
+    # the inner loop's defaults are InnerConfig's (fastweights.py: the authors' values)
+    p.add_argument("--inner-steps", type=count, default=InnerConfig.steps, help="inner SGD steps (0 = no inner loop)")
     p.add_argument("--inner-per", choices=["sample", "row"], default="sample",
                    help="sample: every packed sample adapts its own fast weights (the authors'); row: the samples "
                         "of a row share one set (a different method)")
     p.add_argument("--inner-lr", type=nonnegative, default=None,
-                   help=f"inner SGD learning rate; default 1.0 (the authors') with --init, {SCRATCH_INNER_LR} "
-                        "from scratch")
-    p.add_argument("--inner-clip", type=above_zero, default=1.0, help="per-tensor gradient norm clip in the inner loop")
-    p.add_argument("--inner-rank", type=positive, default=32, help="LoRA rank of the fast weights")
-    p.add_argument("--inner-alpha", type=above_zero, default=64.0, help="LoRA alpha (delta scaled by alpha/rank)")
-    p.add_argument("--inner-fraction", type=number(float, 0, 1, above=True), default=0.35,
+                   help=f"inner SGD learning rate; default {InnerConfig.lr:g} (the authors') with --init, "
+                        f"{SCRATCH_INNER_LR} from scratch")
+    p.add_argument("--inner-clip", type=above_zero, default=InnerConfig.clip,
+                   help="per-tensor gradient norm clip in the inner loop")
+    p.add_argument("--inner-rank", type=positive, default=InnerConfig.rank, help="LoRA rank of the fast weights")
+    p.add_argument("--inner-alpha", type=above_zero, default=InnerConfig.alpha,
+                   help="LoRA alpha (delta scaled by alpha/rank)")
+    p.add_argument("--inner-fraction", type=number(float, 0, 1, above=True), default=InnerConfig.fraction,
                    help="top fraction of layers with fast weights")
-    p.add_argument("--inner-targets", default="gate,up,down", help="MLP projections with fast weights")
-    p.add_argument("--inner-loss", choices=["response", "context"], default="response",
+    p.add_argument("--inner-targets", default=",".join(InnerConfig.targets),
+                   help="MLP projections with fast weights")
+    p.add_argument("--inner-loss", choices=["response", "context"], default=InnerConfig.loss,
                    help="response: the outer SFT loss; context: next-token loss on context tokens (causal)")
     # --- optimisation ---
     p.add_argument("--steps", type=count, default=0, help="optimizer steps; 0 = " + by_device("steps"))
@@ -187,7 +191,7 @@ def apply_defaults(args) -> list[str]:
     if args.data in ("synthetic", "books"):
         default("max_len", args.ctx, "samples up to a full row")
     if args.inner_lr is None:
-        args.inner_lr = 1.0 if args.init else SCRATCH_INNER_LR
+        args.inner_lr = InnerConfig.lr if args.init else SCRATCH_INNER_LR
         why.append(f"--inner-lr {args.inner_lr}: " + ("the authors' value, for a pretrained model" if args.init else
                    "from scratch, stronger fast weights leave the base weights worse on their own (docs/learning.md)"))
     default("stats_every", max(1, args.steps // 5), "six measurements a run: untrained, every fifth, trained")

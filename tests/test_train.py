@@ -432,6 +432,16 @@ def test_the_model_is_built_with_the_chosen_flex_backend(tmp_path, monkeypatch):
     assert built == [attention.BACKENDS["triton"]] * 2 and "flex_backend" in config.RUN_ONLY
 
 
+def test_the_inner_loops_defaults_have_one_source():
+    """Every inner-loop flag left open gives InnerConfig's own default (fastweights.py), the lr
+    included with --init (the authors' values); from scratch only the lr differs."""
+    from fastweights import InnerConfig
+    for argv, lr in ((["--init", "x.pt"], InnerConfig.lr), ([], config.SCRATCH_INNER_LR)):
+        args = config.get_args(argv + ["--device", "cpu"])
+        config.apply_defaults(args)
+        assert training_step.inner_config(args) == InnerConfig(lr=lr)
+
+
 def test_init_defaults_to_the_authors_fine_tuning_rates():
     """With --init, AdamW's lr defaults to the authors' 1e-5 (with the inner lr at their 1.0);
     given, it stays."""
