@@ -43,7 +43,7 @@ import eval_babilong
 from cli import Parser, number, output_problem
 from data import babilong, books, tokenizer
 from model import autocast
-from study_report import TASKS, log_records, mean, report
+from study_report import TASKS, log_records, markdown_table, mean, report, sweep_table
 
 ROOT = Path(__file__).resolve().parent
 STATS_LENGTHS = ("4k", "16k")   # where each model's attention statistics are measured, as the paper's range
@@ -352,6 +352,9 @@ def get_args(argv=None):
                    help="real bAbI files (their test split is the test set); default: none, generated stories")
     p.add_argument("--parallel", type=number(int, 1), default=1,
                    help="train.py runs at once in the sweep and the arms (one GPU is shared; 1 = one at a time)")
+    p.add_argument("--until", choices=["base", "sweep"], default=None,
+                   help="stop after this stage, its results in results.json (and the sweep's table printed); "
+                        "the command without it goes on from there")
     p.add_argument("--report", action="store_true",
                    help="only rewrite results.md and the figures from --out's results.json and logs (no training)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -407,7 +410,15 @@ def run(args):
                "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)
     base = results["base"]["checkpoint"]
-    results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
+    if args.until != "base":
+        results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
+    if args.until:
+        results["until"] = args.until
+        write_json(out / "results.json", results)
+        if "sweep" in results:
+            print("\n".join(markdown_table(*sweep_table(plan, results["sweep"]))), flush=True)
+        clock.say(f"stopped after the {args.until} stage (--until); wrote {out / 'results.json'}")
+        return
     sweep = results["sweep"]
     inner = ["--inner-lr", str(sweep["chosen"])] + (["--inner-steps", str(sweep["chosen_steps"])]
                                                     if len(plan.sweep_inner_steps) > 1 else [])

@@ -72,10 +72,7 @@ def report(out: Path, plan, res: dict):
              f"{where['commit']}{quick})", ""]
 
     def table(title, header, rows):
-        lines.extend([f"## {title}", "", "| " + " | ".join(header) + " |",
-                      "|" + "---|" * len(header)])
-        lines.extend("| " + " | ".join(row) + " |" for row in rows)
-        lines.append("")
+        lines.extend(markdown_table(title, header, rows))
 
     def fmt(x: float) -> str:
         return "-" if x != x else f"{x:.2f}"
@@ -125,15 +122,7 @@ def report(out: Path, plan, res: dict):
           [[name, f"{c['sink'][0]:.3f} -> {c['sink'][-1]:.3f}",
             f"{c['engagement'][0]:.3f} -> {c['engagement'][-1]:.3f}", c["inner"], c["moved"]]
            for name, c in curves.items()])
-    sweep = res["sweep"]          # (a study recorded before the steps were swept ran 2 inner steps)
-    table(f"Inner learning rate and steps sweep ({plan.sweep_steps} FocuSFT steps each; "
-          f"validation: held-out questions in held-out books); chosen {sweep['chosen']:g}, "
-          f"{sweep.get('chosen_steps', 2)} steps",
-          ["inner lr", "inner steps", "validation acc", "inner loss before -> after", "moved"],
-          [[f"{r.get('inner_lr', key)}", str(r.get("inner_steps", 2)),
-            f"{r['val_acc']:.3f} (n={r['val_n']})",
-            f"{r['inner_before']:.3f} -> {r['inner_after']:.3f}", f"{r['moved']:.3g}"]
-           for key, r in sweep["runs"].items()])
+    table(*sweep_table(plan, res["sweep"]))
     table("The base while it learns (held-out books; _64: queries in their document's first 64 "
           "positions, as Gu et al. measure)",
           ["step", "sink mass", "sink rate", "sink mass _64", "sink rate _64"],
@@ -153,6 +142,24 @@ def report(out: Path, plan, res: dict):
     tmp.write_text("\n".join(lines))
     os.replace(tmp, out / "results.md")
     figures(out, plan, res, curves, comparisons)
+
+
+def markdown_table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    return [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def sweep_table(plan, sweep: dict) -> tuple:
+    """The inner loop's sweep as (title, header, rows). (A study recorded before the steps were
+    swept ran 2 inner steps.)"""
+    return (f"Inner learning rate and steps sweep ({plan.sweep_steps} FocuSFT steps each; "
+            f"validation: held-out questions in held-out books); chosen {sweep['chosen']:g}, "
+            f"{sweep.get('chosen_steps', 2)} steps",
+            ["inner lr", "inner steps", "validation acc", "inner loss before -> after", "moved"],
+            [[f"{r.get('inner_lr', key)}", str(r.get("inner_steps", 2)),
+              f"{r['val_acc']:.3f} (n={r['val_n']})",
+              f"{r['inner_before']:.3f} -> {r['inner_after']:.3f}", f"{r['moved']:.3g}"]
+             for key, r in sweep["runs"].items()])
 
 
 def training_curves(out: Path, res: dict) -> dict:

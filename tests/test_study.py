@@ -93,6 +93,25 @@ def test_a_second_run_skips_every_finished_stage(quick, capsys):
     assert (out / "arms" / "sft_s1" / "log.jsonl").read_text() == before
 
 
+@pytest.mark.parametrize("until", ["base", "sweep"])
+def test_until_stops_after_its_stage_with_what_it_has(quick, tmp_path, capsys, until):
+    """--until: the stages up to it (here finished already, so skipped), their results in
+    results.json, the sweep's table printed, and nothing of a later stage started."""
+    import shutil
+    out, res = quick
+    parts = ["base_books", "base"] + ["sweep"] * (until == "sweep")
+    for part in parts:
+        shutil.copytree(out / part, tmp_path / part)
+    study.main(["--quick", "--out", str(tmp_path), "--until", until])
+    said = capsys.readouterr().out
+    got = json.loads((tmp_path / "results.json").read_text())
+    assert "python train.py" not in said and got["until"] == until and "arms" not in got
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["results.json", *parts])
+    assert ("## Inner learning rate and steps sweep" in said) == (until == "sweep")
+    if until == "sweep":
+        assert got["sweep"]["chosen"] == res["sweep"]["chosen"]
+
+
 def test_report_alone_rewrites_the_tables_from_results_json(quick, tmp_path, capsys):
     out, res = quick
     text = (out / "results.md").read_text()
