@@ -221,6 +221,8 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
     except BaseException:
         lines.failed()
         raise
+    finally:
+        batches.stop_workers(loader)                    # (else an error's exit may hang on them)
     lines.drain()
 
     report(last + 1)                                    # the model the checkpoint holds

@@ -125,6 +125,16 @@ def batch_loader(cfg: DataConfig, start: int, last: int, source) -> torch.utils.
                                        generator=torch.Generator())
 
 
+def stop_workers(loader_iter):
+    """End a loader iterator's worker processes now, however the run ends. They ignore SIGTERM
+    (worker_signals), and an exception that ends the program keeps the iterator alive in its
+    traceback, so Python's exit would wait forever on them: multiprocessing's exit handler ends
+    child processes with SIGTERM, then joins them. (_shutdown_workers is the iterator's own
+    clean-up, which otherwise runs when it is garbage collected; a loader without workers has
+    none.)"""
+    getattr(loader_iter, "_shutdown_workers", lambda: None)()
+
+
 def worker_signals(worker_id: int):
     """A loader worker leaves SIGINT and SIGTERM to the main process, which finishes its step and
     saves (train.py): a terminal's ^C, or a SIGTERM to the whole process group (a scheduler's, a

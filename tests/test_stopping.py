@@ -273,3 +273,17 @@ def test_loader_workers_leave_signals_to_the_main_process():
         time.sleep(0.5)
         assert worker.is_alive()
         assert len(list(loader)) == STEPS - 1
+
+
+def test_an_error_in_the_loop_ends_the_loader_workers_so_the_program_can_exit(tmp_path):
+    """Workers ignore SIGTERM, and multiprocessing's exit handler ends children with SIGTERM and
+    waits for them: a run that failed with an error (a CUDA out-of-memory, say) used to hang at exit
+    with its workers alive. Its error propagates, and its workers are gone with it."""
+    code = ("import sys, train\n"
+            "def fail(*a, **k): raise RuntimeError('out of memory (a test)')\n"
+            "train.optimizer_step = fail\n"
+            "train.main(sys.argv[1:])\n")
+    run = subprocess.run([sys.executable, "-c", code, *RUN, "--workers", "2", "--stats-every", "100",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1 and run.stderr.strip().endswith("out of memory (a test)")
