@@ -283,7 +283,7 @@ def test_an_error_in_the_loop_ends_the_loader_workers_so_the_program_can_exit(tm
             "def fail(*a, **k): raise RuntimeError('out of memory (a test)')\n"
             "train.optimizer_step = fail\n"
             "train.main(sys.argv[1:])\n")
-    run = subprocess.run([sys.executable, "-c", code, *RUN, "--workers", "2", "--stats-every", "100",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    argv = [*RUN, "--workers", "2", "--stats-every", "100", "--out", str(tmp_path)]
+    run = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
     assert run.returncode == 1 and run.stderr.strip().endswith("out of memory (a test)")
