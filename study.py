@@ -141,7 +141,10 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock") -> dict:
         if STOP.is_set() and code in (130, 143, -signal.SIGINT):      # stopped at a step boundary, or before
             raise Stopped(name)
         if code != 0:
-            sys.exit(f"study.py: error: {name} failed; its output: {out.parent / f'{out.name}.out'}")
+            output = out.parent / f"{out.name}.out"
+            memory = "OutOfMemoryError" in output.read_text(errors="replace")[-4000:]
+            sys.exit(f"study.py: error: {name} failed; its output: {output}"
+                     + ("; it ran out of GPU memory: fewer runs side by side (--parallel) need less" if memory else ""))
         (out / "done").write_text(f"{time.perf_counter() - start:.1f}\n")   # wall seconds
     clock.finished(name)
     steps = [r for r in log_records(out) if "loss" in r]

@@ -228,3 +228,24 @@ def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(
     alone = study.side_by_side(study.get_args([]), study.Clock(1),
                                {"k": ("one", None, ["--steps", "3"])})
     assert alone == {"k": {"name": "one", "shared": False}} and seen["one"] == ["--steps", "3"]
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_a_failed_run_ends_the_study_in_one_line_that_names_its_output(tmp_path, monkeypatch,
+                                                                       memory):
+    """A train.py run that fails ends the study with one line naming the run's output; one that ran
+    out of GPU memory also says that fewer runs side by side need less."""
+    class FailingRun:
+        def __init__(self, argv, stdout, **kwargs):
+            stdout.write("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory\n" if memory
+                         else "Traceback ...\nValueError: something else\n")
+
+        def wait(self):
+            return 1
+    monkeypatch.setattr(study.subprocess, "Popen", FailingRun)
+    with pytest.raises(SystemExit) as stop:
+        study.train("arm sft seed 1", tmp_path / "sft_s1", [], study.Clock(1))
+    said = str(stop.value.code)
+    assert said.startswith("study.py: error: arm sft seed 1 failed; its output: ")
+    assert str(tmp_path / "sft_s1.out") in said and ("--parallel" in said) == memory
+    assert not (tmp_path / "sft_s1" / "done").exists()
