@@ -19,7 +19,7 @@ from model import PRESETS
 
 # the name this file's refusals give (train.py's command line lives here)
 PROG = "train.py"
-GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill the H200 at 8K
+GPU_TOKENS_PER_STEP = 65536  # GPU default batch: enough rows of --ctx tokens to fill a GPU at 8K
 # from scratch: 0.1 left the base weights behind SFT on BABILong rows (docs/learning.md)
 SCRATCH_INNER_LR = 0.03
 # AdamW's rate with --init: the authors' for fine-tuning a pretrained model

@@ -142,9 +142,9 @@ def sgd_step(fast: dict[str, Tensor], grads: dict[str, Tensor], losses: Tensor, 
 def compiled_sgd_step():
     """sgd_step as fused kernels. Eager, it launches ~900 ops per inner step on the Qwen2-0.5B shape
     (54 fast-weight tensors), host time that leaves the GPU idle at batch 1. Compiled, it still
-    launched 352 kernels; combo_kernels has inductor launch independent ones together (one H200,
-    Qwen 8K, batch 1, 2026-11-29, in different calls: the FocuSFT step 148.0 -> 131.4 ms back to
-    back). Only here: in the blocks' graphs too they did not help."""
+    launched 352 kernels; combo_kernels has inductor launch independent ones together, which made
+    the FocuSFT step at batch 1 faster (docs/speed.md). Only here: in the blocks' graphs too they
+    did not help."""
     return torch.compile(sgd_step, dynamic=False, options={"combo_kernels": True})
 
 
