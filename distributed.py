@@ -79,7 +79,7 @@ class World:
             return None
         if device != "cuda":
             return (f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; "
-                    f"give --device cuda")
+                    "give --device cuda")
         if self.local_size > torch.cuda.device_count():
             return (f"torchrun starts {self.local_size} processes on this node, which has "
                     f"{torch.cuda.device_count()} GPU(s): one process per GPU")

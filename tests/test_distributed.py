@@ -26,11 +26,13 @@ from distributed import World
 from model import GPT, preset
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-STEPS = 3
-# two micro-batches a step: the ranks' gradients are summed once, after both
-RUN = ["--ctx", "512", "--data", "synthetic", "--model", "tiny", "--device", "cpu",
-       "--dtype", "fp32", "--lr", "1e-3", "--inner-rank", "8", "--steps", str(STEPS),
-       "--grad-accum", "2", "--stats-every", "100", "--ckpt-every", "100", "--workers", "0"]
+STEPS = 2
+# two micro-batches a step: the ranks' gradients are summed once, after both; 0k BABILong rows are
+# quick to build
+RUN = ["--ctx", "512", "--data", "babilong", "--lengths", "0k", "--model", "tiny",
+       "--device", "cpu", "--dtype", "fp32", "--lr", "1e-3", "--inner-rank", "8",
+       "--steps", str(STEPS), "--grad-accum", "2", "--stats-every", "100", "--ckpt-every", "100",
+       "--workers", "0"]
 # within 1e-5 of each other, relative to each tensor's norm: the ranks' sums round differently
 AGREE = 1e-5
 # The weights after the run, likewise. Looser: AdamW divides each gradient element by its RMS plus
@@ -125,19 +127,19 @@ def test_two_processes_of_one_row_train_as_one_process_of_two_rows(tmp_path, two
 
 
 def test_a_signal_to_one_rank_stops_both_and_resume_is_bit_exact(tmp_path, two_ranks):
-    """SIGTERM to rank 1 alone during step 1: the ranks agree at the next boundary, rank 0 saves
-    step 1 and says how to continue (one line); --resume on 2 processes then ends with the weights
+    """SIGTERM to rank 1 alone during step 0: the ranks agree at the next boundary, rank 0 saves
+    step 0 and says how to continue (one line); --resume on 2 processes then ends with the weights
     and losses of the run that never stopped, each step logged once."""
     straight, _ = two_ranks("focusft")
     out = tmp_path / "out"
     argv = RUN + ["--method", "focusft", "--batch-size", "1", "--out", str(out)]
-    stopped = torchrun(injecting(tmp_path, 2, TERMINATE), argv, tmp_path)
+    stopped = torchrun(injecting(tmp_path, 1, TERMINATE), argv, tmp_path)
     assert stopped.returncode != 0
     ours = [line for line in stopped.stderr.splitlines() if line.startswith("train.py")]
-    assert ours == [f"train.py: stopped by SIGTERM: {checkpoint.path(str(out))} holds step 1; "
+    assert ours == [f"train.py: stopped by SIGTERM: {checkpoint.path(str(out))} holds step 0; "
                     f"continue with: torchrun --standalone --nproc_per_node=2 train.py --resume "
                     f"--out {out}"], stopped.stderr
-    assert checkpoint.load(checkpoint.path(str(out)))["step"] == 1
+    assert checkpoint.load(checkpoint.path(str(out)))["step"] == 0
     resumed = torchrun(ROOT / "train.py", ["--resume", "--out", str(out)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     a, b = (checkpoint.load(checkpoint.path(str(o))) for o in (out, straight))
@@ -149,11 +151,11 @@ def test_a_signal_to_one_rank_stops_both_and_resume_is_bit_exact(tmp_path, two_r
 
 
 def test_a_failure_on_one_rank_ends_both_with_one_line(tmp_path):
-    """Rank 1 raises during step 1: it says so in one line (no traceback) and ends; rank 0 finds it
+    """Rank 1 raises during step 0: it says so in one line (no traceback) and ends; rank 0 finds it
     gone at its next collective and ends quietly; nothing half-written is left."""
     out = tmp_path / "out"
     argv = RUN + ["--method", "sft", "--batch-size", "1", "--out", str(out)]
-    failed = torchrun(injecting(tmp_path, 2, FAIL), argv, tmp_path)
+    failed = torchrun(injecting(tmp_path, 1, FAIL), argv, tmp_path)
     assert failed.returncode != 0
     ours = [line for line in failed.stderr.splitlines() if line.startswith("train.py")]
     assert len(ours) == 1 and ours[0].startswith(
