@@ -37,7 +37,7 @@ RUN = ["--ctx", "512", "--data", "babilong", "--lengths", "0k", "--model", "tiny
 AGREE = 1e-5
 # The weights after the run, likewise. Looser: AdamW divides each gradient element by its RMS plus
 # eps (1e-8), so an element whose gradient is at eps's scale, where fp32 rounding is of that size
-# too, moves by a noisy fraction of a step (docs/multigpu.md: a handful of elements, up to 0.16 lr)
+# too, moves by a noisy fraction of a step (docs/multigpu.md: measured up to 0.15 lr)
 WEIGHTS = 1e-3
 # torchrun's workers run train.main with a failure or a signal on one rank, during one step
 INJECTING = """import os, signal, sys
