@@ -107,30 +107,36 @@ def evaluate(args, model, batch: dict) -> dict:
 def main(argv=None):
     world = World.from_environment()    # torchrun's ranks (distributed.py), or this process alone
     with world.speaking(config.PROG):   # rank 0 speaks for them; a rank that fails, in one line
-        # bad input refused here, in one line
-        args, start_step, ckpt, why = config.from_command_line(argv, __doc__)
-        if args is None:                                    # a finished run given --resume
-            return
-        recorded = None if ckpt is None else ckpt["config"].get("world_size", 1)
-        problem = world.problem(args.device, recorded)
-        if problem:
-            refuse(config.PROG, problem)
+        start(argv, world)
+
+
+def start(argv, world: World):
+    """The run from its command line, on this rank: bad input refused, then run() among the ranks,
+    a stop or a NaN ending it with one line."""
+    # bad input refused here, in one line
+    args, start_step, ckpt, why = config.from_command_line(argv, __doc__)
+    if args is None:                                    # a finished run given --resume
+        return
+    recorded = None if ckpt is None else ckpt["config"].get("world_size", 1)   # (its processes)
+    problem = world.problem(args.device, recorded)
+    if problem:
+        refuse(config.PROG, problem)
+    try:
+        # books (and stories) for the loader and the evaluation
+        source = batches.data_source(config.data_config(args))
+    except (OSError, ValueError, RuntimeError) as e:
+        refuse(config.PROG, str(e))  # (a missing book folder: before the model is built)
+    stop = Stop(saved=start_step - 1, agree=world.largest)
+    with world.joined(args.device), stop.handling_signals():
         try:
-            # books (and stories) for the loader and the evaluation
-            source = batches.data_source(config.data_config(args))
-        except (OSError, ValueError, RuntimeError) as e:
-            refuse(config.PROG, str(e))  # (a missing book folder: before the model is built)
-        stop = Stop(saved=start_step - 1, agree=world.largest)
-        with world.joined(args.device), stop.handling_signals():
-            try:
-                run(args, start_step, ckpt, why, stop, source, world)
-            except Interrupted as e:
-                print(stop.last_line(args.out, e, world.launcher()), file=sys.stderr, flush=True)
-                sys.exit(128 + e.signum)  # a shell's code for a process a signal ended: 130, 143
-            except NonFinite as e:
-                kept = (f"{checkpoint.path(args.out)} keeps step {stop.saved}" if stop.saved >= 0
-                        else "nothing saved")
-                sys.exit(f"train.py: error: {e}: stopped; {kept}")
+            run(args, start_step, ckpt, why, stop, source, world)
+        except Interrupted as e:
+            print(stop.last_line(args.out, e, world.launcher()), file=sys.stderr, flush=True)
+            sys.exit(128 + e.signum)  # a shell's code for a process a signal ended: 130, 143
+        except NonFinite as e:
+            kept = (f"{checkpoint.path(args.out)} keeps step {stop.saved}" if stop.saved >= 0
+                    else "nothing saved")
+            sys.exit(f"train.py: error: {e}: stopped; {kept}")
 
 
 def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, source,
