@@ -59,18 +59,34 @@ def adapted_layers(n_layer: int, fraction: float) -> range:
     return range(int(n_layer * (1 - fraction)), n_layer)
 
 
-def init_fast(model: GPT, cfg: InnerConfig, groups: int) -> dict[str, Tensor]:
+def row_seeds(rows: range) -> list[int]:
+    """Seeds of the fast weights of a batch's rows (init_fast), `rows` their places in the world's
+    batch (distributed.World.rows; range(B) in one process): one draw from torch's global
+    generator, which every data-parallel rank draws alike, plus each row's place. A row so starts
+    from the same fast weights whether one process holds the whole batch or a rank holds its
+    part."""
+    first = int(torch.randint(1 << 62, ()))
+    return [first + row for row in rows]
+
+
+def init_fast(model: GPT, cfg: InnerConfig, groups: int,
+              seeds: list[int] | None = None) -> dict[str, Tensor]:
     """Fresh fast weights for `groups` groups (a group: a sample, or a batch row): A (G, r, in)
     kaiming-uniform as nn.Linear's (a = sqrt 5: U(-1/sqrt(in), 1/sqrt(in)), fan_in = in for each
-    group's (r, in) matrix), B (G, out, r) = 0, so the delta B A x starts at exactly 0."""
+    group's (r, in) matrix), B (G, out, r) = 0, so the delta B A x starts at exactly 0. The groups
+    are split evenly among the rows that `seeds` (row_seeds; default: one row) seed, each row's
+    drawn from a generator of its own."""
+    device = model.lm_head.weight.device
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds or row_seeds(range(1))]
     fast = {}
     for i in adapted_layers(model.config.n_layer, cfg.fraction):
         for name in cfg.targets:
             linear = getattr(model.h[i].mlp, name)
-            # kaiming_uniform_(a=sqrt 5) of each group, in one call
+            # kaiming_uniform_(a=sqrt 5) of each group, one call per row
             bound = 1 / math.sqrt(linear.in_features)
-            A = torch.empty(groups, cfg.rank, linear.in_features,
-                            device=linear.weight.device).uniform_(-bound, bound)
+            A = torch.empty(groups, cfg.rank, linear.in_features, device=device)
+            for row, generator in zip(A.chunk(len(generators)), generators):
+                row.uniform_(-bound, bound, generator=generator)
             fast[f"h.{i}.mlp.{name}.A"] = A
             fast[f"h.{i}.mlp.{name}.B"] = torch.zeros(groups, linear.out_features, cfg.rank,
                                                       device=A.device)
@@ -162,8 +178,8 @@ def adapt(loss_fn, fast: dict[str, Tensor], cfg: InnerConfig, grad_fn=func_grad)
     return fast, torch.stack(history)                                  # (steps, G)
 
 
-def focusft_loss(model: GPT, batch: dict[str, Tensor], mask, cfg: InnerConfig,
-                 inner_mask=None) -> tuple[Tensor, dict[str, Tensor]]:
+def focusft_loss(model: GPT, batch: dict[str, Tensor], mask, cfg: InnerConfig, inner_mask=None,
+                 seeds: list[int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One FocuSFT forward: adapt fresh fast weights on each sample, then the outer loss with them
     active.
 
@@ -171,7 +187,8 @@ def focusft_loss(model: GPT, batch: dict[str, Tensor], mask, cfg: InnerConfig,
     model.loss); with "group_ends" (G,) and "group_ids" (B, S) (batches.to_device), one group of
     fast weights per sample of a packed row, else one per row; for the "context" inner loss,
     "context_targets" (and "context_index") and its own `inner_mask`, which needs its own pass over
-    the lower layers.
+    the lower layers. `seeds`: those of the rows' fresh fast weights (row_seeds; default: drawn
+    here for rows 0..B-1).
     Returns the outer loss and the inner loop's record, (G,) per group: "losses" (steps, G) before
     each inner step, "after" with the adapted weights, "moved" the fast weights' distance from their
     start, "has" whether the group has inner targets (a group without them has loss 0 and does not
@@ -204,7 +221,8 @@ def focusft_loss(model: GPT, batch: dict[str, Tensor], mask, cfg: InnerConfig,
         x_top = model.blocks(x_inner, rope, inner_mask, upper, fast, cfg.scale, group_ends=ends)
         return model.loss(x_top, inner_targets, index=inner_index, groups=groups,
                           recompute=grad_fn is autograd_grad)   # (torch.func refuses checkpoint)
-    start = init_fast(model, cfg, groups[1])
+
+    start = init_fast(model, cfg, groups[1], seeds or row_seeds(range(B)))
     with frozen(model):
         fast, losses = adapt(inner_loss, start, cfg, grad_fn)
     token_losses, sel = model.token_losses(

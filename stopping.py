@@ -6,7 +6,8 @@ finishes, a checkpoint of the weights after it is saved, and one line says how t
 signal stops the run at once, and since checkpoints are written to a temp file and renamed
 (checkpoint.replacing), the last one stays whole. A step whose loss or gradient norm is NaN or inf
 stops the run before its weights can be saved. --resume cuts log.jsonl back to its checkpoint, so
-that each step appears in the log once.
+that each step appears in the log once. With several data-parallel ranks (distributed.py) a signal
+to any of them stops them all at the same step boundary: they agree on it there.
 """
 import contextlib
 import itertools
@@ -38,9 +39,17 @@ class Stop:
     checkpoint holds (-1: none yet). Before the loop there is nothing to lose, and a signal stops
     the run at once. In the loop (`training`) the first one is noted (`signum`) and the loop stops
     at the next step boundary, after a checkpoint; a second one stops it at once, also
-    mid-checkpoint (checkpoint.replacing keeps the last one whole)."""
-    def __init__(self, saved: int):
+    mid-checkpoint (checkpoint.replacing keeps the last one whole). `agree`: with several ranks,
+    the largest of their values (distributed.World.largest), so that a signal noted by any rank
+    stops every rank at the same boundary (requested)."""
+    def __init__(self, saved: int, agree=lambda value: value):
         self.saved, self.signum, self.training, self.ended = saved, None, False, False
+        self.agree = agree
+
+    def requested(self) -> int | None:
+        """At a step boundary: the signal that stops the run here, or None to go on. Every rank
+        asks, each with the signal it noted (0: none), and all get the same answer."""
+        return self.agree(self.signum or 0) or None
 
     def __call__(self, signum, frame):  # the handler: Python runs it between two bytecodes
         if self.training and self.signum is None:
@@ -67,14 +76,14 @@ class Stop:
                 # (None: set outside Python)
                 signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
-    def last_line(self, out: str, e: Interrupted) -> str:
+    def last_line(self, out: str, e: Interrupted, launcher: str = "python") -> str:
         """The one line an interrupted run ends with: what the checkpoint holds, and the command
-        that continues."""
+        that continues (`launcher`: python, or torchrun with as many processes)."""
         how = f"stopped by {signal.Signals(e.signum).name}" + (" at once" if e.at_once else "")
         if self.saved < 0:
             return f"train.py: {how}, before a checkpoint was written: nothing to resume"
         return (f"train.py: {how}: {checkpoint.path(out)} holds step {self.saved}; continue with: "
-                f"python train.py --resume --out {shlex.quote(out)}")
+                f"{launcher} train.py --resume --out {shlex.quote(out)}")
 
 
 def cut_log(file: str, step: int):

@@ -2,6 +2,7 @@
 
     python study.py --out runs/study --books DIR --test-books DIR --babi-dir ../shared/data/babi/en   # one GPU
     python study.py --quick --out runs/quick                          # the whole pipeline on a CPU, tiny sizes
+    CUDA_VISIBLE_DEVICES=0,1,2,3 python study.py --out runs/study ...  # the sweep and the arms over 4 GPUs
 
 FocuSFT (arXiv 2605.09932) claims that fine-tuning a pretrained model with its hybrid mask and inner loop moves
 attention off the sinks and onto the context, and that long-context accuracy rises. Its premise is a base model
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import platform
+import queue
 import shlex
 import signal
 import subprocess
@@ -121,20 +123,24 @@ def on_signal(signum, frame):
         raise Stopped(signal.Signals(signum).name)
 
 
-def train(name: str, out: Path, flags: list[str], clock: "Clock") -> dict:
+def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | None = None) -> dict:
     """Run one train.py command into `out`, unless an earlier study finished it (a "done" file); a run that
-    was cut off after a checkpoint is resumed. Returns its command and what it cost."""
+    was cut off after a checkpoint is resumed; `gpu`: the one GPU it sees (None: the machine's default).
+    Returns its command and what it cost."""
     command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out)]
     if not (out / "done").exists():
         if STOP.is_set():
             raise Stopped(name)
         resume = (out / checkpoint.FILE).exists()
-        clock.say(f"{name}: python train.py {' '.join(command[2:])}" + (" (resuming)" if resume else ""))
+        clock.say(f"{name}: python train.py {' '.join(command[2:])}" + (" (resuming)" if resume else "")
+                  + (f" on GPU {gpu}" if gpu is not None else ""))
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(out.parent / f"{out.name}.out", "a") as log:
             argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
-            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env)
             RUNNING.add(child)
             code = child.wait()
             RUNNING.discard(child)
@@ -159,14 +165,39 @@ def median(values: list[float]) -> float:
 
 
 def side_by_side(args, clock: "Clock", jobs: dict[str, tuple]) -> dict[str, dict]:
-    """train() each job (name, out, flags), up to --parallel at once on one machine: while one run compiles on
-    the host, the others keep the GPU busy. Each run's data workers get a share of the CPUs."""
-    if args.parallel > 1 and not any("--workers" in flags for _, _, flags in jobs.values()):
-        share = ["--workers", str(max(1, (os.cpu_count() or 1) // args.parallel - 1))]
+    """train() each job (name, out, flags), up to --parallel at once on each GPU (gpus): while one run
+    compiles on the host, the others keep its GPU busy; with several GPUs, each run sees one of them
+    alone (the first runs one per GPU). Each run's data workers get a share of the CPUs."""
+    devices = gpus()
+    at_once = args.parallel * len(devices)
+    if at_once > 1 and not any("--workers" in flags for _, _, flags in jobs.values()):
+        share = ["--workers", str(max(1, (os.cpu_count() or 1) // at_once - 1))]
         jobs = {key: (name, out, flags + share) for key, (name, out, flags) in jobs.items()}
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {key: pool.submit(train, *job, clock) for key, job in jobs.items()}
-        return {key: f.result() | {"shared": min(args.parallel, len(jobs)) > 1} for key, f in futures.items()}
+    free = queue.Queue()                    # a GPU per slot: every GPU once, then each again, ...
+    for _ in range(args.parallel):
+        for device in devices:
+            free.put(device)
+
+    def on_a_gpu(job: tuple) -> dict:
+        device = free.get()
+        try:
+            return train(*job, clock, gpu=device)
+        finally:
+            free.put(device)
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        futures = {key: pool.submit(on_a_gpu, job) for key, job in jobs.items()}
+        shared = min(at_once, len(jobs)) > len(devices)       # runs side by side on a GPU
+        return {key: f.result() | {"shared": shared} for key, f in futures.items()}
+
+
+def gpus() -> list[str | None]:
+    """The GPUs the study spreads its runs over, as CUDA_VISIBLE_DEVICES names them (or by number), when
+    it is given several; else [None]: every run sees the machine's default device."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        return [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (visible.split(",") if visible else [str(i) for i in range(count)])[:count]
 
 
 class Clock:
@@ -354,7 +385,8 @@ def get_args(argv=None):
     p.add_argument("--babi-dir", default=None,
                    help="real bAbI files (their test split is the test set); default: none, generated stories")
     p.add_argument("--parallel", type=number(int, 1), default=1,
-                   help="train.py runs at once in the sweep and the arms (one GPU is shared; 1 = one at a time)")
+                   help="train.py runs at once on each GPU in the sweep and the arms (one GPU is shared; 1 = "
+                        "one at a time); given several GPUs, the runs spread over them, each seeing one")
     p.add_argument("--until", choices=["base", "sweep"], default=None,
                    help="stop after this stage, its results in results.json (and the sweep's table printed); "
                         "the command without it goes on from there")

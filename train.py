@@ -3,6 +3,7 @@
     python train.py --ctx 8192                                 # FocuSFT, defaults for this machine
     python train.py --ctx 8192 --method sft --out runs/sft     # the causal SFT baseline
     python train.py --objective lm --data books --out runs/lm  # a base, for --init runs/lm/ckpt.pt
+    torchrun --standalone --nproc_per_node=4 train.py --ctx 8192  # data parallel on 4 GPUs
 
 One training step = one batch of `--batch-size` rows of `--ctx` tokens (times `--grad-accum`), its
 mask built once (masks.py), then either the SFT loss or FocuSFT's bilevel loss (fastweights.py),
@@ -12,18 +13,22 @@ steps run back to back: a step's log line is printed once the next step is queue
 not wait for the host between steps (steplog.py). The flags, the defaults each machine fills in and
 --resume's rules are config.py. Every batch is a pure function of (seed, split, step, micro-step)
 (data/batches.py), so `--resume` continues exactly, DataLoader workers build batches ahead of the
-GPU, and data-parallel ranks can later draw disjoint data.
+GPU, and data-parallel ranks draw disjoint rows of each batch: under torchrun, N processes (GPUs, or
+CPUs with gloo) of --batch-size rows train as one process of N times the rows, the inner loop local
+to each, their gradients summed once a step, rank 0 alone evaluating and writing (distributed.py).
 
 A run that stops early loses little (stopping.py): it saves a checkpoint every so often
 (--ckpt-every); SIGINT (^C) or SIGTERM ends it at the next step boundary with a checkpoint and one
 line saying how to continue (exit code 130 or 143); a NaN or inf loss or gradient norm ends it with
-one line naming the step, before those weights are saved (exit code 1).
+one line naming the step, before those weights are saved (exit code 1). Under torchrun a signal to
+any rank stops them all at the same step boundary, and a rank that fails ends the run with one line.
 """
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -33,6 +38,7 @@ import config
 import masks
 from cli import refuse
 from data import batches, tokenizer
+from distributed import World
 from fastweights import adapted_layers
 from model import GPT, IGNORE, LOSS_CHUNK, preset
 from model import autocast as model_autocast
@@ -100,21 +106,33 @@ def evaluate(args, model, batch: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    world = World.from_environment()    # torchrun's ranks (distributed.py), or this process alone
+    with world.speaking(config.PROG):   # rank 0 speaks for them; a rank that fails, in one line
+        start(argv, world)
+
+
+def start(argv, world: World):
+    """The run from its command line, on this rank: bad input refused, then run() among the ranks,
+    a stop or a NaN ending it with one line."""
     # bad input refused here, in one line
     args, start_step, ckpt, why = config.from_command_line(argv, __doc__)
     if args is None:                                    # a finished run given --resume
         return
+    recorded = None if ckpt is None else ckpt["config"].get("world_size", 1)   # (its processes)
+    problem = world.problem(args.device, recorded)
+    if problem:
+        refuse(config.PROG, problem)
     try:
         # books (and stories) for the loader and the evaluation
         source = batches.data_source(config.data_config(args))
     except (OSError, ValueError, RuntimeError) as e:
         refuse(config.PROG, str(e))  # (a missing book folder: before the model is built)
-    stop = Stop(saved=start_step - 1)
-    with stop.handling_signals():
+    stop = Stop(saved=start_step - 1, agree=world.largest)
+    with world.joined(args.device), stop.handling_signals():
         try:
-            run(args, start_step, ckpt, why, stop, source)
+            run(args, start_step, ckpt, why, stop, source, world)
         except Interrupted as e:
-            print(stop.last_line(args.out, e), file=sys.stderr, flush=True)
+            print(stop.last_line(args.out, e, world.launcher()), file=sys.stderr, flush=True)
             sys.exit(128 + e.signum)  # a shell's code for a process a signal ended: 130, 143
         except NonFinite as e:
             kept = (f"{checkpoint.path(args.out)} keeps step {stop.saved}" if stop.saved >= 0
@@ -122,9 +140,10 @@ def main(argv=None):
             sys.exit(f"train.py: error: {e}: stopped; {kept}")
 
 
-def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, source):
+def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, source,
+        world: World):
     """The run itself: main() with its arguments parsed, ended early by raising Interrupted or
-    NonFinite."""
+    NonFinite. On each of the world's ranks, rank 0 alone evaluating and writing."""
     print("defaults chosen:\n  " + "\n  ".join(why) if why else "no defaults needed")
     print("config:", json.dumps(vars(args)))
 
@@ -150,26 +169,37 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
         torch._dynamo.config.cache_size_limit = 64
         for block in model.h:
             block.compile(dynamic=False)
-    # in ckpt and log
-    recorded = {"args": vars(args), "model": model_cfg.to_dict(), "inner": inner.to_dict()}
+    # in ckpt and log; a run's batch is world_size ranks' rows: --resume continues on as many
+    recorded = {"args": vars(args), "model": model_cfg.to_dict(), "inner": inner.to_dict(),
+                "world_size": world.size}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters, {model_cfg.n_layer} layers; "
           f"fast weights on layers {list(adapted_layers(model_cfg.n_layer, inner.fraction))}")
+    if world.size > 1:
+        print(f"data parallel: {world.size} processes of {args.batch_size} row(s) each, "
+              f"{world.size * args.batch_size} rows per micro-batch")
 
     enc = tokenizer.gpt2()
-    os.makedirs(args.out, exist_ok=True)
     log_file = os.path.join(args.out, "log.jsonl")
-    if ckpt is not None:
-        cut_log(log_file, ckpt["step"])
-    log = open(log_file, "a" if args.resume else "w")   # a new run: a new log
+    if world.main:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is not None:
+            cut_log(log_file, ckpt["step"])
+    # a new run: a new log; the other ranks' lines go nowhere
+    log = open(log_file if world.main else os.devnull, "a" if args.resume else "w")
     log.write(json.dumps({"config": recorded, "start_step": start_step}) + "\n")
     autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1
-    loader = iter(batches.batch_loader(config.data_config(args), start_step, last, source))
+    # this rank's rows of each batch (data/batches.py)
+    data = replace(config.data_config(args), first_row=world.rows(args.batch_size).start)
+    loader = iter(batches.batch_loader(data, start_step, last, source))
     slots = fast_weight_slots(args)               # fast-weight groups per row (0: one set per row)
-    held_out = held_out_batch(args, enc, source)  # built once: the same rows at every evaluation
+    # built once: the same rows at every evaluation
+    held_out = held_out_batch(args, enc, source) if world.main else None
     # "eval step N": the model after N optimizer steps
     def report(updates: int):
+        if not world.main:
+            return
         with autocast:
             ev = evaluate(args, model, held_out)
         print(f"eval step {updates}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | "
@@ -179,6 +209,11 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
         log.flush()
 
     lines = StepLog(log, args.steps)                    # each step's line, once its work is done
+
+    def save(step: int):                                # every rank holds the same weights
+        if world.main:
+            checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step)
+        stop.saved = step
     # when the checkpoint on disk was written (or the loop began)
     saved_time = time.perf_counter()
     # from here a first signal waits for the step boundary
@@ -186,7 +221,9 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
     try:
         for step in range(start_step, last + 1):
             # ------------------------------------------------------------ evaluation and checkpoint
-            stopping = stop.signum is not None  # SIGINT or SIGTERM came during the step before
+            # SIGINT or SIGTERM came (to any rank) during the step before
+            signum = stop.requested()
+            stopping = signum is not None
             # a resumed run did
             evaluating = step % args.stats_every == 0 and (ckpt is None or step > start_step)
             saving = step > start_step and (stopping or checkpoint.due(
@@ -197,12 +234,12 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
                 if evaluating:
                     report(step)
                 if saving:
-                    checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, step - 1)
-                    stop.saved, saved_time = step - 1, time.perf_counter()
+                    save(step - 1)
+                    saved_time = time.perf_counter()
                     if not stopping:              # (stopping: the last line says it)
                         print(f"saved {checkpoint.path(args.out)} at step {step - 1}")
                 if stopping:
-                    raise stop.end(stop.signum, at_once=False)
+                    raise stop.end(signum, at_once=False)
                 lines.pause()                     # the pause is no step's time
 
             # ------------------------------------------------------------------ one training step
@@ -213,9 +250,9 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
             host = [next(loader) for _ in range(args.grad_accum)]
             micro_batches = [batches.to_device(b, args.device, slots) for b in host]
             loss_sum, inner_sum, grad_norm = optimizer_step(args, model, inner, optimizer,
-                                                            micro_batches, autocast)
-            lines.queued(step_record(step, lr, loss_sum, inner_sum, grad_norm,
-                                     sum(int(b["attention_mask"].sum()) for b in host)))
+                                                            micro_batches, autocast, world)
+            (tokens,) = world.total(sum(int(b["attention_mask"].sum()) for b in host))
+            lines.queued(step_record(step, lr, loss_sum, inner_sum, grad_norm, tokens))
     except NonFinite:
         raise                                           # no line after the bad step's
     except BaseException:
@@ -224,10 +261,11 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
     finally:
         batches.stop_workers(loader)                    # (else an error's exit may hang on them)
     lines.drain()
+    if not world.main:                                  # the rest is rank 0's
+        return
 
     report(last + 1)                                    # the model the checkpoint holds
-    checkpoint.save(checkpoint.path(args.out), model, optimizer, recorded, last)
-    stop.saved = last
+    save(last)
     if args.device.startswith("cuda"):
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"saved {checkpoint.path(args.out)} at step {last}")

@@ -1,10 +1,12 @@
 """What a training step reads: batches of packed rows, built ahead of the GPU.
 
-A batch is a pure function of its coordinates (seed, split, step, micro-step): the same numbers give
-the same rows, whoever builds them and whenever. Two things follow. `--resume` continues bit for
-bit, and the batches can be built in DataLoader worker processes, in any order, while the GPU trains
-(a BABILong batch costs about as much Python time as a GPU step). Data-parallel ranks would add
-their rank to the coordinates.
+A batch is a pure function of its coordinates (seed, split, step, micro-step), each of its rows of
+those and its row number: the same numbers give the same rows, whoever builds them and whenever.
+Three things follow. `--resume` continues bit for bit; the batches can be built in DataLoader
+worker processes, in any order, while the GPU trains (a BABILong batch costs about as much Python
+time as a GPU step); and data-parallel ranks draw disjoint rows of one batch (`first_row`,
+distributed.py): rank r of W with B rows draws rows [r * B, (r + 1) * B) of what one process with
+W * B rows draws.
 """
 import random
 import signal
@@ -46,6 +48,8 @@ class DataConfig:
                                 # (FocuSFT's "context" inner loss)
     workers: int = 0            # loader processes building batches ahead (0: in line)
     pin_memory: bool = False    # pinned host memory, for copies queued behind a GPU's work
+    first_row: int = 0          # this process's first row of the world's batch (data-parallel
+                                # rank r: r * rows; distributed.py)
 
     @property
     def docs_per_row(self) -> int:
@@ -68,15 +72,27 @@ def data_source(cfg: DataConfig):
 
 def get_batch(cfg: DataConfig, enc, source, step: int, micro: int, split: str = "train",
               rows: int = 0) -> dict:
-    """One micro-batch of CPU tensors (see packing.pack_rows), a pure function of
-    (seed, split, step, micro). With FocuSFT's "context" inner loss, also that loss's targets
-    ("context_targets", packing.context_targets), so that their positions too are found on the host
-    (to_device)."""
-    rng = random.Random(f"{split}-{cfg.seed}-{step}-{micro}")
+    """One micro-batch of CPU tensors (see packing.pack_rows): `rows` (default cfg.rows) rows of
+    the world's batch from cfg.first_row on, each a pure function of (seed, split, step, micro,
+    row). With FocuSFT's "context" inner loss, also that loss's targets ("context_targets",
+    packing.context_targets), so that their positions too are found on the host (to_device)."""
+    first = cfg.first_row
+    parts = [batch_row(cfg, enc, source, step, micro, split, row)
+             for row in range(first, first + (rows or cfg.rows))]
+    batch = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+    if cfg.context_targets:
+        batch["context_targets"] = packing.context_targets(batch)
+    return batch
+
+
+def batch_row(cfg: DataConfig, enc, source, step: int, micro: int, split: str, row: int) -> dict:
+    """Row `row` of the world's batch at (step, micro), as a batch of one row: drawn from its own
+    generator, so that it does not depend on the rows beside it (nor on who draws them)."""
+    rng = random.Random(f"{split}-{cfg.seed}-{step}-{micro}-{row}")
     tasks = list(cfg.tasks)
     hay, stories = source[0][split], source[1][split] if source[1] else None
     draw = lambda r, n: babilong.draw_haystack(enc, r, hay, n)                # noqa: E731
-    rows, pack = rows or cfg.rows, dict(max_docs=cfg.docs_per_row, bos=cfg.bos)
+    rows, pack = 1, dict(max_docs=cfg.docs_per_row, bos=cfg.bos)
     if cfg.data == "synthetic":
         batch = packing.pack_batch(enc, rng, draw, rows, cfg.ctx, tasks, cfg.min_len, cfg.max_len,
                                    cfg.objective, **pack)
@@ -89,8 +105,6 @@ def get_batch(cfg: DataConfig, enc, source, step: int, micro: int, split: str = 
         def sample(room):  # a BABILong sample that fits in `room` tokens
             return babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split)
         batch = packing.pack_rows(sample, rows, cfg.ctx, cfg.objective, **pack)
-    if cfg.context_targets:
-        batch["context_targets"] = packing.context_targets(batch)
     return batch
 
 

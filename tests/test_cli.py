@@ -353,12 +353,12 @@ def readme_commands() -> list[str]:
 
 
 def test_the_readmes_training_commands_each_have_their_own_out():
-    """Run top to bottom in a fresh clone, no training command finds its --out holding another's run
-    (which train.py refuses): every new run (not --resume) names its own."""
+    """Run top to bottom in a fresh clone, no training command (python or torchrun) finds its --out
+    holding another's run (which train.py refuses): every new run (not --resume) names its own."""
     outs = []
     for command in readme_commands():
         words = command.split()
-        if words[:2] == ["python", "train.py"] and "--resume" not in words:
+        if words[0] in ("python", "torchrun") and "train.py" in words and "--resume" not in words:
             outs.append(words[words.index("--out") + 1] if "--out" in words
                         else config.parser().get_default("out"))
     assert len(outs) >= 5 and len(set(outs)) == len(outs), outs

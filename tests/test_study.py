@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 from conftest import ROOT
 
 import checkpoint
@@ -209,7 +210,7 @@ def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(
     running, most, seen = [0], [0], {}
     lock = threading.Lock()
 
-    def fake_train(name, out, flags, clock):
+    def fake_train(name, out, flags, clock, gpu=None):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
@@ -219,6 +220,7 @@ def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(
         seen[name] = flags
         return {"name": name}
     monkeypatch.setattr(study, "train", fake_train)
+    monkeypatch.setattr(study, "gpus", lambda: [None])      # one GPU, or none
     args = study.get_args(["--parallel", "2"])
     jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
     got = study.side_by_side(args, study.Clock(5), jobs)
@@ -249,3 +251,31 @@ def test_a_failed_run_ends_the_study_in_one_line_that_names_its_output(tmp_path,
     assert said.startswith("study.py: error: arm sft seed 1 failed; its output: ")
     assert str(tmp_path / "sft_s1.out") in said and ("--parallel" in said) == memory
     assert not (tmp_path / "sft_s1" / "done").exists()
+
+
+def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=3,5: five runs, two at a time (--parallel 1), each seeing one of the two
+    GPUs (by their names) and never two on the same GPU at once; their times are not shared."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert study.gpus() == ["3", "5"]
+    on, most, seen = {"3": 0, "5": 0}, [0], {}
+    lock = threading.Lock()
+
+    def fake_train(name, out, flags, clock, gpu=None):
+        with lock:
+            on[gpu] += 1
+            most[0] = max(most[0], *on.values())
+        time.sleep(0.1)
+        with lock:
+            on[gpu] -= 1
+        seen[name] = gpu
+        return {"name": name}
+    monkeypatch.setattr(study, "train", fake_train)
+    jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
+    got = study.side_by_side(study.get_args([]), study.Clock(5), jobs)
+    assert most[0] == 1 and set(seen.values()) == {"3", "5"} and len(seen) == 5
+    assert all(r["shared"] is False for r in got.values())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert study.gpus() == [None]                       # one GPU: the runs share it (--parallel)
