@@ -229,8 +229,8 @@ def test_train_refusals_exit_2_with_one_line_and_no_folder(tmp_path):
     ("[{", "qa1/0k.json is not a JSON file of samples"),                          # cut short
     # not text (not ours)
     (b"PK\x03\x04\xff\xfe", "qa1/0k.json is not a JSON file of samples"),
-    (None, "qa1/0k.json is a folder, not a BABILong file"),
-    ("missing", "no BABILong file"),
+    (None, "qa1/0k.json is a folder, not a file of samples"),
+    ("missing", "no sample file"),
 ])
 def test_a_bad_sample_file_is_one_line_naming_the_file_and_sample(tmp_path, capsys, no_model,
                                                                    tiny_ckpt, content, why):
