@@ -13,7 +13,7 @@ import torch
 import checkpoint
 from attention import BACKENDS, FLASH_INSTALL, flash_backend_available
 from cli import Parser, number, output_problem, refuse
-from data import babi, batches, packing, tokenizer
+from data import babi, batches, cwe, packing, tokenizer
 from fastweights import PROJECTIONS, InnerConfig
 from model import PRESETS
 
@@ -57,14 +57,16 @@ def parser(description: str = "") -> Parser:
     nonnegative, above_zero = number(float, 0), number(float, 0, above=True)
     # --- data ---
     p.add_argument("--ctx", type=positive, default=8192, help="tokens per training row")
-    p.add_argument("--data", choices=["babilong", "synthetic", "books"], default="babilong",
+    p.add_argument("--data", choices=["babilong", "cwe", "babilong+cwe", "synthetic", "books"], default="babilong",
                    help="babilong: one-question samples built by BABILong's recipe (babilong.py), the format "
-                        "eval_babilong.py uses; synthetic: multi-turn stories (every question a response turn); "
-                        "books: stretches of the haystack's books (with --objective lm: pretraining)")
+                        "eval_babilong.py uses; cwe: RULER's common-words extraction (data/cwe.py, eval_ruler.py); "
+                        "babilong+cwe: each sample one or the other at random; synthetic: multi-turn stories (every "
+                        "question a response turn); books: stretches of the haystack's books (with --objective lm: "
+                        "pretraining)")
     p.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI tasks to draw samples from")
     p.add_argument("--lengths", default="0k,1k,2k,4k,8k",
-                   help="--data babilong: sample lengths (Nk = N*1000 GPT-2 tokens); those longer than --ctx are "
-                        "dropped")
+                   help="--data babilong, cwe: sample lengths (Nk = N*1000 GPT-2 tokens; N*1024 for CWE, which "
+                        "skips 0k); those longer than --ctx are dropped")
     p.add_argument("--curriculum", type=int, choices=[0, 1], default=None,
                    help="--data babilong: 1 = the shortest length alone for the first half of the steps, then "
                         "the others one at a time, shortest first (default " + by_device("curriculum") + ")")
@@ -220,9 +222,10 @@ def check_args(args):
     it was read, get_args), before anything is built: the first problem, as one line."""
     bad = [device_problem(args.device),
            f"--min-len ({args.min_len}) must be between {packing.MIN_SAMPLE_TOKENS} (a turn of a story) and --ctx"
-           if args.data != "babilong" and not packing.MIN_SAMPLE_TOKENS <= args.min_len <= args.ctx else None,
+           if args.data in ("synthetic", "books") and not packing.MIN_SAMPLE_TOKENS <= args.min_len <= args.ctx
+           else None,
            f"--max-len ({args.max_len}) must be between --min-len and --ctx"
-           if args.data != "babilong" and not args.min_len <= args.max_len <= args.ctx else None,
+           if args.data in ("synthetic", "books") and not args.min_len <= args.max_len <= args.ctx else None,
            "--data books is plain text, with no answers: train it with --objective lm"
            if args.data == "books" and args.objective != "lm" else None,
            "--babi-dir serves --data babilong (the multi-turn stories come from babi.py)"
@@ -236,10 +239,13 @@ def check_args(args):
            if args.resume and not os.path.exists(checkpoint.path(args.out)) else None]
     unknown = set(args.tasks.split(",")) - set(babi.TASKS)
     bad.append(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(babi.TASKS)}" if unknown else None)
-    if args.data == "babilong" and not unknown:
+    if args.data in ("babilong", "cwe", "babilong+cwe") and not unknown:
         try:
             fits = batches.lengths_at(data_config(args), args.steps)
-            bad.append(None if fits else f"--lengths: none of {args.lengths} fits --ctx {args.ctx}")
+            bad.append(None if fits else f"--lengths: none of {args.lengths} fits --ctx {args.ctx}"
+                       + (" (CWE starts at 1k)" if args.data == "cwe" else ""))
+            if "cwe" in args.data:
+                cwe.word_pool()                         # wonderwords installed
         except (OSError, ValueError, RuntimeError) as e:
             bad.append(str(e))
     unknown = set(args.inner_targets.split(",")) - set(PROJECTIONS)

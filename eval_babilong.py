@@ -47,7 +47,8 @@ HUB = "RMT-team/babilong"                         # the benchmark on the HF hub 
 OFFICIAL = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
 READING_TITLE = "reading: accuracy where the baseline is wrong (echoing the last-named label scores 0 here)"
 PROG = "eval_babilong.py"                         # the name its refusals give
-FIELDS = ("input", "question", "target")          # a sample of the benchmark, every one a string
+FIELDS = {"input": str, "question": str, "target": str}   # a sample of the benchmark, and its types
+KINDS = {str: "a string", list: "a list"}         # a type as a refusal names it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,29 +117,35 @@ def read_samples(source: str, task: str, length: str, revision: str) -> list[dic
         rows = books.from_hub(where, lambda datasets: datasets.load_dataset(HUB, length, split=task,
                                                                             revision=revision))
         return check_samples(list(rows), where)
-    path = babilong.hub_path(source, task, length)
+    return read_local(source, task, length)
+
+
+def read_local(root: str, task: str, length: str, fields: dict = FIELDS) -> list[dict]:
+    """Samples from a local hub-layout folder; ValueError, naming the file, if they are not samples with these
+    fields (check_samples)."""
+    path = babilong.hub_path(root, task, length)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a BABILong file")
+        raise ValueError(f"{path} is a folder, not a file of samples")
     try:
-        rows = babilong.read_hub(source, task, length)
+        rows = babilong.read_hub(root, task, length)
     except ValueError as e:                     # not JSON (empty, cut short, another kind of file), not UTF-8
         raise ValueError(f"{path} is not a JSON file of samples ({type(e).__name__}: {e})") from None
-    return check_samples(rows, str(path))
+    return check_samples(rows, str(path), fields)
 
 
-def check_samples(rows, where: str) -> list[dict]:
-    """The samples, if they are what the benchmark's files hold: a list of objects with string FIELDS (other keys
-    are dropped); else ValueError naming `where` and the first bad sample by its index, where[i]."""
+def check_samples(rows, where: str, fields: dict = FIELDS) -> list[dict]:
+    """The samples, if they are what the benchmark's files hold: a list of objects with `fields` of their types
+    (other keys are dropped); else ValueError naming `where` and the first bad sample by its index, where[i]."""
     if not isinstance(rows, list):
         raise ValueError(f"{where}: expected a JSON list of samples, found a {type(rows).__name__}")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}[{i}]: a sample is an object with {', '.join(FIELDS)}; found {row!r:.40}")
-        bad = next((k for k in FIELDS if not isinstance(row.get(k), str)), None)
+            raise ValueError(f"{where}[{i}]: a sample is an object with {', '.join(fields)}; found {row!r:.40}")
+        bad = next((k for k in fields if not isinstance(row.get(k), fields[k])), None)
         if bad:                                 # None: the hub's rows have every column, null where a row had none
             raise ValueError(f"{where}[{i}]: " + (f"no {bad!r}" if row.get(bad) is None else
-                                                  f"{bad!r} must be a string; found {row[bad]!r:.40}"))
-    return [{k: row[k] for k in FIELDS} for row in rows]
+                                                  f"{bad!r} must be {KINDS[fields[bad]]}; found {row[bad]!r:.40}"))
+    return [{k: row[k] for k in fields} for row in rows]
 
 
 def prompt_for(enc, sample: dict, task: str, style: str, parts: dict, bos: bool = False) -> list[int]:
@@ -174,20 +181,26 @@ def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device,
     records = [None] * len(samples)
     stop = (NEWLINE, tokenizer.PAD_ID) if style == "trained" else (tokenizer.PAD_ID,)   # our answers end at a newline
     prompts = [prompt_for(enc, s, task, style, parts or {}, bos) for s in samples]
+    for i, output, seconds in decode_all(model, enc, prompts, mask_kind, device, MAX_NEW_TOKENS, stop):
+        s, guess = samples[i], last_mentioned(samples[i], task)
+        records[i] = {**s, "output": output, "correct": is_correct(s["target"], output, s["question"], task),
+                      "last_mentioned": guess,
+                      "baseline_correct": is_correct(s["target"], guess, s["question"], task),
+                      "prompt_tokens": len(prompts[i]), "seconds": seconds}
+        records[i].pop("input")
+        tick()
+    return records
+
+
+def decode_all(model, enc, prompts: list[list[int]], mask_kind: str, device, max_new: int, stop: tuple):
+    """Greedy answers to the prompts, decoded in batches (decoding_batches): (index, text, seconds) for each
+    prompt, batch by batch; a prompt's seconds are its batch's time over the batch's rows."""
     for batch in decoding_batches([len(p) for p in prompts], EVAL_TOKENS):
         t0 = time.perf_counter()
-        outputs = generate_batch(model, [prompts[i] for i in batch], mask_kind, device, MAX_NEW_TOKENS, stop)
+        outputs = generate_batch(model, [prompts[i] for i in batch], mask_kind, device, max_new, stop)
         outputs = [enc.decode(tokens) for tokens in outputs]
         seconds = (time.perf_counter() - t0) / len(batch)
-        for i, output in zip(batch, outputs):
-            s, guess = samples[i], last_mentioned(samples[i], task)
-            records[i] = {**s, "output": output, "correct": is_correct(s["target"], output, s["question"], task),
-                          "last_mentioned": guess,
-                          "baseline_correct": is_correct(s["target"], guess, s["question"], task),
-                          "prompt_tokens": len(prompts[i]), "seconds": seconds}
-            records[i].pop("input")
-            tick()
-    return records
+        yield from ((i, output, seconds) for i, output in zip(batch, outputs))
 
 
 def heatmap(acc: dict, tasks: list[str], lengths: list[str], path: str):
@@ -303,12 +316,9 @@ def cell(value: float | None) -> str:
 
 
 def run_eval(args, enc, tasks, lengths):
-    """--ckpt: every input checked (the device, --out, --prompt-parts, the checkpoint, every sample file) before
-    the model is built or anything written; then the tables, predictions.json and heatmap.png."""
-    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
-    problem = device_problem(args.device) or output_problem("--out", out)
-    if problem:
-        refuse(PROG, problem)
+    """--ckpt: every input checked (--prompt-parts, then as checked_run: the device, --out, the checkpoint, every
+    sample file) before the model is built or anything written; then the tables, predictions.json and
+    heatmap.png."""
     parts = {}
     if args.prompt_parts:
         try:
@@ -318,20 +328,8 @@ def run_eval(args, enc, tasks, lengths):
             refuse(PROG, f"--prompt-parts: {e}")
     if not (isinstance(parts, dict) and all(isinstance(v, dict) for v in parts.values())):
         refuse(PROG, "--prompt-parts: expected a JSON object {task: {instruction, examples, post_prompt}}")
-    try:
-        ckpt = checkpoint.load(args.ckpt)
-    except checkpoint.NotACheckpoint as e:
-        refuse(PROG, f"--ckpt: {e}")
-    try:                                                    # all samples first: a bad file fails before any work
-        todo = {(t, n): read_samples(args.data, t, n, args.revision)[:args.n] for n in lengths for t in tasks}
-    except (OSError, ValueError, RuntimeError) as e:
-        refuse(PROG, f"--data: {e}")
-    model, config = model_for(ckpt, args.device), ckpt["config"]
-    os.makedirs(out, exist_ok=True)
-    torch._dynamo.config.cache_size_limit = 64             # one flex graph per (rows, padded size)
-    mask_kind = args.mask or config["args"]["mask"]
-    bos = bool(config["args"].get("bos"))                 # prompts open as the model's training samples did
-    autocast = model_autocast(args.device, args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
+    model, mask_kind, bos, autocast, todo, out = checked_run(PROG, args, lambda: {
+        (t, n): read_samples(args.data, t, n, args.revision)[:args.n] for n in lengths for t in tasks})
     total, done, bar = sum(len(v) for v in todo.values()), 0, sys.stderr.isatty()
     def tick():                 # a progress bar on a terminal (nothing in a log file); task, length: the loop's
         nonlocal done
@@ -374,13 +372,43 @@ def run_eval(args, enc, tasks, lengths):
     print(f"wrote {out}/predictions.json")
 
 
+def checked_run(prog: str, args, read) -> tuple:
+    """What --ckpt evaluates, every input refused in one line naming its flag before the model is built or anything
+    written: the device, --out (default: beside --ckpt), the checkpoint, then every sample file (read() -> the
+    samples; all first, so a bad file fails before any work). Returns (model, mask, bos, autocast, samples, out):
+    the mask the model trained with (or --mask), whether its prompts open with BOS as its training samples did,
+    and the autocast of --dtype (default bf16 on cuda, as train.py trains)."""
+    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    problem = device_problem(args.device) or output_problem("--out", out)
+    if problem:
+        refuse(prog, problem)
+    try:
+        ckpt = checkpoint.load(args.ckpt)
+    except checkpoint.NotACheckpoint as e:
+        refuse(prog, f"--ckpt: {e}")
+    try:
+        samples = read()
+    except (OSError, ValueError, RuntimeError) as e:
+        refuse(prog, f"--data: {e}")
+    model, recorded = model_for(ckpt, args.device), ckpt["config"]["args"]
+    os.makedirs(out, exist_ok=True)
+    torch._dynamo.config.cache_size_limit = 64             # one flex graph per (rows, padded size)
+    autocast = model_autocast(args.device, args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
+    return model, args.mask or recorded["mask"], bool(recorded.get("bos")), autocast, samples, out
+
+
 @torch.no_grad()
 def length_stats(model, enc, sample: dict, task: str, mask_kind: str, device, style: str, parts: dict,
                  bos: bool = False) -> dict:
-    """Sink mass / engagement on one prompt (as evaluated) plus its target answer as the response turn
-    (padded as generate pads prompts)."""
-    ids = prompt_for(enc, sample, task, style, parts, bos)
-    answer = packing.answer_ids(enc, sample["target"])
+    """Sink mass / engagement on one prompt (as evaluated) plus its target answer as the response turn."""
+    return prompt_stats(model, prompt_for(enc, sample, task, style, parts, bos),
+                        packing.answer_ids(enc, sample["target"]), mask_kind, device)
+
+
+@torch.no_grad()
+def prompt_stats(model, ids: list[int], answer: list[int], mask_kind: str, device) -> dict:
+    """Sink mass / engagement on a prompt's tokens plus an answer's as the response turn (padded as generate
+    pads prompts)."""
     n = len(ids) + len(answer)
     idx, S = padded([ids + answer], device)
     loss_mask = torch.zeros(1, S, dtype=torch.long, device=device)

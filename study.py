@@ -10,14 +10,16 @@ whose attention drains into sinks, so the study first makes one. Stages, each a 
 it is there (run the command again to resume after a stop):
 
   base      a causal LM pretrained on book text (train.py --objective lm --data books --bos 1), then briefly on
-            short BABILong samples as text (so that it knows the question format, as a pretrained model would);
-            sink mass, sink rate and engagement on held-out books are logged as it trains
+            short BABILong and RULER CWE samples as text (so that it knows the question formats, as a pretrained
+            model would); sink mass, sink rate and engagement on held-out books are logged as it trains
   sweep     the inner loop's learning rate (and steps), chosen on a validation split of the training distribution (held-out
             questions in held-out books), never on the test data: short FocuSFT runs from the base
-  arms      from the base, the same data, seed and steps: SFT (causal), hybrid mask only, inner loop only,
-            FocuSFT, and SFT given FocuSFT's time (more steps); SFT and FocuSFT with --seeds seeds
+  arms      from the base, the same data (BABILong and CWE samples, half each), seed and steps: SFT (causal),
+            hybrid mask only, inner loop only, FocuSFT, and SFT given FocuSFT's time (more steps); SFT and FocuSFT
+            with --seeds seeds
   eval      BABILong qa1-qa5 at 0k-32k (the bAbI test split in books no stage read), each model under its own
-            mask and the causal one; attention statistics at 4K and 16K
+            mask and the causal one; attention statistics at 4K and 16K. RULER CWE (eval_ruler.py) at 4K-32K,
+            each model under its own mask, with attention statistics at each length
   report    results.json, results.md (the tables) and PNG figures (study_report.py)
 
 Ideas to hold: every training stage is a train.py command (recorded in results.json, runnable by hand), and
@@ -42,8 +44,9 @@ import torch
 
 import checkpoint
 import eval_babilong
+import eval_ruler
 from cli import Parser, number, output_problem
-from data import babilong, books, tokenizer
+from data import babilong, books, cwe, tokenizer
 from model import autocast
 from study_report import TASKS, log_records, markdown_table, mean, report, sweep_table
 
@@ -60,7 +63,8 @@ class Plan:
     base_steps: int = 1200            # book-text pretraining steps
     base_lr: float = 3e-3             # its peak AdamW rate
     base_wd: float = 0.1              # its weight decay (Gu et al.: more decay, stronger sinks)
-    qa_steps: int = 200               # then next-token training on short BABILong samples (0k, 1k) as text
+    qa_steps: int = 200               # then next-token training on short samples of `data` (0k, 1k) as text
+    data: str = "babilong+cwe"        # train.py --data of that stage, the sweep and the arms
     arm_steps: int = 400              # fine-tuning steps of every arm
     arm_lr: float = 3e-4              # their peak AdamW rate
     train_lengths: str = "0k,1k,2k,4k,8k"
@@ -72,13 +76,18 @@ class Plan:
     eval_n: int = 20                  # samples per task and length
     stats_n: int = 5                  # samples per length for the attention statistics (one per task)
     stats_every: int = 100            # training-log statistics every N steps
+    cwe_lengths: tuple = ("4k", "8k", "16k", "32k")   # RULER CWE's test lengths (N*1024 tokens), the paper's range
+    # CWE samples per length. Each scores 10 words, so a cell of 20 checks 200; the CWE evaluation is then 8 models
+    # x 4 lengths x 20 = 640 prompts, under each model's own mask only: about a tenth of BABILong's prompt tokens
+    cwe_n: int = 20
     extra: list = field(default_factory=list)   # more train.py flags for every run (e.g. --workers 0)
 
 
 FULL = Plan()
 QUICK = Plan(model="tiny", ctx=512, batch=2, base_steps=4, qa_steps=2, arm_steps=3, arm_lr=1e-3,
              train_lengths="0k", sweep_lrs=(0.03, 1.0), sweep_inner_steps=(1, 2), sweep_steps=2, seeds=(1, 2), eval_lengths=("0k", "1k"),
-             eval_n=1, stats_n=1, stats_every=2, extra=["--device", "cpu", "--workers", "0"])
+             eval_n=1, stats_n=1, stats_every=2, cwe_lengths=("1k",), cwe_n=1,
+             extra=["--device", "cpu", "--workers", "0"])
 
 
 def with_changes(plan: Plan, changes: list[str]) -> Plan:
@@ -231,7 +240,7 @@ def stage_base(plan: Plan, args, out: Path, clock: Clock) -> dict:
     final = out / "base_books"
     if plan.qa_steps:
         runs["qa"] = train("base (short QA as text)", out / "base", common(plan, args) + [
-            "--objective", "lm", "--data", "babilong", "--lengths", "0k,1k", "--steps", str(plan.qa_steps),
+            "--objective", "lm", "--data", plan.data, "--lengths", "0k,1k", "--steps", str(plan.qa_steps),
             "--lr", str(plan.base_lr / 3), "--init", str(final / checkpoint.FILE), "--seed", "0"], clock)
         final = out / "base"
     runs["checkpoint"] = str(final / checkpoint.FILE)
@@ -242,9 +251,9 @@ def stage_base(plan: Plan, args, out: Path, clock: Clock) -> dict:
 
 
 def arm_flags(plan: Plan, args, base: str, seed: int, steps: int) -> list[str]:
-    """Fine-tuning from the base on BABILong rows, every length from the first step (the base has already
+    """Fine-tuning from the base on rows of plan.data, every length from the first step (the base has already
     learned the question format on short samples: no curriculum)."""
-    return common(plan, args) + ["--init", base, "--data", "babilong", "--lengths", plan.train_lengths,
+    return common(plan, args) + ["--init", base, "--data", plan.data, "--lengths", plan.train_lengths,
                                  "--curriculum", "0", "--steps", str(steps), "--lr", str(plan.arm_lr),
                                  "--seed", str(seed)]
 
@@ -308,6 +317,11 @@ def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock
                             str(plan.eval_n), "--haystack", args.test_books, "--seed", "0"]
                            + (["--babi-dir", args.babi_dir] if args.babi_dir else []))
         (test_dir / "done").write_text("")
+    cwe_dir = out / "cwe_data"                      # RULER CWE samples (no books, no stories)
+    if not (cwe_dir / "done").exists():
+        eval_ruler.main(["--make-data", str(cwe_dir), "--lengths", ",".join(plan.cwe_lengths), "--n",
+                         str(plan.cwe_n), "--seed", "0"])
+        (cwe_dir / "done").write_text("")
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"    # (--quick trains on the CPU)
     torch._dynamo.config.cache_size_limit = 64      # compiled flex: one graph per (rows, padded length, mask)
     stats_at = [n for n in STATS_LENGTHS if n in plan.eval_lengths] or [plan.eval_lengths[-1]]
@@ -327,6 +341,7 @@ def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock
                                                         task, mask, device, bos=bos)]
                     result["stats"][mask] = {n: length_stats(plan, model, enc, test_dir, n, mask, device, bos)
                                              for n in stats_at}
+                result["cwe"] = cwe_results(plan, model, enc, cwe_dir, own, device, bos)
             file.parent.mkdir(exist_ok=True)
             write_json(file, result)
             del model
@@ -341,6 +356,19 @@ def length_stats(plan: Plan, model, enc, test_dir: Path, length: str, mask: str,
                                        TASKS[i % 5], mask, device, "trained", {}, bos=bos)
             for i in range(plan.stats_n)]
     return {k: mean(r[k] for r in rows) for k in rows[0]}
+
+
+def cwe_results(plan: Plan, model, enc, cwe_dir: Path, mask: str, device, bos: bool) -> dict:
+    """RULER CWE under the model's own mask: each sample's score and output, and at each length the attention
+    statistics averaged over its first stats_n samples."""
+    records, stats = [], {}
+    for length in plan.cwe_lengths:
+        samples = eval_ruler.read_cwe(str(cwe_dir), length)
+        records += [{"length": length, "score": r["score"], "output": r["output"]}
+                    for r in eval_ruler.evaluate(model, enc, samples, mask, device, bos)]
+        rows = [eval_ruler.length_stats(model, enc, s, mask, device, bos) for s in samples[:plan.stats_n]]
+        stats[length] = {k: mean(r[k] for r in rows) for k in rows[0]}
+    return {"records": records, "stats": stats}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,7 +417,7 @@ def get_args(argv=None):
                         "one at a time); given several GPUs, the runs spread over them, each seeing one")
     p.add_argument("--until", choices=["base", "sweep"], default=None,
                    help="stop after this stage, its results in results.json (and the sweep's table printed); "
-                        "the command without it goes on from there")
+                        "the command without it goes on from there (default: none, every stage)")
     p.add_argument("--report", action="store_true",
                    help="only rewrite results.md and the figures from --out's results.json and logs (no training)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -412,6 +440,12 @@ def get_args(argv=None):
                 p.error(f"{flag}: {e}")
     if args.babi_dir and not Path(args.babi_dir).is_dir():
         p.error(f"--babi-dir: no folder {args.babi_dir}")
+    try:
+        for length in args.plan.cwe_lengths:
+            cwe.budget(length)                      # a length CWE can be made at
+        cwe.word_pool()                             # wonderwords' word lists, before any stage runs
+    except (ValueError, RuntimeError) as e:
+        p.error(f"CWE: {e}")
     return args
 
 

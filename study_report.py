@@ -4,6 +4,7 @@
 The tables compare each model under its own mask and the causal one; FocuSFT and SFT are compared on
 the same test samples (paired differences with standard errors, exact sign tests), and the answers'
 form is counted, since past the trained lengths a model may stop answering in an answer's form.
+RULER CWE has its own tables and figure (cwe.png) where the study recorded it.
 """
 import json
 import math
@@ -46,13 +47,17 @@ def top_output_share(records: list[dict], lengths) -> float:
     return max(map(outputs.count, set(outputs))) / len(outputs) if outputs else math.nan
 
 
-def paired(a: list[dict], b: list[dict], lengths) -> dict:
-    """a minus b on the same test samples (of `lengths`): the accuracy difference, its standard
-    error over the samples, and the exact two-sided sign test (McNemar) on the samples only one of
-    them gets right."""
-    pairs = [(x["correct"], y["correct"]) for x, y in zip(a, b) if x["length"] in lengths]
-    diffs = [float(x) - float(y) for x, y in pairs]
-    only_a, only_b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+def cwe_score(records: list[dict], length: str | None = None) -> float:
+    """Mean RULER CWE score (share of the 10 words found) of the records (of one length)."""
+    return mean(r["score"] for r in records if length is None or r["length"] == length)
+
+
+def paired(a: list[dict], b: list[dict], lengths, key: str = "correct") -> dict:
+    """a minus b on the same test samples (of `lengths`): the difference of their mean `key`
+    (accuracy; a CWE score), its standard error over the samples, and the exact two-sided sign test
+    on the samples where one is ahead (McNemar's, for right / wrong)."""
+    diffs = [float(x[key]) - float(y[key]) for x, y in zip(a, b) if x["length"] in lengths]
+    only_a, only_b = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     n, k = only_a + only_b, min(only_a, only_b)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
     d = mean(diffs)
@@ -94,10 +99,7 @@ def report(out: Path, plan, res: dict):
     comparisons = [(f"focusft/{s}", f"sft/{s}") for s in plan.seeds]
     comparisons.append((f"focusft/{first}", f"sft_time/{first}"))
     table("Paired differences on the same test samples (own masks): A minus B ± its standard error "
-          "over samples", ["A - B", *lengths, both],
-          [[f"{a} - {b}", *[f"{d['diff']:+.2f} ± {d['se']:.2f}"
-                            for n in [*([x] for x in lengths), long]
-                            for d in [paired(own(a), own(b), n)]]] for a, b in comparisons])
+          "over samples", ["A - B", *lengths, both], paired_rows(comparisons, own, lengths, long))
     table(f"Exact sign tests over {both}: samples only A / only B gets right",
           ["A - B", "only A", "only B", "p"],
           [[f"{a} - {b}", str(d["only_a"]), str(d["only_b"]), f"{d['p']:.3g}"]
@@ -113,8 +115,25 @@ def report(out: Path, plan, res: dict):
     stats_at = list(ev["base"]["stats"][ev["base"]["mask"]])
     table("Attention on test samples, own mask: sink mass / sink rate / engagement",
           ["model", *stats_at],
-          [[name, *[f"{s['sink_mass']:.3f} / {s['sink_rate']:.2f} / {s['engagement']:.3f}"
-                    for s in ev[name]["stats"][ev[name]["mask"]].values()]] for name in ev])
+          [[name, *map(attention, ev[name]["stats"][ev[name]["mask"]].values())] for name in ev])
+    cwe = [name for name in ev if "cwe" in ev[name]]    # (a study recorded before CWE has none)
+    if cwe:
+        cwe_lengths = list(plan.cwe_lengths)
+        def cwe_records(name: str) -> list[dict]:
+            return ev[name]["cwe"]["records"]
+        table("RULER CWE: share of the 10 common words in the output (RULER's string_match_all), "
+              f"each model under its own mask ({plan.cwe_n} samples per length)",
+              ["model", "mask", *cwe_lengths, "mean"],
+              [[name, ev[name]["mask"],
+                *[fmt(cwe_score(cwe_records(name), n)) for n in cwe_lengths],
+                fmt(cwe_score(cwe_records(name)))] for name in cwe])
+        table("RULER CWE, paired differences on the same samples: A minus B ± its standard error "
+              "over samples", ["A - B", *cwe_lengths, "all"],
+              paired_rows([(a, b) for a, b in comparisons if a in cwe and b in cwe], cwe_records,
+                          cwe_lengths, cwe_lengths, "score"))
+        table("RULER CWE attention, own mask: sink mass / sink rate / engagement",
+              ["model", *cwe_lengths],
+              [[name, *map(attention, ev[name]["cwe"]["stats"].values())] for name in cwe])
     curves = training_curves(out, res)
     table("During training: held-out rows of the training distribution, own mask (first -> last "
           "check); the inner loop over the last fifth of the steps",
@@ -160,6 +179,20 @@ def sweep_table(plan, sweep: dict) -> tuple:
               f"{r['val_acc']:.3f} (n={r['val_n']})",
               f"{r['inner_before']:.3f} -> {r['inner_after']:.3f}", f"{r['moved']:.3g}"]
              for key, r in sweep["runs"].items()])
+
+
+def paired_rows(comparisons: list, records, lengths: list, together: list,
+                key: str = "correct") -> list[list[str]]:
+    """A table's rows of paired differences: A - B ± its standard error at each length, then over
+    the lengths `together`; records(name) -> that model's records."""
+    return [[f"{a} - {b}", *[f"{d['diff']:+.2f} ± {d['se']:.2f}"
+                             for n in [*([x] for x in lengths), together]
+                             for d in [paired(records(a), records(b), n, key)]]]
+            for a, b in comparisons]
+
+
+def attention(stats: dict) -> str:
+    return f"{stats['sink_mass']:.3f} / {stats['sink_rate']:.2f} / {stats['engagement']:.3f}"
 
 
 def training_curves(out: Path, res: dict) -> dict:
@@ -209,6 +242,17 @@ def figures(out: Path, plan, res: dict, curves: dict, comparisons: list):
     ax.set_ylabel("accuracy difference (± s.e.)")
     ax.legend(fontsize=7)
     save(fig, out / "focusft_minus_sft.png")
+    if all("cwe" in e for e in ev.values()):
+        cwe_lengths = list(plan.cwe_lengths)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name, e in ev.items():
+            scores = [cwe_score(e["cwe"]["records"], n) for n in cwe_lengths]
+            ax.plot(range(len(cwe_lengths)), scores, marker="o", label=name)
+        ax.set_xticks(range(len(cwe_lengths)), cwe_lengths)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("RULER CWE score (own mask)")
+        ax.legend(fontsize=7)
+        save(fig, out / "cwe.png")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for name, c in curves.items():
         axes[0].plot(c["loss"], lw=0.8, label=name)

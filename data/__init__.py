@@ -5,6 +5,7 @@ step.
     books.py      haystack text: synthetic prose, a folder of Project Gutenberg books, or PG19
                   (online)
     babilong.py   BABILong's recipe: a story's facts hidden in order through book text, one question
+    cwe.py        RULER's common-words extraction: a numbered list of words, its 10 most common
     packing.py    samples (multi-turn or one question) packed into rows of --ctx tokens, their
                   targets
     tokenizer.py  GPT-2's BPE, offline, and the token ids the data and the model agree on
@@ -12,5 +13,5 @@ step.
 
 Arrows run down this list's dependencies only: babi and tokenizer import nothing of the project,
 books nothing but the standard library, packing babi and tokenizer (and model.py's IGNORE), babilong
-those and books, batches all of them (and model.target_positions).
+those and books, cwe packing and tokenizer, batches all of them (and model.target_positions).
 """

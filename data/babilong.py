@@ -39,7 +39,7 @@ import tiktoken
 
 from data import books
 from data.babi import TASKS, Turn, babi_file, make_story, read_babi
-from data.packing import answer_ids, hide_facts, prompt_ids
+from data.packing import hide_facts, question_sample
 from data.tokenizer import gpt2
 
 # the hub's configs up to 128K
@@ -250,10 +250,9 @@ def training_sample(enc: tiktoken.Encoding, rng: random.Random, hay: books.Libra
         task = rng.choice(tasks)
         s = make_samples(enc, rng, task, rng.choice(fits), 1, hay,
                          stories[task] if stories else None, split=split)[0]
-        prompt = prompt_ids(enc, s["input"], s["question"])
-        answer = answer_ids(enc, s["target"])
-        if len(prompt) + len(answer) <= room:
-            return prompt + answer, [0] * len(prompt) + [1] * len(answer)
+        ids, loss_mask = question_sample(enc, s["input"], s["question"], s["target"])
+        if len(ids) <= room:
+            return ids, loss_mask
     return None
 
 
@@ -278,7 +277,7 @@ def read_hub(root: str | Path, task: str, length: str) -> list[dict]:
     """The samples of a task at a length, as write_hub (or the hub itself) left them."""
     path = hub_path(root, task, length)
     if not path.is_file():
-        raise FileNotFoundError(f"no BABILong file {path} (task {task}, length {length})")
+        raise FileNotFoundError(f"no sample file {path} (task {task}, length {length})")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data import babilong, packing, tokenizer
+from data import babilong, cwe, packing, tokenizer
 from model import target_positions
 
 TOKENS_PER_DOC = 64  # rows hold at most ctx / 64 samples by default: per-sample fast weights need a
@@ -27,7 +27,8 @@ PREFETCH = 4         # batches each loader worker builds ahead: absorbs a slow b
 class DataConfig:
     """What a run's batches are made of: train.py's data flags as plain values (config.data_config),
     so that this layer never sees the command line. Picklable: loader workers get a copy."""
-    data: str                   # babilong, synthetic (multi-turn stories) or books (plain text)
+    data: str                   # babilong, cwe, babilong+cwe (each sample one or the other),
+                                # synthetic (multi-turn stories) or books (plain text)
     objective: str              # sft (answers are the targets) or lm (every next token)
     tasks: tuple[str, ...]      # bAbI tasks to draw stories from
     lengths: tuple[str, ...]    # --data babilong: sample lengths (0k, 1k, ...)
@@ -58,10 +59,10 @@ class DataConfig:
 
 
 def lengths_at(cfg: DataConfig, step: int) -> list[str]:
-    """--data babilong: the lengths a row can hold; with the curriculum, only the first stages' so
-    far."""
-    return babilong.training_lengths(list(cfg.lengths), cfg.ctx, step if cfg.curriculum else None,
-                                     cfg.steps)
+    """--data babilong, cwe: the lengths a row can hold (--data cwe: those it can be made at); with
+    the curriculum, only the first stages' so far."""
+    lengths = [n for n in cfg.lengths if cfg.data != "cwe" or cwe.makes(n)]
+    return babilong.training_lengths(lengths, cfg.ctx, step if cfg.curriculum else None, cfg.steps)
 
 
 def data_source(cfg: DataConfig):
@@ -102,8 +103,15 @@ def batch_row(cfg: DataConfig, enc, source, step: int, micro: int, split: str, r
         batch = packing.pack_rows(sample, rows, cfg.ctx, cfg.objective, **pack)
     else:
         lengths = lengths_at(cfg, cfg.steps if split == "eval" else step)
-        def sample(room):  # a BABILong sample that fits in `room` tokens
-            return babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split)
+        kinds = cfg.data.split("+")
+        def sample(room):  # a one-question sample that fits in `room` tokens, of a kind drawn at
+            # random (the other kind where none of it fits)
+            for kind in rng.sample(kinds, len(kinds)) if len(kinds) > 1 else kinds:
+                s = (cwe.training_sample(enc, rng, lengths, room) if kind == "cwe" else
+                     babilong.training_sample(enc, rng, hay, tasks, lengths, room, stories, split))
+                if s is not None:
+                    return s
+            return None
         batch = packing.pack_rows(sample, rows, cfg.ctx, cfg.objective, **pack)
     return batch
 

@@ -50,6 +50,14 @@ def prompt_ids(enc: tiktoken.Encoding, context: str, question: str) -> list[int]
     too)."""
     return (enc.encode_ordinary(" " + context.strip())
             + enc.encode_ordinary(QUESTION.format(question.strip())))
+
+
+def question_sample(enc: tiktoken.Encoding, context: str, question: str,
+                    answer: str) -> tuple[list[int], list[int]]:
+    """A one-question sample as training tokens, (ids, loss_mask): the prompt (prompt_ids), then the
+    answer (answer_ids) as the response."""
+    prompt, response = prompt_ids(enc, context, question), answer_ids(enc, answer)
+    return prompt + response, [0] * len(prompt) + [1] * len(response)
 STORY_TRIES = 10  # stories drawn before deciding n_tokens cannot hold even one turn of this task
 # --min-len's floor: holds a turn of almost every story (qa3, qa5 can fail below it)
 MIN_SAMPLE_TOKENS = 128

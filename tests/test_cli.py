@@ -17,6 +17,7 @@ import checkpoint
 import cli
 import config
 import eval_babilong
+import eval_ruler
 import study
 import train
 from bench import sections as bench
@@ -229,8 +230,8 @@ def test_train_refusals_exit_2_with_one_line_and_no_folder(tmp_path):
     ("[{", "qa1/0k.json is not a JSON file of samples"),                          # cut short
     # not text (not ours)
     (b"PK\x03\x04\xff\xfe", "qa1/0k.json is not a JSON file of samples"),
-    (None, "qa1/0k.json is a folder, not a BABILong file"),
-    ("missing", "no BABILong file"),
+    (None, "qa1/0k.json is a folder, not a file of samples"),
+    ("missing", "no sample file"),
 ])
 def test_a_bad_sample_file_is_one_line_naming_the_file_and_sample(tmp_path, capsys, no_model,
                                                                    tiny_ckpt, content, why):
@@ -313,6 +314,7 @@ def test_study_and_bench_flags_are_one_line(tmp_path, monkeypatch, capsys, main,
 
 @pytest.mark.parametrize("main,doc", [(train.main, train.__doc__),
                                       (eval_babilong.main, eval_babilong.__doc__),
+                                      (eval_ruler.main, eval_ruler.__doc__),
                                       (study.get_args, study.__doc__), (bench.main, bench.__doc__)])
 def test_help_shows_the_whole_description_and_every_default(capsys, main, doc):
     """--help prints the script's whole docstring (train.py's used to stop mid-sentence) and, for
@@ -374,7 +376,7 @@ def test_what_commands_write_is_ignored_by_git(tmp_path, monkeypatch):
     # (study.get_args tries its --out where it runs)
     monkeypatch.chdir(tmp_path)
     written = {config.parser().get_default("out"), study.get_args([]).out, "bench.json",
-               "babilong_data"}
+               "babilong_data", "ruler_data"}
     for command in readme_commands():
         words = command.split()
         written |= {words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--make-data")}

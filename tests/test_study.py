@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT
 
 import checkpoint
+import eval_ruler
 import study
 import study_report
 
@@ -30,7 +31,7 @@ def quick(tmp_path_factory):
 def test_every_stage_writes_its_files(quick):
     out, res = quick
     for name in ("results.json", "results.md", "heatmaps.png", "focusft_minus_sft.png",
-                 "training.png"):
+                 "training.png", "cwe.png"):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.rglob("*.tmp*"))                        # every file written whole
 
@@ -46,6 +47,7 @@ def test_every_arm_trained_from_the_base_for_its_steps(quick):
         records = study.log_records(out / "arms" / name.replace("/", "_s"))
         config = records[0]["config"]["args"]
         assert config["init"] == res["base"]["checkpoint"] and config["bos"] == 1
+        assert config["data"] == plan.data == "babilong+cwe"
         assert run["steps"] == config["steps"] >= plan.arm_steps
         assert (config["method"], config["mask"]) == {
             "sft": ("sft", "causal"), "hybrid": ("sft", "hybrid"), "inner": ("focusft", "causal"),
@@ -83,6 +85,29 @@ def test_every_model_is_evaluated_on_every_cell_and_the_tables_have_their_shape(
     rows = [line for line in own if line.startswith("| ") and not line.startswith("| model")]
     assert len(rows) == len(res["eval"]) and all(r.count("|") == 3 + len(plan.eval_lengths) + 2
                                                  for r in rows)
+
+
+def test_every_model_is_scored_on_cwe_at_every_length_under_its_own_mask(quick):
+    """Each model's CWE records: cwe_n per length, each score RULER's on the sample's own targets;
+    attention statistics at every length; the results.md table: a row per model, its mean."""
+    out, res = quick
+    plan = study.QUICK
+    samples = {n: eval_ruler.read_cwe(str(out / "cwe_data"), n) for n in plan.cwe_lengths}
+    table = (out / "results.md").read_text().split("## RULER CWE: ")[1].split("## ")[0]
+    rows = [line.split(" | ") for line in table.splitlines()
+            if line.startswith("| ") and "| model" not in line]
+    assert [r[0].strip("| ") for r in rows] == list(res["eval"])
+    for (name, e), row in zip(res["eval"].items(), rows):
+        records = e["cwe"]["records"]
+        assert [r["length"] for r in records] == [n for n in plan.cwe_lengths
+                                                  for _ in range(plan.cwe_n)]
+        targets = [s["target"] for n in plan.cwe_lengths for s in samples[n]]
+        assert [r["score"] for r in records] == [eval_ruler.score(r["output"], t)
+                                                 for r, t in zip(records, targets)]
+        assert list(e["cwe"]["stats"]) == list(plan.cwe_lengths)
+        assert 0 <= e["cwe"]["stats"][plan.cwe_lengths[0]]["engagement"] <= 1
+        mean = sum(r["score"] for r in records) / len(records)
+        assert row[1] == e["mask"] and row[-1].strip(" |") == f"{mean:.2f}"
 
 
 def test_a_second_run_skips_every_finished_stage(quick, capsys):
@@ -137,6 +162,16 @@ def test_answer_form_and_top_output_by_hand():
     # nan: none
     assert (study_report.top_output_share(records, ["32k"])
             != study_report.top_output_share(records, ["32k"]))
+
+
+def test_paired_differences_of_cwe_scores_by_hand():
+    """On scores (a share of 10 words), a sample counts for A where A's score is higher."""
+    a = [{"length": "4k", "score": s} for s in (0.5, 1.0, 0.2, 0.0)]
+    b = [{"length": "4k", "score": s} for s in (0.3, 1.0, 0.6, 0.0)]
+    d = study_report.paired(a, b, ["4k"], "score")
+    assert (d["only_a"], d["only_b"], d["n"]) == (1, 1, 4) and d["diff"] == pytest.approx(-0.05)
+    assert study_report.cwe_score(a) == pytest.approx(0.425)
+    assert study_report.cwe_score(a, "8k") != study_report.cwe_score(a, "8k")     # nan: none
 
 
 def test_paired_differences_and_the_sign_test_by_hand():
