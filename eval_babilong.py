@@ -1,19 +1,23 @@
 """Evaluate a checkpoint on BABILong, scored by the benchmark's own rule.
 
-    python eval_babilong.py --make-data babilong_data --tasks qa1,qa2 --lengths 0k,1k,4k --n 50   # build the data
-    python eval_babilong.py --ckpt out/ckpt.pt --data babilong_data --tasks qa1,qa2 --lengths 0k,1k,4k --n 50
-    python eval_babilong.py --ckpt out/ckpt.pt --data hub --revision <commit>   # the real benchmark (online)
-    python eval_babilong.py --score outputs.csv --tasks qa1                           # score a CSV of outputs
+    python eval_babilong.py --make-data babilong_data
+        --tasks qa1,qa2 --lengths 0k,1k,4k --n 50                   # build the data
+    python eval_babilong.py --ckpt out/ckpt.pt --data babilong_data
+        --tasks qa1,qa2 --lengths 0k,1k,4k --n 50
+    python eval_babilong.py --ckpt out/ckpt.pt --data hub
+        --revision <commit>                                         # the real benchmark (online)
+    python eval_babilong.py --score outputs.csv --tasks qa1         # score a CSV of outputs
 
-BABILong (Kuratov et al. 2024; booydar/babilong) hides bAbI facts in long haystack text and asks one question.
-Two ideas to hold:
-  1. Decoding is greedy with a KV cache (generate.py): a prompt is run once under the chosen mask (with
-     `hybrid` it is one bidirectional context turn), then each new token attends to all of it. Samples are
-     decoded in batches of one padded prompt size, EVAL_TOKENS prompt tokens at most (`decoding_batches`).
-  2. The score is the official rule, quirks included (`is_correct`): keep the output's first sentence
-     (before the first '.'), lower-cased, cut at '<context>' / '<example>' (the official code also cuts at
-     'Question', which never matches after lower-casing); drop the task's labels that the question names;
-     correct iff the target is the only label of the task left in it.
+BABILong (Kuratov et al. 2024; booydar/babilong) hides bAbI facts in long haystack text and asks one
+question. Two ideas to hold:
+  1. Decoding is greedy with a KV cache (generate.py): a prompt is run once under the chosen mask
+     (with `hybrid` it is one bidirectional context turn), then each new token attends to all of
+     it. Samples are decoded in batches of one padded prompt size, EVAL_TOKENS prompt tokens at
+     most (`decoding_batches`).
+  2. The score is the official rule, quirks included (`is_correct`): keep the output's first
+     sentence (before the first '.'), lower-cased, cut at '<context>' / '<example>' (the official
+     code also cuts at 'Question', which never matches after lower-casing); drop the task's labels
+     that the question names; correct iff the target is the only label of the task left in it.
 """
 import csv
 import json
@@ -40,18 +44,23 @@ from stats import attention_stats
 ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
 TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,
                "qa5": ("Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk")}
-CUT_AT = ("<context>", "<example>", "Question")   # the official cut list; 'Question' is kept though inert
+# the official cut list; 'Question' is kept though inert
+CUT_AT = ("<context>", "<example>", "Question")
 MAX_NEW_TOKENS = 20                               # the benchmark's generation budget
-EVAL_TOKENS = 65536    # padded prompt tokens per decoding batch: 64 rows of 1K keep a GPU busy, 2 of 32K fit it
-HUB = "RMT-team/babilong"                         # the benchmark on the HF hub (configs = lengths, splits = tasks)
-OFFICIAL = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
-READING_TITLE = "reading: accuracy where the baseline is wrong (echoing the last-named label scores 0 here)"
+# padded prompt tokens per decoding batch: 64 rows of 1K keep a GPU busy, 2 of 32K fit it
+EVAL_TOKENS = 65536
+# the benchmark on the HF hub (configs = lengths, splits = tasks)
+HUB = "RMT-team/babilong"
+OFFICIAL = ("{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\n"
+            "Question: {question}")
+READING_TITLE = ("reading: accuracy where the baseline is wrong "
+                 "(echoing the last-named label scores 0 here)")
 PROG = "eval_babilong.py"                         # the name its refusals give
 FIELDS = {"input": str, "question": str, "target": str}   # a sample of the benchmark, and its types
 KINDS = {str: "a string", list: "a list"}         # a type as a refusal names it
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the official scoring rule
 
 def first_sentence(output: str) -> str:
@@ -62,8 +71,8 @@ def first_sentence(output: str) -> str:
 
 
 def is_correct(target: str, output: str, question: str, task: str) -> bool:
-    """BABILong's rule: the target must be the only label of the task named in the output's first sentence,
-    not counting labels that the question names."""
+    """BABILong's rule: the target must be the only label of the task named in the output's first
+    sentence, not counting labels that the question names."""
     if task not in TASK_LABELS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASK_LABELS)}")
     labels = {label.lower() for label in TASK_LABELS[task]}
@@ -73,10 +82,12 @@ def is_correct(target: str, output: str, question: str, task: str) -> bool:
 
 
 def last_mentioned(sample: dict, task: str) -> str:
-    """A baseline that does not read: the task's label named last in the context's bAbI facts (not in the
-    haystack prose, which may name rooms and people too), leaving out those the question names ("" if none).
-    A model at this accuracy may only have learned to answer with a recent word."""
-    labels = {label.lower() for label in TASK_LABELS[task]} - set(re.findall(r"[a-z]+", sample["question"].lower()))
+    """A baseline that does not read: the task's label named last in the context's bAbI facts (not
+    in the haystack prose, which may name rooms and people too), leaving out those the question
+    names ("" if none). A model at this accuracy may only have learned to answer with a recent
+    word."""
+    labels = ({label.lower() for label in TASK_LABELS[task]}
+              - set(re.findall(r"[a-z]+", sample["question"].lower())))
     words = re.findall(r"[a-z]+", " ".join(babi.fact_sentences(sample["input"])).lower())
     return next((w for w in reversed(words) if w in labels), "")
 
@@ -89,31 +100,36 @@ def score_file(path: str, task: str) -> tuple[int, int]:
     missing = {"target", "output", "question"} - set(reader.fieldnames or ())
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    short = next((i for i, r in enumerate(rows, 1) if None in (r["target"], r["output"], r["question"])), None)
+    short = next((i for i, r in enumerate(rows, 1)
+                  if None in (r["target"], r["output"], r["question"])), None)
     if short:
         raise ValueError(f"{path}: row {short} has fewer fields than the header")
     return sum(is_correct(r["target"], r["output"], r["question"], task) for r in rows), len(rows)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def model_for(ckpt: dict, device: str) -> GPT:
     """The checkpoint's model on `device`, to evaluate: flex attention on a GPU, SDPA on the CPU."""
-    return checkpoint.model_from(ckpt, attn="flex" if device.startswith("cuda") else "sdpa").to(device).eval()
+    return (checkpoint.model_from(ckpt, attn="flex" if device.startswith("cuda") else "sdpa")
+            .to(device).eval())
 
 
 def load_model(path: str, device: str) -> tuple[GPT, dict]:
-    """The model of a checkpoint file and its run's config (checkpoint.NotACheckpoint if it is none)."""
+    """The model of a checkpoint file and its run's config (checkpoint.NotACheckpoint if it is
+    none)."""
     ckpt = checkpoint.load(path)
     return model_for(ckpt, device), ckpt["config"]
 
 
 def read_samples(source: str, task: str, length: str, revision: str) -> list[dict]:
-    """Samples from a local hub-layout folder, or (source "hub") from the hub itself through `datasets`;
-    ValueError, naming the file, if they are not the benchmark's samples (check_samples)."""
+    """Samples from a local hub-layout folder, or (source "hub") from the hub itself through
+    `datasets`; ValueError, naming the file, if they are not the benchmark's samples
+    (check_samples)."""
     if source == "hub":
         where = f"--data hub ({HUB} {length}/{task}@{revision})"
-        # a local folder as HUB (the tests) has no history: datasets takes revision there and ignores it
+        # a local folder as HUB (the tests) has no history: datasets takes revision there and
+        # ignores it
         rows = books.from_hub(where, lambda datasets: datasets.load_dataset(HUB, length, split=task,
                                                                             revision=revision))
         return check_samples(list(rows), where)
@@ -121,49 +137,55 @@ def read_samples(source: str, task: str, length: str, revision: str) -> list[dic
 
 
 def read_local(root: str, task: str, length: str, fields: dict = FIELDS) -> list[dict]:
-    """Samples from a local hub-layout folder; ValueError, naming the file, if they are not samples with these
-    fields (check_samples)."""
+    """Samples from a local hub-layout folder; ValueError, naming the file, if they are not samples
+    with these fields (check_samples)."""
     path = babilong.hub_path(root, task, length)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a file of samples")
     try:
         rows = babilong.read_hub(root, task, length)
-    except ValueError as e:                     # not JSON (empty, cut short, another kind of file), not UTF-8
-        raise ValueError(f"{path} is not a JSON file of samples ({type(e).__name__}: {e})") from None
+    except ValueError as e:   # not JSON (empty, cut short, another kind of file), not UTF-8
+        raise ValueError(f"{path} is not a JSON file of samples "
+                         f"({type(e).__name__}: {e})") from None
     return check_samples(rows, str(path), fields)
 
 
 def check_samples(rows, where: str, fields: dict = FIELDS) -> list[dict]:
-    """The samples, if they are what the benchmark's files hold: a list of objects with `fields` of their types
-    (other keys are dropped); else ValueError naming `where` and the first bad sample by its index, where[i]."""
+    """The samples, if they are what the benchmark's files hold: a list of objects with `fields` of
+    their types (other keys are dropped); else ValueError naming `where` and the first bad sample by
+    its index, where[i]."""
     if not isinstance(rows, list):
         raise ValueError(f"{where}: expected a JSON list of samples, found a {type(rows).__name__}")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}[{i}]: a sample is an object with {', '.join(fields)}; found {row!r:.40}")
+            raise ValueError(f"{where}[{i}]: a sample is an object with {', '.join(fields)}; "
+                             f"found {row!r:.40}")
         bad = next((k for k in fields if not isinstance(row.get(k), fields[k])), None)
-        if bad:                                 # None: the hub's rows have every column, null where a row had none
-            raise ValueError(f"{where}[{i}]: " + (f"no {bad!r}" if row.get(bad) is None else
-                                                  f"{bad!r} must be {KINDS[fields[bad]]}; found {row[bad]!r:.40}"))
+        if bad:   # None: the hub's rows have every column, null where a row had none
+            raise ValueError(f"{where}[{i}]: "
+                             + (f"no {bad!r}" if row.get(bad) is None else
+                                f"{bad!r} must be {KINDS[fields[bad]]}; found {row[bad]!r:.40}"))
     return [{k: row[k] for k in fields} for row in rows]
 
 
-def prompt_for(enc, sample: dict, task: str, style: str, parts: dict, bos: bool = False) -> list[int]:
-    """Our training format, or the benchmark's official template (parts: instruction/examples/post_prompt);
-    with `bos` (a model trained with train.py --bos 1), after the start-of-document token."""
+def prompt_for(enc, sample: dict, task: str, style: str, parts: dict,
+               bos: bool = False) -> list[int]:
+    """Our training format, or the benchmark's official template
+    (parts: instruction/examples/post_prompt); with `bos` (a model trained with train.py --bos 1),
+    after the start-of-document token."""
     if bos:
         return [tokenizer.BOS_ID] + prompt_for(enc, sample, task, style, parts)
     if style == "trained":
         return packing.prompt_ids(enc, sample["input"], sample["question"])
     fill = {k: parts.get(task, {}).get(k, "") for k in ("instruction", "examples", "post_prompt")}
     text = OFFICIAL.format(**fill, context=sample["input"].strip(), question=sample["question"])
-    return enc.encode_ordinary(text.strip())          # both strips as the benchmark's get_formatted_input
+    return enc.encode_ordinary(text.strip())   # both strips as the benchmark's get_formatted_input
 
 
 def decoding_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices of prompts of these lengths, grouped by padded size and cut into batches of budget // size rows
-    (at least one): full batches of one shape, so the GPU compiles flex once per (rows, size); a group's last
-    batch may be smaller."""
+    """Indices of prompts of these lengths, grouped by padded size and cut into batches of
+    budget // size rows (at least one): full batches of one shape, so the GPU compiles flex once per
+    (rows, size); a group's last batch may be smaller."""
     groups = {}
     for i, n in enumerate(lengths):
         groups.setdefault(padded_length(n), []).append(i)
@@ -174,16 +196,21 @@ def decoding_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
-def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device, style: str = "trained",
-             parts: dict | None = None, tick=lambda: None, bos: bool = False) -> list[dict]:
-    """Greedy answers to the samples, decoded in batches and scored, in the samples' order; tick() after each
-    sample (the progress bar). A sample's seconds: its batch's time over the batch's rows."""
+def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device,
+             style: str = "trained", parts: dict | None = None, tick=lambda: None,
+             bos: bool = False) -> list[dict]:
+    """Greedy answers to the samples, decoded in batches and scored, in the samples' order; tick()
+    after each sample (the progress bar). A sample's seconds: its batch's time over the batch's
+    rows."""
     records = [None] * len(samples)
-    stop = (NEWLINE, tokenizer.PAD_ID) if style == "trained" else (tokenizer.PAD_ID,)   # our answers end at a newline
+    # our answers end at a newline
+    stop = (NEWLINE, tokenizer.PAD_ID) if style == "trained" else (tokenizer.PAD_ID,)
     prompts = [prompt_for(enc, s, task, style, parts or {}, bos) for s in samples]
-    for i, output, seconds in decode_all(model, enc, prompts, mask_kind, device, MAX_NEW_TOKENS, stop):
+    for i, output, seconds in decode_all(model, enc, prompts, mask_kind, device, MAX_NEW_TOKENS,
+                                         stop):
         s, guess = samples[i], last_mentioned(samples[i], task)
-        records[i] = {**s, "output": output, "correct": is_correct(s["target"], output, s["question"], task),
+        records[i] = {**s, "output": output,
+                      "correct": is_correct(s["target"], output, s["question"], task),
                       "last_mentioned": guess,
                       "baseline_correct": is_correct(s["target"], guess, s["question"], task),
                       "prompt_tokens": len(prompts[i]), "seconds": seconds}
@@ -192,12 +219,15 @@ def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device,
     return records
 
 
-def decode_all(model, enc, prompts: list[list[int]], mask_kind: str, device, max_new: int, stop: tuple):
-    """Greedy answers to the prompts, decoded in batches (decoding_batches): (index, text, seconds) for each
-    prompt, batch by batch; a prompt's seconds are its batch's time over the batch's rows."""
+def decode_all(model, enc, prompts: list[list[int]], mask_kind: str, device, max_new: int,
+               stop: tuple):
+    """Greedy answers to the prompts, decoded in batches (decoding_batches): (index, text, seconds)
+    for each prompt, batch by batch; a prompt's seconds are its batch's time over the batch's
+    rows."""
     for batch in decoding_batches([len(p) for p in prompts], EVAL_TOKENS):
         t0 = time.perf_counter()
-        outputs = generate_batch(model, [prompts[i] for i in batch], mask_kind, device, max_new, stop)
+        outputs = generate_batch(model, [prompts[i] for i in batch], mask_kind, device, max_new,
+                                 stop)
         outputs = [enc.decode(tokens) for tokens in outputs]
         seconds = (time.perf_counter() - t0) / len(batch)
         yield from ((i, output, seconds) for i, output in zip(batch, outputs))
@@ -212,7 +242,8 @@ def heatmap(acc: dict, tasks: list[str], lengths: list[str], path: str):
     except ImportError:
         print("(no matplotlib: heatmap skipped)")
         return
-    grid = [[math.nan if acc[t, n] is None else acc[t, n] for n in lengths] for t in tasks]   # nan: no samples
+    # nan: no samples
+    grid = [[math.nan if acc[t, n] is None else acc[t, n] for n in lengths] for t in tasks]
     fig, ax = plt.subplots(figsize=(1 + 0.8 * len(lengths), 1 + 0.5 * len(tasks)))
     ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
     ax.set_xticks(range(len(lengths)), lengths)
@@ -228,27 +259,40 @@ def heatmap(acc: dict, tasks: list[str], lengths: list[str], path: str):
 def main(argv=None):
     p = Parser(PROG, __doc__)
     mode = "; default: none (one of --make-data, --ckpt, --score is needed)"
-    p.add_argument("--make-data", metavar="DIR", help="write samples in the hub layout DIR/data/qaN/LEN.json" + mode)
+    p.add_argument("--make-data", metavar="DIR",
+                   help="write samples in the hub layout DIR/data/qaN/LEN.json" + mode)
     p.add_argument("--ckpt", help="checkpoint to evaluate" + mode)
-    p.add_argument("--data", default="babilong_data", help="hub-layout folder to read, or 'hub' (needs datasets)")
-    p.add_argument("--revision", default="main", help="--data hub: the hub revision (a commit hash pins it)")
+    p.add_argument("--data", default="babilong_data",
+                   help="hub-layout folder to read, or 'hub' (needs datasets)")
+    p.add_argument("--revision", default="main",
+                   help="--data hub: the hub revision (a commit hash pins it)")
     p.add_argument("--prompt", choices=["trained", "official"], default="trained",
-                   help="trained: the format models of this repo learn; official: the benchmark's template")
+                   help="trained: the format models of this repo learn; "
+                        "official: the benchmark's template")
     p.add_argument("--prompt-parts", default=None,
-                   help="--prompt official: JSON {task: {instruction, examples, post_prompt}} (default: empty)")
-    p.add_argument("--score", metavar="CSV", help="score a CSV of outputs (columns target, output, question)" + mode)
-    p.add_argument("--tasks", type=names(TASK_LABELS), default="qa1,qa2,qa3,qa4,qa5", help="comma-separated tasks")
+                   help="--prompt official: JSON {task: {instruction, examples, post_prompt}} "
+                        "(default: empty)")
+    p.add_argument("--score", metavar="CSV",
+                   help="score a CSV of outputs (columns target, output, question)" + mode)
+    p.add_argument("--tasks", type=names(TASK_LABELS), default="qa1,qa2,qa3,qa4,qa5",
+                   help="comma-separated tasks")
     p.add_argument("--lengths", type=names(babilong.LENGTHS), default="0k,1k,2k,4k",
                    help="comma-separated lengths (Nk = N*1000 GPT-2 tokens)")
     p.add_argument("--n", type=number(int, 1), default=100, help="samples per task and length")
-    p.add_argument("--haystack", default="synthetic", help="--make-data haystack: synthetic, pg19 or a folder of .txt")
+    p.add_argument("--haystack", default="synthetic",
+                   help="--make-data haystack: synthetic, pg19 or a folder of .txt")
     p.add_argument("--babi-dir", default=None,
-                   help="--make-data: real bAbI test files instead of the generator (default: the generator)")
-    p.add_argument("--mask", choices=["hybrid", "causal"], default=None, help="prompt mask; default: as trained")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+                   help="--make-data: real bAbI test files instead of the generator "
+                        "(default: the generator)")
+    p.add_argument("--mask", choices=["hybrid", "causal"], default=None,
+                   help="prompt mask; default: as trained")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="autocast dtype of the model; default bf16 on cuda (as train.py trains), fp32 on cpu")
-    p.add_argument("--out", default=None, help="folder for predictions.json and heatmap.png (default: beside --ckpt)")
+                   help="autocast dtype of the model; default bf16 on cuda (as train.py trains), "
+                        "fp32 on cpu")
+    p.add_argument("--out", default=None,
+                   help="folder for predictions.json and heatmap.png (default: beside --ckpt)")
     p.add_argument("--seed", type=int, default=0, help="seed of --make-data")
     args = p.parse_args(argv)
     if args.score:
@@ -273,8 +317,8 @@ def main(argv=None):
 
 
 def make_data(args, enc, tasks, lengths):
-    """--make-data: samples of every task and length, written only once everything they need has been read (a
-    missing bAbI file or book folder leaves no files behind)."""
+    """--make-data: samples of every task and length, written only once everything they need has
+    been read (a missing bAbI file or book folder leaves no files behind)."""
     problem = output_problem("--make-data", args.make_data)
     if problem:
         refuse(PROG, problem)
@@ -283,25 +327,30 @@ def make_data(args, enc, tasks, lengths):
     except (OSError, ValueError, RuntimeError) as e:
         refuse(PROG, f"--haystack: {e}")
     try:
-        stories = {t: babi.read_babi(babi.babi_file(args.babi_dir, t, "test")) if args.babi_dir else None
+        stories = {t: babi.read_babi(babi.babi_file(args.babi_dir, t, "test"))
+                      if args.babi_dir else None
                    for t in tasks}
     except (OSError, ValueError) as e:
         refuse(PROG, f"--babi-dir: {e}")
     budgets = [babilong.budget(n) for n in lengths if babilong.budget(n) > 0]
-    max_facts = min(budgets) // babilong.TOKENS_PER_FACT if budgets else None     # what every length fits
+    # what every length fits
+    max_facts = min(budgets) // babilong.TOKENS_PER_FACT if budgets else None
     for task in tasks:
-        for length in lengths:                             # the same questions at every length, in order
-            questions = babilong.distinct_questions(random.Random(f"{args.seed}-{task}"), task, stories[task],
-                                                    max_facts)
-            rng = random.Random(f"{args.seed}-{task}-{length}")          # its haystack and where the facts go
-            samples = babilong.make_samples(enc, rng, task, length, args.n, hay, questions=questions)
+        for length in lengths:   # the same questions at every length, in order
+            questions = babilong.distinct_questions(random.Random(f"{args.seed}-{task}"), task,
+                                                    stories[task], max_facts)
+            # its haystack and where the facts go
+            rng = random.Random(f"{args.seed}-{task}-{length}")
+            samples = babilong.make_samples(enc, rng, task, length, args.n, hay,
+                                            questions=questions)
             babilong.write_hub(args.make_data, task, length, samples)
             print(f"wrote {len(samples)} samples: {args.make_data}/data/{task}/{length}.json")
 
 
 def reading_accuracy(records: list[dict]) -> float | None:
-    """Accuracy on the samples the not-reading baseline gets wrong: echoing the last-named label scores 0 there,
-    reading the facts scores as anywhere else. None if the baseline gets every sample right."""
+    """Accuracy on the samples the not-reading baseline gets wrong: echoing the last-named label
+    scores 0 there, reading the facts scores as anywhere else. None if the baseline gets every
+    sample right."""
     return mean([float(r["correct"]) for r in records if not r["baseline_correct"]])
 
 
@@ -316,9 +365,9 @@ def cell(value: float | None) -> str:
 
 
 def run_eval(args, enc, tasks, lengths):
-    """--ckpt: every input checked (--prompt-parts, then as checked_run: the device, --out, the checkpoint, every
-    sample file) before the model is built or anything written; then the tables, predictions.json and
-    heatmap.png."""
+    """--ckpt: every input checked (--prompt-parts, then as checked_run: the device, --out, the
+    checkpoint, every sample file) before the model is built or anything written; then the tables,
+    predictions.json and heatmap.png."""
     parts = {}
     if args.prompt_parts:
         try:
@@ -327,11 +376,13 @@ def run_eval(args, enc, tasks, lengths):
         except (OSError, ValueError) as e:
             refuse(PROG, f"--prompt-parts: {e}")
     if not (isinstance(parts, dict) and all(isinstance(v, dict) for v in parts.values())):
-        refuse(PROG, "--prompt-parts: expected a JSON object {task: {instruction, examples, post_prompt}}")
+        refuse(PROG, "--prompt-parts: expected a JSON object "
+                     "{task: {instruction, examples, post_prompt}}")
     model, mask_kind, bos, autocast, todo, out = checked_run(PROG, args, lambda: {
-        (t, n): read_samples(args.data, t, n, args.revision)[:args.n] for n in lengths for t in tasks})
+        (t, n): read_samples(args.data, t, n, args.revision)[:args.n]
+        for n in lengths for t in tasks})
     total, done, bar = sum(len(v) for v in todo.values()), 0, sys.stderr.isatty()
-    def tick():                 # a progress bar on a terminal (nothing in a log file); task, length: the loop's
+    def tick():   # a progress bar on a terminal (nothing in a log file); task, length: the loop's
         nonlocal done
         done += 1
         if bar:
@@ -343,23 +394,26 @@ def run_eval(args, enc, tasks, lengths):
             samples = todo[task, length]
             first = first or ((task, samples[0]) if samples else None)
             with autocast:
-                recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt, parts, tick, bos)
-            acc[task, length] = mean([float(r["correct"]) for r in recs])            # None: no samples
+                recs = evaluate(model, enc, samples, task, mask_kind, args.device, args.prompt,
+                                parts, tick, bos)
+            acc[task, length] = mean([float(r["correct"]) for r in recs])   # None: no samples
             base[task, length] = mean([float(r["baseline_correct"]) for r in recs])
             reading[task, length] = reading_accuracy(recs)
             records += [{"task": task, "length": length, **r} for r in recs]
             sec = sum(r["seconds"] for r in recs) / max(len(recs), 1)
-            if bar:                                         # wipe the bar's line before a result line
+            if bar:                                 # wipe the bar's line before a result line
                 print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
-            print(f"{task} {length:>4}: acc{cell(acc[task, length])} over {len(recs)} ({sec:.2f} s/sample)",
-                  flush=True)
+            print(f"{task} {length:>4}: acc{cell(acc[task, length])} over {len(recs)} "
+                  f"({sec:.2f} s/sample)", flush=True)
         if first is None:
             continue
         with autocast:
-            st = length_stats(model, enc, first[1], first[0], mask_kind, args.device, args.prompt, parts, bos)
+            st = length_stats(model, enc, first[1], first[0], mask_kind, args.device, args.prompt,
+                              parts, bos)
         print(f"{length:>4}: sink mass {st['sink_mass']:.3f} | sink rate {st['sink_rate']:.2f} | "
               f"engagement {st['engagement']:.3f}")
-    for title, table in (("accuracy", acc), ("baseline: the label named last in the context's bAbI facts", base),
+    for title, table in (("accuracy", acc),
+                         ("baseline: the label named last in the context's bAbI facts", base),
                          (READING_TITLE, reading)):
         print(f"\n{title}\ntask  " + "".join(f"{n:>7}" for n in lengths))
         for t in tasks:
@@ -373,11 +427,12 @@ def run_eval(args, enc, tasks, lengths):
 
 
 def checked_run(prog: str, args, read) -> tuple:
-    """What --ckpt evaluates, every input refused in one line naming its flag before the model is built or anything
-    written: the device, --out (default: beside --ckpt), the checkpoint, then every sample file (read() -> the
-    samples; all first, so a bad file fails before any work). Returns (model, mask, bos, autocast, samples, out):
-    the mask the model trained with (or --mask), whether its prompts open with BOS as its training samples did,
-    and the autocast of --dtype (default bf16 on cuda, as train.py trains)."""
+    """What --ckpt evaluates, every input refused in one line naming its flag before the model is
+    built or anything written: the device, --out (default: beside --ckpt), the checkpoint, then
+    every sample file (read() -> the samples; all first, so a bad file fails before any work).
+    Returns (model, mask, bos, autocast, samples, out): the mask the model trained with (or --mask),
+    whether its prompts open with BOS as its training samples did, and the autocast of --dtype
+    (default bf16 on cuda, as train.py trains)."""
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     problem = device_problem(args.device) or output_problem("--out", out)
     if problem:
@@ -393,29 +448,32 @@ def checked_run(prog: str, args, read) -> tuple:
     model, recorded = model_for(ckpt, args.device), ckpt["config"]["args"]
     os.makedirs(out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64             # one flex graph per (rows, padded size)
-    autocast = model_autocast(args.device, args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
+    autocast = model_autocast(args.device,
+                              args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
     return model, args.mask or recorded["mask"], bool(recorded.get("bos")), autocast, samples, out
 
 
 @torch.no_grad()
-def length_stats(model, enc, sample: dict, task: str, mask_kind: str, device, style: str, parts: dict,
-                 bos: bool = False) -> dict:
-    """Sink mass / engagement on one prompt (as evaluated) plus its target answer as the response turn."""
+def length_stats(model, enc, sample: dict, task: str, mask_kind: str, device, style: str,
+                 parts: dict, bos: bool = False) -> dict:
+    """Sink mass / engagement on one prompt (as evaluated) plus its target answer as the response
+    turn."""
     return prompt_stats(model, prompt_for(enc, sample, task, style, parts, bos),
                         packing.answer_ids(enc, sample["target"]), mask_kind, device)
 
 
 @torch.no_grad()
 def prompt_stats(model, ids: list[int], answer: list[int], mask_kind: str, device) -> dict:
-    """Sink mass / engagement on a prompt's tokens plus an answer's as the response turn (padded as generate
-    pads prompts)."""
+    """Sink mass / engagement on a prompt's tokens plus an answer's as the response turn (padded as
+    generate pads prompts)."""
     n = len(ids) + len(answer)
     idx, S = padded([ids + answer], device)
     loss_mask = torch.zeros(1, S, dtype=torch.long, device=device)
     loss_mask[0, len(ids):n] = 1
     valid = (torch.arange(S, device=device) < n)[None]
     pos = torch.arange(S, device=device)[None]
-    return attention_stats(model, idx, pos, masks.by_name(mask_kind, loss_mask, valid), loss_mask, valid)
+    return attention_stats(model, idx, pos, masks.by_name(mask_kind, loss_mask, valid), loss_mask,
+                           valid)
 
 
 if __name__ == "__main__":
