@@ -1,29 +1,36 @@
-"""The study: do FocuSFT's claims hold at our scale? One command trains and evaluates every arm of the ablation.
+r"""The study: do FocuSFT's claims hold at our scale? One command trains and evaluates every arm of
+the ablation.
 
-    python study.py --out runs/study --books DIR --test-books DIR --babi-dir ../shared/data/babi/en   # one GPU
-    python study.py --quick --out runs/quick                          # the whole pipeline on a CPU, tiny sizes
-    CUDA_VISIBLE_DEVICES=0,1,2,3 python study.py --out runs/study ...  # the sweep and the arms over 4 GPUs
+    python study.py --out runs/study --books DIR --test-books DIR \
+        --babi-dir ../shared/data/babi/en               # one GPU
+    python study.py --quick --out runs/quick            # the whole pipeline on a CPU, tiny sizes
+    CUDA_VISIBLE_DEVICES=0,1,2,3 python study.py \
+        --out runs/study ...                            # the sweep and the arms over 4 GPUs
 
-FocuSFT (arXiv 2605.09932) claims that fine-tuning a pretrained model with its hybrid mask and inner loop moves
-attention off the sinks and onto the context, and that long-context accuracy rises. Its premise is a base model
-whose attention drains into sinks, so the study first makes one. Stages, each a folder of --out, skipped when
-it is there (run the command again to resume after a stop):
+FocuSFT (arXiv 2605.09932) claims that fine-tuning a pretrained model with its hybrid mask and inner
+loop moves attention off the sinks and onto the context, and that long-context accuracy rises. Its
+premise is a base model whose attention drains into sinks, so the study first makes one. Stages,
+each a folder of --out, skipped when it is there (run the command again to resume after a stop):
 
-  base      a causal LM pretrained on book text (train.py --objective lm --data books --bos 1), then briefly on
-            short BABILong and RULER CWE samples as text (so that it knows the question formats, as a pretrained
-            model would); sink mass, sink rate and engagement on held-out books are logged as it trains
-  sweep     the inner loop's learning rate (and steps), chosen on a validation split of the training distribution (held-out
-            questions in held-out books), never on the test data: short FocuSFT runs from the base
-  arms      from the base, the same data (BABILong and CWE samples, half each), seed and steps: SFT (causal),
-            hybrid mask only, inner loop only, FocuSFT, and SFT given FocuSFT's time (more steps); SFT and FocuSFT
-            with --seeds seeds
-  eval      BABILong qa1-qa5 at 0k-32k (the bAbI test split in books no stage read), each model under its own
-            mask and the causal one; attention statistics at 4K and 16K. RULER CWE (eval_ruler.py) at 4K-32K,
-            each model under its own mask, with attention statistics at each length
+  base      a causal LM pretrained on book text (train.py --objective lm --data books --bos 1), then
+            briefly on short BABILong and RULER CWE samples as text (so that it knows the question
+            formats, as a pretrained model would); sink mass, sink rate and engagement on held-out
+            books are logged as it trains
+  sweep     the inner loop's learning rate (and steps), chosen on a validation split of the training
+            distribution (held-out questions in held-out books), never on the test data: short
+            FocuSFT runs from the base
+  arms      from the base, the same data (BABILong and CWE samples, half each), seed and steps: SFT
+            (causal), hybrid mask only, inner loop only, FocuSFT, and SFT given FocuSFT's time (more
+            steps); SFT and FocuSFT with --seeds seeds
+  eval      BABILong qa1-qa5 at 0k-32k (the bAbI test split in books no stage read), each model
+            under its own mask and the causal one; attention statistics at 4K and 16K. RULER CWE
+            (eval_ruler.py) at 4K-32K, each model under its own mask, with attention statistics at
+            each length
   report    results.json, results.md (the tables) and PNG figures (study_report.py)
 
-Ideas to hold: every training stage is a train.py command (recorded in results.json, runnable by hand), and
-evaluation reads only the test books and test stories; the arms differ only in their flags.
+Ideas to hold: every training stage is a train.py command (recorded in results.json, runnable by
+hand), and evaluation reads only the test books and test stories; the arms differ only in their
+flags.
 """
 import json
 import math
@@ -51,70 +58,85 @@ from model import autocast
 from study_report import TASKS, log_records, markdown_table, mean, report, sweep_table
 
 ROOT = Path(__file__).resolve().parent
-STATS_LENGTHS = ("4k", "16k")   # where each model's attention statistics are measured, as the paper's range
+# where each model's attention statistics are measured, as the paper's range
+STATS_LENGTHS = ("4k", "16k")
 
 
 @dataclass
 class Plan:
-    """Every size of the study. FULL is the documented run on one GPU; QUICK runs the pipeline on a CPU."""
+    """Every size of the study. FULL is the documented run on one GPU; QUICK runs the pipeline on a
+    CPU."""
     model: str = "small"              # train.py --model preset
-    ctx: int = 8192                   # training row length: arms train at <= 8K, evaluation runs to 32K
+    # training row length: arms train at <= 8K, evaluation runs to 32K
+    ctx: int = 8192
     batch: int = 8                    # rows per step
     base_steps: int = 1200            # book-text pretraining steps
     base_lr: float = 3e-3             # its peak AdamW rate
     base_wd: float = 0.1              # its weight decay (Gu et al.: more decay, stronger sinks)
-    qa_steps: int = 200               # then next-token training on short samples of `data` (0k, 1k) as text
+    # then next-token training on short samples of `data` (0k, 1k) as text
+    qa_steps: int = 200
     data: str = "babilong+cwe"        # train.py --data of that stage, the sweep and the arms
     arm_steps: int = 400              # fine-tuning steps of every arm
     arm_lr: float = 3e-4              # their peak AdamW rate
     train_lengths: str = "0k,1k,2k,4k,8k"
     sweep_lrs: tuple = (0.03, 0.1, 0.3, 1.0)   # inner learning rates tried
-    sweep_inner_steps: tuple = (2,)   # inner steps tried with each (2: the authors'); the sweep is their product
+    # inner steps tried with each (2: the authors'); the sweep is their product
+    sweep_inner_steps: tuple = (2,)
     sweep_steps: int = 200            # FocuSFT steps per sweep run
     seeds: tuple = (1, 2)             # SFT and FocuSFT run with each; the other arms with the first
     eval_lengths: tuple = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
     eval_n: int = 20                  # samples per task and length
-    stats_n: int = 5                  # samples per length for the attention statistics (one per task)
+    # samples per length for the attention statistics (one per task)
+    stats_n: int = 5
     stats_every: int = 100            # training-log statistics every N steps
-    cwe_lengths: tuple = ("4k", "8k", "16k", "32k")   # RULER CWE's test lengths (N*1024 tokens), the paper's range
-    # CWE samples per length. Each scores 10 words, so a cell of 20 checks 200; the CWE evaluation is then 8 models
-    # x 4 lengths x 20 = 640 prompts, under each model's own mask only: about a tenth of BABILong's prompt tokens
+    # RULER CWE's test lengths (N*1024 tokens), the paper's range
+    cwe_lengths: tuple = ("4k", "8k", "16k", "32k")
+    # CWE samples per length. Each scores 10 words, so a cell of 20 checks 200; the CWE evaluation
+    # is then 8 models x 4 lengths x 20 = 640 prompts, under each model's own mask only: about a
+    # tenth of BABILong's prompt tokens
     cwe_n: int = 20
-    extra: list = field(default_factory=list)   # more train.py flags for every run (e.g. --workers 0)
+    # more train.py flags for every run (e.g. --workers 0)
+    extra: list = field(default_factory=list)
 
 
 FULL = Plan()
 QUICK = Plan(model="tiny", ctx=512, batch=2, base_steps=4, qa_steps=2, arm_steps=3, arm_lr=1e-3,
-             train_lengths="0k", sweep_lrs=(0.03, 1.0), sweep_inner_steps=(1, 2), sweep_steps=2, seeds=(1, 2), eval_lengths=("0k", "1k"),
-             eval_n=1, stats_n=1, stats_every=2, cwe_lengths=("1k",), cwe_n=1,
-             extra=["--device", "cpu", "--workers", "0"])
+             train_lengths="0k", sweep_lrs=(0.03, 1.0), sweep_inner_steps=(1, 2), sweep_steps=2,
+             seeds=(1, 2), eval_lengths=("0k", "1k"), eval_n=1, stats_n=1, stats_every=2,
+             cwe_lengths=("1k",), cwe_n=1, extra=["--device", "cpu", "--workers", "0"])
 
 
 def with_changes(plan: Plan, changes: list[str]) -> Plan:
-    """The plan with FIELD=VALUE changes, each value parsed as the field's type (a tuple: comma-separated)."""
+    """The plan with FIELD=VALUE changes, each value parsed as the field's type (a tuple:
+    comma-separated)."""
     fields = asdict(plan)
     for change in changes:
         name, _, value = change.partition("=")
         if name not in fields or name == "extra":
-            raise ValueError(f"no plan field {name!r} (fields: {', '.join(k for k in fields if k != 'extra')})")
+            raise ValueError(f"no plan field {name!r} "
+                             f"(fields: {', '.join(k for k in fields if k != 'extra')})")
         old = fields[name]
         kind = type(old[0]) if isinstance(old, tuple) else type(old)
         try:
-            fields[name] = tuple(kind(v) for v in value.split(",")) if isinstance(old, tuple) else kind(value)
-            if not all(math.isfinite(v) for v in (fields[name] if isinstance(old, tuple) else [fields[name]])
+            fields[name] = (tuple(kind(v) for v in value.split(",")) if isinstance(old, tuple)
+                            else kind(value))
+            if not all(math.isfinite(v)
+                       for v in (fields[name] if isinstance(old, tuple) else [fields[name]])
                        if isinstance(v, float)):
                 raise ValueError
         except ValueError:
             what = {float: "finite number", int: "integer"}.get(kind, kind.__name__)
-            raise ValueError(f"{name}={value!r} is not {f'a list of {what}s' if isinstance(old, tuple) else f'a {what}'}")
+            raise ValueError(f"{name}={value!r} is not "
+                             f"{f'a list of {what}s' if isinstance(old, tuple) else f'a {what}'}")
     return Plan(**fields)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # running train.py
 
 class Stopped(Exception):
-    """SIGINT or SIGTERM reached the study: train.py runs in flight stop at a step boundary with a checkpoint."""
+    """SIGINT or SIGTERM reached the study: train.py runs in flight stop at a step boundary with a
+    checkpoint."""
 
 
 STOP = threading.Event()                  # set by the first SIGINT / SIGTERM: no new run starts
@@ -122,9 +144,10 @@ RUNNING: set[subprocess.Popen] = set()    # train.py runs in flight, each in a s
 
 
 def on_signal(signum, frame):
-    """Each run in flight gets one SIGINT (a second one stops them at once). The runs live in sessions of their
-    own, so that a terminal's ^C reaches them only through here, once; with none in flight (evaluation, the
-    report), the study stops where it is: what it has written is whole (write_json)."""
+    """Each run in flight gets one SIGINT (a second one stops them at once). The runs live in
+    sessions of their own, so that a terminal's ^C reaches them only through here, once; with none
+    in flight (evaluation, the report), the study stops where it is: what it has written is whole
+    (write_json)."""
     STOP.set()
     for child in list(RUNNING):
         child.send_signal(signal.SIGINT)
@@ -133,33 +156,36 @@ def on_signal(signum, frame):
 
 
 def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | None = None) -> dict:
-    """Run one train.py command into `out`, unless an earlier study finished it (a "done" file); a run that
-    was cut off after a checkpoint is resumed; `gpu`: the one GPU it sees (None: the machine's default).
-    Returns its command and what it cost."""
+    """Run one train.py command into `out`, unless an earlier study finished it (a "done" file); a
+    run that was cut off after a checkpoint is resumed; `gpu`: the one GPU it sees (None: the
+    machine's default). Returns its command and what it cost."""
     command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out)]
     if not (out / "done").exists():
         if STOP.is_set():
             raise Stopped(name)
         resume = (out / checkpoint.FILE).exists()
-        clock.say(f"{name}: python train.py {' '.join(command[2:])}" + (" (resuming)" if resume else "")
+        clock.say(f"{name}: python train.py {' '.join(command[2:])}"
+                  + (" (resuming)" if resume else "")
                   + (f" on GPU {gpu}" if gpu is not None else ""))
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(out.parent / f"{out.name}.out", "a") as log:
             argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
             env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=env)
+            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env)
             RUNNING.add(child)
             code = child.wait()
             RUNNING.discard(child)
-        if STOP.is_set() and code in (130, 143, -signal.SIGINT):      # stopped at a step boundary, or before
+        # stopped at a step boundary, or before
+        if STOP.is_set() and code in (130, 143, -signal.SIGINT):
             raise Stopped(name)
         if code != 0:
             output = out.parent / f"{out.name}.out"
             memory = "OutOfMemoryError" in output.read_text(errors="replace")[-4000:]
             sys.exit(f"study.py: error: {name} failed; its output: {output}"
-                     + ("; it ran out of GPU memory: fewer runs side by side (--parallel) need less" if memory else ""))
+                     + ("; it ran out of GPU memory: fewer runs side by side (--parallel) need less"
+                        if memory else ""))
         (out / "done").write_text(f"{time.perf_counter() - start:.1f}\n")   # wall seconds
     clock.finished(name)
     steps = [r for r in log_records(out) if "loss" in r]
@@ -174,9 +200,9 @@ def median(values: list[float]) -> float:
 
 
 def side_by_side(args, clock: "Clock", jobs: dict[str, tuple]) -> dict[str, dict]:
-    """train() each job (name, out, flags), up to --parallel at once on each GPU (gpus): while one run
-    compiles on the host, the others keep its GPU busy; with several GPUs, each run sees one of them
-    alone (the first runs one per GPU). Each run's data workers get a share of the CPUs."""
+    """train() each job (name, out, flags), up to --parallel at once on each GPU (gpus): while one
+    run compiles on the host, the others keep its GPU busy; with several GPUs, each run sees one of
+    them alone (the first runs one per GPU). Each run's data workers get a share of the CPUs."""
     devices = gpus()
     at_once = args.parallel * len(devices)
     if at_once > 1 and not any("--workers" in flags for _, _, flags in jobs.values()):
@@ -200,8 +226,8 @@ def side_by_side(args, clock: "Clock", jobs: dict[str, tuple]) -> dict[str, dict
 
 
 def gpus() -> list[str | None]:
-    """The GPUs the study spreads its runs over, as CUDA_VISIBLE_DEVICES names them (or by number), when
-    it is given several; else [None]: every run sees the machine's default device."""
+    """The GPUs the study spreads its runs over, as CUDA_VISIBLE_DEVICES names them (or by number),
+    when it is given several; else [None]: every run sees the machine's default device."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count < 2:
         return [None]
@@ -210,7 +236,8 @@ def gpus() -> list[str | None]:
 
 
 class Clock:
-    """Progress lines with an estimate of the time left, from the units of work planned and done so far."""
+    """Progress lines with an estimate of the time left, from the units of work planned and done so
+    far."""
 
     def __init__(self, planned: int):
         self.planned, self.done, self.start = planned, 0, time.perf_counter()
@@ -223,58 +250,67 @@ class Clock:
         left = (time.perf_counter() - self.start) / self.done * (self.planned - self.done)
         self.say(f"{name} done ({self.done}/{self.planned}); about {left / 60:.1f} min left")
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the training stages
 
 def common(plan: Plan, args) -> list[str]:
     """Flags every run shares: the model, the rows, the books, the start-of-document token."""
-    return ["--model", plan.model, "--ctx", str(plan.ctx), "--batch-size", str(plan.batch), "--haystack", args.books,
-            "--bos", "1", "--stats-every", str(plan.stats_every), *plan.extra]
+    return ["--model", plan.model, "--ctx", str(plan.ctx), "--batch-size", str(plan.batch),
+            "--haystack", args.books, "--bos", "1", "--stats-every", str(plan.stats_every),
+            *plan.extra]
 
 
 def stage_base(plan: Plan, args, out: Path, clock: Clock) -> dict:
-    """Book text first (sinks grow here), then short BABILong samples as plain text (the question format)."""
+    """Book text first (sinks grow here), then short BABILong samples as plain text (the question
+    format)."""
     runs = {"books": train("base (book text)", out / "base_books", common(plan, args) + [
-        "--objective", "lm", "--data", "books", "--steps", str(plan.base_steps), "--lr", str(plan.base_lr),
-        "--weight-decay", str(plan.base_wd), "--seed", "0"], clock)}
+        "--objective", "lm", "--data", "books", "--steps", str(plan.base_steps),
+        "--lr", str(plan.base_lr), "--weight-decay", str(plan.base_wd), "--seed", "0"], clock)}
     final = out / "base_books"
     if plan.qa_steps:
         runs["qa"] = train("base (short QA as text)", out / "base", common(plan, args) + [
-            "--objective", "lm", "--data", plan.data, "--lengths", "0k,1k", "--steps", str(plan.qa_steps),
-            "--lr", str(plan.base_lr / 3), "--init", str(final / checkpoint.FILE), "--seed", "0"], clock)
+            "--objective", "lm", "--data", plan.data, "--lengths", "0k,1k",
+            "--steps", str(plan.qa_steps), "--lr", str(plan.base_lr / 3),
+            "--init", str(final / checkpoint.FILE), "--seed", "0"], clock)
         final = out / "base"
     runs["checkpoint"] = str(final / checkpoint.FILE)
-    runs["curve"] = [{k: r.get(k, math.nan) for k in ("step", "sink_mass", "sink_rate", "sink_mass_64",
-                                                      "sink_rate_64")}
+    runs["curve"] = [{k: r.get(k, math.nan)
+                      for k in ("step", "sink_mass", "sink_rate", "sink_mass_64", "sink_rate_64")}
                      for r in log_records(out / "base_books") if "sink_mass" in r]
     return runs
 
 
 def arm_flags(plan: Plan, args, base: str, seed: int, steps: int) -> list[str]:
-    """Fine-tuning from the base on rows of plan.data, every length from the first step (the base has already
-    learned the question format on short samples: no curriculum)."""
-    return common(plan, args) + ["--init", base, "--data", plan.data, "--lengths", plan.train_lengths,
-                                 "--curriculum", "0", "--steps", str(steps), "--lr", str(plan.arm_lr),
+    """Fine-tuning from the base on rows of plan.data, every length from the first step (the base
+    has already learned the question format on short samples: no curriculum)."""
+    return common(plan, args) + ["--init", base, "--data", plan.data,
+                                 "--lengths", plan.train_lengths, "--curriculum", "0",
+                                 "--steps", str(steps), "--lr", str(plan.arm_lr),
                                  "--seed", str(seed)]
 
 
 def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock) -> dict:
-    """Short FocuSFT runs, one per inner lr and number of inner steps, side by side. The answer accuracy of
-    their last evaluation on the validation split (train.py's held-out rows: held-out questions in held-out
-    books) decides, then the lower base loss. A run is named by its lr, and by its steps too where several
-    are tried ("0.03x1")."""
+    """Short FocuSFT runs, one per inner lr and number of inner steps, side by side. The answer
+    accuracy of their last evaluation on the validation split (train.py's held-out rows: held-out
+    questions in held-out books) decides, then the lower base loss. A run is named by its lr, and by
+    its steps too where several are tried ("0.03x1")."""
     both = len(plan.sweep_inner_steps) > 1
-    grid = {f"{lr:g}" + (f"x{k}" if both else ""): (lr, k) for lr in plan.sweep_lrs for k in plan.sweep_inner_steps}
-    runs = side_by_side(args, clock, {key: (f"sweep inner lr {lr:g}, {k} steps", out / f"lr{key}", arm_flags(
-        plan, args, base, plan.seeds[0], plan.sweep_steps) + ["--method", "focusft", "--inner-lr", str(lr),
-                                                              "--inner-steps", str(k)])
+    grid = {f"{lr:g}" + (f"x{k}" if both else ""): (lr, k)
+            for lr in plan.sweep_lrs for k in plan.sweep_inner_steps}
+    runs = side_by_side(args, clock, {
+        key: (f"sweep inner lr {lr:g}, {k} steps", out / f"lr{key}",
+              arm_flags(plan, args, base, plan.seeds[0], plan.sweep_steps)
+              + ["--method", "focusft", "--inner-lr", str(lr), "--inner-steps", str(k)])
         for key, (lr, k) in grid.items()})
     for key, r in runs.items():
         records = log_records(out / f"lr{key}")
         last = [x for x in records if "eval_acc" in x][-1]
-        tail = [x for x in records if x.get("inner")][-max(1, plan.sweep_steps // 5):]    # the last fifth
-        r.update(inner_lr=grid[key][0], inner_steps=grid[key][1], val_acc=last["eval_acc"], val_n=last["eval_n"],
-                 inner_before=mean(x["inner"][0] for x in tail), inner_after=mean(x["inner"][-1] for x in tail),
+        # the last fifth
+        tail = [x for x in records if x.get("inner")][-max(1, plan.sweep_steps // 5):]
+        r.update(inner_lr=grid[key][0], inner_steps=grid[key][1],
+                 val_acc=last["eval_acc"], val_n=last["eval_n"],
+                 inner_before=mean(x["inner"][0] for x in tail),
+                 inner_after=mean(x["inner"][-1] for x in tail),
                  moved=mean(x["moved"] for x in tail))
     chosen = max(runs, key=lambda key: (runs[key]["val_acc"], -runs[key]["inner_before"]))
     return {"runs": runs, "chosen": grid[chosen][0], "chosen_steps": grid[chosen][1]}
@@ -285,45 +321,52 @@ ARMS = {   # name: train.py flags (the method's defaults: focusft = hybrid mask 
     "hybrid": ["--method", "sft", "--mask", "hybrid"],
     "inner": ["--method", "focusft", "--mask", "causal"],
     "focusft": ["--method", "focusft"],
-    "sft_time": ["--method", "sft"],                     # as many steps as FocuSFT's time per step allows
+    "sft_time": ["--method", "sft"],             # as many steps as FocuSFT's time per step allows
 }
 
 
 def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: Clock) -> dict:
-    """Every arm from the base; SFT and FocuSFT with each seed. The first seed's SFT and FocuSFT run first, each
-    alone on the machine: their median step times give sft_time its steps (SFT's times the ratio, FocuSFT's
-    time per step); then the other arms side by side. `inner`: the sweep's choice, as flags of the arms
-    with an inner loop."""
+    """Every arm from the base; SFT and FocuSFT with each seed. The first seed's SFT and FocuSFT run
+    first, each alone on the machine: their median step times give sft_time its steps (SFT's times
+    the ratio, FocuSFT's time per step); then the other arms side by side. `inner`: the sweep's
+    choice, as flags of the arms with an inner loop."""
     def job(name: str, seed: int, steps: int) -> tuple:
         return (f"arm {name} seed {seed}", out / f"{name}_s{seed}",
-                arm_flags(plan, args, base, seed, steps) + ARMS[name] + (inner if name in ("focusft", "inner") else []))
+                arm_flags(plan, args, base, seed, steps) + ARMS[name]
+                + (inner if name in ("focusft", "inner") else []))
     first = plan.seeds[0]
-    runs = {f"{name}/{first}": train(*job(name, first, plan.arm_steps), clock) for name in ("sft", "focusft")}
+    runs = {f"{name}/{first}": train(*job(name, first, plan.arm_steps), clock)
+            for name in ("sft", "focusft")}
     ratio = runs[f"focusft/{first}"]["median_ms"] / runs[f"sft/{first}"]["median_ms"]
-    rest = {f"{name}/{seed}": job(name, seed, plan.arm_steps) for name in ("sft", "focusft") for seed in plan.seeds[1:]}
+    rest = {f"{name}/{seed}": job(name, seed, plan.arm_steps)
+            for name in ("sft", "focusft") for seed in plan.seeds[1:]}
     rest |= {f"{name}/{first}": job(name, first, plan.arm_steps) for name in ("hybrid", "inner")}
-    rest[f"sft_time/{first}"] = job("sft_time", first, max(plan.arm_steps, round(plan.arm_steps * ratio)))
+    rest[f"sft_time/{first}"] = job("sft_time", first,
+                                    max(plan.arm_steps, round(plan.arm_steps * ratio)))
     runs |= side_by_side(args, clock, rest)
     runs["time_ratio"] = ratio
     return runs
 
 
 def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock) -> dict:
-    """Every model on the test set (the bAbI test split, or held-out generated questions, in the test books),
-    under its own mask and the causal one: per-sample records (for paired tests) and the attention statistics."""
+    """Every model on the test set (the bAbI test split, or held-out generated questions, in the
+    test books), under its own mask and the causal one: per-sample records (for paired tests) and
+    the attention statistics."""
     test_dir = out / "test_data"
     if not (test_dir / "done").exists():
-        eval_babilong.main(["--make-data", str(test_dir), "--lengths", ",".join(plan.eval_lengths), "--n",
-                            str(plan.eval_n), "--haystack", args.test_books, "--seed", "0"]
+        eval_babilong.main(["--make-data", str(test_dir), "--lengths", ",".join(plan.eval_lengths),
+                            "--n", str(plan.eval_n), "--haystack", args.test_books, "--seed", "0"]
                            + (["--babi-dir", args.babi_dir] if args.babi_dir else []))
         (test_dir / "done").write_text("")
     cwe_dir = out / "cwe_data"                      # RULER CWE samples (no books, no stories)
     if not (cwe_dir / "done").exists():
-        eval_ruler.main(["--make-data", str(cwe_dir), "--lengths", ",".join(plan.cwe_lengths), "--n",
-                         str(plan.cwe_n), "--seed", "0"])
+        eval_ruler.main(["--make-data", str(cwe_dir), "--lengths", ",".join(plan.cwe_lengths),
+                         "--n", str(plan.cwe_n), "--seed", "0"])
         (cwe_dir / "done").write_text("")
-    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"    # (--quick trains on the CPU)
-    torch._dynamo.config.cache_size_limit = 64      # compiled flex: one graph per (rows, padded length, mask)
+    # --quick trains on the CPU
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    # compiled flex: one graph per (rows, padded length, mask)
+    torch._dynamo.config.cache_size_limit = 64
     stats_at = [n for n in STATS_LENGTHS if n in plan.eval_lengths] or [plan.eval_lengths[-1]]
     enc, results = tokenizer.gpt2(), {}
     for name, ckpt in models.items():
@@ -335,11 +378,14 @@ def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock
             with autocast(device, "bf16" if device == "cuda" else "fp32"):
                 for mask in dict.fromkeys([own, "causal"]):
                     result["records"][mask] = [
-                        {"task": task, "length": length, "correct": r["correct"], "output": r["output"]}
+                        {"task": task, "length": length, "correct": r["correct"],
+                         "output": r["output"]}
                         for length in plan.eval_lengths for task in TASKS
-                        for r in eval_babilong.evaluate(model, enc, babilong.read_hub(test_dir, task, length),
+                        for r in eval_babilong.evaluate(model, enc,
+                                                        babilong.read_hub(test_dir, task, length),
                                                         task, mask, device, bos=bos)]
-                    result["stats"][mask] = {n: length_stats(plan, model, enc, test_dir, n, mask, device, bos)
+                    result["stats"][mask] = {n: length_stats(plan, model, enc, test_dir, n, mask,
+                                                             device, bos)
                                              for n in stats_at}
                 result["cwe"] = cwe_results(plan, model, enc, cwe_dir, own, device, bos)
             file.parent.mkdir(exist_ok=True)
@@ -350,28 +396,32 @@ def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock
     return results
 
 
-def length_stats(plan: Plan, model, enc, test_dir: Path, length: str, mask: str, device, bos: bool) -> dict:
-    """Sink mass, sink rate and engagement, averaged over stats_n test samples of one length (tasks in turn)."""
-    rows = [eval_babilong.length_stats(model, enc, babilong.read_hub(test_dir, TASKS[i % 5], length)[i // 5],
+def length_stats(plan: Plan, model, enc, test_dir: Path, length: str, mask: str, device,
+                 bos: bool) -> dict:
+    """Sink mass, sink rate and engagement, averaged over stats_n test samples of one length (tasks
+    in turn)."""
+    rows = [eval_babilong.length_stats(model, enc,
+                                       babilong.read_hub(test_dir, TASKS[i % 5], length)[i // 5],
                                        TASKS[i % 5], mask, device, "trained", {}, bos=bos)
             for i in range(plan.stats_n)]
     return {k: mean(r[k] for r in rows) for k in rows[0]}
 
 
 def cwe_results(plan: Plan, model, enc, cwe_dir: Path, mask: str, device, bos: bool) -> dict:
-    """RULER CWE under the model's own mask: each sample's score and output, and at each length the attention
-    statistics averaged over its first stats_n samples."""
+    """RULER CWE under the model's own mask: each sample's score and output, and at each length the
+    attention statistics averaged over its first stats_n samples."""
     records, stats = [], {}
     for length in plan.cwe_lengths:
         samples = eval_ruler.read_cwe(str(cwe_dir), length)
         records += [{"length": length, "score": r["score"], "output": r["output"]}
                     for r in eval_ruler.evaluate(model, enc, samples, mask, device, bos)]
-        rows = [eval_ruler.length_stats(model, enc, s, mask, device, bos) for s in samples[:plan.stats_n]]
+        rows = [eval_ruler.length_stats(model, enc, s, mask, device, bos)
+                for s in samples[:plan.stats_n]]
         stats[length] = {k: mean(r[k] for r in rows) for k in rows[0]}
     return {"records": records, "stats": stats}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # numbers
 
 def write_json(path: Path, value):
@@ -383,7 +433,8 @@ def write_json(path: Path, value):
 def machine() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     def git(*argv):
-        return subprocess.run(["git", *argv], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        return subprocess.run(["git", *argv], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip()
     commit = git("rev-parse", "--short", "HEAD") or None
     if commit and git("status", "--porcelain", "--untracked-files=no"):
         commit += " with changes"                        # the files that ran are not that commit's
@@ -392,36 +443,47 @@ def machine() -> dict:
 
 
 def rewrite_report(out: Path):
-    """results.md and the figures again, from what a finished study recorded (e.g. after the report changed)."""
+    """results.md and the figures again, from what a finished study recorded (e.g. after the report
+    changed)."""
     res = json.loads((out / "results.json").read_text())
-    plan = Plan(**{k: tuple(v) if isinstance(v, list) and k != "extra" else v for k, v in res["plan"].items()})
+    plan = Plan(**{k: tuple(v) if isinstance(v, list) and k != "extra" else v
+                   for k, v in res["plan"].items()})
     report(out, plan, res)
     print(f"wrote {out / 'results.md'} and the figures")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    """The study's flags, every one checked before any stage runs (a bad one: one line, config.Parser's)."""
+    """The study's flags, every one checked before any stage runs (a bad one: one line,
+    config.Parser's)."""
     p = Parser("study.py", __doc__)
     p.add_argument("--out", default="runs/study", help="folder of the study's stages and results")
-    p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: the pipeline, not the numbers")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes on the CPU: the pipeline, not the numbers")
     p.add_argument("--books", default="synthetic:0",
-                   help="training text: a folder of .txt/.txt.gz books, pg19 (online) or synthetic:SEED")
+                   help="training text: a folder of .txt/.txt.gz books, pg19 (online) or "
+                        "synthetic:SEED")
     p.add_argument("--test-books", default="synthetic:7",
-                   help="the test haystack, books no stage reads: a folder, or synthetic:SEED (other books)")
+                   help="the test haystack, books no stage reads: a folder, or synthetic:SEED "
+                        "(other books)")
     p.add_argument("--babi-dir", default=None,
-                   help="real bAbI files (their test split is the test set); default: none, generated stories")
+                   help="real bAbI files (their test split is the test set); default: none, "
+                        "generated stories")
     p.add_argument("--parallel", type=number(int, 1), default=1,
-                   help="train.py runs at once on each GPU in the sweep and the arms (one GPU is shared; 1 = "
-                        "one at a time); given several GPUs, the runs spread over them, each seeing one")
+                   help="train.py runs at once on each GPU in the sweep and the arms (one GPU is "
+                        "shared; 1 = one at a time); given several GPUs, the runs spread over "
+                        "them, each seeing one")
     p.add_argument("--until", choices=["base", "sweep"], default=None,
-                   help="stop after this stage, its results in results.json (and the sweep's table printed); "
-                        "the command without it goes on from there (default: none, every stage)")
+                   help="stop after this stage, its results in results.json (and the sweep's "
+                        "table printed); the command without it goes on from there "
+                        "(default: none, every stage)")
     p.add_argument("--report", action="store_true",
-                   help="only rewrite results.md and the figures from --out's results.json and logs (no training)")
+                   help="only rewrite results.md and the figures from --out's results.json and "
+                        "logs (no training)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="change one size of the plan, e.g. --set arm_steps=500 --set sweep_lrs=0.1,0.3 (repeatable)")
+                   help="change one size of the plan, e.g. --set arm_steps=500 "
+                        "--set sweep_lrs=0.1,0.3 (repeatable)")
     args = p.parse_args(argv)
     try:
         args.plan = with_changes(QUICK if args.quick else FULL, args.set)
@@ -430,8 +492,10 @@ def get_args(argv=None):
     problem = output_problem("--out", args.out)
     if problem:
         p.error(problem)
-    if args.report and not ((Path(args.out) / "results.json").is_file() and (Path(args.out) / "arms").is_dir()):
-        p.error(f"--report: {args.out} is not a finished study's folder (results.json and the runs' logs)")
+    if args.report and not ((Path(args.out) / "results.json").is_file()
+                            and (Path(args.out) / "arms").is_dir()):
+        p.error(f"--report: {args.out} is not a finished study's folder "
+                "(results.json and the runs' logs)")
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
         if value.split(":")[0] not in ("synthetic", "pg19"):
             try:
@@ -451,8 +515,10 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    in_main = threading.current_thread() is threading.main_thread()      # (only it may set signal handlers)
-    before = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    # only the main thread may set signal handlers
+    in_main = threading.current_thread() is threading.main_thread()
+    before = ({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+              if in_main else {})
     STOP.clear()
     try:
         if args.report:
@@ -461,8 +527,8 @@ def main(argv=None):
             run(args)
     except Stopped:
         again = shlex.join(["python", "study.py", *(sys.argv[1:] if argv is None else argv)])
-        print(f"study.py: stopped: finished stages are kept and a run cut off resumes from its checkpoint; "
-              f"continue with: {again}", file=sys.stderr, flush=True)
+        print(f"study.py: stopped: finished stages are kept and a run cut off resumes from its "
+              f"checkpoint; continue with: {again}", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
         for s, handler in before.items():
@@ -474,7 +540,8 @@ def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arms = 2 * len(plan.seeds) + 3
-    clock = Clock(1 + bool(plan.qa_steps) + len(plan.sweep_lrs) * len(plan.sweep_inner_steps) + arms + 1 + arms)   # train.py runs, evaluations
+    clock = Clock(1 + bool(plan.qa_steps) + len(plan.sweep_lrs) * len(plan.sweep_inner_steps)
+                  + arms + 1 + arms)   # train.py runs, evaluations
     results = {"plan": asdict(plan), "args": {k: v for k, v in vars(args).items() if k != "plan"},
                "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)
