@@ -1,10 +1,10 @@
-"""Evaluate a checkpoint on BABILong, scored by the benchmark's own rule.
+r"""Evaluate a checkpoint on BABILong, scored by the benchmark's own rule.
 
-    python eval_babilong.py --make-data babilong_data
+    python eval_babilong.py --make-data babilong_data \
         --tasks qa1,qa2 --lengths 0k,1k,4k --n 50                   # build the data
-    python eval_babilong.py --ckpt out/ckpt.pt --data babilong_data
+    python eval_babilong.py --ckpt out/ckpt.pt --data babilong_data \
         --tasks qa1,qa2 --lengths 0k,1k,4k --n 50
-    python eval_babilong.py --ckpt out/ckpt.pt --data hub
+    python eval_babilong.py --ckpt out/ckpt.pt --data hub \
         --revision <commit>                                         # the real benchmark (online)
     python eval_babilong.py --score outputs.csv --tasks qa1         # score a CSV of outputs
 
