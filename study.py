@@ -181,6 +181,10 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
         if STOP.is_set() and code in (130, 143, -signal.SIGINT):
             raise Stopped(name)
         if code != 0:
+            # the runs beside it stop at a step boundary, with a checkpoint the command resumes
+            STOP.set()
+            for other in list(RUNNING):
+                other.send_signal(signal.SIGINT)
             output = out.parent / f"{out.name}.out"
             memory = "OutOfMemoryError" in output.read_text(errors="replace")[-4000:]
             sys.exit(f"study.py: error: {name} failed; its output: {output}"
@@ -221,8 +225,12 @@ def side_by_side(args, clock: "Clock", jobs: dict[str, tuple]) -> dict[str, dict
             free.put(device)
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = {key: pool.submit(on_a_gpu, job) for key, job in jobs.items()}
-        shared = min(at_once, len(jobs)) > len(devices)       # runs side by side on a GPU
-        return {key: f.result() | {"shared": shared} for key, f in futures.items()}
+    # every run has ended; a failure is what the study reports, not the runs it stopped
+    ended = [f.exception() for f in futures.values() if f.exception() is not None]
+    if ended:
+        raise next((e for e in ended if isinstance(e, SystemExit)), ended[0])
+    shared = min(at_once, len(jobs)) > len(devices)           # runs side by side on a GPU
+    return {key: f.result() | {"shared": shared} for key, f in futures.items()}
 
 
 def gpus() -> list[str | None]:

@@ -21,6 +21,13 @@ import study
 import study_report
 
 
+@pytest.fixture(autouse=True)
+def no_stop_left():
+    """A test whose run fails or stops leaves the study's STOP set (study.main clears it)."""
+    yield
+    study.STOP.clear()
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
@@ -314,3 +321,34 @@ def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
     assert all(r["shared"] is False for r in got.values())
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert study.gpus() == [None]                       # one GPU: the runs share it (--parallel)
+
+
+def test_a_failed_run_stops_the_runs_beside_it_and_the_failure_is_what_the_study_says(
+        tmp_path, monkeypatch):
+    """Two runs side by side: when one fails, the other gets a SIGINT at once (it checkpoints at a
+    step boundary; the command again resumes it) instead of running on, and the study ends with the
+    failure's line, not with the stop of the run listed first."""
+    import threading as th
+    signals = []
+
+    class Run:
+        def __init__(self, argv, stdout, **kwargs):
+            self.bad, self.stopped = argv[-1].endswith("bad"), th.Event()
+            stdout.write("ValueError: broken\n" if self.bad else "")
+
+        def wait(self):
+            if self.bad:
+                time.sleep(0.2)                              # the other run is under way
+                return 1
+            return 130 if self.stopped.wait(timeout=20) else 0
+
+        def send_signal(self, sig):
+            signals.append(sig)
+            self.stopped.set()
+    monkeypatch.setattr(study.subprocess, "Popen", Run)
+    jobs = {"good": ("run good", tmp_path / "good", []), "bad": ("run bad", tmp_path / "bad", [])}
+    with pytest.raises(SystemExit) as stop:
+        study.side_by_side(study.get_args(["--parallel", "2"]), study.Clock(2), jobs)
+    assert str(stop.value.code).startswith("study.py: error: run bad failed")
+    assert signals == [signal.SIGINT] and not study.RUNNING
+    assert not (tmp_path / "good" / "done").exists()
