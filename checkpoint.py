@@ -137,3 +137,15 @@ def preset_name(ckpt: dict) -> str | None:
     # the attention backend is no size
     shape = GPTConfig(**{**ckpt["config"]["model"], "attn": "sdpa"})
     return next((name for name in PRESETS if preset(name, "sdpa") == shape), None)
+
+
+def model_for(ckpt: dict, device: str) -> GPT:
+    """The checkpoint's model on `device`, to evaluate: flex attention on a GPU, SDPA on the CPU."""
+    return (model_from(ckpt, attn="flex" if device.startswith("cuda") else "sdpa")
+            .to(device).eval())
+
+
+def load_model(path: str, device: str) -> tuple[GPT, dict]:
+    """The model of a checkpoint file and its run's config (NotACheckpoint if it is none)."""
+    ckpt = load(path)
+    return model_for(ckpt, device), ckpt["config"]

@@ -12,8 +12,8 @@ BABILong (Kuratov et al. 2024; booydar/babilong) hides bAbI facts in long haysta
 question. Two ideas to hold:
   1. Decoding is greedy with a KV cache (generate.py): a prompt is run once under the chosen mask
      (with `hybrid` it is one bidirectional context turn), then each new token attends to all of
-     it. Samples are decoded in batches of one padded prompt size, EVAL_TOKENS prompt tokens at
-     most (`decoding_batches`).
+     it. Samples are decoded in batches of one padded prompt size, generate.EVAL_TOKENS prompt
+     tokens at most (`generate.decoding_batches`).
   2. The score is the official rule, quirks included (`is_correct`): keep the output's first
      sentence (before the first '.'), lower-cased, cut at '<context>' / '<example>' (the official
      code also cuts at 'Question', which never matches after lower-casing); drop the task's labels
@@ -26,7 +26,6 @@ import os
 import random
 import re
 import sys
-import time
 
 import torch
 
@@ -36,8 +35,7 @@ from cli import Parser, names, number, output_problem, progress, refuse
 from config import device_problem
 from data import babi, babilong, books, packing, tokenizer
 from data.tokenizer import NEWLINE
-from generate import generate_batch, padded, padded_length
-from model import GPT
+from generate import decode_all, padded
 from model import autocast as model_autocast
 from stats import attention_stats
 
@@ -47,8 +45,6 @@ TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,
 # the official cut list; 'Question' is kept though inert
 CUT_AT = ("<context>", "<example>", "Question")
 MAX_NEW_TOKENS = 20                               # the benchmark's generation budget
-# padded prompt tokens per decoding batch: 64 rows of 1K keep a GPU busy, 2 of 32K fit it
-EVAL_TOKENS = 65536
 # the benchmark on the HF hub (configs = lengths, splits = tasks)
 HUB = "RMT-team/babilong"
 OFFICIAL = ("{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\n"
@@ -108,19 +104,6 @@ def score_file(path: str, task: str) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------
-
-def model_for(ckpt: dict, device: str) -> GPT:
-    """The checkpoint's model on `device`, to evaluate: flex attention on a GPU, SDPA on the CPU."""
-    return (checkpoint.model_from(ckpt, attn="flex" if device.startswith("cuda") else "sdpa")
-            .to(device).eval())
-
-
-def load_model(path: str, device: str) -> tuple[GPT, dict]:
-    """The model of a checkpoint file and its run's config (checkpoint.NotACheckpoint if it is
-    none)."""
-    ckpt = checkpoint.load(path)
-    return model_for(ckpt, device), ckpt["config"]
-
 
 def read_samples(source: str, task: str, length: str, revision: str) -> list[dict]:
     """Samples from a local hub-layout folder, or (source "hub") from the hub itself through
@@ -182,20 +165,6 @@ def prompt_for(enc, sample: dict, task: str, style: str, parts: dict,
     return enc.encode_ordinary(text.strip())   # both strips as the benchmark's get_formatted_input
 
 
-def decoding_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices of prompts of these lengths, grouped by padded size and cut into batches of
-    budget // size rows (at least one): full batches of one shape, so the GPU compiles flex once per
-    (rows, size); a group's last batch may be smaller."""
-    groups = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(padded_length(n), []).append(i)
-    batches = []
-    for size, rows in sorted(groups.items()):
-        per_batch = max(1, budget // size)
-        batches += [rows[j:j + per_batch] for j in range(0, len(rows), per_batch)]
-    return batches
-
-
 def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device,
              style: str = "trained", parts: dict | None = None, tick=lambda: None,
              bos: bool = False) -> list[dict]:
@@ -217,20 +186,6 @@ def evaluate(model, enc, samples: list[dict], task: str, mask_kind: str, device,
         records[i].pop("input")
         tick()
     return records
-
-
-def decode_all(model, enc, prompts: list[list[int]], mask_kind: str, device, max_new: int,
-               stop: tuple):
-    """Greedy answers to the prompts, decoded in batches (decoding_batches): (index, text, seconds)
-    for each prompt, batch by batch; a prompt's seconds are its batch's time over the batch's
-    rows."""
-    for batch in decoding_batches([len(p) for p in prompts], EVAL_TOKENS):
-        t0 = time.perf_counter()
-        outputs = generate_batch(model, [prompts[i] for i in batch], mask_kind, device, max_new,
-                                 stop)
-        outputs = [enc.decode(tokens) for tokens in outputs]
-        seconds = (time.perf_counter() - t0) / len(batch)
-        yield from ((i, output, seconds) for i, output in zip(batch, outputs))
 
 
 def heatmap(acc: dict, tasks: list[str], lengths: list[str], path: str):
@@ -445,7 +400,7 @@ def checked_run(prog: str, args, read) -> tuple:
         samples = read()
     except (OSError, ValueError, RuntimeError) as e:
         refuse(prog, f"--data: {e}")
-    model, recorded = model_for(ckpt, args.device), ckpt["config"]["args"]
+    model, recorded = checkpoint.model_for(ckpt, args.device), ckpt["config"]["args"]
     os.makedirs(out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64             # one flex graph per (rows, padded size)
     autocast = model_autocast(args.device,

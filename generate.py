@@ -17,6 +17,8 @@ Used by every evaluation (eval_babilong.py; any later benchmark). Two ideas to h
      prefill through the mask, in decoding through a (B, 1, 1, K) key mask. Row b's prompt has n_b
      tokens, so its i-th new token sits at position n_b + i, whatever the other rows' lengths.
 """
+import time
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,8 @@ import masks
 from data import tokenizer
 from model import GPT
 
+# padded prompt tokens per decoding batch (decode_all): 64 rows of 1K keep a GPU busy, 2 of 32K fit
+EVAL_TOKENS = 65536
 PAD_TO = 1024          # prompt lengths are rounded up to this: few compiled shapes
 
 
@@ -125,3 +129,31 @@ def generate(model: GPT, prompt: list[int], mask_kind: str, device, max_new: int
              stop: tuple) -> list[int]:
     """Greedy continuation of one prompt, ending at a `stop` token or after max_new tokens."""
     return generate_batch(model, [prompt], mask_kind, device, max_new, stop)[0]
+
+
+def decoding_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of prompts of these lengths, grouped by padded size and cut into batches of
+    budget // size rows (at least one): full batches of one shape, so the GPU compiles flex once per
+    (rows, size); a group's last batch may be smaller."""
+    groups = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(padded_length(n), []).append(i)
+    batches = []
+    for size, rows in sorted(groups.items()):
+        per_batch = max(1, budget // size)
+        batches += [rows[j:j + per_batch] for j in range(0, len(rows), per_batch)]
+    return batches
+
+
+def decode_all(model, enc, prompts: list[list[int]], mask_kind: str, device, max_new: int,
+               stop: tuple):
+    """Greedy answers to the prompts, decoded in batches (decoding_batches): (index, text, seconds)
+    for each prompt, batch by batch; a prompt's seconds are its batch's time over the batch's
+    rows."""
+    for batch in decoding_batches([len(p) for p in prompts], EVAL_TOKENS):
+        t0 = time.perf_counter()
+        outputs = generate_batch(model, [prompts[i] for i in batch], mask_kind, device, max_new,
+                                 stop)
+        outputs = [enc.decode(tokens) for tokens in outputs]
+        seconds = (time.perf_counter() - t0) / len(batch)
+        yield from ((i, output, seconds) for i, output in zip(batch, outputs))

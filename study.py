@@ -380,7 +380,7 @@ def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock
     for name, ckpt in models.items():
         file = out / "eval" / f"{name.replace('/', '_')}.json"
         if not file.exists():
-            model, config = eval_babilong.load_model(ckpt, device)
+            model, config = checkpoint.load_model(ckpt, device)
             bos, own = bool(config["args"].get("bos")), config["args"]["mask"]
             result = {"mask": own, "records": {}, "stats": {}}
             with autocast(device, "bf16" if device == "cuda" else "fp32"):

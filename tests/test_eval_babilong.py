@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT, SHARED
 
 import eval_babilong as ev
+import generate
 
 PREDICTIONS = SHARED / "data" / "babilong_predictions" / "phi-3-mini-128k-instruct"
 # (file, correct) as booydar/babilong's own babilong/metrics.py counts them on these files (run
@@ -274,8 +275,8 @@ def test_decoding_batches_group_by_padded_size_within_the_budget(monkeypatch):
     import generate
     monkeypatch.setattr(generate, "PAD_TO", 64)
     lengths = [10, 70, 20, 30, 65, 5, 64, 1, 300]            # padded: 64 128 64 64 128 64 64 64 320
-    assert ev.decoding_batches(lengths, 256) == [[0, 2, 3, 5], [6, 7], [1, 4], [8]]
-    assert ev.decoding_batches(lengths, 1) == [[i] for i in (0, 2, 3, 5, 6, 7, 1, 4, 8)]
+    assert generate.decoding_batches(lengths, 256) == [[0, 2, 3, 5], [6, 7], [1, 4], [8]]
+    assert generate.decoding_batches(lengths, 1) == [[i] for i in (0, 2, 3, 5, 6, 7, 1, 4, 8)]
 
 
 def test_batched_evaluate_gives_each_samples_own_record(monkeypatch):
@@ -302,13 +303,14 @@ def test_batched_evaluate_gives_each_samples_own_record(monkeypatch):
     enc, hay = tokenizer.gpt2(), books.haystack("synthetic")
     samples = babilong.make_samples(enc, random.Random(0), "qa1", "0k", 8, hay)
     rows = []
-    generate_batch = ev.generate_batch
-    monkeypatch.setattr(ev, "generate_batch", lambda model, prompts, *a: rows.append(len(prompts))
+    generate_batch = generate.generate_batch
+    monkeypatch.setattr(generate, "generate_batch",
+                        lambda model, prompts, *a: rows.append(len(prompts))
                         or generate_batch(model, prompts, *a))
     runs = {}
     # one row per batch; one batch per padded size
     for budget in (1, 10 ** 6):
-        monkeypatch.setattr(ev, "EVAL_TOKENS", budget)
+        monkeypatch.setattr(generate, "EVAL_TOKENS", budget)
         ticks, rows[:] = [], []
         runs[budget] = ev.evaluate(model, enc, samples, "qa1", "hybrid", "cpu",
                                    tick=lambda: ticks.append(1))
@@ -339,7 +341,7 @@ def test_a_model_trained_with_bos_is_prompted_with_it(tmp_path, monkeypatch):
     assert (plain == packing.prompt_ids(enc, sample["input"], sample["question"])
             and tokenizer.BOS_ID not in plain)
     seen = []
-    monkeypatch.setattr(ev, "generate_batch",
+    monkeypatch.setattr(generate, "generate_batch",
                         lambda model, prompts, *a: seen.extend(prompts) or [[]] * len(prompts))
     monkeypatch.setattr(ev, "length_stats",
                         lambda *a: {"sink_mass": 0, "sink_rate": 0, "engagement": 0})
