@@ -14,7 +14,7 @@ import checkpoint
 from attention import BACKENDS, FLASH_INSTALL, flash_backend_available
 from cli import Parser, number, output_problem, refuse
 from data import babi, batches, cwe, packing, tokenizer
-from fastweights import PROJECTIONS, InnerConfig
+from fastweights import INNER_LOSSES, PROJECTIONS, InnerConfig
 from model import PRESETS
 
 # the name this file's refusals give (train.py's command line lives here)
@@ -118,7 +118,7 @@ def parser(description: str = "") -> Parser:
                    default=InnerConfig.fraction, help="top fraction of layers with fast weights")
     p.add_argument("--inner-targets", default=",".join(InnerConfig.targets),
                    help="MLP projections with fast weights")
-    p.add_argument("--inner-loss", choices=["response", "context"], default=InnerConfig.loss,
+    p.add_argument("--inner-loss", choices=INNER_LOSSES, default=InnerConfig.loss,
                    help="response: the outer SFT loss; context: next-token loss on context "
                         "tokens (causal)")
     # --- optimisation ---

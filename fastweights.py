@@ -33,6 +33,9 @@ PROJECTIONS = ("gate", "up", "down")   # the SwiGLU projections the paper adapts
 CLIP_EPS = 1e-6                        # keeps the clip coefficient finite for an all-zero gradient
 
 
+INNER_LOSSES = ("response", "context")   # what the inner loop can fit (InnerConfig.loss)
+
+
 @dataclass
 class InnerConfig:
     steps: int = 2                # inner SGD steps per training step (authors: 2)

@@ -54,6 +54,7 @@ import eval_babilong
 import eval_ruler
 from cli import Parser, number, output_problem
 from data import babilong, books, cwe, tokenizer
+from fastweights import INNER_LOSSES
 from model import autocast
 from study_report import TASKS, log_records, markdown_table, mean, report, sweep_table
 
@@ -70,9 +71,9 @@ class Plan:
     # training row length: arms train at <= 8K, evaluation runs to 32K
     ctx: int = 8192
     batch: int = 8                    # rows per step
-    # Steps of each stage. The 2026-12-07 study (base 1,200, sweep 200, arms 400, BABILong only) took
-    # 22.9 minutes of one H100; CWE's evaluation joined it after, so every stage is shorter by a
-    # sixth to a quarter to keep the whole within 25 minutes
+    # Steps of each stage. The 2026-12-07 study (base 1,200, sweep 200, arms 400, BABILong only)
+    # took 22.9 minutes of one H100; CWE's evaluation joined it after, so every stage is shorter
+    # by a sixth to a quarter to keep the whole within 25 minutes
     base_steps: int = 1000            # book-text pretraining steps
     base_lr: float = 3e-3             # its peak AdamW rate
     base_wd: float = 0.1              # its weight decay (Gu et al.: more decay, stronger sinks)
@@ -88,6 +89,10 @@ class Plan:
     sweep_lrs: tuple = (0.01, 0.03)
     sweep_inner_steps: tuple = (1, 2)
     sweep_steps: int = 150            # FocuSFT steps per sweep run
+    # what the inner loop fits, in the sweep and the arms with one (train.py --inner-loss): the
+    # answer ("response", the authors'), or next-token loss on the context ("context"), which a
+    # LoRA cannot drive to zero in two steps as it does a one-word answer
+    inner_loss: str = "response"
     seeds: tuple = (1, 2)             # SFT and FocuSFT run with each; the other arms with the first
     eval_lengths: tuple = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
     eval_n: int = 20                  # samples per task and length
@@ -313,7 +318,8 @@ def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock) -> dict:
     runs = side_by_side(args, clock, {
         key: (f"sweep inner lr {lr:g}, {k} steps", out / f"lr{key}",
               arm_flags(plan, args, base, plan.seeds[0], plan.sweep_steps)
-              + ["--method", "focusft", "--inner-lr", str(lr), "--inner-steps", str(k)])
+              + ["--method", "focusft", "--inner-lr", str(lr), "--inner-steps", str(k),
+                 "--inner-loss", plan.inner_loss])
         for key, (lr, k) in grid.items()})
     for key, r in runs.items():
         records = log_records(out / f"lr{key}")
@@ -502,6 +508,9 @@ def get_args(argv=None):
         args.plan = with_changes(QUICK if args.quick else FULL, args.set)
     except ValueError as e:
         p.error(f"--set: {e}")
+    if args.plan.inner_loss not in INNER_LOSSES:
+        p.error(f"--set: inner_loss must be one of {', '.join(INNER_LOSSES)}, "
+                f"not {args.plan.inner_loss!r}")
     problem = output_problem("--out", args.out)
     if problem:
         p.error(problem)
@@ -569,8 +578,9 @@ def run(args):
         clock.say(f"stopped after the {args.until} stage (--until); wrote {out / 'results.json'}")
         return
     sweep = results["sweep"]
-    inner = ["--inner-lr", str(sweep["chosen"])] + (["--inner-steps", str(sweep["chosen_steps"])]
-                                                    if len(plan.sweep_inner_steps) > 1 else [])
+    inner = (["--inner-lr", str(sweep["chosen"]), "--inner-loss", plan.inner_loss]
+             + (["--inner-steps", str(sweep["chosen_steps"])]
+                if len(plan.sweep_inner_steps) > 1 else []))
     results["arms"] = stage_arms(plan, args, out / "arms", base, inner, clock)
     models = {"base": base, **{name: str(out / "arms" / name.replace("/", "_s") / checkpoint.FILE)
                                for name in results["arms"] if "/" in name}}

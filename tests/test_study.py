@@ -63,6 +63,7 @@ def test_every_arm_trained_from_the_base_for_its_steps(quick):
         if config["method"] == "focusft":
             assert config["inner_lr"] == res["sweep"]["chosen"] and config["inner_per"] == "sample"
             assert config["inner_steps"] == res["sweep"]["chosen_steps"]
+            assert config["inner_loss"] == plan.inner_loss == "response"
             assert all(r["moved"] > 0 for r in records if "moved" in r)
     # never fewer than SFT's own
     assert arms[f"sft_time/{plan.seeds[0]}"]["steps"] == max(
@@ -75,6 +76,7 @@ def test_every_arm_trained_from_the_base_for_its_steps(quick):
     for key, r in res["sweep"]["runs"].items():                 # each run trained with its own pair
         config = study.log_records(out / "sweep" / f"lr{key}")[0]["config"]["args"]
         assert (config["inner_lr"], config["inner_steps"]) == (r["inner_lr"], r["inner_steps"])
+        assert config["inner_loss"] == plan.inner_loss
 
 
 def test_every_model_is_evaluated_on_every_cell_and_the_tables_have_their_shape(quick):
@@ -211,7 +213,9 @@ def test_set_changes_plan_fields_by_their_type_and_refuses_others():
                                                                               study.FULL.base_steps)
     assert study.get_args(["--quick", "--set", "eval_n=2"]).plan == study.with_changes(study.QUICK,
                                                                                       ["eval_n=2"])
-    for bad in ("nope=1", "arm_steps=x", "extra=--workers", "arm_lr=nan", "sweep_lrs=0.1,inf"):
+    assert study.get_args(["--set", "inner_loss=context"]).plan.inner_loss == "context"
+    for bad in ("nope=1", "arm_steps=x", "extra=--workers", "arm_lr=nan", "sweep_lrs=0.1,inf",
+                "inner_loss=answer"):
         with pytest.raises(SystemExit):
             study.get_args(["--set", bad])
 
