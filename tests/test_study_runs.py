@@ -1,0 +1,124 @@
+"""study_runs.py: the study's train.py runs side by side on one GPU or spread over several, and
+stopped together when one fails (fake runs: no training).
+
+Run: python -m pytest -q tests/test_study_runs.py
+"""
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import study_runs
+
+
+@pytest.fixture(autouse=True)
+def no_stop_left():
+    """A failed run leaves STOP set (study.main clears it)."""
+    yield
+    study_runs.STOP.clear()
+
+
+def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(monkeypatch):
+    running, most, seen = [0], [0], {}
+    lock = threading.Lock()
+
+    def fake_train(name, out, flags, clock, gpu=None):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+        seen[name] = flags
+        return {"name": name}
+    monkeypatch.setattr(study_runs, "train", fake_train)
+    monkeypatch.setattr(study_runs, "gpus", lambda: [None])      # one GPU, or none
+    jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
+    got = study_runs.side_by_side(2, study_runs.Clock(5), jobs)
+    assert most[0] == 2 and list(got) == list(jobs)
+    assert all(got[f"k{i}"] == {"name": f"run {i}", "shared": True} for i in range(5))
+    assert all(flags[:2] == ["--steps", "3"] and flags[2] == "--workers" for flags in seen.values())
+    alone = study_runs.side_by_side(1, study_runs.Clock(1),
+                               {"k": ("one", None, ["--steps", "3"])})
+    assert alone == {"k": {"name": "one", "shared": False}} and seen["one"] == ["--steps", "3"]
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_a_failed_run_ends_the_study_in_one_line_that_names_its_output(tmp_path, monkeypatch,
+                                                                       memory):
+    """A train.py run that fails ends the study with one line naming the run's output; one that ran
+    out of GPU memory also says that fewer runs side by side need less."""
+    class FailingRun:
+        def __init__(self, argv, stdout, **kwargs):
+            stdout.write("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory\n" if memory
+                         else "Traceback ...\nValueError: something else\n")
+
+        def wait(self):
+            return 1
+    monkeypatch.setattr(study_runs.subprocess, "Popen", FailingRun)
+    with pytest.raises(SystemExit) as stop:
+        study_runs.train("arm sft seed 1", tmp_path / "sft_s1", [], study_runs.Clock(1))
+    said = str(stop.value.code)
+    assert said.startswith("study.py: error: arm sft seed 1 failed; its output: ")
+    assert str(tmp_path / "sft_s1.out") in said and ("--parallel" in said) == memory
+    assert not (tmp_path / "sft_s1" / "done").exists()
+
+
+def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=3,5: five runs, two at a time (--parallel 1), each seeing one of the two
+    GPUs (by their names) and never two on the same GPU at once; their times are not shared."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert study_runs.gpus() == ["3", "5"]
+    on, most, seen = {"3": 0, "5": 0}, [0], {}
+    lock = threading.Lock()
+
+    def fake_train(name, out, flags, clock, gpu=None):
+        with lock:
+            on[gpu] += 1
+            most[0] = max(most[0], *on.values())
+        time.sleep(0.1)
+        with lock:
+            on[gpu] -= 1
+        seen[name] = gpu
+        return {"name": name}
+    monkeypatch.setattr(study_runs, "train", fake_train)
+    jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
+    got = study_runs.side_by_side(1, study_runs.Clock(5), jobs)
+    assert most[0] == 1 and set(seen.values()) == {"3", "5"} and len(seen) == 5
+    assert all(r["shared"] is False for r in got.values())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert study_runs.gpus() == [None]               # one GPU: the runs share it (--parallel)
+
+
+def test_a_failed_run_stops_the_runs_beside_it_and_the_failure_is_what_the_study_says(
+        tmp_path, monkeypatch):
+    """Two runs side by side: when one fails, the other gets a SIGINT at once (it checkpoints at a
+    step boundary; the command again resumes it) instead of running on, and the study ends with the
+    failure's line, not with the stop of the run listed first."""
+    signals = []
+
+    class Run:
+        def __init__(self, argv, stdout, **kwargs):
+            self.bad, self.stopped = argv[-1].endswith("bad"), threading.Event()
+            stdout.write("ValueError: broken\n" if self.bad else "")
+
+        def wait(self):
+            if self.bad:
+                time.sleep(0.2)                              # the other run is under way
+                return 1
+            return 130 if self.stopped.wait(timeout=20) else 0
+
+        def send_signal(self, sig):
+            signals.append(sig)
+            self.stopped.set()
+    monkeypatch.setattr(study_runs.subprocess, "Popen", Run)
+    jobs = {"good": ("run good", tmp_path / "good", []), "bad": ("run bad", tmp_path / "bad", [])}
+    with pytest.raises(SystemExit) as stop:
+        study_runs.side_by_side(2, study_runs.Clock(2), jobs)
+    assert str(stop.value.code).startswith("study.py: error: run bad failed")
+    assert signals == [signal.SIGINT] and not study_runs.RUNNING
+    assert not (tmp_path / "good" / "done").exists()
