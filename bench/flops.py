@@ -1,7 +1,7 @@
 """What a training step costs, counted rather than timed: the (q, k) pairs a mask allows, attention
 FLOPs on those pairs only, and the matmul work of an SFT or a FocuSFT step, inner loop included.
 
-bench/sections.py divides these counts by measured times (TFLOP/s, MFU, the FocuSFT / SFT work
+bench/steps.py divides these counts by measured times (TFLOP/s, MFU, the FocuSFT / SFT work
 ratio); nothing here needs a GPU. Two ideas to hold: a mask's cost is its allowed entries, never the
 S x S square (the hybrid mask allows about twice the causal pairs on a BABILong row, which is nearly
 all context); and the inner loop needs no base-weight gradients, so each inner step is a forward of

@@ -1,5 +1,5 @@
-"""bench/ (sections.py, kernels.py, flops.py) on the CPU: allowed-entry counts, FLOP and work
-formulas, each section's bookkeeping with the GPU work faked, the benchmark's one-line refusal
+"""bench/ (sections.py, steps.py, kernels.py, flops.py) on the CPU: allowed-entry counts, FLOP and
+work formulas, each section's bookkeeping with the GPU work faked, the benchmark's one-line refusal
 without a GPU.
 
 Run: python -m pytest -q tests/test_bench.py   (a few seconds; the benchmark itself needs a GPU)
@@ -16,6 +16,7 @@ import masks
 from bench import flops
 from bench import kernels as bench_kernels
 from bench import sections as bench
+from bench import steps as bench_steps
 
 
 def dense_count(mask_mod, batch: int, S: int) -> int:
@@ -120,18 +121,19 @@ def test_training_rows_are_ratios_over_causal_sft(monkeypatch):
                 "work": {"causal": 4.0, "hybrid": 5.0}[args.mask]
                         * (2 if args.method == "focusft" else 1)}
     # it would refuse --device cuda here
-    monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)
+    monkeypatch.setattr(bench_steps.run_config, "check_args", lambda args: None)
     monkeypatch.setattr(batches, "to_device", lambda batch, device, slots=0: batch)
-    monkeypatch.setattr(bench, "time_steps", fake_time)
-    monkeypatch.setattr(bench, "free_memory", lambda: None)
-    rows = bench.bench_training([1024], ["tiny", "small"], 1, 1, 2048, False)
+    monkeypatch.setattr(bench_steps, "time_steps", fake_time)
+    monkeypatch.setattr(bench_steps, "free_memory", lambda: None)
+    rows = bench_steps.bench_training([1024], ["tiny", "small"], 1, 1, 2048, False)
     assert [(r["model"], r["method"], r["mask"]) for r in rows] == [
-        (m, meth, mask) for m in ("tiny", "small") for meth, mask in bench.VARIANTS]
+        (m, meth, mask) for m in ("tiny", "small") for meth, mask in bench_steps.VARIANTS]
     # one set of batches
     assert len({s[3] for s in seen}) == 1 and all(r["batch"] == 2 for r in rows)
     assert [(r["ratio"], r["work_ratio"]) for r in rows[:3]] == [(1.0, 1.0), (1.5, 1.25),
                                                                  (3.0, 2.5)]
-    rows = bench.bench_training([1024], ["tiny"], 1, 1, 2048, False, variants=bench.VARIANTS[1:])
+    rows = bench_steps.bench_training([1024], ["tiny"], 1, 1, 2048, False,
+                                      variants=bench_steps.VARIANTS[1:])
     assert ([r["method"] for r in rows] == ["sft", "focusft"]
             and not [r for r in rows if "ratio" in r])  # no base
 
@@ -145,7 +147,7 @@ def test_work_section_runs_without_a_gpu(tmp_path):
     bench.main(["--sections", "work", "--sizes", "1024", "--models", "tiny", "--tokens", "2048",
                 "--out", str(out)])
     rows = json.loads(out.read_text())["work"]
-    assert ([(r["method"], r["mask"]) for r in rows] == list(bench.VARIANTS)
+    assert ([(r["method"], r["mask"]) for r in rows] == list(bench_steps.VARIANTS)
             and all(r["batch"] == 2 for r in rows))
     ratios = [r["work_ratio"] for r in rows]
     assert ratios[0] == 1 and 1 < ratios[1] < ratios[2]
@@ -162,11 +164,12 @@ def test_each_attn_config_is_active_while_its_rows_are_timed(monkeypatch):
         slow = 2.0 if kernels.options else 1.0
         ms = slow * (3.0 if args.method == "focusft" else 1.0)
         return {"ms": ms, "ms_alone": ms, "work": 1.0}
-    monkeypatch.setattr(bench.run_config, "check_args", lambda args: None)
+    monkeypatch.setattr(bench_steps.run_config, "check_args", lambda args: None)
     monkeypatch.setattr(batches, "to_device", lambda batch, device, slots=0: batch)
-    monkeypatch.setattr(bench, "time_steps", fake_time)
-    monkeypatch.setattr(bench, "free_memory", lambda: None)
-    rows = bench.bench_training([1024], ["tiny"], 1, 1, 1024, False, ("default", "fwd-64x128"))
+    monkeypatch.setattr(bench_steps, "time_steps", fake_time)
+    monkeypatch.setattr(bench_steps, "free_memory", lambda: None)
+    rows = bench_steps.bench_training([1024], ["tiny"], 1, 1, 1024, False,
+                                      ("default", "fwd-64x128"))
     options = bench_kernels.ATTN_CONFIGS["fwd-64x128"][1]["options"]
     assert seen == [None] * 3 + [options] * 3
     assert [r["config"] for r in rows] == ["default"] * 3 + ["fwd-64x128"] * 3
@@ -328,7 +331,7 @@ def test_tuning_times_each_forward_option_on_the_batch_masks(monkeypatch):
     monkeypatch.setattr(bench_kernels, "median_ms", lambda fn: 2.0)
     monkeypatch.setattr(bench_kernels, "fwd_bwd_ms", lambda attn, q, k, v, dy: 7.0)
     monkeypatch.setattr(bench_kernels, "free_memory", lambda: None)
-    batch = bench.section_batches("tiny", 1024, range(1, 2), 2048, "cpu")[0]
+    batch = bench_steps.section_batches("tiny", 1024, range(1, 2), 2048, "cpu")[0]
     rows = bench_kernels.bench_tuning("tiny", batch)          # tiny: 2 heads of size 64
     names = (list(bench_kernels.TUNE_OPTIONS) + ["model, BSHD"]
              + list(bench_kernels.BWD_TUNE_OPTIONS))

@@ -193,12 +193,12 @@ def test_compiled_sgd_step_matches_eager():
 
 
 def test_bench_times_steps_back_to_back_and_one_at_a_time():
-    """bench.time_steps on the tiny model: both timings of real steps, a model-FLOP utilisation that
+    """steps.time_steps on the tiny model: both timings of real steps, a model-FLOP utilisation that
     is a fraction, and the peak memory of the timed steps."""
-    from bench import sections as bench
-    args = bench.make_args("tiny", "focusft", "hybrid", 2048, 5, 8192)
-    prebuilt = bench.section_batches("tiny", 2048, range(5), 8192, "cuda")
-    row = bench.time_steps(args, prebuilt, warmup=2)
+    from bench import steps
+    args = steps.make_args("tiny", "focusft", "hybrid", 2048, 5, 8192)
+    prebuilt = steps.section_batches("tiny", 2048, range(5), 8192, "cuda")
+    row = steps.time_steps(args, prebuilt, warmup=2)
     assert row["ms"] > 0 and row["ms_alone"] > 0 and 0 < row["mfu"] < 1 and row["peak_gib"] > 0
     # back to back is never much slower than one at a time
     assert row["ms"] < 3 * row["ms_alone"]
