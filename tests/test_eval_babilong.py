@@ -215,8 +215,9 @@ def test_hub_source_asks_for_the_pinned_revision(monkeypatch):
         return [{"input": "Mary went to the garden.", "question": "Where is Mary? ",
                  "target": "garden", "x": 1}]
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    from data import sample_files
     samples = ev.read_samples("hub", "qa1", "8k", "abc123")
-    assert calls == [(ev.HUB, "8k", "qa1", "abc123")]
+    assert calls == [(sample_files.HUB, "8k", "qa1", "abc123")]
     assert samples == [{"input": "Mary went to the garden.", "question": "Where is Mary? ",
                         "target": "garden"}]
 
