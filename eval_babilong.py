@@ -14,22 +14,21 @@ question. Two ideas to hold:
      (with `hybrid` it is one bidirectional context turn), then each new token attends to all of
      it. Samples are decoded in batches of one padded prompt size, generate.EVAL_TOKENS prompt
      tokens at most (`generate.decoding_batches`).
-  2. The score is the official rule, quirks included (`is_correct`): keep the output's first
+  2. The score is the official rule, quirks included (babilong_score.py): keep the output's first
      sentence (before the first '.'), lower-cased, cut at '<context>' / '<example>' (the official
      code also cuts at 'Question', which never matches after lower-casing); drop the task's labels
      that the question names; correct iff the target is the only label of the task left in it.
 """
-import csv
 import json
 import math
 import os
 import random
-import re
 import sys
 
 import torch
 
 import checkpoint
+from babilong_score import TASK_LABELS, is_correct, last_mentioned, score_file
 from cli import Parser, names, number, output_problem, progress, refuse
 from config import device_problem
 from data import babi, babilong, books, packing, tokenizer
@@ -39,11 +38,6 @@ from generate import decode_all
 from model import autocast as model_autocast
 from stats import prompt_stats
 
-ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
-TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,
-               "qa5": ("Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk")}
-# the official cut list; 'Question' is kept though inert
-CUT_AT = ("<context>", "<example>", "Question")
 MAX_NEW_TOKENS = 20                               # the benchmark's generation budget
 OFFICIAL = ("{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\n"
             "Question: {question}")
@@ -51,55 +45,6 @@ READING_TITLE = ("reading: accuracy where the baseline is wrong "
                  "(echoing the last-named label scores 0 here)")
 PROG = "eval_babilong.py"                         # the name its refusals give
 
-
-# --------------------------------------------------------------------------------------------------
-# the official scoring rule
-
-def first_sentence(output: str) -> str:
-    text = output.lower().split(".")[0]
-    for marker in CUT_AT:
-        text = text.split(marker)[0]
-    return text
-
-
-def is_correct(target: str, output: str, question: str, task: str) -> bool:
-    """BABILong's rule: the target must be the only label of the task named in the output's first
-    sentence, not counting labels that the question names."""
-    if task not in TASK_LABELS:
-        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASK_LABELS)}")
-    labels = {label.lower() for label in TASK_LABELS[task]}
-    named = {label for label in labels if label in first_sentence(output)}
-    named -= {label for label in labels if label in question.lower()}
-    return named == {target.lower()}
-
-
-def last_mentioned(sample: dict, task: str) -> str:
-    """A baseline that does not read: the task's label named last in the context's bAbI facts (not
-    in the haystack prose, which may name rooms and people too), leaving out those the question
-    names ("" if none). A model at this accuracy may only have learned to answer with a recent
-    word."""
-    labels = ({label.lower() for label in TASK_LABELS[task]}
-              - set(re.findall(r"[a-z]+", sample["question"].lower())))
-    words = re.findall(r"[a-z]+", " ".join(babi.fact_sentences(sample["input"])).lower())
-    return next((w for w in reversed(words) if w in labels), "")
-
-
-def score_file(path: str, task: str) -> tuple[int, int]:
-    """(correct, total) over a CSV of model outputs with columns target, output, question."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    missing = {"target", "output", "question"} - set(reader.fieldnames or ())
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    short = next((i for i, r in enumerate(rows, 1)
-                  if None in (r["target"], r["output"], r["question"])), None)
-    if short:
-        raise ValueError(f"{path}: row {short} has fewer fields than the header")
-    return sum(is_correct(r["target"], r["output"], r["question"], task) for r in rows), len(rows)
-
-
-# --------------------------------------------------------------------------------------------------
 
 def read_samples(source: str, task: str, length: str, revision: str) -> list[dict]:
     """--data: samples from a local hub-layout folder, or (source "hub") from the hub itself;
