@@ -14,141 +14,44 @@ question. Two ideas to hold:
      (with `hybrid` it is one bidirectional context turn), then each new token attends to all of
      it. Samples are decoded in batches of one padded prompt size, generate.EVAL_TOKENS prompt
      tokens at most (`generate.decoding_batches`).
-  2. The score is the official rule, quirks included (`is_correct`): keep the output's first
+  2. The score is the official rule, quirks included (babilong_score.py): keep the output's first
      sentence (before the first '.'), lower-cased, cut at '<context>' / '<example>' (the official
      code also cuts at 'Question', which never matches after lower-casing); drop the task's labels
      that the question names; correct iff the target is the only label of the task left in it.
 """
-import csv
 import json
 import math
 import os
 import random
-import re
 import sys
 
 import torch
 
 import checkpoint
-import masks
+from babilong_score import TASK_LABELS, is_correct, last_mentioned, score_file
 from cli import Parser, names, number, output_problem, progress, refuse
 from config import device_problem
 from data import babi, babilong, books, packing, tokenizer
+from data.sample_files import read_hub_dataset, read_local
 from data.tokenizer import NEWLINE
-from generate import decode_all, padded
+from generate import decode_all
 from model import autocast as model_autocast
-from stats import attention_stats
+from stats import prompt_stats
 
-ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
-TASK_LABELS = {"qa1": ROOMS, "qa2": ROOMS, "qa3": ROOMS, "qa4": ROOMS,
-               "qa5": ("Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk")}
-# the official cut list; 'Question' is kept though inert
-CUT_AT = ("<context>", "<example>", "Question")
 MAX_NEW_TOKENS = 20                               # the benchmark's generation budget
-# the benchmark on the HF hub (configs = lengths, splits = tasks)
-HUB = "RMT-team/babilong"
 OFFICIAL = ("{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\n"
             "Question: {question}")
 READING_TITLE = ("reading: accuracy where the baseline is wrong "
                  "(echoing the last-named label scores 0 here)")
 PROG = "eval_babilong.py"                         # the name its refusals give
-FIELDS = {"input": str, "question": str, "target": str}   # a sample of the benchmark, and its types
-KINDS = {str: "a string", list: "a list"}         # a type as a refusal names it
 
-
-# --------------------------------------------------------------------------------------------------
-# the official scoring rule
-
-def first_sentence(output: str) -> str:
-    text = output.lower().split(".")[0]
-    for marker in CUT_AT:
-        text = text.split(marker)[0]
-    return text
-
-
-def is_correct(target: str, output: str, question: str, task: str) -> bool:
-    """BABILong's rule: the target must be the only label of the task named in the output's first
-    sentence, not counting labels that the question names."""
-    if task not in TASK_LABELS:
-        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASK_LABELS)}")
-    labels = {label.lower() for label in TASK_LABELS[task]}
-    named = {label for label in labels if label in first_sentence(output)}
-    named -= {label for label in labels if label in question.lower()}
-    return named == {target.lower()}
-
-
-def last_mentioned(sample: dict, task: str) -> str:
-    """A baseline that does not read: the task's label named last in the context's bAbI facts (not
-    in the haystack prose, which may name rooms and people too), leaving out those the question
-    names ("" if none). A model at this accuracy may only have learned to answer with a recent
-    word."""
-    labels = ({label.lower() for label in TASK_LABELS[task]}
-              - set(re.findall(r"[a-z]+", sample["question"].lower())))
-    words = re.findall(r"[a-z]+", " ".join(babi.fact_sentences(sample["input"])).lower())
-    return next((w for w in reversed(words) if w in labels), "")
-
-
-def score_file(path: str, task: str) -> tuple[int, int]:
-    """(correct, total) over a CSV of model outputs with columns target, output, question."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    missing = {"target", "output", "question"} - set(reader.fieldnames or ())
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    short = next((i for i, r in enumerate(rows, 1)
-                  if None in (r["target"], r["output"], r["question"])), None)
-    if short:
-        raise ValueError(f"{path}: row {short} has fewer fields than the header")
-    return sum(is_correct(r["target"], r["output"], r["question"], task) for r in rows), len(rows)
-
-
-# --------------------------------------------------------------------------------------------------
 
 def read_samples(source: str, task: str, length: str, revision: str) -> list[dict]:
-    """Samples from a local hub-layout folder, or (source "hub") from the hub itself through
-    `datasets`; ValueError, naming the file, if they are not the benchmark's samples
-    (check_samples)."""
+    """--data: samples from a local hub-layout folder, or (source "hub") from the hub itself;
+    ValueError naming the file (or `--data hub`) if they are not the benchmark's samples."""
     if source == "hub":
-        where = f"--data hub ({HUB} {length}/{task}@{revision})"
-        # a local folder as HUB (the tests) has no history: datasets takes revision there and
-        # ignores it
-        rows = books.from_hub(where, lambda datasets: datasets.load_dataset(HUB, length, split=task,
-                                                                            revision=revision))
-        return check_samples(list(rows), where)
+        return read_hub_dataset(task, length, revision, "--data hub")
     return read_local(source, task, length)
-
-
-def read_local(root: str, task: str, length: str, fields: dict = FIELDS) -> list[dict]:
-    """Samples from a local hub-layout folder; ValueError, naming the file, if they are not samples
-    with these fields (check_samples)."""
-    path = babilong.hub_path(root, task, length)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a file of samples")
-    try:
-        rows = babilong.read_hub(root, task, length)
-    except ValueError as e:   # not JSON (empty, cut short, another kind of file), not UTF-8
-        raise ValueError(f"{path} is not a JSON file of samples "
-                         f"({type(e).__name__}: {e})") from None
-    return check_samples(rows, str(path), fields)
-
-
-def check_samples(rows, where: str, fields: dict = FIELDS) -> list[dict]:
-    """The samples, if they are what the benchmark's files hold: a list of objects with `fields` of
-    their types (other keys are dropped); else ValueError naming `where` and the first bad sample by
-    its index, where[i]."""
-    if not isinstance(rows, list):
-        raise ValueError(f"{where}: expected a JSON list of samples, found a {type(rows).__name__}")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}[{i}]: a sample is an object with {', '.join(fields)}; "
-                             f"found {row!r:.40}")
-        bad = next((k for k in fields if not isinstance(row.get(k), fields[k])), None)
-        if bad:   # None: the hub's rows have every column, null where a row had none
-            raise ValueError(f"{where}[{i}]: "
-                             + (f"no {bad!r}" if row.get(bad) is None else
-                                f"{bad!r} must be {KINDS[fields[bad]]}; found {row[bad]!r:.40}"))
-    return [{k: row[k] for k in fields} for row in rows]
 
 
 def prompt_for(enc, sample: dict, task: str, style: str, parts: dict,
@@ -415,20 +318,6 @@ def length_stats(model, enc, sample: dict, task: str, mask_kind: str, device, st
     turn."""
     return prompt_stats(model, prompt_for(enc, sample, task, style, parts, bos),
                         packing.answer_ids(enc, sample["target"]), mask_kind, device)
-
-
-@torch.no_grad()
-def prompt_stats(model, ids: list[int], answer: list[int], mask_kind: str, device) -> dict:
-    """Sink mass / engagement on a prompt's tokens plus an answer's as the response turn (padded as
-    generate pads prompts)."""
-    n = len(ids) + len(answer)
-    idx, S = padded([ids + answer], device)
-    loss_mask = torch.zeros(1, S, dtype=torch.long, device=device)
-    loss_mask[0, len(ids):n] = 1
-    valid = (torch.arange(S, device=device) < n)[None]
-    pos = torch.arange(S, device=device)[None]
-    return attention_stats(model, idx, pos, masks.by_name(mask_kind, loss_mask, valid), loss_mask,
-                           valid)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ import torch
 from cli import Parser, names, number, output_problem, refuse
 from data import babilong, cwe, tokenizer
 from data.packing import answer_ids
+from data.sample_files import read_local
 from data.tokenizer import NEWLINE
-from eval_babilong import cell, checked_run, mean, prompt_for, prompt_stats, read_local
+from eval_babilong import cell, checked_run, mean, prompt_for
 from generate import decode_all
+from stats import prompt_stats
 
 MAX_NEW_TOKENS = cwe.GENERATE     # RULER's generation budget for CWE, left in every length
 FIELDS = {"input": str, "question": str, "target": list}   # target: the 10 words

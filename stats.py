@@ -31,6 +31,7 @@ from torch.nn.attention.flex_attention import AuxRequest, and_masks
 
 import masks
 from attention import flex
+from generate import padded
 from model import GPT
 
 SINK_EPS = 0.3      # Gu et al.'s threshold on a head's mean first-token attention
@@ -108,3 +109,19 @@ def attention_stats(model: GPT, idx: Tensor, pos: Tensor, mask_mod, loss_mask: T
             f"sink_mass_{EARLY}": head_early.mean().item(),
             f"sink_rate_{EARLY}": (head_early > SINK_EPS).float().mean().item(),
             "engagement": torch.stack(engagement).mean().item()}
+
+
+@torch.no_grad()
+def prompt_stats(model: GPT, ids: list[int], answer: list[int], mask_kind: str,
+                 device) -> dict[str, float]:
+    """attention_stats on one evaluation prompt's tokens plus an answer's as the response turn
+    (padded as generate pads prompts), the line eval_babilong.py and eval_ruler.py print per
+    length."""
+    n = len(ids) + len(answer)
+    idx, S = padded([ids + answer], device)
+    loss_mask = torch.zeros(1, S, dtype=torch.long, device=device)
+    loss_mask[0, len(ids):n] = 1
+    valid = (torch.arange(S, device=device) < n)[None]
+    pos = torch.arange(S, device=device)[None]
+    return attention_stats(model, idx, pos, masks.by_name(mask_kind, loss_mask, valid), loss_mask,
+                           valid)

@@ -6,6 +6,8 @@ step.
                   (online)
     babilong.py   BABILong's recipe: a story's facts hidden in order through book text, one question
     cwe.py        RULER's common-words extraction: a numbered list of words, its 10 most common
+    sample_files.py  an evaluation's samples read back, every row checked: a folder in the
+                  hub's layout (DIR/data/TASK/LEN.json) or BABILong on the hub (online)
     packing.py    samples (multi-turn or one question) packed into rows of --ctx tokens, their
                   targets
     tokenizer.py  GPT-2's BPE, offline, and the token ids the data and the model agree on
@@ -13,5 +15,6 @@ step.
 
 Arrows run down this list's dependencies only: babi and tokenizer import nothing of the project,
 books nothing but the standard library, packing babi and tokenizer (and model.py's IGNORE), babilong
-those and books, cwe packing and tokenizer, batches all of them (and model.target_positions).
+those and books, cwe packing and tokenizer, sample_files babilong and books, batches all of them
+(and model.target_positions).
 """

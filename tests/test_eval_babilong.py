@@ -10,6 +10,7 @@ from conftest import ROOT, SHARED
 
 import eval_babilong as ev
 import generate
+from babilong_score import is_correct, last_mentioned, score_file
 
 PREDICTIONS = SHARED / "data" / "babilong_predictions" / "phi-3-mini-128k-instruct"
 # (file, correct) as booydar/babilong's own babilong/metrics.py counts them on these files (run
@@ -22,7 +23,7 @@ OFFICIAL = {"qa1_4k": 690, "qa1_16k": 601, "qa2_4k": 375, "qa2_16k": 231, "qa3_4
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_accuracy_equals_the_official_rule_on_real_outputs(name):
     path = PREDICTIONS / f"{name}_instruction_yes_examples_yes_post_prompt_yes.csv"
-    correct, total = ev.score_file(str(path), name.split("_")[0])
+    correct, total = score_file(str(path), name.split("_")[0])
     assert total == (1000 if name.startswith("qa1") else 999)
     assert correct == OFFICIAL[name]
 
@@ -46,7 +47,7 @@ def test_accuracy_equals_the_official_rule_on_real_outputs(name):
     ("office", "officers", "Where is John? ", "qa1", True),
 ])
 def test_rule_and_its_quirks(target, output, question, task, want):
-    assert ev.is_correct(target, output, question, task) is want
+    assert is_correct(target, output, question, task) is want
 
 
 @pytest.mark.parametrize("text,question,task,want", [
@@ -66,7 +67,7 @@ def test_rule_and_its_quirks(target, output, question, task, want):
      "Where is Mary? ", "qa1", "kitchen"),
 ])
 def test_last_mentioned_baseline(text, question, task, want):
-    assert ev.last_mentioned({"input": text, "question": question}, task) == want
+    assert last_mentioned({"input": text, "question": question}, task) == want
 
 
 def test_last_mentioned_is_a_guess_not_the_answer():
@@ -77,7 +78,7 @@ def test_last_mentioned_is_a_guess_not_the_answer():
     from data import babilong, books, tokenizer
     samples = babilong.make_samples(tokenizer.gpt2(), random.Random(3), "qa1", "0k", 200,
                                     books.haystack("synthetic"))
-    right = [ev.is_correct(s["target"], ev.last_mentioned(s, "qa1"), s["question"], "qa1")
+    right = [is_correct(s["target"], last_mentioned(s, "qa1"), s["question"], "qa1")
              for s in samples]
     last_room = [s["input"].rstrip(".").split(". ")[-1].split()[-1] == s["target"] for s in samples]
     assert right == last_room and 0 < sum(right) < len(right)
@@ -85,7 +86,7 @@ def test_last_mentioned_is_a_guess_not_the_answer():
 
 def test_unknown_task_and_bad_file_fail_cleanly(tmp_path):
     with pytest.raises(ValueError, match="qa9"):
-        ev.is_correct("kitchen", "kitchen", "Where?", "qa9")
+        is_correct("kitchen", "kitchen", "Where?", "qa9")
     bad = tmp_path / "bad.csv"
     bad.write_text("target,answer\nkitchen,kitchen\n")
     run = subprocess.run([sys.executable, str(ROOT / "eval_babilong.py"), "--score", str(bad),
@@ -122,9 +123,9 @@ def test_make_data_then_evaluate_a_tiny_checkpoint_end_to_end(tmp_path, monkeypa
     preds = json.loads((tmp_path / "eval" / "predictions.json").read_text())
     assert len(preds) == 8 and {p["task"] for p in preds} == {"qa1", "qa5"}
     for p in preds:
-        assert p["correct"] == ev.is_correct(p["target"], p["output"], p["question"], p["task"])
-        assert p["baseline_correct"] == ev.is_correct(p["target"], p["last_mentioned"],
-                                                      p["question"], p["task"])
+        assert p["correct"] == is_correct(p["target"], p["output"], p["question"], p["task"])
+        assert p["baseline_correct"] == is_correct(p["target"], p["last_mentioned"],
+                                                   p["question"], p["task"])
     assert (tmp_path / "eval" / "heatmap.png").stat().st_size > 1000
     means = [line.split()[1:] for line in capsys.readouterr().out.splitlines()
              if line.startswith("mean ")]
@@ -151,8 +152,8 @@ def test_reading_table_counts_only_the_baselines_misses():
     targets, last = (["office", "garden", "kitchen", "hallway"],
                      ["kitchen", "garden", "bedroom", "hallway"])
     def records(outputs):
-        return [{"correct": ev.is_correct(t, o, "Where is Mary? ", "qa1"),
-                 "baseline_correct": ev.is_correct(t, g, "Where is Mary? ", "qa1")}
+        return [{"correct": is_correct(t, o, "Where is Mary? ", "qa1"),
+                 "baseline_correct": is_correct(t, g, "Where is Mary? ", "qa1")}
                 for t, g, o in zip(targets, last, outputs)]
     echo, reader = records(last), records(targets)
     # half right, reads nothing
@@ -215,8 +216,9 @@ def test_hub_source_asks_for_the_pinned_revision(monkeypatch):
         return [{"input": "Mary went to the garden.", "question": "Where is Mary? ",
                  "target": "garden", "x": 1}]
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    from data import sample_files
     samples = ev.read_samples("hub", "qa1", "8k", "abc123")
-    assert calls == [(ev.HUB, "8k", "qa1", "abc123")]
+    assert calls == [(sample_files.HUB, "8k", "qa1", "abc123")]
     assert samples == [{"input": "Mary went to the garden.", "question": "Where is Mary? ",
                         "target": "garden"}]
 

@@ -7,10 +7,10 @@ Run from the repository root (offline; skipped where `datasets` is not installed
 
 Each test writes a dataset in tmp_path in the shape of the hub's (PG19: one file per split with a
 `text` column; BABILong: configs named by length, splits by task, declared in a README.md header)
-and points the module constant (books.PG19, eval_babilong.HUB) at the folder: `load_dataset` reads a
-local folder where it would read a hub id, so all of this repository's code on those paths runs as
-it does online; only where `datasets` finds the files differs. conftest.py sets the Hugging Face
-offline variables: nothing here can reach the network.
+and points the module constant (books.PG19, data.sample_files.HUB) at the folder: `load_dataset`
+reads a local folder where it would read a hub id, so all of this repository's code on those paths
+runs as it does online; only where `datasets` finds the files differs. conftest.py sets the Hugging
+Face offline variables: nothing here can reach the network.
 """
 import json
 import pickle
@@ -21,7 +21,7 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 import eval_babilong as ev  # noqa: E402
-from data import babilong, books
+from data import babilong, books, sample_files
 
 PG19_COLUMNS = {"short_book_title": "A Book", "publication_date": 1900,
                 "url": "https://www.gutenberg.org/"}
@@ -131,7 +131,7 @@ def test_babilong_hub_samples_are_read_by_length_and_task(tmp_path, monkeypatch)
     exists nowhere reads too)."""
     rows = {(n, t): babilong_rows(n, t) for n in ("0k", "1k") for t in ("qa1", "qa2")}
     write_babilong(tmp_path / "babilong", rows)
-    monkeypatch.setattr(ev, "HUB", str(tmp_path / "babilong"))
+    monkeypatch.setattr(sample_files, "HUB", str(tmp_path / "babilong"))
     for (length, task), samples in rows.items():
         assert ev.read_samples("hub", task, length, "main") == samples, (length, task)
     assert ev.read_samples("hub", "qa2", "1k", "no-such-revision") == rows["1k", "qa2"]
@@ -145,13 +145,13 @@ def test_a_malformed_hub_row_is_named_as_in_a_local_file(tmp_path, monkeypatch):
     del rows[1]["question"]
     write_babilong(tmp_path / "babilong", {("1k", "qa1"): rows})
     babilong.write_hub(tmp_path / "local", "qa1", "1k", rows)
-    monkeypatch.setattr(ev, "HUB", str(tmp_path / "babilong"))
+    monkeypatch.setattr(sample_files, "HUB", str(tmp_path / "babilong"))
     errors = []
     for source in ("hub", str(tmp_path / "local")):
         with pytest.raises(ValueError) as e:
             ev.read_samples(source, "qa1", "1k", "main")
         errors.append(str(e.value))
-    assert errors[0].startswith(f"--data hub ({ev.HUB} 1k/qa1@main)[1]: ")
+    assert errors[0].startswith(f"--data hub ({sample_files.HUB} 1k/qa1@main)[1]: ")
     assert errors[1] == f"{babilong.hub_path(tmp_path / 'local', 'qa1', '1k')}[1]: no 'question'"
     assert errors[0].partition("[1]: ")[2] == "no 'question'" and "\n" not in errors[0]
 
@@ -164,7 +164,7 @@ def test_the_real_hub_offline_is_one_line_at_once():
         pytest.skip("HF_HUB_OFFLINE is not set: this run may reach the hub")
     from huggingface_hub import constants
     for hub_id, read in ((books.PG19, lambda: books.pg19_books(seed=0)),
-                         (ev.HUB, lambda: ev.read_samples("hub", "qa1", "1k", "main"))):
+                         (sample_files.HUB, lambda: ev.read_samples("hub", "qa1", "1k", "main"))):
         t0 = time.perf_counter()
         with pytest.raises(RuntimeError) as e:
             read()
