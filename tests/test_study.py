@@ -61,7 +61,9 @@ def test_every_arm_trained_from_the_base_for_its_steps(quick):
         if config["method"] == "focusft":
             assert config["inner_lr"] == res["sweep"]["chosen"] and config["inner_per"] == "sample"
             assert config["inner_steps"] == res["sweep"]["chosen_steps"]
+            # passed on, not train.py's default (which is also "response")
             assert config["inner_loss"] == plan.inner_loss == "response"
+            assert f"--inner-loss {plan.inner_loss}" in run["command"]
             assert all(r["moved"] > 0 for r in records if "moved" in r)
     # never fewer than SFT's own
     assert arms[f"sft_time/{plan.seeds[0]}"]["steps"] == max(
@@ -75,6 +77,7 @@ def test_every_arm_trained_from_the_base_for_its_steps(quick):
         config = study.log_records(out / "sweep" / f"lr{key}")[0]["config"]["args"]
         assert (config["inner_lr"], config["inner_steps"]) == (r["inner_lr"], r["inner_steps"])
         assert config["inner_loss"] == plan.inner_loss
+        assert f"--inner-loss {plan.inner_loss}" in r["command"]
 
 
 def test_every_model_is_evaluated_on_every_cell_and_the_tables_have_their_shape(quick):
