@@ -25,16 +25,16 @@ each a folder of --out, skipped when it is there (run the command again to resum
   eval      BABILong qa1-qa5 at 0k-32k (the bAbI test split in books no stage read), each model
             under its own mask and the causal one; attention statistics at 4K and 16K. RULER CWE
             (eval_ruler.py) at 4K-32K, each model under its own mask, with attention statistics at
-            each length
+            each length. One study_eval.py command per model, in eval/, started in the background
+            as the model is ready: the base's beside the sweep, each arm's as it ends
   report    results.json, results.md (the tables) and PNG figures (study_report.py)
 
-Ideas to hold: every training stage is a train.py command (recorded in results.json, runnable by
-hand), and evaluation reads only the test books and test stories; the arms differ only in their
-flags.
+Ideas to hold: every training stage is a train.py command and every evaluation a study_eval.py
+command (recorded in results.json, runnable by hand), and evaluation reads only the test books and
+test stories; the arms differ only in their flags.
 """
 import json
 import math
-import os
 import platform
 import shlex
 import signal
@@ -51,11 +51,20 @@ import checkpoint
 import eval_babilong
 import eval_ruler
 from cli import Parser, number, output_problem
-from data import babilong, books, cwe, tokenizer
+from data import books, cwe
 from fastweights import INNER_LOSSES
-from model import autocast
-from study_report import TASKS, log_records, markdown_table, mean, report, sweep_table
-from study_runs import STOP, Clock, Stopped, on_signal, side_by_side, train
+from study_report import log_records, markdown_table, mean, report, sweep_table, write_json
+from study_runs import (
+    FAILURES,
+    STOP,
+    Clock,
+    Evaluations,
+    Stopped,
+    gpus,
+    on_signal,
+    side_by_side,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parent
 # where each model's attention statistics are measured, as the paper's range
@@ -70,10 +79,8 @@ class Plan:
     # training row length: arms train at <= 8K, evaluation runs to 32K
     ctx: int = 8192
     batch: int = 8                    # rows per step
-    # Steps of each stage. The 2026-12-07 study (base 1,200, sweep 200, arms 400, BABILong only)
-    # took 22.9 minutes of one H100; CWE's evaluation joined it after, so the sweep and the arms
-    # are a quarter shorter to keep the whole within 25 minutes. The base keeps its steps: one of
-    # 1,000 grew half the sink of the 1,200-step one (docs/study.md)
+    # Steps of each stage, sized so that the whole study fits the 25 minutes of one GPU it is
+    # meant for; what each stage took, and why the base is not shorter: docs/study.md
     base_steps: int = 1200            # book-text pretraining steps
     base_lr: float = 3e-3             # its peak AdamW rate
     base_wd: float = 0.1              # its weight decay (Gu et al.: more decay, stronger sinks)
@@ -217,110 +224,74 @@ ARMS = {   # name: train.py flags (the method's defaults: focusft = hybrid mask 
 }
 
 
-def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: Clock) -> dict:
+def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: Clock,
+               evals: Evaluations, evaluate) -> dict:
     """Every arm from the base; SFT and FocuSFT with each seed. The first seed's SFT and FocuSFT run
-    first, each alone on the machine: their median step times give sft_time its steps (SFT's times
-    the ratio, FocuSFT's time per step); then the other arms side by side. `inner`: the sweep's
-    choice, as flags of the arms with an inner loop."""
+    first, each alone on the machine (the evaluations before them waited for): their median step
+    times give sft_time its steps (SFT's times the ratio, FocuSFT's time per step); then the other
+    arms side by side. `inner`: the sweep's choice, as flags of the arms with an inner loop. Each
+    arm's evaluation starts as it ends (evaluate(name, checkpoint))."""
     def job(name: str, seed: int, steps: int) -> tuple:
         return (f"arm {name} seed {seed}", out / f"{name}_s{seed}",
                 arm_flags(plan, args, base, seed, steps) + ARMS[name]
                 + (inner if name in ("focusft", "inner") else []))
+
+    def then(key: str):
+        name, seed = key.split("/")
+        evaluate(key, str(out / f"{name}_s{seed}" / checkpoint.FILE))
     first = plan.seeds[0]
+    evals.idle()
     runs = {f"{name}/{first}": train(*job(name, first, plan.arm_steps), clock)
             for name in ("sft", "focusft")}
+    for name in ("sft", "focusft"):
+        then(f"{name}/{first}")
     ratio = runs[f"focusft/{first}"]["median_ms"] / runs[f"sft/{first}"]["median_ms"]
     rest = {f"{name}/{seed}": job(name, seed, plan.arm_steps)
             for name in ("sft", "focusft") for seed in plan.seeds[1:]}
     rest |= {f"{name}/{first}": job(name, first, plan.arm_steps) for name in ("hybrid", "inner")}
     rest[f"sft_time/{first}"] = job("sft_time", first,
                                     max(plan.arm_steps, round(plan.arm_steps * ratio)))
-    runs |= side_by_side(args.parallel, clock, rest)
+    runs |= side_by_side(args.parallel, clock, rest, then)
     runs["time_ratio"] = ratio
     return runs
 
 
-def stage_eval(plan: Plan, args, out: Path, models: dict[str, str], clock: Clock) -> dict:
-    """Every model on the test set (the bAbI test split, or held-out generated questions, in the
-    test books), under its own mask and the causal one: per-sample records (for paired tests) and
-    the attention statistics."""
-    test_dir = out / "test_data"
+def test_data(plan: Plan, args, out: Path) -> tuple[Path, Path]:
+    """The test sets, made once (seconds, on the host): BABILong from the bAbI test split (or
+    held-out generated questions) in the test books, and RULER CWE (no books, no stories)."""
+    test_dir, cwe_dir = out / "test_data", out / "cwe_data"
     if not (test_dir / "done").exists():
         eval_babilong.main(["--make-data", str(test_dir), "--lengths", ",".join(plan.eval_lengths),
                             "--n", str(plan.eval_n), "--haystack", args.test_books, "--seed", "0"]
                            + (["--babi-dir", args.babi_dir] if args.babi_dir else []))
         (test_dir / "done").write_text("")
-    cwe_dir = out / "cwe_data"                      # RULER CWE samples (no books, no stories)
     if not (cwe_dir / "done").exists():
         eval_ruler.main(["--make-data", str(cwe_dir), "--lengths", ",".join(plan.cwe_lengths),
                          "--n", str(plan.cwe_n), "--seed", "0"])
         (cwe_dir / "done").write_text("")
-    # --quick trains on the CPU
-    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    # compiled flex: one graph per (rows, padded length, mask)
-    torch._dynamo.config.cache_size_limit = 64
+    return test_dir, cwe_dir
+
+
+def evaluator(plan: Plan, args, out: Path, evals: Evaluations):
+    """submit(name, checkpoint): start one model's evaluation (study_eval.py) in the background:
+    BABILong under its own mask and the causal one, attention statistics at STATS_LENGTHS, RULER
+    CWE under its own mask, into out/eval/NAME.json."""
+    test_dir, cwe_dir = test_data(plan, args, out)
     stats_at = [n for n in STATS_LENGTHS if n in plan.eval_lengths] or [plan.eval_lengths[-1]]
-    enc, results = tokenizer.gpt2(), {}
-    for name, ckpt in models.items():
+
+    def submit(name: str, ckpt: str):
         file = out / "eval" / f"{name.replace('/', '_')}.json"
-        if not file.exists():
-            model, config = checkpoint.load_model(ckpt, device)
-            bos, own = bool(config["args"].get("bos")), config["args"]["mask"]
-            result = {"mask": own, "records": {}, "stats": {}}
-            with autocast(device, "bf16" if device == "cuda" else "fp32"):
-                for mask in dict.fromkeys([own, "causal"]):
-                    result["records"][mask] = [
-                        {"task": task, "length": length, "correct": r["correct"],
-                         "output": r["output"]}
-                        for length in plan.eval_lengths for task in TASKS
-                        for r in eval_babilong.evaluate(model, enc,
-                                                        babilong.read_hub(test_dir, task, length),
-                                                        task, mask, device, bos=bos)]
-                    result["stats"][mask] = {n: length_stats(plan, model, enc, test_dir, n, mask,
-                                                             device, bos)
-                                             for n in stats_at}
-                result["cwe"] = cwe_results(plan, model, enc, cwe_dir, own, device, bos)
-            file.parent.mkdir(exist_ok=True)
-            write_json(file, result)
-            del model
-        results[name] = json.loads(file.read_text())
-        clock.finished(f"eval {name}")
-    return results
-
-
-def length_stats(plan: Plan, model, enc, test_dir: Path, length: str, mask: str, device,
-                 bos: bool) -> dict:
-    """Sink mass, sink rate and engagement, averaged over stats_n test samples of one length (tasks
-    in turn)."""
-    rows = [eval_babilong.length_stats(model, enc,
-                                       babilong.read_hub(test_dir, TASKS[i % 5], length)[i // 5],
-                                       TASKS[i % 5], mask, device, "trained", {}, bos=bos)
-            for i in range(plan.stats_n)]
-    return {k: mean(r[k] for r in rows) for k in rows[0]}
-
-
-def cwe_results(plan: Plan, model, enc, cwe_dir: Path, mask: str, device, bos: bool) -> dict:
-    """RULER CWE under the model's own mask: each sample's score and output, and at each length the
-    attention statistics averaged over its first stats_n samples."""
-    records, stats = [], {}
-    for length in plan.cwe_lengths:
-        samples = eval_ruler.read_cwe(str(cwe_dir), length)
-        records += [{"length": length, "score": r["score"], "output": r["output"]}
-                    for r in eval_ruler.evaluate(model, enc, samples, mask, device, bos)]
-        rows = [eval_ruler.length_stats(model, enc, s, mask, device, bos)
-                for s in samples[:plan.stats_n]]
-        stats[length] = {k: mean(r[k] for r in rows) for k in rows[0]}
-    return {"records": records, "stats": stats}
+        evals.submit(name, f"eval {name}", [
+            sys.executable, str(ROOT / "study_eval.py"), "--ckpt", ckpt,
+            "--babilong", str(test_dir), "--cwe", str(cwe_dir),
+            "--lengths", ",".join(plan.eval_lengths), "--stats-lengths", ",".join(stats_at),
+            "--stats-n", str(plan.stats_n), "--cwe-lengths", ",".join(plan.cwe_lengths),
+            "--out", str(file)] + (["--device", "cpu"] if args.quick else []), file)
+    return submit
 
 
 # --------------------------------------------------------------------------------------------------
 # numbers
-
-def write_json(path: Path, value):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
 
 def machine() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -415,12 +386,15 @@ def main(argv=None):
     before = ({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
               if in_main else {})
     STOP.clear()
+    FAILURES.clear()
     try:
         if args.report:
             rewrite_report(Path(args.out))
         else:
             run(args)
     except Stopped:
+        if FAILURES:                   # a command failed and stopped the others: say the failure
+            sys.exit(FAILURES[0])
         again = shlex.join(["python", "study.py", *(sys.argv[1:] if argv is None else argv)])
         print(f"study.py: stopped: finished stages are kept and a run cut off resumes from its "
               f"checkpoint; continue with: {again}", file=sys.stderr, flush=True)
@@ -441,23 +415,31 @@ def run(args):
                "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)
     base = results["base"]["checkpoint"]
-    if args.until != "base":
-        results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
     if args.until:
+        if args.until == "sweep":
+            results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
+            print("\n".join(markdown_table(*sweep_table(plan, results["sweep"]))), flush=True)
         results["until"] = args.until
         write_json(out / "results.json", results)
-        if "sweep" in results:
-            print("\n".join(markdown_table(*sweep_table(plan, results["sweep"]))), flush=True)
         clock.say(f"stopped after the {args.until} stage (--until); wrote {out / 'results.json'}")
         return
-    sweep = results["sweep"]
-    inner = (["--inner-lr", str(sweep["chosen"]), "--inner-loss", plan.inner_loss]
-             + (["--inner-steps", str(sweep["chosen_steps"])]
-                if len(plan.sweep_inner_steps) > 1 else []))
-    results["arms"] = stage_arms(plan, args, out / "arms", base, inner, clock)
-    models = {"base": base, **{name: str(out / "arms" / name.replace("/", "_s") / checkpoint.FILE)
-                               for name in results["arms"] if "/" in name}}
-    results["eval"] = stage_eval(plan, args, out, models, clock)
+    # the base's evaluation runs beside the sweep, each arm's as it ends
+    evals = Evaluations(args.parallel * len(gpus()), clock)
+    try:
+        evaluate = evaluator(plan, args, out, evals)
+        evaluate("base", base)
+        sweep = results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
+        inner = (["--inner-lr", str(sweep["chosen"]), "--inner-loss", plan.inner_loss]
+                 + (["--inner-steps", str(sweep["chosen_steps"])]
+                    if len(plan.sweep_inner_steps) > 1 else []))
+        results["arms"] = stage_arms(plan, args, out / "arms", base, inner, clock, evals,
+                                     evaluate)
+        evals.wait()
+    finally:
+        evals.cancel()
+    results["eval"] = {name: json.loads((out / "eval" / f"{name.replace('/', '_')}.json")
+                                        .read_text())
+                       for name in ["base", *(k for k in results["arms"] if "/" in k)]}
     write_json(out / "results.json", results)
     report(out, plan, results)
     clock.say(f"wrote {out / 'results.json'}, {out / 'results.md'} and the figures")

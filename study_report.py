@@ -23,6 +23,14 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def write_json(path: Path, value):
+    """Whole or not at all (a temporary file, then renamed): a study stopped while writing leaves
+    the file it had, or none."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
 def accuracy(records: list[dict], length: str | None = None, task: str | None = None) -> float:
     return mean(float(r["correct"]) for r in records
                 if (length is None or r["length"] == length)

@@ -1,11 +1,13 @@
-"""Running the study's train.py commands: each in a process of its own, up to N side by side on
-one GPU or spread over several, skipped when an earlier study finished it and resumed from its
-checkpoint when one was cut off, and all stopped together (SIGINT or SIGTERM to the study, or one
-run failing) at a step boundary.
+"""Running the study's commands: its train.py runs, each in a process of its own, up to N side by
+side on one GPU or spread over several, skipped when an earlier study finished it and resumed from
+its checkpoint when one was cut off; and its evaluations (study_eval.py), in the background as
+models become ready. All stop together (SIGINT or SIGTERM to the study, or one command failing), a
+run at a step boundary.
 
-study.py says what to run; this file only runs it. Ideas to hold: a run is a subprocess, not a
+study.py says what to run; this file only runs it. Ideas to hold: a command is a subprocess, not a
 thread of the study's own process, so that a GPU error in one cannot take the others down, and its
-output goes to OUT.out beside its folder.
+output goes to a .out file beside what it writes. An evaluation leaves the GPU partly idle
+(compilation, decoding a token at a time), so it runs beside training instead of after it.
 """
 import math
 import os
@@ -15,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import torch
@@ -32,14 +35,15 @@ class Stopped(Exception):
 
 
 STOP = threading.Event()                  # set by the first SIGINT / SIGTERM: no new run starts
-RUNNING: set[subprocess.Popen] = set()    # train.py runs in flight, each in a session of its own
+RUNNING: set[subprocess.Popen] = set()    # commands in flight, each in a session of its own
+FAILURES: list[str] = []                  # the line of each command that failed (run_to_end)
 
 
 def on_signal(signum, frame):
-    """Each run in flight gets one SIGINT (a second one stops them at once). The runs live in
+    """Each command in flight gets one SIGINT (a second one stops them at once). They live in
     sessions of their own, so that a terminal's ^C reaches them only through here, once; with none
-    in flight (evaluation, the report), the study stops where it is: what it has written is whole
-    (write_json)."""
+    in flight (the report, making the test data), the study stops where it is: what it has written
+    is whole (write_json)."""
     STOP.set()
     for child in list(RUNNING):
         child.send_signal(signal.SIGINT)
@@ -59,30 +63,9 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
         clock.say(f"{name}: python train.py {' '.join(command[2:])}"
                   + (" (resuming)" if resume else "")
                   + (f" on GPU {gpu}" if gpu is not None else ""))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with open(out.parent / f"{out.name}.out", "a") as log:
-            argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
-            env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=env)
-            RUNNING.add(child)
-            code = child.wait()
-            RUNNING.discard(child)
-        # stopped at a step boundary, or before
-        if STOP.is_set() and code in (130, 143, -signal.SIGINT):
-            raise Stopped(name)
-        if code != 0:
-            # the runs beside it stop at a step boundary, with a checkpoint the command resumes
-            STOP.set()
-            for other in list(RUNNING):
-                other.send_signal(signal.SIGINT)
-            output = out.parent / f"{out.name}.out"
-            memory = "OutOfMemoryError" in output.read_text(errors="replace")[-4000:]
-            sys.exit(f"study.py: error: {name} failed; its output: {output}"
-                     + ("; it ran out of GPU memory: fewer runs side by side (--parallel) need less"
-                        if memory else ""))
-        (out / "done").write_text(f"{time.perf_counter() - start:.1f}\n")   # wall seconds
+        argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
+        seconds = run_to_end(name, argv, out.parent / f"{out.name}.out", gpu)
+        (out / "done").write_text(f"{seconds:.1f}\n")   # wall seconds
     clock.finished(name)
     steps = [r for r in log_records(out) if "loss" in r]
     return {"command": " ".join(["python", "train.py", *flags, "--out", str(out)]),
@@ -90,15 +73,63 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
             "median_ms": median([r["ms"] for r in steps[len(steps) // 10:]])}   # past compilation
 
 
+def evaluate(name: str, argv: list[str], file: Path, clock: "Clock",
+             gpu: str | None = None) -> float | None:
+    """Run one evaluation command (python study_eval.py ... --out file), unless an earlier study
+    wrote its file; its output goes to the file's name with .out. Returns its wall seconds (None:
+    skipped)."""
+    seconds = None
+    if not file.exists():
+        clock.say(f"{name}: python {' '.join(argv[1:])}"
+                  + (f" on GPU {gpu}" if gpu is not None else ""))
+        seconds = run_to_end(name, argv, file.with_suffix(".out"), gpu)
+    clock.finished(name)
+    return seconds
+
+
+def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None) -> float:
+    """Run one command to its end in a session of its own (a terminal's ^C reaches it only through
+    on_signal), its output appended to `output`; returns its wall seconds. Stopped by the study:
+    Stopped. Failed: the commands beside it stop (a run at a step boundary, with a checkpoint the
+    study's command resumes) and the study ends in one line that names `output`, also kept in
+    FAILURES for the thread that sees the stop first."""
+    if STOP.is_set():
+        raise Stopped(name)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(output, "a") as log:
+        env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, env=env)
+        RUNNING.add(child)
+        code = child.wait()
+        RUNNING.discard(child)
+    # stopped at a step boundary, or before
+    if STOP.is_set() and code in (130, 143, -signal.SIGINT):
+        raise Stopped(name)
+    if code != 0:
+        STOP.set()
+        for other in list(RUNNING):
+            other.send_signal(signal.SIGINT)
+        memory = "OutOfMemoryError" in output.read_text(errors="replace")[-4000:]
+        FAILURES.append(f"study.py: error: {name} failed; its output: {output}"
+                        + ("; it ran out of GPU memory: fewer runs side by side (--parallel) "
+                           "need less" if memory else ""))
+        sys.exit(FAILURES[-1])
+    return time.perf_counter() - start
+
+
 def median(values: list[float]) -> float:
     values = sorted(values)
     return values[len(values) // 2] if values else math.nan
 
 
-def side_by_side(parallel: int, clock: "Clock", jobs: dict[str, tuple]) -> dict[str, dict]:
+def side_by_side(parallel: int, clock: "Clock", jobs: dict[str, tuple],
+                 then=None) -> dict[str, dict]:
     """train() each job (name, out, flags), up to `parallel` at once on each GPU (gpus): while one
     run compiles on the host, the others keep its GPU busy; with several GPUs, each run sees one of
-    them alone (the first runs one per GPU). Each run's data workers get a share of the CPUs."""
+    them alone (the first runs one per GPU). Each run's data workers get a share of the CPUs.
+    then(key): called as each run ends (e.g. to start its evaluation)."""
     devices = gpus()
     at_once = parallel * len(devices)
     if at_once > 1 and not any("--workers" in flags for _, _, flags in jobs.values()):
@@ -115,8 +146,14 @@ def side_by_side(parallel: int, clock: "Clock", jobs: dict[str, tuple]) -> dict[
             return train(*job, clock, gpu=device)
         finally:
             free.put(device)
+
+    def one(key: str, job: tuple) -> dict:
+        result = on_a_gpu(job)
+        if then is not None:
+            then(key)
+        return result
     with ThreadPoolExecutor(max_workers=at_once) as pool:
-        futures = {key: pool.submit(on_a_gpu, job) for key, job in jobs.items()}
+        futures = {key: pool.submit(one, key, job) for key, job in jobs.items()}
     # every run has ended; a failure is what the study reports, not the runs it stopped
     ended = [f.exception() for f in futures.values() if f.exception() is not None]
     if ended:
@@ -135,17 +172,64 @@ def gpus() -> list[str | None]:
     return (visible.split(",") if visible else [str(i) for i in range(count)])[:count]
 
 
+class Evaluations:
+    """Evaluation commands (evaluate) run in the background while the study trains: one at a time
+    while training runs share the GPU (their memory comes first), then up to `lanes` at once from
+    wait(), when training is over. On several GPUs they take the GPUs in turn."""
+
+    def __init__(self, lanes: int, clock: "Clock"):
+        self.clock, self.more, self.devices = clock, max(0, lanes - 1), gpus()
+        self.lanes = threading.Semaphore(1)       # wait() adds the others
+        self.pool = ThreadPoolExecutor(max_workers=max(1, lanes))
+        self.futures: dict[str, Future] = {}
+
+    def submit(self, key: str, name: str, argv: list[str], file: Path):
+        gpu = self.devices[len(self.futures) % len(self.devices)]
+        self.futures[key] = self.pool.submit(self._one, name, argv, file, gpu)
+
+    def _one(self, name: str, argv: list[str], file: Path, gpu: str | None) -> float | None:
+        with self.lanes:
+            return evaluate(name, argv, file, self.clock, gpu)
+
+    def idle(self):
+        """Wait until every evaluation submitted so far has ended (e.g. before a run that is timed
+        alone on the GPU); a failure is raised by wait()."""
+        futures_wait(list(self.futures.values()))
+
+    def wait(self) -> dict[str, float | None]:
+        """Every lane open, every evaluation to its end: each one's wall seconds (None: an earlier
+        study's), or the first failure (rather than the stops it caused)."""
+        for _ in range(self.more):
+            self.lanes.release()
+        self.more = 0
+        self.pool.shutdown(wait=True)
+        ended = [f.exception() for f in self.futures.values() if f.exception() is not None]
+        if ended:
+            raise next((e for e in ended if isinstance(e, SystemExit)), ended[0])
+        return {key: f.result() for key, f in self.futures.items()}
+
+    def cancel(self):
+        """The evaluations not yet started never start (the study ends on an error)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Clock:
     """Progress lines with an estimate of the time left, from the units of work planned and done so
-    far."""
+    far. Threads share it: each line is written whole."""
 
     def __init__(self, planned: int):
         self.planned, self.done, self.start = planned, 0, time.perf_counter()
+        self.lock = threading.Lock()
 
     def say(self, text: str):
-        print(f"[study {(time.perf_counter() - self.start) / 60:5.1f} min] {text}", flush=True)
+        with self.lock:
+            sys.stdout.write(f"[study {(time.perf_counter() - self.start) / 60:5.1f} min] "
+                             f"{text}\n")
+            sys.stdout.flush()
 
     def finished(self, name: str):
-        self.done += 1
-        left = (time.perf_counter() - self.start) / self.done * (self.planned - self.done)
-        self.say(f"{name} done ({self.done}/{self.planned}); about {left / 60:.1f} min left")
+        with self.lock:
+            self.done += 1
+            done = self.done
+        left = (time.perf_counter() - self.start) / done * (self.planned - done)
+        self.say(f"{name} done ({done}/{self.planned}); about {left / 60:.1f} min left")

@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_study.py
 """
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import ROOT
 import checkpoint
 import eval_ruler
 import study
+import study_eval
 import study_report
 
 
@@ -88,7 +90,8 @@ def test_every_model_is_evaluated_on_every_cell_and_the_tables_have_their_shape(
         assert set(e["records"]) == {e["mask"], "causal"}
         for records in e["records"].values():
             cells = [(r["task"], r["length"]) for r in records]
-            assert sorted(cells) == sorted((t, n) for t in study.TASKS for n in plan.eval_lengths
+            assert sorted(cells) == sorted((t, n) for t in study_report.TASKS
+                                           for n in plan.eval_lengths
                                            for _ in range(plan.eval_n))
     text = (out / "results.md").read_text()
     own = text.split("## ")[1].strip().splitlines()             # the first table: one row per model
@@ -194,6 +197,48 @@ def test_paired_differences_and_the_sign_test_by_hand():
     many = study_report.paired([{"length": "1k", "correct": 1}] * 10,
                                [{"length": "1k", "correct": 0}] * 10, ["1k"])
     assert many["p"] == pytest.approx(2 / 2 ** 10) and many["se"] == 0
+
+
+def test_each_evaluation_is_a_command_that_reproduces_its_answers(quick, tmp_path):
+    """Every model's evaluation ran as a study_eval.py command of its own, recorded with the seconds
+    of each part; run again by hand, the command writes the same answers and scores."""
+    out, res = quick
+    for name, e in res["eval"].items():
+        assert e["command"].startswith("python study_eval.py --ckpt ")
+        assert {"cwe", "all", "babilong causal", "stats causal"} <= set(e["seconds"])
+        assert (out / "eval" / f"{name.replace('/', '_')}.out").exists()
+    e = res["eval"]["focusft/1"]
+    argv = shlex.split(e["command"])[2:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "again.json")
+    study_eval.main(argv)
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["records"] == e["records"] and again["cwe"]["records"] == e["cwe"]["records"]
+
+
+def test_study_eval_refuses_bad_input_in_one_line(quick, tmp_path, capsys):
+    out, res = quick
+    common = ["--babilong", str(out / "test_data"), "--cwe", str(out / "cwe_data"),
+              "--lengths", "0k", "--stats-lengths", "0k", "--cwe-lengths", "1k", "--device", "cpu"]
+    for argv, words in ((["--ckpt", str(tmp_path / "none.pt")], "--ckpt"),
+                        (["--ckpt", res["base"]["checkpoint"], "--cwe", str(tmp_path / "no")],
+                         "--cwe"),
+                        (["--ckpt", res["base"]["checkpoint"], "--lengths", "3k"], "--lengths")):
+        with pytest.raises(SystemExit) as stop:
+            study_eval.main(common + argv + ["--out", str(tmp_path / "e.json")])
+        message = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message.count("\n") == 0 and words in message, message
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_command_is_what_the_study_ends_with_not_the_stop_it_caused(monkeypatch,
+                                                                             tmp_path):
+    def failing_run(args):
+        study.FAILURES.append("study.py: error: eval base failed; its output: X")
+        raise study.Stopped("arm sft seed 1")
+    monkeypatch.setattr(study, "run", failing_run)
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--quick", "--out", str(tmp_path / "s")])
+    assert stop.value.code == "study.py: error: eval base failed; its output: X"
 
 
 def test_bad_folders_are_one_line_before_anything_is_written(tmp_path, capsys):

@@ -122,3 +122,75 @@ def test_a_failed_run_stops_the_runs_beside_it_and_the_failure_is_what_the_study
     assert str(stop.value.code).startswith("study.py: error: run bad failed")
     assert signals == [signal.SIGINT] and not study_runs.RUNNING
     assert not (tmp_path / "good" / "done").exists()
+
+
+def test_evaluations_run_one_at_a_time_beside_training_then_every_lane_at_once(monkeypatch,
+                                                                               tmp_path):
+    """Submitted while training runs, evaluations take one lane (the training runs' GPU memory
+    comes first); idle() returns once those submitted have ended; wait() opens every lane."""
+    running, most, ended = [0], [0], []
+    lock = threading.Lock()
+
+    def fake_evaluate(name, argv, file, clock, gpu=None):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+            ended.append(name)
+        return 0.1
+    monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
+    monkeypatch.setattr(study_runs, "gpus", lambda: [None])
+    evals = study_runs.Evaluations(3, study_runs.Clock(6))
+    for i in range(3):
+        evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
+    evals.idle()
+    assert sorted(ended) == ["eval 0", "eval 1", "eval 2"] and most[0] == 1
+    for i in range(3, 6):
+        evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
+    assert evals.wait() == {f"k{i}": 0.1 for i in range(6)}
+    assert most[0] == 3 and len(ended) == 6
+
+
+def test_an_evaluation_is_skipped_when_an_earlier_study_wrote_its_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_runs.subprocess, "Popen", None)      # nothing may start
+    (tmp_path / "base.json").write_text("{}")
+    assert study_runs.evaluate("eval base", ["python"], tmp_path / "base.json",
+                               study_runs.Clock(1)) is None
+
+
+def test_a_failed_evaluation_stops_the_training_beside_it_and_is_what_the_study_says(
+        tmp_path, monkeypatch):
+    """An evaluation in the background fails while a run trains: the run gets one SIGINT and stops
+    (the study's command resumes it), and the line the study ends with is the evaluation's."""
+    signals = []
+
+    class Process:
+        def __init__(self, argv, stdout, **kwargs):
+            self.eval, self.stopped = "study_eval.py" in argv, threading.Event()
+            stdout.write("RuntimeError: broken\n" if self.eval else "")
+
+        def wait(self):
+            if self.eval:
+                time.sleep(0.2)                              # the run is under way
+                return 1
+            return 130 if self.stopped.wait(timeout=20) else 0
+
+        def send_signal(self, sig):
+            signals.append(sig)
+            self.stopped.set()
+    monkeypatch.setattr(study_runs.subprocess, "Popen", Process)
+    monkeypatch.setattr(study_runs, "gpus", lambda: [None])
+    study_runs.FAILURES.clear()
+    evals = study_runs.Evaluations(2, study_runs.Clock(2))
+    evals.submit("base", "eval base", ["python", "study_eval.py"], tmp_path / "eval" / "base.json")
+    with pytest.raises(study_runs.Stopped):
+        study_runs.train("arm sft seed 1", tmp_path / "sft_s1", [], study_runs.Clock(1))
+    with pytest.raises(SystemExit) as stop:
+        evals.wait()
+    assert str(stop.value.code).startswith("study.py: error: eval base failed; its output: ")
+    assert study_runs.FAILURES == [str(stop.value.code)] and str(tmp_path / "eval") in \
+        study_runs.FAILURES[0]
+    assert signals == [signal.SIGINT] and not (tmp_path / "eval" / "base.json").exists()
+    study_runs.FAILURES.clear()
