@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
@@ -173,23 +174,38 @@ def gpus() -> list[str | None]:
 
 
 class Evaluations:
-    """Evaluation commands (evaluate) run in the background while the study trains: one at a time
-    while training runs share the GPU (their memory comes first), then up to `lanes` at once from
-    wait(), when training is over. On several GPUs they take the GPUs in turn."""
+    """Evaluation commands (evaluate) run in the background while the study trains, in the order
+    submitted: one at a time while training runs share the GPU (their memory comes first), then up
+    to `lanes` at once from wait(), when training is over. On several GPUs they take the GPUs in
+    turn."""
 
     def __init__(self, lanes: int, clock: "Clock"):
-        self.clock, self.more, self.devices = clock, max(0, lanes - 1), gpus()
-        self.lanes = threading.Semaphore(1)       # wait() adds the others
-        self.pool = ThreadPoolExecutor(max_workers=max(1, lanes))
+        self.clock, self.lanes, self.devices = clock, max(1, lanes), gpus()
+        self.open, self.busy = 1, 0               # lanes open now, and taken; wait() opens all
+        self.queue: deque = deque()               # those not started, first submitted first
+        self.turn = threading.Condition()
+        self.pool = ThreadPoolExecutor(max_workers=self.lanes)
         self.futures: dict[str, Future] = {}
 
     def submit(self, key: str, name: str, argv: list[str], file: Path):
         gpu = self.devices[len(self.futures) % len(self.devices)]
-        self.futures[key] = self.pool.submit(self._one, name, argv, file, gpu)
+        with self.turn:
+            self.queue.append(key)
+        self.futures[key] = self.pool.submit(self._one, key, name, argv, file, gpu)
 
-    def _one(self, name: str, argv: list[str], file: Path, gpu: str | None) -> float | None:
-        with self.lanes:
+    def _one(self, key: str, name: str, argv: list[str], file: Path,
+             gpu: str | None) -> float | None:
+        with self.turn:
+            self.turn.wait_for(lambda: self.queue[0] == key and self.busy < self.open)
+            self.queue.popleft()
+            self.busy += 1
+            self.turn.notify_all()
+        try:
             return evaluate(name, argv, file, self.clock, gpu)
+        finally:
+            with self.turn:
+                self.busy -= 1
+                self.turn.notify_all()
 
     def idle(self):
         """Wait until every evaluation submitted so far has ended (e.g. before a run that is timed
@@ -199,9 +215,9 @@ class Evaluations:
     def wait(self) -> dict[str, float | None]:
         """Every lane open, every evaluation to its end: each one's wall seconds (None: an earlier
         study's), or the first failure (rather than the stops it caused)."""
-        for _ in range(self.more):
-            self.lanes.release()
-        self.more = 0
+        with self.turn:
+            self.open = self.lanes
+            self.turn.notify_all()
         self.pool.shutdown(wait=True)
         ended = [f.exception() for f in self.futures.values() if f.exception() is not None]
         if ended:

@@ -127,7 +127,8 @@ def test_a_failed_run_stops_the_runs_beside_it_and_the_failure_is_what_the_study
 def test_evaluations_run_one_at_a_time_beside_training_then_every_lane_at_once(monkeypatch,
                                                                                tmp_path):
     """Submitted while training runs, evaluations take one lane (the training runs' GPU memory
-    comes first); idle() returns once those submitted have ended; wait() opens every lane."""
+    comes first), in the order submitted; idle() returns once those submitted have ended; wait()
+    opens every lane."""
     running, most, ended = [0], [0], []
     lock = threading.Lock()
 
@@ -146,7 +147,7 @@ def test_evaluations_run_one_at_a_time_beside_training_then_every_lane_at_once(m
     for i in range(3):
         evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
     evals.idle()
-    assert sorted(ended) == ["eval 0", "eval 1", "eval 2"] and most[0] == 1
+    assert ended == ["eval 0", "eval 1", "eval 2"] and most[0] == 1
     for i in range(3, 6):
         evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
     assert evals.wait() == {f"k{i}": 0.1 for i in range(6)}
