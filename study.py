@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ import eval_ruler
 from cli import Parser, number, output_problem
 from data import books, cwe
 from fastweights import INNER_LOSSES
+from study_plan import FULL, QUICK, STATS_LENGTHS, Plan, with_changes
 from study_report import log_records, markdown_table, mean, report, sweep_table, write_json
 from study_runs import (
     FAILURES,
@@ -67,90 +68,6 @@ from study_runs import (
 )
 
 ROOT = Path(__file__).resolve().parent
-# where each model's attention statistics are measured, as the paper's range
-STATS_LENGTHS = ("4k", "16k")
-
-
-@dataclass
-class Plan:
-    """Every size of the study. FULL is the documented run on one GPU; QUICK runs the pipeline on a
-    CPU."""
-    model: str = "small"              # train.py --model preset
-    # training row length: arms train at <= 8K, evaluation runs to 32K
-    ctx: int = 8192
-    batch: int = 8                    # rows per step
-    # Steps of each stage, sized so that the whole study fits the 25 minutes of one GPU it is
-    # meant for; what each stage took, and why the base is not shorter: docs/study.md
-    base_steps: int = 1200            # book-text pretraining steps
-    base_lr: float = 3e-3             # its peak AdamW rate
-    base_wd: float = 0.1              # its weight decay (Gu et al.: more decay, stronger sinks)
-    # then next-token training on short samples of `data` (0k, 1k) as text
-    qa_steps: int = 200
-    data: str = "babilong+cwe"        # train.py --data of that stage, the sweep and the arms
-    arm_steps: int = 300              # fine-tuning steps of every arm
-    arm_lr: float = 3e-4              # their peak AdamW rate
-    train_lengths: str = "0k,1k,2k,4k,8k"
-    # inner learning rates tried, and inner steps with each (2: the authors'); the sweep is their
-    # product. The first study swept 0.03-1.0 at 2 steps and kept its lowest rate (docs/study.md),
-    # so the grid moves down and the steps join it
-    sweep_lrs: tuple = (0.01, 0.03)
-    sweep_inner_steps: tuple = (1, 2)
-    sweep_steps: int = 150            # FocuSFT steps per sweep run
-    # what the inner loop fits, in the sweep and the arms with one (train.py --inner-loss): the
-    # answer ("response", the authors'), or next-token loss on the context ("context"), which a
-    # LoRA cannot drive to zero in two steps as it does a one-word answer
-    inner_loss: str = "response"
-    seeds: tuple = (1, 2)             # SFT and FocuSFT run with each; the other arms with the first
-    eval_lengths: tuple = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
-    eval_n: int = 20                  # samples per task and length
-    # samples per length for the attention statistics (one per task)
-    stats_n: int = 5
-    stats_every: int = 100            # training-log statistics every N steps
-    # RULER CWE's test lengths (N*1024 tokens), the paper's range
-    cwe_lengths: tuple = ("4k", "8k", "16k", "32k")
-    # CWE samples per length. Each scores 10 words, so a cell of 20 checks 200; the CWE evaluation
-    # is then 8 models x 4 lengths x 20 = 640 prompts, under each model's own mask only: about a
-    # tenth of BABILong's prompt tokens
-    cwe_n: int = 20
-    # more train.py flags for every run (e.g. --workers 0)
-    extra: list = field(default_factory=list)
-
-
-FULL = Plan()
-QUICK = Plan(model="tiny", ctx=512, batch=2, base_steps=4, qa_steps=2, arm_steps=3, arm_lr=1e-3,
-             train_lengths="0k", sweep_lrs=(0.03, 1.0), sweep_inner_steps=(1, 2), sweep_steps=2,
-             seeds=(1, 2), eval_lengths=("0k", "1k"), eval_n=1, stats_n=1, stats_every=2,
-             cwe_lengths=("1k",), cwe_n=1, extra=["--device", "cpu", "--workers", "0"])
-
-
-def with_changes(plan: Plan, changes: list[str]) -> Plan:
-    """The plan with FIELD=VALUE changes, each value parsed as the field's type (a tuple:
-    comma-separated)."""
-    fields = asdict(plan)
-    for change in changes:
-        name, _, value = change.partition("=")
-        if name not in fields or name == "extra":
-            raise ValueError(f"no plan field {name!r} "
-                             f"(fields: {', '.join(k for k in fields if k != 'extra')})")
-        old = fields[name]
-        kind = type(old[0]) if isinstance(old, tuple) else type(old)
-        try:
-            fields[name] = (tuple(kind(v) for v in value.split(",")) if isinstance(old, tuple)
-                            else kind(value))
-            if not all(math.isfinite(v)
-                       for v in (fields[name] if isinstance(old, tuple) else [fields[name]])
-                       if isinstance(v, float)):
-                raise ValueError
-        except ValueError:
-            what = {float: "finite number", int: "integer"}.get(kind, kind.__name__)
-            raise ValueError(f"{name}={value!r} is not "
-                             f"{f'a list of {what}s' if isinstance(old, tuple) else f'a {what}'}")
-    return Plan(**fields)
-
-
-# --------------------------------------------------------------------------------------------------
-# the training stages
-
 def common(plan: Plan, args) -> list[str]:
     """Flags every run shares: the model, the rows, the books, the start-of-document token."""
     return ["--model", plan.model, "--ctx", str(plan.ctx), "--batch-size", str(plan.batch),
