@@ -20,29 +20,37 @@ def no_stop_left():
     study_runs.STOP.clear()
 
 
-def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(monkeypatch):
-    running, most, seen = [0], [0], {}
+def counting(result):
+    """A fake command (train or evaluate) that takes 0.1 s: -> (it, the most that ran at once
+    ([n]), each call's name and other arguments in the order they ended)."""
+    running, most, ended = [0], [0], []
     lock = threading.Lock()
 
-    def fake_train(name, out, flags, clock, gpu=None):
+    def fake(name, *args, **kwargs):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
         time.sleep(0.1)
         with lock:
             running[0] -= 1
-        seen[name] = flags
-        return {"name": name}
+            ended.append((name, args))
+        return result(name)
+    return fake, most, ended
+
+
+def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(monkeypatch):
+    fake_train, most, ended = counting(lambda name: {"name": name})
     monkeypatch.setattr(study_runs, "train", fake_train)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])      # one GPU, or none
     jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
     got = study_runs.side_by_side(2, study_runs.Clock(5), jobs)
+    seen = {name: args[1] for name, args in ended}                   # (out, flags, clock)
     assert most[0] == 2 and list(got) == list(jobs)
     assert all(got[f"k{i}"] == {"name": f"run {i}", "shared": True} for i in range(5))
     assert all(flags[:2] == ["--steps", "3"] and flags[2] == "--workers" for flags in seen.values())
     alone = study_runs.side_by_side(1, study_runs.Clock(1),
                                {"k": ("one", None, ["--steps", "3"])})
-    assert alone == {"k": {"name": "one", "shared": False}} and seen["one"] == ["--steps", "3"]
+    assert alone == {"k": {"name": "one", "shared": False}} and ended[-1][1][1] == ["--steps", "3"]
 
 
 @pytest.mark.parametrize("memory", [True, False])
@@ -129,25 +137,14 @@ def test_evaluations_run_one_at_a_time_beside_training_then_every_lane_at_once(m
     """Submitted while training runs, evaluations take one lane (the training runs' GPU memory
     comes first), in the order submitted; idle() returns once those submitted have ended; wait()
     opens every lane."""
-    running, most, ended = [0], [0], []
-    lock = threading.Lock()
-
-    def fake_evaluate(name, argv, file, clock, gpu=None):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.1)
-        with lock:
-            running[0] -= 1
-            ended.append(name)
-        return 0.1
+    fake_evaluate, most, ended = counting(lambda name: 0.1)
     monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
     evals = study_runs.Evaluations(3, study_runs.Clock(6))
     for i in range(3):
         evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
     evals.idle()
-    assert ended == ["eval 0", "eval 1", "eval 2"] and most[0] == 1
+    assert [name for name, _ in ended] == ["eval 0", "eval 1", "eval 2"] and most[0] == 1
     for i in range(3, 6):
         evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
     assert evals.wait() == {f"k{i}": 0.1 for i in range(6)}
