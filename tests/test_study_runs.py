@@ -102,28 +102,35 @@ def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
     assert study_runs.gpus() == [None]               # one GPU: the runs share it (--parallel)
 
 
-def test_a_failed_run_stops_the_runs_beside_it_and_the_failure_is_what_the_study_says(
-        tmp_path, monkeypatch):
-    """Two runs side by side: when one fails, the other gets a SIGINT at once (it checkpoints at a
-    step boundary; the command again resumes it) instead of running on, and the study ends with the
-    failure's line, not with the stop of the run listed first."""
+def one_fails(monkeypatch, fails) -> list:
+    """Fake processes: one whose argv `fails` says fails after 0.2 s (the others are under way);
+    the others run until a signal stops them (exit 130). -> the signals they were sent."""
     signals = []
 
-    class Run:
+    class Process:
         def __init__(self, argv, stdout, **kwargs):
-            self.bad, self.stopped = argv[-1].endswith("bad"), threading.Event()
+            self.bad, self.stopped = fails(argv), threading.Event()
             stdout.write("ValueError: broken\n" if self.bad else "")
 
         def wait(self):
             if self.bad:
-                time.sleep(0.2)                              # the other run is under way
+                time.sleep(0.2)
                 return 1
             return 130 if self.stopped.wait(timeout=20) else 0
 
         def send_signal(self, sig):
             signals.append(sig)
             self.stopped.set()
-    monkeypatch.setattr(study_runs.subprocess, "Popen", Run)
+    monkeypatch.setattr(study_runs.subprocess, "Popen", Process)
+    return signals
+
+
+def test_a_failed_run_stops_the_runs_beside_it_and_the_failure_is_what_the_study_says(
+        tmp_path, monkeypatch):
+    """Two runs side by side: when one fails, the other gets a SIGINT at once (it checkpoints at a
+    step boundary; the command again resumes it) instead of running on, and the study ends with the
+    failure's line, not with the stop of the run listed first."""
+    signals = one_fails(monkeypatch, lambda argv: argv[-1].endswith("bad"))
     jobs = {"good": ("run good", tmp_path / "good", []), "bad": ("run bad", tmp_path / "bad", [])}
     with pytest.raises(SystemExit) as stop:
         study_runs.side_by_side(2, study_runs.Clock(2), jobs)
@@ -162,23 +169,7 @@ def test_a_failed_evaluation_stops_the_training_beside_it_and_is_what_the_study_
         tmp_path, monkeypatch):
     """An evaluation in the background fails while a run trains: the run gets one SIGINT and stops
     (the study's command resumes it), and the line the study ends with is the evaluation's."""
-    signals = []
-
-    class Process:
-        def __init__(self, argv, stdout, **kwargs):
-            self.eval, self.stopped = "study_eval.py" in argv, threading.Event()
-            stdout.write("RuntimeError: broken\n" if self.eval else "")
-
-        def wait(self):
-            if self.eval:
-                time.sleep(0.2)                              # the run is under way
-                return 1
-            return 130 if self.stopped.wait(timeout=20) else 0
-
-        def send_signal(self, sig):
-            signals.append(sig)
-            self.stopped.set()
-    monkeypatch.setattr(study_runs.subprocess, "Popen", Process)
+    signals = one_fails(monkeypatch, lambda argv: "study_eval.py" in argv)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
     study_runs.FAILURES.clear()
     evals = study_runs.Evaluations(2, study_runs.Clock(2))
