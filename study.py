@@ -189,6 +189,12 @@ def test_data(plan: Plan, args, out: Path) -> tuple[Path, Path]:
     return test_dir, cwe_dir
 
 
+def device(args) -> str:
+    """Where the evaluations run: the GPU when there is one, but a --quick study stays on the
+    CPU."""
+    return "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+
+
 def evaluator(plan: Plan, args, out: Path, evals: Evaluations):
     """submit(name, checkpoint): start one model's evaluation (study_eval.py) in the background:
     BABILong under its own mask and the causal one, attention statistics at STATS_LENGTHS, RULER
@@ -203,7 +209,7 @@ def evaluator(plan: Plan, args, out: Path, evals: Evaluations):
             "--babilong", str(test_dir), "--cwe", str(cwe_dir),
             "--lengths", ",".join(plan.eval_lengths), "--stats-lengths", ",".join(stats_at),
             "--stats-n", str(plan.stats_n), "--cwe-lengths", ",".join(plan.cwe_lengths),
-            "--out", str(file)] + (["--device", "cpu"] if args.quick else []), file)
+            "--out", str(file), "--device", device(args)], file)
     return submit
 
 
@@ -340,8 +346,8 @@ def run(args):
         write_json(out / "results.json", results)
         clock.say(f"stopped after the {args.until} stage (--until); wrote {out / 'results.json'}")
         return
-    # the base's evaluation runs beside the sweep, each arm's as it ends
-    evals = Evaluations(args.parallel * len(gpus()), clock)
+    # the base's evaluation runs beside the sweep, each arm's as it ends (on a GPU)
+    evals = Evaluations(args.parallel * len(gpus()), clock, beside=device(args) == "cuda")
     try:
         evaluate = evaluator(plan, args, out, evals)
         evaluate("base", base)

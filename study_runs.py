@@ -19,7 +19,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import torch
@@ -177,11 +176,12 @@ class Evaluations:
     """Evaluation commands (evaluate) run in the background while the study trains, in the order
     submitted: one at a time while training runs share the GPU (their memory comes first), then up
     to `lanes` at once from wait(), when training is over. On several GPUs they take the GPUs in
-    turn."""
+    turn. beside=False (on a CPU, where both would compete for the same cores): none before
+    wait()."""
 
-    def __init__(self, lanes: int, clock: "Clock"):
+    def __init__(self, lanes: int, clock: "Clock", beside: bool = True):
         self.clock, self.lanes, self.devices = clock, max(1, lanes), gpus()
-        self.open, self.busy = 1, 0               # lanes open now, and taken; wait() opens all
+        self.open, self.busy = int(beside), 0     # lanes open now, and taken; wait() opens all
         self.queue: deque = deque()               # those not started, first submitted first
         self.turn = threading.Condition()
         self.pool = ThreadPoolExecutor(max_workers=self.lanes)
@@ -208,9 +208,11 @@ class Evaluations:
                 self.turn.notify_all()
 
     def idle(self):
-        """Wait until every evaluation submitted so far has ended (e.g. before a run that is timed
-        alone on the GPU); a failure is raised by wait()."""
-        futures_wait(list(self.futures.values()))
+        """Wait until no evaluation runs or is about to (e.g. before a run that is timed alone on
+        the GPU): those submitted so far have ended, or none may start before wait(). A failure is
+        raised by wait()."""
+        with self.turn:
+            self.turn.wait_for(lambda: self.busy == 0 and (not self.queue or self.open == 0))
 
     def wait(self) -> dict[str, float | None]:
         """Every lane open, every evaluation to its end: each one's wall seconds (None: an earlier

@@ -183,3 +183,18 @@ def test_a_failed_evaluation_stops_the_training_beside_it_and_is_what_the_study_
         study_runs.FAILURES[0]
     assert signals == [signal.SIGINT] and not (tmp_path / "eval" / "base.json").exists()
     study_runs.FAILURES.clear()
+
+
+def test_on_a_cpu_evaluations_wait_for_the_end_of_training(monkeypatch, tmp_path):
+    """beside=False (a CPU study: training and evaluation would compete for the cores): nothing
+    starts before wait(), and idle() does not wait for what cannot start."""
+    fake_evaluate, most, ended = counting(lambda name: 0.1)
+    monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
+    monkeypatch.setattr(study_runs, "gpus", lambda: [None])
+    evals = study_runs.Evaluations(2, study_runs.Clock(3), beside=False)
+    for i in range(3):
+        evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
+    evals.idle()
+    time.sleep(0.3)
+    assert ended == []
+    assert evals.wait() == {f"k{i}": 0.1 for i in range(3)} and most[0] == 2
