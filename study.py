@@ -157,7 +157,8 @@ def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: 
         name, seed = key.split("/")
         evaluate(key, str(out / f"{name}_s{seed}" / checkpoint.FILE))
     first = plan.seeds[0]
-    evals.idle()
+    if not all((out / f"{name}_s{first}" / "done").exists() for name in ("sft", "focusft")):
+        evals.idle()                               # timed alone: no evaluation beside them
     runs = {f"{name}/{first}": train(*job(name, first, plan.arm_steps), clock)
             for name in ("sft", "focusft")}
     for name in ("sft", "focusft"):
