@@ -165,6 +165,20 @@ def report(out: Path, plan, res: dict):
           [[name, str(r["steps"]), f"{r['median_ms']:.0f}{' *' if r.get('shared') else ''}",
             f"{r['wall_s']:.0f}", f"`{r['command']}`"]
            for name, r in runs.items()])
+    timed = [name for name in ev if "seconds" in ev[name]]   # (recorded since study_eval.py)
+    if timed:
+        def seconds(name: str) -> list[str]:
+            e = ev[name]
+            keys = [f"babilong {e['mask']}", f"stats {e['mask']}", "babilong causal",
+                    "stats causal", "cwe", "all"]
+            if e["mask"] == "causal":                    # one pass: under the own mask only
+                keys[2:4] = ["-", "-"]
+            return [f"{e['seconds'][k]:.0f}" if k in e["seconds"] else "-" for k in keys]
+        table("Evaluations: seconds of each part (the first call at each shape compiles) and the "
+              "graphs compiled", ["model", "BABILong, own mask", "statistics", "BABILong, causal",
+                                  "statistics", "CWE", "all", "graphs", "command"],
+              [[name, *seconds(name), str(ev[name].get("compiled_graphs", "-")),
+                f"`{ev[name]['command']}`"] for name in timed])
     tmp = out / "results.md.tmp"
     tmp.write_text("\n".join(lines))
     os.replace(tmp, out / "results.md")

@@ -207,6 +207,8 @@ def test_each_evaluation_is_a_command_that_reproduces_its_answers(quick, tmp_pat
         assert e["command"].startswith("python study_eval.py --ckpt ")
         assert {"cwe", "all", "babilong causal", "stats causal"} <= set(e["seconds"])
         assert (out / "eval" / f"{name.replace('/', '_')}.out").exists()
+    table = (out / "results.md").read_text().split("## Evaluations: seconds")[1].split("## ")[0]
+    assert all(f"| {name} |" in table for name in res["eval"])
     e = res["eval"]["focusft/1"]
     argv = shlex.split(e["command"])[2:]
     argv[argv.index("--out") + 1] = str(tmp_path / "again.json")
