@@ -230,13 +230,25 @@ def machine() -> dict:
 
 
 def rewrite_report(out: Path):
-    """results.md and the figures again, from what a finished study recorded (e.g. after the report
-    changed)."""
+    """results.md and the figures again, from what a study recorded (e.g. after the report changed).
+    A study cut short reports the stages it finished and the evaluations it wrote (eval/*.json)."""
     res = json.loads((out / "results.json").read_text())
     plan = Plan(**{k: tuple(v) if isinstance(v, list) and k != "extra" else v
                    for k, v in res["plan"].items()})
+    if "eval" not in res:
+        res["partial"] = True
+        res["eval"] = evaluations(out, ["base", *(k for k in res.get("arms", {}) if "/" in k)])
     report(out, plan, res)
-    print(f"wrote {out / 'results.md'} and the figures")
+    print(f"wrote {out / 'results.md'} and the figures"
+          + (f" ({len(res['eval'])} models evaluated: a study cut short)"
+             if res.get("partial") else ""))
+
+
+def evaluations(out: Path, names: list[str]) -> dict[str, dict]:
+    """The evaluations written in out/eval, of these models, in this order (those not written
+    left out)."""
+    files = {name: out / "eval" / f"{name.replace('/', '_')}.json" for name in names}
+    return {name: json.loads(file.read_text()) for name, file in files.items() if file.exists()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,10 +294,8 @@ def get_args(argv=None):
     problem = output_problem("--out", args.out)
     if problem:
         p.error(problem)
-    if args.report and not ((Path(args.out) / "results.json").is_file()
-                            and (Path(args.out) / "arms").is_dir()):
-        p.error(f"--report: {args.out} is not a finished study's folder "
-                "(results.json and the runs' logs)")
+    if args.report and not (Path(args.out) / "results.json").is_file():
+        p.error(f"--report: {args.out} is not a study's folder (no results.json)")
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
         if value.split(":")[0] not in ("synthetic", "pg19"):
             try:
@@ -339,6 +349,7 @@ def run(args):
                "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)
     base = results["base"]["checkpoint"]
+    write_json(out / "results.json", {**results, "partial": True})     # (--report: what is done)
     if args.until:
         if args.until == "sweep":
             results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
@@ -353,17 +364,17 @@ def run(args):
         evaluate = evaluator(plan, args, out, evals)
         evaluate("base", base)
         sweep = results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
+        write_json(out / "results.json", {**results, "partial": True})
         inner = (["--inner-lr", str(sweep["chosen"]), "--inner-loss", plan.inner_loss]
                  + (["--inner-steps", str(sweep["chosen_steps"])]
                     if len(plan.sweep_inner_steps) > 1 else []))
         results["arms"] = stage_arms(plan, args, out / "arms", base, inner, clock, evals,
                                      evaluate)
+        write_json(out / "results.json", {**results, "partial": True})
         evals.wait()
     finally:
         evals.cancel()
-    results["eval"] = {name: json.loads((out / "eval" / f"{name.replace('/', '_')}.json")
-                                        .read_text())
-                       for name in ["base", *(k for k in results["arms"] if "/" in k)]}
+    results["eval"] = evaluations(out, ["base", *(k for k in results["arms"] if "/" in k)])
     write_json(out / "results.json", results)
     report(out, plan, results)
     clock.say(f"wrote {out / 'results.json'}, {out / 'results.md'} and the figures")

@@ -75,7 +75,9 @@ def paired(a: list[dict], b: list[dict], lengths, key: str = "correct") -> dict:
 
 
 def report(out: Path, plan, res: dict):
-    ev, lengths, first = res["eval"], list(plan.eval_lengths), plan.seeds[0]
+    """results.md and the figures. A study cut short (res["partial"]) reports what it has: the
+    models evaluated so far, the stages finished."""
+    ev, lengths, first = res.get("eval", {}), list(plan.eval_lengths), plan.seeds[0]
     long = [n for n in ("16k", "32k") if n in lengths] or lengths[-1:]   # past the training length
     short = [n for n in lengths if n not in long] or lengths
     both = "+".join(long)
@@ -83,6 +85,10 @@ def report(out: Path, plan, res: dict):
     quick = ", --quick" if res["args"]["quick"] else ""
     lines = [f"# The FocuSFT study ({where['date']}, {where['gpu'] or 'CPU'}, commit "
              f"{where['commit']}{quick})", ""]
+    if res.get("partial"):
+        planned = 1 + 2 * len(plan.seeds) + 3
+        lines += [f"**Cut short**: {len(ev)} of {planned} models evaluated; stages finished: "
+                  + ", ".join(k for k in ("base", "sweep", "arms") if k in res) + ".", ""]
 
     def table(title, header, rows):
         lines.extend(markdown_table(title, header, rows))
@@ -93,55 +99,60 @@ def report(out: Path, plan, res: dict):
     def own(name: str) -> list[dict]:
         return ev[name]["records"][ev[name]["mask"]]
 
-    for which in ("its own", "the causal"):
-        rows = []
-        for name in ev:
-            mask = ev[name]["mask"] if which == "its own" else "causal"
-            recs = ev[name]["records"][mask]
-            rows.append([name, mask, *[fmt(accuracy(recs, n)) for n in lengths],
-                         fmt(mean(accuracy(recs, n) for n in short)),
-                         fmt(mean(accuracy(recs, n) for n in long))])
-        table(f"BABILong accuracy, mean over qa1-qa5, each model under {which} mask "
-              f"({plan.eval_n} samples per task and length)",
-              ["model", "mask", *lengths, "+".join(short), both], rows)
     comparisons = [(f"focusft/{s}", f"sft/{s}") for s in plan.seeds]
     comparisons.append((f"focusft/{first}", f"sft_time/{first}"))
-    table("Paired differences on the same test samples (own masks): A minus B ± its standard error "
-          "over samples", ["A - B", *lengths, both], paired_rows(comparisons, own, lengths, long))
-    table(f"Exact sign tests over {both}: samples only A / only B gets right",
-          ["A - B", "only A", "only B", "p"],
-          [[f"{a} - {b}", str(d["only_a"]), str(d["only_b"]), f"{d['p']:.3g}"]
-           for a, b in comparisons for d in [paired(own(a), own(b), long)]])
-    table(f"Answers in an answer's form (one word), share of outputs, own mask; then over {both}: "
-          "the accuracy of those one-word answers, and the share of outputs that are the model's "
-          "most frequent one",
-          ["model", *lengths, both, f"{both} one-word acc", f"{both} top output"],
-          [[name, *[fmt(answer_shaped(own(name), [n])) for n in lengths],
-            fmt(answer_shaped(own(name), long)),
-            fmt(accuracy([r for r in own(name) if one_word(r) and r["length"] in long])),
-            fmt(top_output_share(own(name), long))] for name in ev])
-    stats_at = list(ev["base"]["stats"][ev["base"]["mask"]])
-    table("Attention on test samples, own mask: sink mass / sink rate / engagement",
-          ["model", *stats_at],
-          [[name, *map(attention, ev[name]["stats"][ev[name]["mask"]].values())] for name in ev])
-    cwe = [name for name in ev if "cwe" in ev[name]]    # (a study recorded before CWE has none)
-    if cwe:
-        cwe_lengths = list(plan.cwe_lengths)
-        def cwe_records(name: str) -> list[dict]:
-            return ev[name]["cwe"]["records"]
-        table("RULER CWE: share of the 10 common words in the output (RULER's string_match_all), "
-              f"each model under its own mask ({plan.cwe_n} samples per length)",
-              ["model", "mask", *cwe_lengths, "mean"],
-              [[name, ev[name]["mask"],
-                *[fmt(cwe_score(cwe_records(name), n)) for n in cwe_lengths],
-                fmt(cwe_score(cwe_records(name)))] for name in cwe])
-        table("RULER CWE, paired differences on the same samples: A minus B ± its standard error "
-              "over samples", ["A - B", *cwe_lengths, "all"],
-              paired_rows([(a, b) for a, b in comparisons if a in cwe and b in cwe], cwe_records,
-                          cwe_lengths, cwe_lengths, "score"))
-        table("RULER CWE attention, own mask: sink mass / sink rate / engagement",
-              ["model", *cwe_lengths],
-              [[name, *map(attention, ev[name]["cwe"]["stats"].values())] for name in cwe])
+    comparisons = [(a, b) for a, b in comparisons if a in ev and b in ev]
+    if ev:                              # (none: a study cut short before its evaluations)
+        for which in ("its own", "the causal"):
+            rows = []
+            for name in ev:
+                mask = ev[name]["mask"] if which == "its own" else "causal"
+                recs = ev[name]["records"][mask]
+                rows.append([name, mask, *[fmt(accuracy(recs, n)) for n in lengths],
+                             fmt(mean(accuracy(recs, n) for n in short)),
+                             fmt(mean(accuracy(recs, n) for n in long))])
+            table(f"BABILong accuracy, mean over qa1-qa5, each model under {which} mask "
+                  f"({plan.eval_n} samples per task and length)",
+                  ["model", "mask", *lengths, "+".join(short), both], rows)
+        table("Paired differences on the same test samples (own masks): A minus B ± its standard "
+              "error over samples", ["A - B", *lengths, both],
+              paired_rows(comparisons, own, lengths, long))
+        table(f"Exact sign tests over {both}: samples only A / only B gets right",
+              ["A - B", "only A", "only B", "p"],
+              [[f"{a} - {b}", str(d["only_a"]), str(d["only_b"]), f"{d['p']:.3g}"]
+               for a, b in comparisons for d in [paired(own(a), own(b), long)]])
+        table("Answers in an answer's form (one word), share of outputs, own mask; then over "
+              f"{both}: the accuracy of those one-word answers, and the share of outputs that are "
+              "the model's most frequent one",
+              ["model", *lengths, both, f"{both} one-word acc", f"{both} top output"],
+              [[name, *[fmt(answer_shaped(own(name), [n])) for n in lengths],
+                fmt(answer_shaped(own(name), long)),
+                fmt(accuracy([r for r in own(name) if one_word(r) and r["length"] in long])),
+                fmt(top_output_share(own(name), long))] for name in ev])
+        stats_at = [n for e in list(ev.values())[:1] for n in e["stats"][e["mask"]]]
+        table("Attention on test samples, own mask: sink mass / sink rate / engagement",
+              ["model", *stats_at],
+              [[name, *map(attention, ev[name]["stats"][ev[name]["mask"]].values())]
+               for name in ev])
+        cwe = [name for name in ev if "cwe" in ev[name]]    # (a study recorded before CWE has none)
+        if cwe:
+            cwe_lengths = list(plan.cwe_lengths)
+            def cwe_records(name: str) -> list[dict]:
+                return ev[name]["cwe"]["records"]
+            table("RULER CWE: share of the 10 common words in the output (RULER's "
+                  f"string_match_all), each model under its own mask ({plan.cwe_n} samples per "
+                  "length)",
+                  ["model", "mask", *cwe_lengths, "mean"],
+                  [[name, ev[name]["mask"],
+                    *[fmt(cwe_score(cwe_records(name), n)) for n in cwe_lengths],
+                    fmt(cwe_score(cwe_records(name)))] for name in cwe])
+            table("RULER CWE, paired differences on the same samples: A minus B ± its standard "
+                  "error over samples", ["A - B", *cwe_lengths, "all"],
+                  paired_rows([(a, b) for a, b in comparisons if a in cwe and b in cwe],
+                              cwe_records, cwe_lengths, cwe_lengths, "score"))
+            table("RULER CWE attention, own mask: sink mass / sink rate / engagement",
+                  ["model", *cwe_lengths],
+                  [[name, *map(attention, ev[name]["cwe"]["stats"].values())] for name in cwe])
     curves = training_curves(out, res)
     table("During training: held-out rows of the training distribution, own mask (first -> last "
           "check); the inner loop over the last fifth of the steps",
@@ -149,16 +160,17 @@ def report(out: Path, plan, res: dict):
           [[name, f"{c['sink'][0]:.3f} -> {c['sink'][-1]:.3f}",
             f"{c['engagement'][0]:.3f} -> {c['engagement'][-1]:.3f}", c["inner"], c["moved"]]
            for name, c in curves.items()])
-    table(*sweep_table(plan, res["sweep"]))
+    if "sweep" in res:
+        table(*sweep_table(plan, res["sweep"]))
     table("The base while it learns (held-out books; _64: queries in their document's first 64 "
           "positions, as Gu et al. measure)",
           ["step", "sink mass", "sink rate", "sink mass _64", "sink rate _64"],
           [[str(r["step"]), f"{r['sink_mass']:.3f}", f"{r['sink_rate']:.2f}",
             f"{r['sink_mass_64']:.3f}", f"{r['sink_rate_64']:.2f}"] for r in res["base"]["curve"]])
     runs = {**{f"base/{k}": v for k, v in res["base"].items() if isinstance(v, dict)},
-            **{f"sweep/{k}": v for k, v in res["sweep"]["runs"].items()},
-            **{k: v for k, v in res["arms"].items() if isinstance(v, dict)}}
-    ratio = res["arms"]["time_ratio"]
+            **{f"sweep/{k}": v for k, v in res.get("sweep", {"runs": {}})["runs"].items()},
+            **{k: v for k, v in res.get("arms", {}).items() if isinstance(v, dict)}}
+    ratio = res.get("arms", {}).get("time_ratio", math.nan)
     table(f"Runs (FocuSFT / SFT median step time, each alone: {ratio:.2f}; * ran "
           "side by side with others, its times are shared)",
           ["run", "steps", "median ms", "wall s", "command"],
@@ -221,7 +233,7 @@ def training_curves(out: Path, res: dict) -> dict:
     """Per arm: its held-out checks (sink mass, engagement), step losses, and the inner loop's last
     fifth."""
     curves = {}
-    for name in [k for k in res["arms"] if "/" in k]:
+    for name in [k for k in res.get("arms", {}) if "/" in k]:
         records = log_records(out / "arms" / name.replace("/", "_s"))
         checks = [r for r in records if "sink_mass" in r]
         steps = [r for r in records if "loss" in r]
@@ -244,7 +256,21 @@ def figures(out: Path, plan, res: dict, curves: dict, comparisons: list):
     except ImportError:
         print("(no matplotlib: figures skipped)")
         return
-    ev, lengths = res["eval"], list(plan.eval_lengths)
+    ev, lengths = res.get("eval", {}), list(plan.eval_lengths)
+    if curves:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+        for name, c in curves.items():
+            axes[0].plot(c["loss"], lw=0.8, label=name)
+            axes[1].plot(c["step"], c["sink"], marker=".", label=name)
+            axes[2].plot(c["step"], c["engagement"], marker=".", label=name)
+        titles = ("training loss", "sink mass (held-out rows)", "engagement (held-out rows)")
+        for ax, title in zip(axes, titles):
+            ax.set_title(title)
+            ax.set_xlabel("step")
+        axes[0].legend(fontsize=6)
+        save(fig, out / "training.png")
+    if not ev:                             # (a study cut short before any evaluation)
+        return
     fig, axes = plt.subplots(1, len(ev), figsize=(2.2 * len(ev), 3), squeeze=False)
     for ax, (name, e) in zip(axes[0], ev.items()):
         grid = [[accuracy(e["records"][e["mask"]], n, t) for n in lengths] for t in TASKS]
@@ -262,7 +288,8 @@ def figures(out: Path, plan, res: dict, curves: dict, comparisons: list):
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xticks(range(len(lengths)), lengths)
     ax.set_ylabel("accuracy difference (± s.e.)")
-    ax.legend(fontsize=7)
+    if comparisons:
+        ax.legend(fontsize=7)
     save(fig, out / "focusft_minus_sft.png")
     if all("cwe" in e for e in ev.values()):
         cwe_lengths = list(plan.cwe_lengths)
@@ -275,17 +302,6 @@ def figures(out: Path, plan, res: dict, curves: dict, comparisons: list):
         ax.set_ylabel("RULER CWE score (own mask)")
         ax.legend(fontsize=7)
         save(fig, out / "cwe.png")
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for name, c in curves.items():
-        axes[0].plot(c["loss"], lw=0.8, label=name)
-        axes[1].plot(c["step"], c["sink"], marker=".", label=name)
-        axes[2].plot(c["step"], c["engagement"], marker=".", label=name)
-    titles = ("training loss", "sink mass (held-out rows)", "engagement (held-out rows)")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=6)
-    save(fig, out / "training.png")
 
 
 def save(fig, path: Path):

@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_study.py
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,7 +161,29 @@ def test_report_alone_rewrites_the_tables_from_results_json(quick, tmp_path, cap
             and "python train.py" not in capsys.readouterr().out)
     with pytest.raises(SystemExit) as stop:
         study.main(["--report", "--out", str(tmp_path)])
-    assert stop.value.code == 2 and "is not a finished study's folder" in capsys.readouterr().err
+    assert stop.value.code == 2 and "is not a study's folder" in capsys.readouterr().err
+
+
+def test_a_study_cut_short_reports_what_it_has(quick, tmp_path, capsys):
+    """A study stopped during its evaluations (its results.json as the arms stage left it, two
+    evaluations not written): --report writes the tables of the six models evaluated, says the
+    study was cut short, and pairs only models it has."""
+    out, res = quick
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    for name in ("focusft_2", "hybrid_1"):
+        (cut / "eval" / f"{name}.json").unlink()
+    (cut / "results.md").unlink()
+    kept = {k: v for k, v in res.items() if k != "eval"} | {"partial": True}
+    (cut / "results.json").write_text(json.dumps(kept))
+    study.main(["--report", "--out", str(cut)])
+    assert "6 models evaluated: a study cut short" in capsys.readouterr().out
+    text = (cut / "results.md").read_text()
+    first = text.split("## ")[1]                                 # accuracy under own masks
+    assert "**Cut short**: 6 of 8 models evaluated" in text
+    assert "| focusft/1 |" in first and "| focusft/2 |" not in first and "| hybrid/1 |" not in first
+    assert "focusft/1 - sft/1" in text and "focusft/2 - sft/2" not in text
+    assert (cut / "heatmaps.png").stat().st_size > 0
 
 
 def test_answer_form_and_top_output_by_hand():
