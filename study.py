@@ -279,7 +279,7 @@ def get_args(argv=None):
                         "(default: none, every stage)")
     p.add_argument("--report", action="store_true",
                    help="only rewrite results.md and the figures from --out's results.json and "
-                        "logs (no training)")
+                        "logs (no training); a study cut short reports the models it evaluated")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one size of the plan, e.g. --set arm_steps=500 "
                         "--set sweep_lrs=0.1,0.3 (repeatable)")
