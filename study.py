@@ -141,6 +141,14 @@ ARMS = {   # name: train.py flags (the method's defaults: focusft = hybrid mask 
 }
 
 
+def arm_names(plan: Plan) -> list[str]:
+    """Every arm's name ("sft/1"), in the order stage_arms trains them."""
+    first = plan.seeds[0]
+    return ([f"{name}/{first}" for name in ("sft", "focusft")]
+            + [f"{name}/{seed}" for name in ("sft", "focusft") for seed in plan.seeds[1:]]
+            + [f"{name}/{first}" for name in ("hybrid", "inner", "sft_time")])
+
+
 def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: Clock,
                evals: Evaluations, evaluate) -> dict:
     """Every arm from the base; SFT and FocuSFT with each seed. The first seed's SFT and FocuSFT run
@@ -237,7 +245,7 @@ def rewrite_report(out: Path):
                    for k, v in res["plan"].items()})
     if "eval" not in res:
         res["partial"] = True
-        res["eval"] = evaluations(out, ["base", *(k for k in res.get("arms", {}) if "/" in k)])
+        res["eval"] = evaluations(out, ["base", *arm_names(plan)])
     report(out, plan, res)
     print(f"wrote {out / 'results.md'} and the figures"
           + (f" ({len(res['eval'])} models evaluated: a study cut short)"

@@ -102,19 +102,22 @@ def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None) -> flo
         child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, env=env)
         RUNNING.add(child)
+        if STOP.is_set():              # a stop that came while it started: it gets its SIGINT too
+            child.send_signal(signal.SIGINT)
         code = child.wait()
         RUNNING.discard(child)
     # stopped at a step boundary, or before
     if STOP.is_set() and code in (130, 143, -signal.SIGINT):
         raise Stopped(name)
     if code != 0:
-        STOP.set()
-        for other in list(RUNNING):
-            other.send_signal(signal.SIGINT)
         memory = "OutOfMemoryError" in output.read_text(errors="replace")[-4000:]
+        # the line first: a thread that sees the stop below must find it
         FAILURES.append(f"study.py: error: {name} failed; its output: {output}"
                         + ("; it ran out of GPU memory: fewer runs side by side (--parallel) "
                            "need less" if memory else ""))
+        STOP.set()
+        for other in list(RUNNING):
+            other.send_signal(signal.SIGINT)
         sys.exit(FAILURES[-1])
     return time.perf_counter() - start
 
@@ -182,21 +185,26 @@ class Evaluations:
     def __init__(self, lanes: int, clock: "Clock", beside: bool = True):
         self.clock, self.lanes, self.devices = clock, max(1, lanes), gpus()
         self.open, self.busy = int(beside), 0     # lanes open now, and taken; wait() opens all
+        self.cancelled = False
         self.queue: deque = deque()               # those not started, first submitted first
         self.turn = threading.Condition()
         self.pool = ThreadPoolExecutor(max_workers=self.lanes)
         self.futures: dict[str, Future] = {}
 
     def submit(self, key: str, name: str, argv: list[str], file: Path):
-        gpu = self.devices[len(self.futures) % len(self.devices)]
+        # (training threads submit at once: the queue and the pool must get them in one order)
         with self.turn:
+            gpu = self.devices[len(self.futures) % len(self.devices)]
             self.queue.append(key)
-        self.futures[key] = self.pool.submit(self._one, key, name, argv, file, gpu)
+            self.futures[key] = self.pool.submit(self._one, key, name, argv, file, gpu)
 
     def _one(self, key: str, name: str, argv: list[str], file: Path,
              gpu: str | None) -> float | None:
         with self.turn:
-            self.turn.wait_for(lambda: self.queue[0] == key and self.busy < self.open)
+            self.turn.wait_for(lambda: self.cancelled
+                               or (self.queue[0] == key and self.busy < self.open))
+            if self.cancelled:
+                raise Stopped(name)
             self.queue.popleft()
             self.busy += 1
             self.turn.notify_all()
@@ -227,7 +235,12 @@ class Evaluations:
         return {key: f.result() for key, f in self.futures.items()}
 
     def cancel(self):
-        """The evaluations not yet started never start (the study ends on an error)."""
+        """The evaluations not yet started never start (the study ends on a stop or an error);
+        those running end as their commands do."""
+        with self.turn:
+            self.cancelled = True
+            self.queue.clear()
+            self.turn.notify_all()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

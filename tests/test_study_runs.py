@@ -198,3 +198,60 @@ def test_on_a_cpu_evaluations_wait_for_the_end_of_training(monkeypatch, tmp_path
     time.sleep(0.3)
     assert ended == []
     assert evals.wait() == {f"k{i}": 0.1 for i in range(3)} and most[0] == 2
+
+
+def test_cancel_ends_evaluations_waiting_for_a_lane_so_the_study_can_exit(monkeypatch, tmp_path):
+    """A study stopped (or failed) while evaluations wait for a lane: cancel() ends them, none
+    starts, and no thread is left waiting (the interpreter would wait for it at exit)."""
+    fake_evaluate, most, ended = counting(lambda name: 0.1)
+    monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
+    monkeypatch.setattr(study_runs, "gpus", lambda: [None])
+    evals = study_runs.Evaluations(2, study_runs.Clock(3), beside=False)
+    for i in range(3):
+        evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
+    time.sleep(0.2)                                   # two threads wait for a lane
+    evals.cancel()
+    deadline = time.time() + 5
+    while time.time() < deadline and not all(f.done() for f in evals.futures.values()):
+        time.sleep(0.05)
+    assert all(f.done() for f in evals.futures.values()) and ended == []
+    assert all(f.cancelled() or isinstance(f.exception(), study_runs.Stopped)
+               for f in evals.futures.values())
+
+
+def test_a_stop_while_a_command_starts_reaches_it(tmp_path, monkeypatch):
+    """A SIGINT to the study (or a failure elsewhere) that lands while a command is being started
+    is passed on to it once it is running."""
+    signals = []
+
+    class Starting:
+        def __init__(self, argv, stdout, **kwargs):
+            study_runs.STOP.set()                     # the stop arrives during Popen
+
+        def wait(self):
+            return 130 if signals else 0
+
+        def send_signal(self, sig):
+            signals.append(sig)
+    monkeypatch.setattr(study_runs.subprocess, "Popen", Starting)
+    with pytest.raises(study_runs.Stopped):
+        study_runs.run_to_end("arm sft seed 1", ["python"], tmp_path / "sft.out", None)
+    assert signals == [signal.SIGINT]
+
+
+def test_a_failure_is_recorded_before_the_others_are_told_to_stop(tmp_path, monkeypatch):
+    """Whoever sees the stop a failure causes must find the failure's line (else the study would
+    say "stopped ... continue with" instead of the error)."""
+    seen = []
+
+    class Stop(threading.Event):
+        def set(self):
+            seen.append(list(study_runs.FAILURES))
+            super().set()
+    monkeypatch.setattr(study_runs, "STOP", Stop())
+    one_fails(monkeypatch, lambda argv: True)
+    study_runs.FAILURES.clear()
+    with pytest.raises(SystemExit):
+        study_runs.run_to_end("eval base", ["python"], tmp_path / "base.out", None)
+    assert len(seen) == 1 and seen[0][0].startswith("study.py: error: eval base failed")
+    study_runs.FAILURES.clear()
