@@ -185,15 +185,22 @@ def test_a_failed_evaluation_stops_the_training_beside_it_and_is_what_the_study_
     study_runs.FAILURES.clear()
 
 
-def test_on_a_cpu_evaluations_wait_for_the_end_of_training(monkeypatch, tmp_path):
-    """beside=False (a CPU study: training and evaluation would compete for the cores): nothing
-    starts before wait(), and idle() does not wait for what cannot start."""
+def three_on_a_cpu(monkeypatch, tmp_path):
+    """Three fake evaluations submitted with beside=False and two lanes: (evals, the most that ran
+    at once, those ended)."""
     fake_evaluate, most, ended = counting(lambda name: 0.1)
     monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
     evals = study_runs.Evaluations(2, study_runs.Clock(3), beside=False)
     for i in range(3):
         evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
+    return evals, most, ended
+
+
+def test_on_a_cpu_evaluations_wait_for_the_end_of_training(monkeypatch, tmp_path):
+    """beside=False (a CPU study: training and evaluation would compete for the cores): nothing
+    starts before wait(), and idle() does not wait for what cannot start."""
+    evals, most, ended = three_on_a_cpu(monkeypatch, tmp_path)
     evals.idle()
     time.sleep(0.3)
     assert ended == []
@@ -203,12 +210,7 @@ def test_on_a_cpu_evaluations_wait_for_the_end_of_training(monkeypatch, tmp_path
 def test_cancel_ends_evaluations_waiting_for_a_lane_so_the_study_can_exit(monkeypatch, tmp_path):
     """A study stopped (or failed) while evaluations wait for a lane: cancel() ends them, none
     starts, and no thread is left waiting (the interpreter would wait for it at exit)."""
-    fake_evaluate, most, ended = counting(lambda name: 0.1)
-    monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
-    monkeypatch.setattr(study_runs, "gpus", lambda: [None])
-    evals = study_runs.Evaluations(2, study_runs.Clock(3), beside=False)
-    for i in range(3):
-        evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
+    evals, most, ended = three_on_a_cpu(monkeypatch, tmp_path)
     time.sleep(0.2)                                   # two threads wait for a lane
     evals.cancel()
     deadline = time.time() + 5
