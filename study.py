@@ -156,30 +156,32 @@ def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: 
     times give sft_time its steps (SFT's times the ratio, FocuSFT's time per step); then the other
     arms side by side. `inner`: the sweep's choice, as flags of the arms with an inner loop. Each
     arm's evaluation starts as it ends (evaluate(name, checkpoint))."""
-    def job(name: str, seed: int, steps: int) -> tuple:
-        return (f"arm {name} seed {seed}", out / f"{name}_s{seed}",
-                arm_flags(plan, args, base, seed, steps) + ARMS[name]
+    def job(key: str, steps: int) -> tuple:
+        name, seed = key.split("/")
+        return (f"arm {name} seed {seed}", out / arm_folder(key),
+                arm_flags(plan, args, base, int(seed), steps) + ARMS[name]
                 + (inner if name in ("focusft", "inner") else []))
 
     def then(key: str):
-        name, seed = key.split("/")
-        evaluate(key, str(out / f"{name}_s{seed}" / checkpoint.FILE))
-    first = plan.seeds[0]
-    if not all((out / f"{name}_s{first}" / "done").exists() for name in ("sft", "focusft")):
+        evaluate(key, str(out / arm_folder(key) / checkpoint.FILE))
+    timed, rest = arm_names(plan)[:2], arm_names(plan)[2:]     # sft, focusft of the first seed
+    if not all((out / arm_folder(key) / "done").exists() for key in timed):
         evals.idle()                               # timed alone: no evaluation beside them
-    runs = {f"{name}/{first}": train(*job(name, first, plan.arm_steps), clock)
-            for name in ("sft", "focusft")}
-    for name in ("sft", "focusft"):
-        then(f"{name}/{first}")
-    ratio = runs[f"focusft/{first}"]["median_ms"] / runs[f"sft/{first}"]["median_ms"]
-    rest = {f"{name}/{seed}": job(name, seed, plan.arm_steps)
-            for name in ("sft", "focusft") for seed in plan.seeds[1:]}
-    rest |= {f"{name}/{first}": job(name, first, plan.arm_steps) for name in ("hybrid", "inner")}
-    rest[f"sft_time/{first}"] = job("sft_time", first,
-                                    max(plan.arm_steps, round(plan.arm_steps * ratio)))
-    runs |= side_by_side(args.parallel, clock, rest, then)
+    runs = {key: train(*job(key, plan.arm_steps), clock) for key in timed}
+    for key in timed:
+        then(key)
+    ratio = runs[timed[1]]["median_ms"] / runs[timed[0]]["median_ms"]
+    time_steps = max(plan.arm_steps, round(plan.arm_steps * ratio))
+    runs |= side_by_side(args.parallel, clock,
+                         {key: job(key, time_steps if key.startswith("sft_time/")
+                                   else plan.arm_steps) for key in rest}, then)
     runs["time_ratio"] = ratio
     return runs
+
+
+def arm_folder(key: str) -> str:
+    """An arm's folder under arms/ ("sft/1" -> "sft_s1")."""
+    return key.replace("/", "_s")
 
 
 def test_data(plan: Plan, args, out: Path) -> tuple[Path, Path]:
@@ -212,7 +214,7 @@ def evaluator(plan: Plan, args, out: Path, evals: Evaluations):
     stats_at = [n for n in STATS_LENGTHS if n in plan.eval_lengths] or [plan.eval_lengths[-1]]
 
     def submit(name: str, ckpt: str):
-        file = out / "eval" / f"{name.replace('/', '_')}.json"
+        file = eval_file(out, name)
         evals.submit(name, f"eval {name}", [
             sys.executable, str(ROOT / "study_eval.py"), "--ckpt", ckpt,
             "--babilong", str(test_dir), "--cwe", str(cwe_dir),
@@ -252,10 +254,15 @@ def rewrite_report(out: Path):
              if res.get("partial") else ""))
 
 
+def eval_file(out: Path, name: str) -> Path:
+    """Where a model's evaluation goes ("sft/1" -> out/eval/sft_1.json)."""
+    return out / "eval" / f"{name.replace('/', '_')}.json"
+
+
 def evaluations(out: Path, names: list[str]) -> dict[str, dict]:
     """The evaluations written in out/eval, of these models, in this order (those not written
     left out)."""
-    files = {name: out / "eval" / f"{name.replace('/', '_')}.json" for name in names}
+    files = {name: eval_file(out, name) for name in names}
     return {name: json.loads(file.read_text()) for name, file in files.items() if file.exists()}
 
 
@@ -382,7 +389,7 @@ def run(args):
         evals.wait()
     finally:
         evals.cancel()
-    results["eval"] = evaluations(out, ["base", *(k for k in results["arms"] if "/" in k)])
+    results["eval"] = evaluations(out, ["base", *arm_names(plan)])
     write_json(out / "results.json", results)
     report(out, plan, results)
     clock.say(f"wrote {out / 'results.json'}, {out / 'results.md'} and the figures")

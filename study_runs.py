@@ -157,12 +157,17 @@ def side_by_side(parallel: int, clock: "Clock", jobs: dict[str, tuple],
         return result
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = {key: pool.submit(one, key, job) for key, job in jobs.items()}
-    # every run has ended; a failure is what the study reports, not the runs it stopped
+    raise_failure(futures)                  # every run has ended
+    shared = min(at_once, len(jobs)) > len(devices)           # runs side by side on a GPU
+    return {key: f.result() | {"shared": shared} for key, f in futures.items()}
+
+
+def raise_failure(futures: dict[str, Future]):
+    """Of commands that have all ended, raise what went wrong: a failure (SystemExit: its line)
+    rather than the stops it caused, else the first exception."""
     ended = [f.exception() for f in futures.values() if f.exception() is not None]
     if ended:
         raise next((e for e in ended if isinstance(e, SystemExit)), ended[0])
-    shared = min(at_once, len(jobs)) > len(devices)           # runs side by side on a GPU
-    return {key: f.result() | {"shared": shared} for key, f in futures.items()}
 
 
 def gpus() -> list[str | None]:
@@ -229,9 +234,7 @@ class Evaluations:
             self.open = self.lanes
             self.turn.notify_all()
         self.pool.shutdown(wait=True)
-        ended = [f.exception() for f in self.futures.values() if f.exception() is not None]
-        if ended:
-            raise next((e for e in ended if isinstance(e, SystemExit)), ended[0])
+        raise_failure(self.futures)
         return {key: f.result() for key, f in self.futures.items()}
 
     def cancel(self):
