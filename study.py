@@ -60,8 +60,8 @@ from study_runs import (
     STOP,
     Clock,
     Evaluations,
+    Slots,
     Stopped,
-    gpus,
     on_signal,
     side_by_side,
     train,
@@ -104,7 +104,8 @@ def arm_flags(plan: Plan, args, base: str, seed: int, steps: int) -> list[str]:
                                  "--seed", str(seed)]
 
 
-def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock) -> dict:
+def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock,
+                slots: Slots) -> dict:
     """Short FocuSFT runs, one per inner lr and number of inner steps, side by side. The answer
     accuracy of their last evaluation on the validation split (train.py's held-out rows: held-out
     questions in held-out books) decides, then the lower base loss. A run is named by its lr, and by
@@ -112,7 +113,7 @@ def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock) -> dict:
     both = len(plan.sweep_inner_steps) > 1
     grid = {f"{lr:g}" + (f"x{k}" if both else ""): (lr, k)
             for lr in plan.sweep_lrs for k in plan.sweep_inner_steps}
-    runs = side_by_side(args.parallel, clock, {
+    runs = side_by_side(slots, clock, {
         key: (f"sweep inner lr {lr:g}, {k} steps", out / f"lr{key}",
               arm_flags(plan, args, base, plan.seeds[0], plan.sweep_steps)
               + ["--method", "focusft", "--inner-lr", str(lr), "--inner-steps", str(k),
@@ -172,7 +173,7 @@ def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: 
         then(key)
     ratio = runs[timed[1]]["median_ms"] / runs[timed[0]]["median_ms"]
     time_steps = max(plan.arm_steps, round(plan.arm_steps * ratio))
-    runs |= side_by_side(args.parallel, clock,
+    runs |= side_by_side(evals.slots, clock,
                          {key: job(key, time_steps if key.startswith("sft_time/")
                                    else plan.arm_steps) for key in rest}, then)
     runs["time_ratio"] = ratio
@@ -285,9 +286,9 @@ def get_args(argv=None):
                    help="real bAbI files (their test split is the test set); default: none, "
                         "generated stories")
     p.add_argument("--parallel", type=number(int, 1), default=1,
-                   help="train.py runs at once on each GPU in the sweep and the arms (one GPU is "
-                        "shared; 1 = one at a time); given several GPUs, the runs spread over "
-                        "them, each seeing one")
+                   help="commands at once on each GPU, train.py runs of the sweep and the arms "
+                        "and evaluations alike (one GPU is shared; 1 = one at a time); given "
+                        "several GPUs, they spread over them, each seeing one")
     p.add_argument("--until", choices=["base", "sweep"], default=None,
                    help="stop after this stage, its results in results.json (and the sweep's "
                         "table printed); the command without it goes on from there "
@@ -367,18 +368,21 @@ def run(args):
     write_json(out / "results.json", {**results, "partial": True})     # (--report: what is done)
     if args.until:
         if args.until == "sweep":
-            results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
+            results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock,
+                                           Slots(args.parallel))
             print("\n".join(markdown_table(*sweep_table(plan, results["sweep"]))), flush=True)
         results["until"] = args.until
         write_json(out / "results.json", results)
         clock.say(f"stopped after the {args.until} stage (--until); wrote {out / 'results.json'}")
         return
     # the base's evaluation runs beside the sweep, each arm's as it ends (on a GPU)
-    evals = Evaluations(args.parallel * len(gpus()), clock, beside=device(args) == "cuda")
+    # (they share --parallel's places on the GPUs with the training runs)
+    evals = Evaluations(Slots(args.parallel), clock, beside=device(args) == "cuda")
     try:
         evaluate = evaluator(plan, args, out, evals)
         evaluate("base", base)
-        sweep = results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock)
+        sweep = results["sweep"] = stage_sweep(plan, args, out / "sweep", base, clock,
+                                               evals.slots)
         write_json(out / "results.json", {**results, "partial": True})
         inner = (["--inner-lr", str(sweep["chosen"]), "--inner-loss", plan.inner_loss]
                  + (["--inner-steps", str(sweep["chosen_steps"])]

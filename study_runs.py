@@ -7,7 +7,8 @@ run at a step boundary.
 study.py says what to run; this file only runs it. Ideas to hold: a command is a subprocess, not a
 thread of the study's own process, so that a GPU error in one cannot take the others down, and its
 output goes to a .out file beside what it writes. An evaluation leaves the GPU partly idle
-(compilation, decoding a token at a time), so it runs beside training instead of after it.
+(compilation, decoding a token at a time), so it runs beside training instead of after it; but it
+needs GPU memory as a run does, so the two share --parallel's slots (Slots).
 """
 import math
 import os
@@ -19,6 +20,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -127,38 +129,53 @@ def median(values: list[float]) -> float:
     return values[len(values) // 2] if values else math.nan
 
 
-def side_by_side(parallel: int, clock: "Clock", jobs: dict[str, tuple],
+class Slots:
+    """Places on the GPUs for the study's commands: `per_gpu` at once on each GPU (--parallel),
+    training runs and evaluations alike, each holding one while it runs. What fits on a GPU is
+    bounded by its memory whatever the commands are: an evaluation started beside --parallel
+    training runs once took the GPU out of memory (docs/study.md), so it takes a run's place."""
+
+    def __init__(self, per_gpu: int):
+        self.devices = gpus()
+        self.count = per_gpu * len(self.devices)
+        self.free = queue.Queue()             # every GPU once, then each again, ...
+        for _ in range(per_gpu):
+            for device in self.devices:
+                self.free.put(device)
+
+    @contextmanager
+    def take(self):
+        """Wait for a free place; -> its GPU (as gpus() names it; None: the machine's default),
+        held until the block ends."""
+        device = self.free.get()
+        try:
+            yield device
+        finally:
+            self.free.put(device)
+
+
+def side_by_side(slots: Slots, clock: "Clock", jobs: dict[str, tuple],
                  then=None) -> dict[str, dict]:
-    """train() each job (name, out, flags), up to `parallel` at once on each GPU (gpus): while one
-    run compiles on the host, the others keep its GPU busy; with several GPUs, each run sees one of
-    them alone (the first runs one per GPU). Each run's data workers get a share of the CPUs.
-    then(key): called as each run ends (e.g. to start its evaluation)."""
-    devices = gpus()
-    at_once = parallel * len(devices)
+    """train() each job (name, out, flags) in a place of `slots` (as many at once as it has, fewer
+    while evaluations hold some): while one run compiles on the host, the others keep its GPU busy;
+    with several GPUs, each run sees one of them alone (the first runs one per GPU). Each run's data
+    workers get a share of the CPUs. then(key): called as each run ends (e.g. to start its
+    evaluation)."""
+    at_once = slots.count
     if at_once > 1 and not any("--workers" in flags for _, _, flags in jobs.values()):
         share = ["--workers", str(max(1, (os.cpu_count() or 1) // at_once - 1))]
         jobs = {key: (name, out, flags + share) for key, (name, out, flags) in jobs.items()}
-    free = queue.Queue()                    # a GPU per slot: every GPU once, then each again, ...
-    for _ in range(parallel):
-        for device in devices:
-            free.put(device)
-
-    def on_a_gpu(job: tuple) -> dict:
-        device = free.get()
-        try:
-            return train(*job, clock, gpu=device)
-        finally:
-            free.put(device)
 
     def one(key: str, job: tuple) -> dict:
-        result = on_a_gpu(job)
+        with slots.take() as device:
+            result = train(*job, clock, gpu=device)
         if then is not None:
             then(key)
         return result
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = {key: pool.submit(one, key, job) for key, job in jobs.items()}
     raise_failure(futures)                  # every run has ended
-    shared = min(at_once, len(jobs)) > len(devices)           # runs side by side on a GPU
+    shared = min(at_once, len(jobs)) > len(slots.devices)     # runs side by side on a GPU
     return {key: f.result() | {"shared": shared} for key, f in futures.items()}
 
 
@@ -182,13 +199,13 @@ def gpus() -> list[str | None]:
 
 class Evaluations:
     """Evaluation commands (evaluate) run in the background while the study trains, in the order
-    submitted: one at a time while training runs share the GPU (their memory comes first), then up
-    to `lanes` at once from wait(), when training is over. On several GPUs they take the GPUs in
-    turn. beside=False (on a CPU, where both would compete for the same cores): none before
+    submitted, each in a place of `slots` that training runs share: one at a time while the study
+    trains (training comes first), then as many at once as `slots` has from wait(), when training
+    is over. beside=False (on a CPU, where both would compete for the same cores): none before
     wait()."""
 
-    def __init__(self, lanes: int, clock: "Clock", beside: bool = True):
-        self.clock, self.lanes, self.devices = clock, max(1, lanes), gpus()
+    def __init__(self, slots: Slots, clock: "Clock", beside: bool = True):
+        self.clock, self.slots, self.lanes = clock, slots, slots.count
         self.open, self.busy = int(beside), 0     # lanes open now, and taken; wait() opens all
         self.cancelled = False
         self.queue: deque = deque()               # those not started, first submitted first
@@ -199,12 +216,10 @@ class Evaluations:
     def submit(self, key: str, name: str, argv: list[str], file: Path):
         # (training threads submit at once: the queue and the pool must get them in one order)
         with self.turn:
-            gpu = self.devices[len(self.futures) % len(self.devices)]
             self.queue.append(key)
-            self.futures[key] = self.pool.submit(self._one, key, name, argv, file, gpu)
+            self.futures[key] = self.pool.submit(self._one, key, name, argv, file)
 
-    def _one(self, key: str, name: str, argv: list[str], file: Path,
-             gpu: str | None) -> float | None:
+    def _one(self, key: str, name: str, argv: list[str], file: Path) -> float | None:
         with self.turn:
             self.turn.wait_for(lambda: self.cancelled
                                or (self.queue[0] == key and self.busy < self.open))
@@ -214,7 +229,10 @@ class Evaluations:
             self.busy += 1
             self.turn.notify_all()
         try:
-            return evaluate(name, argv, file, self.clock, gpu)
+            with self.slots.take() as gpu:   # (training runs may hold every place for a while)
+                if self.cancelled:
+                    raise Stopped(name)
+                return evaluate(name, argv, file, self.clock, gpu)
         finally:
             with self.turn:
                 self.busy -= 1

@@ -43,13 +43,13 @@ def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(
     monkeypatch.setattr(study_runs, "train", fake_train)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])      # one GPU, or none
     jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
-    got = study_runs.side_by_side(2, study_runs.Clock(5), jobs)
+    got = study_runs.side_by_side(study_runs.Slots(2), study_runs.Clock(5), jobs)
     seen = {name: args[1] for name, args in ended}                   # (out, flags, clock)
     assert most[0] == 2 and list(got) == list(jobs)
     assert all(got[f"k{i}"] == {"name": f"run {i}", "shared": True} for i in range(5))
     assert all(flags[:2] == ["--steps", "3"] and flags[2] == "--workers" for flags in seen.values())
-    alone = study_runs.side_by_side(1, study_runs.Clock(1),
-                               {"k": ("one", None, ["--steps", "3"])})
+    alone = study_runs.side_by_side(study_runs.Slots(1), study_runs.Clock(1),
+                                    {"k": ("one", None, ["--steps", "3"])})
     assert alone == {"k": {"name": "one", "shared": False}} and ended[-1][1][1] == ["--steps", "3"]
 
 
@@ -95,7 +95,7 @@ def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
         return {"name": name}
     monkeypatch.setattr(study_runs, "train", fake_train)
     jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
-    got = study_runs.side_by_side(1, study_runs.Clock(5), jobs)
+    got = study_runs.side_by_side(study_runs.Slots(1), study_runs.Clock(5), jobs)
     assert most[0] == 1 and set(seen.values()) == {"3", "5"} and len(seen) == 5
     assert all(r["shared"] is False for r in got.values())
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -133,7 +133,7 @@ def test_a_failed_run_stops_the_runs_beside_it_and_the_failure_is_what_the_study
     signals = one_fails(monkeypatch, lambda argv: argv[-1].endswith("bad"))
     jobs = {"good": ("run good", tmp_path / "good", []), "bad": ("run bad", tmp_path / "bad", [])}
     with pytest.raises(SystemExit) as stop:
-        study_runs.side_by_side(2, study_runs.Clock(2), jobs)
+        study_runs.side_by_side(study_runs.Slots(2), study_runs.Clock(2), jobs)
     assert str(stop.value.code).startswith("study.py: error: run bad failed")
     assert signals == [signal.SIGINT] and not study_runs.RUNNING
     assert not (tmp_path / "good" / "done").exists()
@@ -147,7 +147,7 @@ def test_evaluations_run_one_at_a_time_beside_training_then_every_lane_at_once(m
     fake_evaluate, most, ended = counting(lambda name: 0.1)
     monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
-    evals = study_runs.Evaluations(3, study_runs.Clock(6))
+    evals = study_runs.Evaluations(study_runs.Slots(3), study_runs.Clock(6))
     for i in range(3):
         evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
     evals.idle()
@@ -156,6 +156,32 @@ def test_evaluations_run_one_at_a_time_beside_training_then_every_lane_at_once(m
         evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
     assert evals.wait() == {f"k{i}": 0.1 for i in range(6)}
     assert most[0] == 3 and len(ended) == 6
+
+
+def test_an_evaluation_beside_training_takes_the_place_of_a_run(monkeypatch, tmp_path):
+    """--parallel bounds what shares a GPU, training runs and evaluations together (an evaluation
+    beside four runs once took an 80 GB GPU out of memory): with two places, an evaluation
+    submitted while three runs wait leaves room for one run at a time, and every command ran."""
+    running, most, lock = [0], [0], threading.Lock()
+
+    def fake(name, *args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.15)
+        with lock:
+            running[0] -= 1
+        return {"name": name} if name.startswith("run") else 0.15
+    monkeypatch.setattr(study_runs, "train", fake)
+    monkeypatch.setattr(study_runs, "evaluate", fake)
+    monkeypatch.setattr(study_runs, "gpus", lambda: [None])
+    slots = study_runs.Slots(2)
+    evals = study_runs.Evaluations(slots, study_runs.Clock(4))
+    evals.submit("base", "eval base", [], tmp_path / "base.json")
+    jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(3)}
+    got = study_runs.side_by_side(slots, study_runs.Clock(3), jobs)
+    assert evals.wait() == {"base": 0.15} and len(got) == 3
+    assert most[0] == 2
 
 
 def test_an_evaluation_is_skipped_when_an_earlier_study_wrote_its_file(tmp_path, monkeypatch):
@@ -172,7 +198,7 @@ def test_a_failed_evaluation_stops_the_training_beside_it_and_is_what_the_study_
     signals = one_fails(monkeypatch, lambda argv: "study_eval.py" in argv)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
     study_runs.FAILURES.clear()
-    evals = study_runs.Evaluations(2, study_runs.Clock(2))
+    evals = study_runs.Evaluations(study_runs.Slots(2), study_runs.Clock(2))
     evals.submit("base", "eval base", ["python", "study_eval.py"], tmp_path / "eval" / "base.json")
     with pytest.raises(study_runs.Stopped):
         study_runs.train("arm sft seed 1", tmp_path / "sft_s1", [], study_runs.Clock(1))
@@ -191,7 +217,7 @@ def three_on_a_cpu(monkeypatch, tmp_path):
     fake_evaluate, most, ended = counting(lambda name: 0.1)
     monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
-    evals = study_runs.Evaluations(2, study_runs.Clock(3), beside=False)
+    evals = study_runs.Evaluations(study_runs.Slots(2), study_runs.Clock(3), beside=False)
     for i in range(3):
         evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
     return evals, most, ended
