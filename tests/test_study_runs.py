@@ -162,16 +162,7 @@ def test_an_evaluation_beside_training_takes_the_place_of_a_run(monkeypatch, tmp
     """--parallel bounds what shares a GPU, training runs and evaluations together (an evaluation
     beside four runs once took an 80 GB GPU out of memory): with two places, an evaluation
     submitted while three runs wait leaves room for one run at a time, and every command ran."""
-    running, most, lock = [0], [0], threading.Lock()
-
-    def fake(name, *args, **kwargs):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.15)
-        with lock:
-            running[0] -= 1
-        return {"name": name} if name.startswith("run") else 0.15
+    fake, most, _ = counting(lambda name: {"name": name} if name.startswith("run") else 0.1)
     monkeypatch.setattr(study_runs, "train", fake)
     monkeypatch.setattr(study_runs, "evaluate", fake)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
@@ -180,7 +171,7 @@ def test_an_evaluation_beside_training_takes_the_place_of_a_run(monkeypatch, tmp
     evals.submit("base", "eval base", [], tmp_path / "base.json")
     jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(3)}
     got = study_runs.side_by_side(slots, study_runs.Clock(3), jobs)
-    assert evals.wait() == {"base": 0.15} and len(got) == 3
+    assert evals.wait() == {"base": 0.1} and len(got) == 3
     assert most[0] == 2
 
 
