@@ -53,7 +53,7 @@ import eval_ruler
 from cli import Parser, number, output_problem
 from data import books, cwe
 from fastweights import INNER_LOSSES
-from study_plan import FULL, QUICK, STATS_LENGTHS, Plan, with_changes
+from study_plan import FULL, QUICK, STATS_LENGTHS, Plan, arm_folder, arm_names, with_changes
 from study_report import log_records, markdown_table, mean, report, sweep_table, write_json
 from study_runs import (
     FAILURES,
@@ -142,14 +142,6 @@ ARMS = {   # name: train.py flags (the method's defaults: focusft = hybrid mask 
 }
 
 
-def arm_names(plan: Plan) -> list[str]:
-    """Every arm's name ("sft/1"), in the order stage_arms trains them."""
-    first = plan.seeds[0]
-    return ([f"{name}/{first}" for name in ("sft", "focusft")]
-            + [f"{name}/{seed}" for name in ("sft", "focusft") for seed in plan.seeds[1:]]
-            + [f"{name}/{first}" for name in ("hybrid", "inner", "sft_time")])
-
-
 def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: Clock,
                evals: Evaluations, evaluate) -> dict:
     """Every arm from the base; SFT and FocuSFT with each seed. The first seed's SFT and FocuSFT run
@@ -178,11 +170,6 @@ def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: 
                                    else plan.arm_steps) for key in rest}, then)
     runs["time_ratio"] = ratio
     return runs
-
-
-def arm_folder(key: str) -> str:
-    """An arm's folder under arms/ ("sft/1" -> "sft_s1")."""
-    return key.replace("/", "_s")
 
 
 def test_data(plan: Plan, args, out: Path) -> tuple[Path, Path]:

@@ -1,5 +1,6 @@
 """The study's plan: every size of it (steps, rates, the sweep's grid, seeds, test lengths and
-samples), the full plan for one GPU and the quick one for a CPU, and `--set FIELD=VALUE` changes.
+samples), the full plan for one GPU and the quick one for a CPU, `--set FIELD=VALUE` changes, and
+the arms a plan trains (their names and folders, which study.py and study_report.py share).
 
     from study_plan import FULL, with_changes
     plan = with_changes(FULL, ["arm_steps=500", "sweep_lrs=0.1,0.3"])
@@ -89,5 +90,16 @@ def with_changes(plan: Plan, changes: list[str]) -> Plan:
     return Plan(**fields)
 
 
-# --------------------------------------------------------------------------------------------------
-# the training stages
+
+def arm_names(plan: Plan) -> list[str]:
+    """Every arm's name ("sft/1"), in the order the study trains them: SFT and FocuSFT of the first
+    seed (timed alone), their other seeds, then the other arms with the first seed."""
+    first = plan.seeds[0]
+    return ([f"{name}/{first}" for name in ("sft", "focusft")]
+            + [f"{name}/{seed}" for name in ("sft", "focusft") for seed in plan.seeds[1:]]
+            + [f"{name}/{first}" for name in ("hybrid", "inner", "sft_time")])
+
+
+def arm_folder(key: str) -> str:
+    """An arm's folder under the study's arms/ ("sft/1" -> "sft_s1")."""
+    return key.replace("/", "_s")

@@ -11,6 +11,8 @@ import math
 import os
 from pathlib import Path
 
+from study_plan import arm_folder
+
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 
 
@@ -234,7 +236,7 @@ def training_curves(out: Path, res: dict) -> dict:
     fifth."""
     curves = {}
     for name in [k for k in res.get("arms", {}) if "/" in k]:
-        records = log_records(out / "arms" / name.replace("/", "_s"))
+        records = log_records(out / "arms" / arm_folder(name))
         checks = [r for r in records if "sink_mass" in r]
         steps = [r for r in records if "loss" in r]
         tail = [r for r in steps if r.get("inner")][-max(1, len(steps) // 5):]
