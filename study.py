@@ -275,7 +275,8 @@ def get_args(argv=None):
     p.add_argument("--parallel", type=number(int, 1), default=1,
                    help="commands at once on each GPU, train.py runs of the sweep and the arms "
                         "and evaluations alike (one GPU is shared; 1 = one at a time); given "
-                        "several GPUs, they spread over them, each seeing one")
+                        "several GPUs, they spread over them, each seeing one; one that runs "
+                        "out of GPU memory beside others runs again with one fewer")
     p.add_argument("--until", choices=["base", "sweep"], default=None,
                    help="stop after this stage, its results in results.json (and the sweep's "
                         "table printed); the command without it goes on from there "

@@ -8,7 +8,8 @@ study.py says what to run; this file only runs it. Ideas to hold: a command is a
 thread of the study's own process, so that a GPU error in one cannot take the others down, and its
 output goes to a .out file beside what it writes. An evaluation leaves the GPU partly idle
 (compilation, decoding a token at a time), so it runs beside training instead of after it; but it
-needs GPU memory as a run does, so the two share --parallel's slots (Slots).
+needs GPU memory as a run does, so the two share --parallel's slots (Slots). A command that runs out
+of GPU memory beside others is run again with fewer beside it (Slots.run), not the study's end.
 """
 import math
 import os
@@ -36,6 +37,11 @@ class Stopped(Exception):
     checkpoint."""
 
 
+class OutOfMemory(Exception):
+    """A command died of CUDA out-of-memory on a GPU that other commands shared: it may fit with
+    fewer beside it (Slots.run)."""
+
+
 STOP = threading.Event()                  # set by the first SIGINT / SIGTERM: no new run starts
 RUNNING: set[subprocess.Popen] = set()    # commands in flight, each in a session of its own
 FAILURES: list[str] = []                  # the line of each command that failed (run_to_end)
@@ -53,10 +59,12 @@ def on_signal(signum, frame):
         raise Stopped(signal.Signals(signum).name)
 
 
-def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | None = None) -> dict:
+def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | None = None,
+          shared: bool = False) -> dict:
     """Run one train.py command into `out`, unless an earlier study finished it (a "done" file); a
     run that was cut off after a checkpoint is resumed; `gpu`: the one GPU it sees (None: the
-    machine's default). Returns its command and what it cost."""
+    machine's default); `shared`: other commands may share that GPU (run_to_end). Returns its
+    command and what it cost."""
     command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out)]
     if not (out / "done").exists():
         if STOP.is_set():
@@ -66,7 +74,7 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
                   + (" (resuming)" if resume else "")
                   + (f" on GPU {gpu}" if gpu is not None else ""))
         argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
-        seconds = run_to_end(name, argv, out.parent / f"{out.name}.out", gpu)
+        seconds = run_to_end(name, argv, out.parent / f"{out.name}.out", gpu, shared)
         (out / "done").write_text(f"{seconds:.1f}\n")   # wall seconds
     clock.finished(name)
     steps = [r for r in log_records(out) if "loss" in r]
@@ -76,25 +84,27 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
 
 
 def evaluate(name: str, argv: list[str], file: Path, clock: "Clock",
-             gpu: str | None = None) -> float | None:
+             gpu: str | None = None, shared: bool = False) -> float | None:
     """Run one evaluation command (python study_eval.py ... --out file), unless an earlier study
-    wrote its file; its output goes to the file's name with .out. Returns its wall seconds (None:
-    skipped)."""
+    wrote its file; its output goes to the file's name with .out; `gpu`, `shared`: as train's.
+    Returns its wall seconds (None: skipped)."""
     seconds = None
     if not file.exists():
         clock.say(f"{name}: python {' '.join(argv[1:])}"
                   + (f" on GPU {gpu}" if gpu is not None else ""))
-        seconds = run_to_end(name, argv, file.with_suffix(".out"), gpu)
+        seconds = run_to_end(name, argv, file.with_suffix(".out"), gpu, shared)
     clock.finished(name)
     return seconds
 
 
-def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None) -> float:
+def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None,
+               shared: bool = False) -> float:
     """Run one command to its end in a session of its own (a terminal's ^C reaches it only through
     on_signal), its output appended to `output`; returns its wall seconds. Stopped by the study:
-    Stopped. Failed: the commands beside it stop (a run at a step boundary, with a checkpoint the
-    study's command resumes) and the study ends in one line that names `output`, also kept in
-    FAILURES for the thread that sees the stop first."""
+    Stopped. Out of GPU memory on a GPU that others may share (`shared`): OutOfMemory, for the
+    caller to run it again with fewer beside it. Failed otherwise: the commands beside it stop (a
+    run at a step boundary, with a checkpoint the study's command resumes) and the study ends in one
+    line that names `output`, also kept in FAILURES for the thread that sees the stop first."""
     if STOP.is_set():
         raise Stopped(name)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -113,10 +123,13 @@ def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None) -> flo
         raise Stopped(name)
     if code != 0:
         memory = "OutOfMemoryError" in output.read_text(errors="replace")[-4000:]
+        if memory and shared and not STOP.is_set():
+            raise OutOfMemory(name)
         # the line first: a thread that sees the stop below must find it
         FAILURES.append(f"study.py: error: {name} failed; its output: {output}"
-                        + ("; it ran out of GPU memory: fewer runs side by side (--parallel) "
-                           "need less" if memory else ""))
+                        + ("; it ran out of GPU memory with no other command of the study "
+                           "beside it: a smaller batch (--set batch=N) needs less"
+                           if memory else ""))
         STOP.set()
         for other in list(RUNNING):
             other.send_signal(signal.SIGINT)
@@ -133,11 +146,15 @@ class Slots:
     """Places on the GPUs for the study's commands: `per_gpu` at once on each GPU (--parallel),
     training runs and evaluations alike, each holding one while it runs. What fits on a GPU is
     bounded by its memory whatever the commands are: an evaluation started beside --parallel
-    training runs once took the GPU out of memory (docs/study.md), so it takes a run's place."""
+    training runs once took the GPU out of memory (docs/study.md), so it takes a run's place; and
+    a command that runs out of memory all the same costs its GPU a place (run)."""
 
     def __init__(self, per_gpu: int):
         self.devices = gpus()
         self.count = per_gpu * len(self.devices)
+        self.places = {device: per_gpu for device in self.devices}    # each GPU's, as run() leaves
+        self.retired = {device: 0 for device in self.devices}  # places to keep when next freed
+        self.lock = threading.Lock()
         self.free = queue.Queue()             # every GPU once, then each again, ...
         for _ in range(per_gpu):
             for device in self.devices:
@@ -151,7 +168,30 @@ class Slots:
         try:
             yield device
         finally:
-            self.free.put(device)
+            with self.lock:
+                keep = self.retired[device] > 0
+                self.retired[device] -= keep
+            if not keep:
+                self.free.put(device)
+
+    def run(self, name: str, command, clock: "Clock"):
+        """command(gpu, shared) in a free place: its result. A command that runs out of GPU memory
+        with other places on its GPU (OutOfMemory) runs again when a place frees, its GPU one place
+        fewer from then on (down to one: a command alone that does not fit ends the study)."""
+        while True:
+            with self.take() as device:
+                with self.lock:
+                    shared = self.places[device] > 1
+                try:
+                    return command(device, shared)
+                except OutOfMemory:
+                    with self.lock:
+                        if self.places[device] > 1:
+                            self.places[device] -= 1
+                            self.retired[device] += 1
+                        left = self.places[device]
+            clock.say(f"{name} ran out of GPU memory beside other commands: again when a place "
+                      f"frees, {left} at once on its GPU from now on")
 
 
 def side_by_side(slots: Slots, clock: "Clock", jobs: dict[str, tuple],
@@ -167,8 +207,8 @@ def side_by_side(slots: Slots, clock: "Clock", jobs: dict[str, tuple],
         jobs = {key: (name, out, flags + share) for key, (name, out, flags) in jobs.items()}
 
     def one(key: str, job: tuple) -> dict:
-        with slots.take() as device:
-            result = train(*job, clock, gpu=device)
+        result = slots.run(job[0], lambda device, shared: train(*job, clock, gpu=device,
+                                                                 shared=shared), clock)
         if then is not None:
             then(key)
         return result
@@ -228,11 +268,12 @@ class Evaluations:
             self.queue.popleft()
             self.busy += 1
             self.turn.notify_all()
+        def command(gpu: str | None, shared: bool) -> float | None:
+            if self.cancelled:             # (training runs may hold every place for a while)
+                raise Stopped(name)
+            return evaluate(name, argv, file, self.clock, gpu, shared)
         try:
-            with self.slots.take() as gpu:   # (training runs may hold every place for a while)
-                if self.cancelled:
-                    raise Stopped(name)
-                return evaluate(name, argv, file, self.clock, gpu)
+            return self.slots.run(name, command, self.clock)
         finally:
             with self.turn:
                 self.busy -= 1

@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_study_runs.py
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(
 def test_a_failed_run_ends_the_study_in_one_line_that_names_its_output(tmp_path, monkeypatch,
                                                                        memory):
     """A train.py run that fails ends the study with one line naming the run's output; one that ran
-    out of GPU memory also says that fewer runs side by side need less."""
+    out of GPU memory alone on its GPU also says so."""
     class FailingRun:
         def __init__(self, argv, stdout, **kwargs):
             stdout.write("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory\n" if memory
@@ -70,8 +71,57 @@ def test_a_failed_run_ends_the_study_in_one_line_that_names_its_output(tmp_path,
         study_runs.train("arm sft seed 1", tmp_path / "sft_s1", [], study_runs.Clock(1))
     said = str(stop.value.code)
     assert said.startswith("study.py: error: arm sft seed 1 failed; its output: ")
-    assert str(tmp_path / "sft_s1.out") in said and ("--parallel" in said) == memory
+    assert str(tmp_path / "sft_s1.out") in said and ("GPU memory" in said) == memory
     assert not (tmp_path / "sft_s1" / "done").exists()
+
+
+def out_of_memory_once(monkeypatch, names: set[str]) -> dict[str, int]:
+    """Fake train.py runs of 0.2 s: one whose --out is in `names` dies of CUDA out-of-memory on its
+    first start. -> the starts of each run, by the name of its --out."""
+    starts: dict[str, int] = {}
+
+    class Process:
+        def __init__(self, argv, stdout, **kwargs):
+            self.name = Path(argv[-1]).name
+            Path(argv[-1]).mkdir(exist_ok=True)
+            starts[self.name] = starts.get(self.name, 0) + 1
+            self.dies = self.name in names and starts[self.name] == 1
+            stdout.write("torch.OutOfMemoryError: CUDA out of memory\n" if self.dies else "")
+
+        def wait(self):
+            time.sleep(0.2)
+            return 1 if self.dies else 0
+    monkeypatch.setattr(study_runs.subprocess, "Popen", Process)
+    monkeypatch.setattr(study_runs, "log_records", lambda out: [])
+    monkeypatch.setattr(study_runs, "gpus", lambda: [None])
+    return starts
+
+
+def test_a_run_out_of_gpu_memory_beside_others_runs_again_with_fewer_beside_it(
+        tmp_path, monkeypatch, capsys):
+    """Three runs, two places: the first dies of out-of-memory beside the second; instead of ending
+    the study it runs again, alone, and the GPU keeps one place from then on (the third run waits
+    for it); every run ends done, nothing was stopped."""
+    starts = out_of_memory_once(monkeypatch, {"a"})
+    study_runs.FAILURES.clear()
+    slots = study_runs.Slots(2)
+    jobs = {key: (f"run {key}", tmp_path / key, []) for key in "abc"}
+    got = study_runs.side_by_side(slots, study_runs.Clock(3), jobs)
+    assert starts == {"a": 2, "b": 1, "c": 1} and set(got) == set("abc")
+    assert all((tmp_path / key / "done").exists() for key in "abc")
+    assert slots.places == {None: 1} and slots.free.qsize() == 1
+    assert not study_runs.FAILURES and not study_runs.STOP.is_set()
+    assert "run a ran out of GPU memory beside other commands" in capsys.readouterr().out
+
+
+def test_a_command_out_of_gpu_memory_with_its_gpu_to_itself_ends_the_study(tmp_path, monkeypatch):
+    """With one place per GPU (--parallel 1, or what out-of-memory left), running it again cannot
+    help: the study ends in the failure's line."""
+    out_of_memory_once(monkeypatch, {"a"})
+    with pytest.raises(SystemExit) as stop:
+        study_runs.side_by_side(study_runs.Slots(1), study_runs.Clock(1),
+                                {"a": ("run a", tmp_path / "a", [])})
+    assert "run a failed" in str(stop.value.code) and "GPU memory" in str(stop.value.code)
 
 
 def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
@@ -84,7 +134,7 @@ def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
     on, most, seen = {"3": 0, "5": 0}, [0], {}
     lock = threading.Lock()
 
-    def fake_train(name, out, flags, clock, gpu=None):
+    def fake_train(name, out, flags, clock, gpu=None, shared=False):
         with lock:
             on[gpu] += 1
             most[0] = max(most[0], *on.values())
