@@ -60,11 +60,11 @@ def on_signal(signum, frame):
 
 
 def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | None = None,
-          shared: bool = False) -> dict:
+          shared: bool = False, threads: int | None = None) -> dict:
     """Run one train.py command into `out`, unless an earlier study finished it (a "done" file); a
     run that was cut off after a checkpoint is resumed; `gpu`: the one GPU it sees (None: the
-    machine's default); `shared`: other commands may share that GPU (run_to_end). Returns its
-    command and what it cost."""
+    machine's default); `shared`, `threads`: as run_to_end's. Returns its command and what it
+    cost."""
     command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out)]
     if not (out / "done").exists():
         if STOP.is_set():
@@ -74,7 +74,7 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
                   + (" (resuming)" if resume else "")
                   + (f" on GPU {gpu}" if gpu is not None else ""))
         argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
-        seconds = run_to_end(name, argv, out.parent / f"{out.name}.out", gpu, shared)
+        seconds = run_to_end(name, argv, out.parent / f"{out.name}.out", gpu, shared, threads)
         (out / "done").write_text(f"{seconds:.1f}\n")   # wall seconds
     clock.finished(name)
     steps = [r for r in log_records(out) if "loss" in r]
@@ -84,33 +84,41 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
 
 
 def evaluate(name: str, argv: list[str], file: Path, clock: "Clock",
-             gpu: str | None = None, shared: bool = False) -> float | None:
+             gpu: str | None = None, shared: bool = False,
+             threads: int | None = None) -> float | None:
     """Run one evaluation command (python study_eval.py ... --out file), unless an earlier study
-    wrote its file; its output goes to the file's name with .out; `gpu`, `shared`: as train's.
+    wrote its file; its output goes to the file's name with .out; `gpu`, `shared`, `threads`: as
+    train's.
     Returns its wall seconds (None: skipped)."""
     seconds = None
     if not file.exists():
         clock.say(f"{name}: python {' '.join(argv[1:])}"
                   + (f" on GPU {gpu}" if gpu is not None else ""))
-        seconds = run_to_end(name, argv, file.with_suffix(".out"), gpu, shared)
+        seconds = run_to_end(name, argv, file.with_suffix(".out"), gpu, shared, threads)
     clock.finished(name)
     return seconds
 
 
 def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None,
-               shared: bool = False) -> float:
+               shared: bool = False, threads: int | None = None) -> float:
     """Run one command to its end in a session of its own (a terminal's ^C reaches it only through
     on_signal), its output appended to `output`; returns its wall seconds. Stopped by the study:
     Stopped. Out of GPU memory on a GPU that others may share (`shared`): OutOfMemory, for the
     caller to run it again with fewer beside it. Failed otherwise: the commands beside it stop (a
     run at a step boundary, with a checkpoint the study's command resumes) and the study ends in one
-    line that names `output`, also kept in FAILURES for the thread that sees the stop first."""
+    line that names `output`, also kept in FAILURES for the thread that sees the stop first.
+    `threads`: its torch CPU threads (OMP_NUM_THREADS, unless the study's own environment sets it;
+    None: torch's default, a thread per core)."""
     if STOP.is_set():
         raise Stopped(name)
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(output, "a") as log:
-        env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        env = dict(os.environ)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        if threads is not None:
+            env.setdefault("OMP_NUM_THREADS", str(threads))
         child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, env=env)
         RUNNING.add(child)
@@ -152,6 +160,10 @@ class Slots:
     def __init__(self, per_gpu: int):
         self.devices = gpus()
         self.count = per_gpu * len(self.devices)
+        # each command's torch threads: a share of the cores (commands side by side, each with a
+        # thread per core, slow a CPU several times over: a quick study at --parallel 2 on 2 cores
+        # took 390 s instead of 90)
+        self.threads = max(1, (os.cpu_count() or 1) // self.count) if self.count > 1 else None
         self.places = {device: per_gpu for device in self.devices}    # each GPU's, as run() leaves
         self.retired = {device: 0 for device in self.devices}  # places to keep when next freed
         self.lock = threading.Lock()
@@ -207,8 +219,8 @@ def side_by_side(slots: Slots, clock: "Clock", jobs: dict[str, tuple],
         jobs = {key: (name, out, flags + share) for key, (name, out, flags) in jobs.items()}
 
     def one(key: str, job: tuple) -> dict:
-        result = slots.run(job[0], lambda device, shared: train(*job, clock, gpu=device,
-                                                                 shared=shared), clock)
+        result = slots.run(job[0], lambda device, shared: train(
+            *job, clock, gpu=device, shared=shared, threads=slots.threads), clock)
         if then is not None:
             then(key)
         return result
@@ -271,7 +283,7 @@ class Evaluations:
         def command(gpu: str | None, shared: bool) -> float | None:
             if self.cancelled:             # (training runs may hold every place for a while)
                 raise Stopped(name)
-            return evaluate(name, argv, file, self.clock, gpu, shared)
+            return evaluate(name, argv, file, self.clock, gpu, shared, self.slots.threads)
         try:
             return self.slots.run(name, command, self.clock)
         finally:

@@ -32,7 +32,7 @@ def no_stop_left():
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    study.main(["--quick", "--out", str(out)])
+    study.main(["--quick", "--out", str(out), "--parallel", "2"])   # (the places, on a CPU)
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -127,7 +127,7 @@ def test_every_model_is_scored_on_cwe_at_every_length_under_its_own_mask(quick):
 def test_a_second_run_skips_every_finished_stage(quick, capsys):
     out, res = quick
     before = (out / "arms" / "sft_s1" / "log.jsonl").read_text()
-    study.main(["--quick", "--out", str(out)])
+    study.main(["--quick", "--out", str(out), "--parallel", "2"])   # (the places, on a CPU)
     said = capsys.readouterr().out
     assert "python train.py" not in said and "done (21/21)" in said
     assert (out / "arms" / "sft_s1" / "log.jsonl").read_text() == before

@@ -124,6 +124,33 @@ def test_a_command_out_of_gpu_memory_with_its_gpu_to_itself_ends_the_study(tmp_p
     assert "run a failed" in str(stop.value.code) and "GPU memory" in str(stop.value.code)
 
 
+@pytest.mark.parametrize("parallel, preset, threads", [(2, None, "2"), (3, None, "1"),
+                                                     (1, None, None), (2, "3", "3")])
+def test_commands_side_by_side_share_the_cores_unless_the_environment_says(
+        tmp_path, monkeypatch, parallel, preset, threads):
+    """Each command's torch threads are the cores over the commands at once (4 cores, 2 at once:
+    2 each); alone it keeps torch's default; an OMP_NUM_THREADS of the study's own wins."""
+    envs = []
+
+    class Process:
+        def __init__(self, argv, stdout, env=None, **kwargs):
+            envs.append(env or {})
+            Path(argv[-1]).mkdir(exist_ok=True)
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(study_runs.subprocess, "Popen", Process)
+    monkeypatch.setattr(study_runs, "log_records", lambda out: [])
+    monkeypatch.setattr(study_runs, "gpus", lambda: [None])
+    monkeypatch.setattr(study_runs.os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if preset is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", preset)
+    jobs = {key: (f"run {key}", tmp_path / key, []) for key in "ab"}
+    study_runs.side_by_side(study_runs.Slots(parallel), study_runs.Clock(2), jobs)
+    assert [env.get("OMP_NUM_THREADS") for env in envs] == [threads, threads]
+
+
 def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
     """CUDA_VISIBLE_DEVICES=3,5: five runs, two at a time (--parallel 1), each seeing one of the two
     GPUs (by their names) and never two on the same GPU at once; their times are not shared."""
@@ -134,7 +161,7 @@ def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
     on, most, seen = {"3": 0, "5": 0}, [0], {}
     lock = threading.Lock()
 
-    def fake_train(name, out, flags, clock, gpu=None, shared=False):
+    def fake_train(name, out, flags, clock, gpu=None, shared=False, threads=None):
         with lock:
             on[gpu] += 1
             most[0] = max(most[0], *on.values())
