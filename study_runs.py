@@ -42,6 +42,7 @@ class OutOfMemory(Exception):
     fewer beside it (Slots.run)."""
 
 
+OUT_OF_MEMORY = ("OutOfMemoryError", "CUDA error: out of memory")   # in a command's last output
 STOP = threading.Event()                  # set by the first SIGINT / SIGTERM: no new run starts
 RUNNING: set[subprocess.Popen] = set()    # commands in flight, each in a session of its own
 FAILURES: list[str] = []                  # the line of each command that failed (run_to_end)
@@ -114,6 +115,7 @@ def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None,
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(output, "a") as log:
+        before = log.tell()            # (what an earlier try wrote is not this one's output)
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -130,9 +132,12 @@ def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None,
     if STOP.is_set() and code in (130, 143, -signal.SIGINT):
         raise Stopped(name)
     if code != 0:
-        memory = "OutOfMemoryError" in output.read_text(errors="replace")[-4000:]
-        if memory and shared and not STOP.is_set():
-            raise OutOfMemory(name)
+        with open(output, "rb") as log:
+            log.seek(max(before, log.seek(0, os.SEEK_END) - 4000))
+            said = log.read().decode(errors="replace")
+        memory = any(line in said for line in OUT_OF_MEMORY)
+        if memory and shared:          # (during a stop: resumed by the study's command again)
+            raise Stopped(name) if STOP.is_set() else OutOfMemory(name)
         # the line first: a thread that sees the stop below must find it
         FAILURES.append(f"study.py: error: {name} failed; its output: {output}"
                         + ("; it ran out of GPU memory with no other command of the study "

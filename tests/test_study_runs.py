@@ -124,6 +124,17 @@ def test_a_command_out_of_gpu_memory_with_its_gpu_to_itself_ends_the_study(tmp_p
     assert "run a failed" in str(stop.value.code) and "GPU memory" in str(stop.value.code)
 
 
+def test_only_a_commands_own_output_says_whether_it_ran_out_of_memory(tmp_path, monkeypatch):
+    """An earlier try's out-of-memory, still in the .out file the command appends to, does not make
+    a later failure of another kind one: that one ends the study at its first try."""
+    (tmp_path / "a.out").write_text("torch.OutOfMemoryError: CUDA out of memory\n")
+    one_fails(monkeypatch, lambda argv: argv[-1].endswith("a"))
+    with pytest.raises(SystemExit) as stop:
+        study_runs.side_by_side(study_runs.Slots(2), study_runs.Clock(1),
+                                {"a": ("run a", tmp_path / "a", [])})
+    assert "run a failed" in str(stop.value.code) and "memory" not in str(stop.value.code)
+
+
 @pytest.mark.parametrize("parallel, preset, threads", [(2, None, "2"), (3, None, "1"),
                                                      (1, None, None), (2, "3", "3")])
 def test_commands_side_by_side_share_the_cores_unless_the_environment_says(
