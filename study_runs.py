@@ -89,8 +89,7 @@ def evaluate(name: str, argv: list[str], file: Path, clock: "Clock",
              threads: int | None = None) -> float | None:
     """Run one evaluation command (python study_eval.py ... --out file), unless an earlier study
     wrote its file; its output goes to the file's name with .out; `gpu`, `shared`, `threads`: as
-    train's.
-    Returns its wall seconds (None: skipped)."""
+    train's. Returns its wall seconds (None: skipped)."""
     seconds = None
     if not file.exists():
         clock.say(f"{name}: python {' '.join(argv[1:])}"
@@ -220,7 +219,7 @@ def side_by_side(slots: Slots, clock: "Clock", jobs: dict[str, tuple],
     evaluation)."""
     at_once = slots.count
     if at_once > 1 and not any("--workers" in flags for _, _, flags in jobs.values()):
-        share = ["--workers", str(max(1, (os.cpu_count() or 1) // at_once - 1))]
+        share = ["--workers", str(max(1, slots.threads - 1))]    # a run's share of the cores
         jobs = {key: (name, out, flags + share) for key, (name, out, flags) in jobs.items()}
 
     def one(key: str, job: tuple) -> dict:

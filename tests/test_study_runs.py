@@ -75,9 +75,10 @@ def test_a_failed_run_ends_the_study_in_one_line_that_names_its_output(tmp_path,
     assert not (tmp_path / "sft_s1" / "done").exists()
 
 
-def out_of_memory_once(monkeypatch, names: set[str]) -> dict[str, int]:
+def out_of_memory_once(monkeypatch, names: set[str],
+                       said: str = "torch.OutOfMemoryError: CUDA out of memory") -> dict[str, int]:
     """Fake train.py runs of 0.2 s: one whose --out is in `names` dies of CUDA out-of-memory on its
-    first start. -> the starts of each run, by the name of its --out."""
+    first start, saying `said`. -> the starts of each run, by the name of its --out."""
     starts: dict[str, int] = {}
 
     class Process:
@@ -86,7 +87,7 @@ def out_of_memory_once(monkeypatch, names: set[str]) -> dict[str, int]:
             Path(argv[-1]).mkdir(exist_ok=True)
             starts[self.name] = starts.get(self.name, 0) + 1
             self.dies = self.name in names and starts[self.name] == 1
-            stdout.write("torch.OutOfMemoryError: CUDA out of memory\n" if self.dies else "")
+            stdout.write(said + "\n" if self.dies else "")
 
         def wait(self):
             time.sleep(0.2)
@@ -97,12 +98,14 @@ def out_of_memory_once(monkeypatch, names: set[str]) -> dict[str, int]:
     return starts
 
 
+@pytest.mark.parametrize("said", ["torch.OutOfMemoryError: CUDA out of memory",
+                                  "RuntimeError: CUDA error: out of memory"])
 def test_a_run_out_of_gpu_memory_beside_others_runs_again_with_fewer_beside_it(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, said):
     """Three runs, two places: the first dies of out-of-memory beside the second; instead of ending
     the study it runs again, alone, and the GPU keeps one place from then on (the third run waits
     for it); every run ends done, nothing was stopped."""
-    starts = out_of_memory_once(monkeypatch, {"a"})
+    starts = out_of_memory_once(monkeypatch, {"a"}, said)
     study_runs.FAILURES.clear()
     slots = study_runs.Slots(2)
     jobs = {key: (f"run {key}", tmp_path / key, []) for key in "abc"}
@@ -122,6 +125,26 @@ def test_a_command_out_of_gpu_memory_with_its_gpu_to_itself_ends_the_study(tmp_p
         study_runs.side_by_side(study_runs.Slots(1), study_runs.Clock(1),
                                 {"a": ("run a", tmp_path / "a", [])})
     assert "run a failed" in str(stop.value.code) and "GPU memory" in str(stop.value.code)
+
+
+def test_out_of_gpu_memory_during_a_stop_is_a_stop(tmp_path, monkeypatch):
+    """^C reaches the study while a run shares its GPU; the run dies of out-of-memory on its way
+    out: the study stops (its command resumes the run), it does not fail, nor retry."""
+    class Process:
+        def __init__(self, argv, stdout, **kwargs):
+            self.stdout = stdout
+
+        def wait(self):
+            study_runs.STOP.set()                    # ^C while it runs
+            self.stdout.write("torch.OutOfMemoryError: CUDA out of memory\n")
+            self.stdout.flush()
+            return 1
+    monkeypatch.setattr(study_runs.subprocess, "Popen", Process)
+    study_runs.FAILURES.clear()
+    with pytest.raises(study_runs.Stopped):
+        study_runs.run_to_end("run a", ["python", "train.py", "--out", str(tmp_path / "a")],
+                              tmp_path / "a.out", None, shared=True)
+    assert not study_runs.FAILURES
 
 
 def test_only_a_commands_own_output_says_whether_it_ran_out_of_memory(tmp_path, monkeypatch):
