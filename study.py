@@ -68,6 +68,10 @@ from study_runs import (
 )
 
 ROOT = Path(__file__).resolve().parent
+# on a GPU, evaluations at once once training is over, per place of --parallel: an evaluation needs
+# less GPU memory than a training run and leaves the GPU partly idle (compiling, decoding a token at
+# a time), so more of them fit (one that runs out of memory runs again with fewer beside it)
+EVALS_PER_PLACE = 2
 def common(plan: Plan, args) -> list[str]:
     """Flags every run shares: the model, the rows, the books, the start-of-document token."""
     return ["--model", plan.model, "--ctx", str(plan.ctx), "--batch-size", str(plan.batch),
@@ -365,7 +369,9 @@ def run(args):
         return
     # the base's evaluation runs beside the sweep, each arm's as it ends (on a GPU)
     # (they share --parallel's places on the GPUs with the training runs)
-    evals = Evaluations(Slots(args.parallel), clock, beside=device(args) == "cuda")
+    gpu = device(args) == "cuda"
+    evals = Evaluations(Slots(args.parallel), clock, beside=gpu,
+                        after=EVALS_PER_PLACE * args.parallel if gpu else 0)
     try:
         evaluate = evaluator(plan, args, out, evals)
         evaluate("base", base)

@@ -8,8 +8,9 @@ study.py says what to run; this file only runs it. Ideas to hold: a command is a
 thread of the study's own process, so that a GPU error in one cannot take the others down, and its
 output goes to a .out file beside what it writes. An evaluation leaves the GPU partly idle
 (compilation, decoding a token at a time), so it runs beside training instead of after it; but it
-needs GPU memory as a run does, so the two share --parallel's slots (Slots). A command that runs out
-of GPU memory beside others is run again with fewer beside it (Slots.run), not the study's end.
+needs GPU memory as a run does, so the two share --parallel's slots (Slots); only once training is
+over do evaluations get more (Slots.widen). A command that runs out of GPU memory beside others is
+run again with fewer beside it (Slots.run), not the study's end.
 """
 import math
 import os
@@ -176,6 +177,18 @@ class Slots:
             for device in self.devices:
                 self.free.put(device)
 
+    def widen(self, per_gpu: int):
+        """At least `per_gpu` places on each GPU from now on (never fewer than it has): for
+        evaluations once training is over, which need less GPU memory than a run (one that runs out
+        all the same costs its GPU a place, as in run)."""
+        with self.lock:
+            for device in self.devices:
+                for _ in range(per_gpu - self.places[device]):
+                    self.free.put(device)
+                self.places[device] = max(self.places[device], per_gpu)
+            self.count = sum(self.places.values())
+            self.threads = max(1, (os.cpu_count() or 1) // self.count) if self.count > 1 else None
+
     @contextmanager
     def take(self):
         """Wait for a free place; -> its GPU (as gpus() names it; None: the machine's default),
@@ -256,12 +269,15 @@ def gpus() -> list[str | None]:
 class Evaluations:
     """Evaluation commands (evaluate) run in the background while the study trains, in the order
     submitted, each in a place of `slots` that training runs share: one at a time while the study
-    trains (training comes first), then as many at once as `slots` has from wait(), when training
-    is over. beside=False (on a CPU, where both would compete for the same cores): none before
-    wait()."""
+    trains (training comes first), then from wait(), when training is over, as many at once as
+    `slots` has, widened to `after` places on each GPU (default: as many as it has). An evaluation
+    leaves its GPU partly idle and needs less memory than a training run, so more of them fit at
+    once than runs do. beside=False (on a CPU, where both would compete for the same cores): none
+    before wait()."""
 
-    def __init__(self, slots: Slots, clock: "Clock", beside: bool = True):
-        self.clock, self.slots, self.lanes = clock, slots, slots.count
+    def __init__(self, slots: Slots, clock: "Clock", beside: bool = True, after: int = 0):
+        self.clock, self.slots, self.after = clock, slots, after
+        self.lanes = max(slots.count, after * len(slots.devices))
         self.open, self.busy = int(beside), 0     # lanes open now, and taken; wait() opens all
         self.cancelled = False
         self.queue: deque = deque()               # those not started, first submitted first
@@ -305,6 +321,7 @@ class Evaluations:
     def wait(self) -> dict[str, float | None]:
         """Every lane open, every evaluation to its end: each one's wall seconds (None: an earlier
         study's), or the first failure (rather than the stops it caused)."""
+        self.slots.widen(self.after)
         with self.turn:
             self.open = self.lanes
             self.turn.notify_all()

@@ -269,6 +269,41 @@ def test_evaluations_run_one_at_a_time_beside_training_then_every_lane_at_once(m
     assert most[0] == 3 and len(ended) == 6
 
 
+def test_once_training_is_over_evaluations_run_in_more_places_each_gpu_as_many(monkeypatch,
+                                                                               tmp_path):
+    """after=N: from wait() on, up to N evaluations at once on each GPU (more than --parallel's
+    training runs: an evaluation needs less memory), with a share of the cores each."""
+    on_gpu = {"0": [0, 0], "1": [0, 0]}                   # running now, most at once
+    lock = threading.Lock()
+
+    def fake_evaluate(name, argv, file, clock, gpu, shared, threads):
+        with lock:
+            on_gpu[gpu][0] += 1
+            on_gpu[gpu][1] = max(on_gpu[gpu][1], on_gpu[gpu][0])
+        time.sleep(0.2)
+        with lock:
+            on_gpu[gpu][0] -= 1
+        return threads
+    monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
+    monkeypatch.setattr(study_runs, "gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(study_runs.os, "cpu_count", lambda: 12)
+    evals = study_runs.Evaluations(study_runs.Slots(1), study_runs.Clock(8), after=3)
+    for i in range(8):
+        evals.submit(f"k{i}", f"eval {i}", [], tmp_path / f"{i}.json")
+    got = evals.wait()
+    assert on_gpu["0"][1] == 3 and on_gpu["1"][1] == 3
+    assert len(got) == 8 and got["k7"] == 12 // 6
+
+
+def test_widening_never_takes_places_away(monkeypatch):
+    monkeypatch.setattr(study_runs, "gpus", lambda: [None])
+    slots = study_runs.Slots(3)
+    slots.widen(2)
+    assert slots.places == {None: 3} and slots.count == 3 and slots.free.qsize() == 3
+    slots.widen(5)
+    assert slots.places == {None: 5} and slots.count == 5 and slots.free.qsize() == 5
+
+
 def test_an_evaluation_beside_training_takes_the_place_of_a_run(monkeypatch, tmp_path):
     """--parallel bounds what shares a GPU, training runs and evaluations together (an evaluation
     beside four runs once took an 80 GB GPU out of memory): with two places, an evaluation
