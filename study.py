@@ -351,8 +351,12 @@ def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arms = 2 * len(plan.seeds) + 3
-    clock = Clock(1 + bool(plan.qa_steps) + len(plan.sweep_lrs) * len(plan.sweep_inner_steps)
-                  + arms + 1 + arms)   # train.py runs, evaluations
+    sweep_runs = len(plan.sweep_lrs) * len(plan.sweep_inner_steps)
+    # train.py runs and evaluations; the work in arms' steps, an evaluation as one arm (Clock;
+    # SFT given FocuSFT's time counted as one arm: its steps are known once the pair is timed)
+    clock = Clock(1 + bool(plan.qa_steps) + sweep_runs + arms + 1 + arms,
+                  (plan.base_steps + plan.qa_steps + sweep_runs * plan.sweep_steps)
+                  / plan.arm_steps + arms + 1 + arms, unit_steps=plan.arm_steps)
     results = {"plan": asdict(plan), "args": {k: v for k, v in vars(args).items() if k != "plan"},
                "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)

@@ -295,6 +295,19 @@ def test_once_training_is_over_evaluations_run_in_more_places_each_gpu_as_many(m
     assert len(got) == 8 and got["k7"] == 12 // 6
 
 
+def test_the_time_left_weighs_training_runs_by_their_steps(monkeypatch, capsys):
+    """With unit_steps, a run of 4x an arm's steps counts as four arms' work: after it, 60 s in,
+    with 8 of 12 units left, the line says 2 minutes left (by commands alone: 60 s x 4 more)."""
+    now = [0.0]
+    monkeypatch.setattr(study_runs.time, "perf_counter", lambda: now[0])
+    clock, commands = study_runs.Clock(5, units=12, unit_steps=300), study_runs.Clock(5)
+    now[0] = 60.0
+    clock.finished("base", steps=1200)
+    assert "base done (1/5); about 2.0 min left" in capsys.readouterr().out
+    commands.finished("base", steps=1200)
+    assert "base done (1/5); about 4.0 min left" in capsys.readouterr().out
+
+
 def test_widening_never_takes_places_away(monkeypatch):
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
     slots = study_runs.Slots(3)
