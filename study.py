@@ -72,6 +72,8 @@ ROOT = Path(__file__).resolve().parent
 # less GPU memory than a training run and leaves the GPU partly idle (compiling, decoding a token at
 # a time), so more of them fit (one that runs out of memory runs again with fewer beside it)
 EVALS_PER_PLACE = 2
+
+
 def common(plan: Plan, args) -> list[str]:
     """Flags every run shares: the model, the rows, the books, the start-of-document token."""
     return ["--model", plan.model, "--ctx", str(plan.ctx), "--batch-size", str(plan.batch),
@@ -352,11 +354,12 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     arms = 2 * len(plan.seeds) + 3
     sweep_runs = len(plan.sweep_lrs) * len(plan.sweep_inner_steps)
-    # train.py runs and evaluations; the work in arms' steps, an evaluation as one arm (Clock;
-    # SFT given FocuSFT's time counted as one arm: its steps are known once the pair is timed)
-    clock = Clock(1 + bool(plan.qa_steps) + sweep_runs + arms + 1 + arms,
+    models = arms + 1                            # evaluated: the base and each arm
+    # the work in arms' steps, an evaluation as one arm (Clock; SFT given FocuSFT's time counted
+    # as one arm: its steps are known once the pair is timed)
+    clock = Clock(1 + bool(plan.qa_steps) + sweep_runs + arms + models,
                   (plan.base_steps + plan.qa_steps + sweep_runs * plan.sweep_steps)
-                  / plan.arm_steps + arms + 1 + arms, unit_steps=plan.arm_steps)
+                  / plan.arm_steps + arms + models, unit_steps=plan.arm_steps)
     results = {"plan": asdict(plan), "args": {k: v for k, v in vars(args).items() if k != "plan"},
                "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)

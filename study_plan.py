@@ -90,7 +90,6 @@ def with_changes(plan: Plan, changes: list[str]) -> Plan:
     return Plan(**fields)
 
 
-
 def arm_names(plan: Plan) -> list[str]:
     """Every arm's name ("sft/1"), in the order the study trains them: SFT and FocuSFT of the first
     seed (timed alone), their other seeds, then the other arms with the first seed."""

@@ -165,10 +165,6 @@ class Slots:
     def __init__(self, per_gpu: int):
         self.devices = gpus()
         self.count = per_gpu * len(self.devices)
-        # each command's torch threads: a share of the cores (commands side by side, each with a
-        # thread per core, slow a CPU several times over: a quick study at --parallel 2 on 2 cores
-        # took 390 s instead of 90)
-        self.threads = max(1, (os.cpu_count() or 1) // self.count) if self.count > 1 else None
         self.places = {device: per_gpu for device in self.devices}    # each GPU's, as run() leaves
         self.retired = {device: 0 for device in self.devices}  # places to keep when next freed
         self.lock = threading.Lock()
@@ -187,7 +183,13 @@ class Slots:
                     self.free.put(device)
                 self.places[device] = max(self.places[device], per_gpu)
             self.count = sum(self.places.values())
-            self.threads = max(1, (os.cpu_count() or 1) // self.count) if self.count > 1 else None
+
+    @property
+    def threads(self) -> int | None:
+        """Each command's torch threads: a share of the cores (None: one command at a time, torch's
+        default). Commands side by side, each with a thread per core, slow a CPU several times
+        over: a quick study at --parallel 2 on 2 cores took 390 s instead of 90."""
+        return max(1, (os.cpu_count() or 1) // self.count) if self.count > 1 else None
 
     @contextmanager
     def take(self):
