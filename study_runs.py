@@ -238,16 +238,18 @@ def side_by_side(slots: Slots, clock: "Clock", jobs: dict[str, tuple],
         jobs = {key: (name, out, flags + share) for key, (name, out, flags) in jobs.items()}
 
     def one(key: str, job: tuple) -> dict:
+        # "shared": its time was measured beside other runs on its GPU (its GPU had several
+        # places when it started, fewer after an out-of-memory, and there were others to run)
         result = slots.run(job[0], lambda device, shared: train(
-            *job, clock, gpu=device, shared=shared, threads=slots.threads), clock)
+            *job, clock, gpu=device, shared=shared, threads=slots.threads)
+            | {"shared": shared and len(jobs) > len(slots.devices)}, clock)
         if then is not None:
             then(key)
         return result
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = {key: pool.submit(one, key, job) for key, job in jobs.items()}
     raise_failure(futures)                  # every run has ended
-    shared = min(at_once, len(jobs)) > len(slots.devices)     # runs side by side on a GPU
-    return {key: f.result() | {"shared": shared} for key, f in futures.items()}
+    return {key: f.result() for key, f in futures.items()}
 
 
 def raise_failure(futures: dict[str, Future]):

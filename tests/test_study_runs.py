@@ -104,13 +104,14 @@ def test_a_run_out_of_gpu_memory_beside_others_runs_again_with_fewer_beside_it(
         tmp_path, monkeypatch, capsys, said):
     """Three runs, two places: the first dies of out-of-memory beside the second; instead of ending
     the study it runs again, alone, and the GPU keeps one place from then on (the third run waits
-    for it); every run ends done, nothing was stopped."""
+    for it); every run ends done, nothing was stopped; the first's time (alone) is not shared."""
     starts = out_of_memory_once(monkeypatch, {"a"}, said)
     study_runs.FAILURES.clear()
     slots = study_runs.Slots(2)
     jobs = {key: (f"run {key}", tmp_path / key, []) for key in "abc"}
     got = study_runs.side_by_side(slots, study_runs.Clock(3), jobs)
     assert starts == {"a": 2, "b": 1, "c": 1} and set(got) == set("abc")
+    assert got["a"]["shared"] is False and got["b"]["shared"] is True   # (c: as it happens)
     assert all((tmp_path / key / "done").exists() for key in "abc")
     assert slots.places == {None: 1} and slots.free.qsize() == 1
     assert not study_runs.FAILURES and not study_runs.STOP.is_set()
