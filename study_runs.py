@@ -164,7 +164,6 @@ class Slots:
 
     def __init__(self, per_gpu: int):
         self.devices = gpus()
-        self.count = per_gpu * len(self.devices)
         self.places = {device: per_gpu for device in self.devices}    # each GPU's, as run() leaves
         self.retired = {device: 0 for device in self.devices}  # places to keep when next freed
         self.lock = threading.Lock()
@@ -182,7 +181,12 @@ class Slots:
                 for _ in range(per_gpu - self.places[device]):
                     self.free.put(device)
                 self.places[device] = max(self.places[device], per_gpu)
-            self.count = sum(self.places.values())
+
+    @property
+    def count(self) -> int:
+        """Commands at once over all the GPUs, as the places stand now (fewer after an
+        out-of-memory, more after widen)."""
+        return sum(self.places.values())
 
     @property
     def threads(self) -> int | None:
