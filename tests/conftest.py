@@ -33,6 +33,19 @@ def write_checkpoint(path, model: GPT, args: dict):
     checkpoint.save(str(path), model, torch.optim.AdamW(model.parameters()), config, 0)
 
 
+def refused(capsys, main, argv: list[str]) -> str:
+    """main(argv) is refused: exit status cli.REFUSED, exactly one line on stderr (returned),
+    nothing on stdout. In the process, as the tests call main(); tests/test_cli.py runs each script
+    as a process too."""
+    import cli
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == cli.REFUSED
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and out == "", (out, err)
+    return err.strip()
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)

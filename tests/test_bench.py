@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, random_batch
+from conftest import ROOT, random_batch, refused
 
 import masks
 from bench import flops
@@ -72,9 +72,25 @@ def test_flop_formulas_by_hand():
     assert flops.allowed_hybrid(3, 2) == 18
 
 
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("argv,needle", [([], "CUDA"), (["--models", "gpt5"], "--models"),
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(),
+                             reason="checks the refusal on a machine without CUDA")
+
+
+@NO_CUDA
+def test_no_cuda_is_one_line_as_a_process(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "bench", "--out", str(out)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # (-m finds the package
+                                                                     # from anywhere)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2                                    # cli.REFUSED
+    assert len(lines) == 1 and "CUDA" in lines[0] and lines[0].startswith("python -m bench: error:")
+    assert not out.exists()
+
+
+@NO_CUDA
+@pytest.mark.parametrize("argv,needle", [(["--models", "gpt5"], "--models"),
                                           (["--tokens", "0"], "--tokens"),
                                           (["--sections", "speed"], "speed"),
                                           (["--attn-config", "turbo"], "--attn-config"),
@@ -82,15 +98,10 @@ def test_flop_formulas_by_hand():
                                            "--attn-config"),
                                           (["--variants", "sft-hybrid,focusft-causal"],
                                            "--variants")])
-def test_bad_input_or_no_cuda_is_one_line(tmp_path, argv, needle):
+def test_bad_input_is_one_line(tmp_path, capsys, argv, needle):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "bench", "--out", str(out), *argv], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # (-m finds the package
-                                                                     # from anywhere)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2                                    # cli.REFUSED
-    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("python -m bench: error:")
+    line = refused(capsys, bench.main, ["--out", str(out), *argv])
+    assert needle in line and line.startswith("python -m bench: error:"), line
     assert not out.exists()
 
 

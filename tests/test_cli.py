@@ -11,10 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config, write_checkpoint
+from conftest import ROOT, refused, tiny_config, write_checkpoint
 
 import checkpoint
-import cli
 import config
 import eval_babilong
 import eval_ruler
@@ -26,17 +25,6 @@ from model import GPT, preset
 # each float flag
 OUT_OF_RANGE = {"--lr": "-1e-3", "--inner-lr": "-0.5", "--warmup": "1.5", "--weight-decay": "-0.01",
                 "--clip": "-1", "--inner-clip": "0", "--inner-alpha": "0", "--inner-fraction": "0"}
-
-
-def refused(capsys, main, argv: list[str]) -> str:
-    """main(argv) is refused: exit status cli.REFUSED, exactly one line on stderr (returned),
-    nothing on stdout."""
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == cli.REFUSED
-    out, err = capsys.readouterr()
-    assert len(err.strip().splitlines()) == 1 and out == "", (out, err)
-    return err.strip()
 
 
 def run(script: str, *argv: str, cwd) -> subprocess.CompletedProcess:
