@@ -175,9 +175,10 @@ def report(out: Path, plan, res: dict):
     ratio = res.get("arms", {}).get("time_ratio", math.nan)
     table(f"Runs (FocuSFT / SFT median step time, each alone: {ratio:.2f}; * ran "
           "side by side with others, its times are shared)",
-          ["run", "steps", "median ms", "wall s", "command"],
+          ["run", "steps", "median ms", "wall s (of all tries)", "command"],
           [[name, str(r["steps"]), f"{r['median_ms']:.0f}{' *' if r.get('shared') else ''}",
-            f"{r['wall_s']:.0f}", f"`{r['command']}`"]
+            f"{r['wall_s']:.0f}" + (f" ({r['tries']} tries)" if r.get("tries", 1) > 1 else ""),
+            f"`{r['command']}`"]
            for name, r in runs.items()])
     timed = [name for name in ev if "seconds" in ev[name]]   # (recorded since study_eval.py)
     if timed:

@@ -66,8 +66,10 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
     """Run one train.py command into `out`, unless an earlier study finished it (a "done" file); a
     run that was cut off after a checkpoint is resumed; `gpu`: the one GPU it sees (None: the
     machine's default); `shared`, `threads`: as run_to_end's. Returns its command and what it
-    cost."""
+    cost: the wall seconds of all its tries (one that ran out of GPU memory, one stopped and
+    resumed; a try whose study was killed goes unrecorded) and how many there were."""
     command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out)]
+    tries = out / "tries"                   # the wall seconds of each try so far, a line each
     if not (out / "done").exists():
         if STOP.is_set():
             raise Stopped(name)
@@ -76,12 +78,20 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
                   + (" (resuming)" if resume else "")
                   + (f" on GPU {gpu}" if gpu is not None else ""))
         argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
-        seconds = run_to_end(name, argv, out.parent / f"{out.name}.out", gpu, shared, threads)
-        (out / "done").write_text(f"{seconds:.1f}\n")   # wall seconds
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            run_to_end(name, argv, out.parent / f"{out.name}.out", gpu, shared, threads)
+        finally:
+            with open(tries, "a") as file:
+                file.write(f"{time.perf_counter() - start:.1f}\n")
+        (out / "done").write_text(f"{sum(map(float, tries.read_text().split())):.1f}\n")
     steps = [r for r in log_records(out) if "loss" in r]
     clock.finished(name, steps=len(steps))
     return {"command": " ".join(["python", "train.py", *flags, "--out", str(out)]),
-            "wall_s": float((out / "done").read_text()), "steps": len(steps),
+            "wall_s": float((out / "done").read_text()),    # (a run done before tries: one)
+            "tries": len(tries.read_text().split()) if tries.exists() else 1,
+            "steps": len(steps),
             "median_ms": median([r["ms"] for r in steps[len(steps) // 10:]])}   # past compilation
 
 

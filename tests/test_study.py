@@ -321,3 +321,5 @@ def test_sigint_stops_the_run_in_flight_at_a_step_boundary_and_the_study_says_ho
     # the last one logged
     assert 1 <= ckpt["step"] < 399 and steps(settled=True) == list(range(ckpt["step"] + 1))
     assert not (log.parent / "done").exists()
+    # the stopped try's time is kept, for the resumed run's wall time
+    assert len((log.parent / "tries").read_text().split()) == 1

@@ -104,7 +104,8 @@ def test_a_run_out_of_gpu_memory_beside_others_runs_again_with_fewer_beside_it(
         tmp_path, monkeypatch, capsys, said):
     """Three runs, two places: the first dies of out-of-memory beside the second; instead of ending
     the study it runs again, alone, and the GPU keeps one place from then on (the third run waits
-    for it); every run ends done, nothing was stopped; the first's time (alone) is not shared."""
+    for it); every run ends done, nothing was stopped; the first's time (alone) is not shared, its
+    wall time counts both tries."""
     starts = out_of_memory_once(monkeypatch, {"a"}, said)
     study_runs.FAILURES.clear()
     slots = study_runs.Slots(2)
@@ -112,6 +113,9 @@ def test_a_run_out_of_gpu_memory_beside_others_runs_again_with_fewer_beside_it(
     got = study_runs.side_by_side(slots, study_runs.Clock(3), jobs)
     assert starts == {"a": 2, "b": 1, "c": 1} and set(got) == set("abc")
     assert got["a"]["shared"] is False and got["b"]["shared"] is True   # (c: as it happens)
+    # its time is both tries' (0.2 s each), as the table says
+    assert (got["a"]["tries"], got["b"]["tries"]) == (2, 1)
+    assert got["a"]["wall_s"] >= 0.4 > got["b"]["wall_s"] >= 0.2
     assert all((tmp_path / key / "done").exists() for key in "abc")
     assert slots.places == {None: 1} and slots.free.qsize() == 1
     assert not study_runs.FAILURES and not study_runs.STOP.is_set()
