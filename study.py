@@ -306,6 +306,12 @@ def get_args(argv=None):
         p.error(problem)
     if args.report and not (Path(args.out) / "results.json").is_file():
         p.error(f"--report: {args.out} is not a study's folder (no results.json)")
+    if not args.report:
+        other = other_plan(Path(args.out), args)
+        if other:
+            p.error(f"--out {args.out} holds a study of another plan ({other}): its finished "
+                    f"stages would be reported beside this plan's; give that study's --quick "
+                    f"and --set, or another --out")
     for flag, value in (("--books", args.books), ("--test-books", args.test_books)):
         if value.split(":")[0] not in ("synthetic", "pg19"):
             try:
@@ -321,6 +327,24 @@ def get_args(argv=None):
     except (ValueError, RuntimeError) as e:
         p.error(f"CWE: {e}")
     return args
+
+
+def other_plan(out: Path, args) -> str | None:
+    """How the study already in `out` (its results.json, written once the base is done) differs
+    from this command's plan: '' if it does not, None where there is none. A rerun skips every
+    finished stage, so a changed plan (e.g. another eval_n, which makes other test samples) would
+    pair evaluations of different samples."""
+    try:
+        recorded = json.loads((out / "results.json").read_text())
+        was, quick = recorded["plan"], recorded["args"]["quick"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None                   # no study there yet (or not one: its stages check their own)
+    now = json.loads(json.dumps(asdict(args.plan)))
+    changed = [f"{k}: {now.get(k)!r} here, {was.get(k)!r} there" for k in {**was, **now}
+               if now.get(k) != was.get(k)]
+    if quick != args.quick:
+        changed.insert(0, f"--quick {'here' if args.quick else 'there'}")
+    return "; ".join(changed[:2]) + ("; ..." if len(changed) > 2 else "")
 
 
 def main(argv=None):

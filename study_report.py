@@ -65,7 +65,11 @@ def cwe_score(records: list[dict], length: str | None = None) -> float:
 def paired(a: list[dict], b: list[dict], lengths, key: str = "correct") -> dict:
     """a minus b on the same test samples (of `lengths`): the difference of their mean `key`
     (accuracy; a CWE score), its standard error over the samples, and the exact two-sided sign test
-    on the samples where one is ahead (McNemar's, for right / wrong)."""
+    on the samples where one is ahead (McNemar's, for right / wrong). ValueError where a and b are
+    not records of the same samples in the same order (as far as their task and length show)."""
+    if [(x.get("task"), x["length"]) for x in a] != [(y.get("task"), y["length"]) for y in b]:
+        raise ValueError(f"cannot pair {len(a)} records with {len(b)}: not the same test samples "
+                         "(evaluations of studies of different plans?)")
     diffs = [float(x[key]) - float(y[key]) for x, y in zip(a, b) if x["length"] in lengths]
     only_a, only_b = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     n, k = only_a + only_b, min(only_a, only_b)

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, refused
 
 import checkpoint
 import eval_ruler
@@ -133,6 +133,18 @@ def test_a_second_run_skips_every_finished_stage(quick, capsys):
     assert (out / "arms" / "sft_s1" / "log.jsonl").read_text() == before
 
 
+def test_a_study_of_another_plan_in_out_is_refused_before_any_stage(quick, capsys):
+    """A rerun skips finished stages, so one with another plan (here eval_n) would report the old
+    evaluations beside new ones: refused in one line naming the difference; the same plan (and
+    another --parallel) is taken."""
+    out, res = quick
+    line = refused(capsys, study.get_args, ["--quick", "--out", str(out), "--set", "eval_n=2"])
+    assert line.startswith(f"study.py: error: --out {out} holds a study of another plan (eval_n: 2 "
+                           f"here, {res['plan']['eval_n']} there)"), line
+    assert "--quick there" in refused(capsys, study.get_args, ["--out", str(out)])
+    assert study.get_args(["--quick", "--out", str(out), "--parallel", "1"]).plan == study.QUICK
+
+
 @pytest.mark.parametrize("until", ["base", "sweep"])
 def test_until_stops_after_its_stage_with_what_it_has(quick, tmp_path, capsys, until):
     """--until: the stages up to it (here finished already, so skipped), their results in
@@ -220,6 +232,13 @@ def test_paired_differences_and_the_sign_test_by_hand():
     many = study_report.paired([{"length": "1k", "correct": 1}] * 10,
                                [{"length": "1k", "correct": 0}] * 10, ["1k"])
     assert many["p"] == pytest.approx(2 / 2 ** 10) and many["se"] == 0
+    # records of other samples (here: another eval_n) are never paired by position
+    two = [{"task": t, "length": n, "correct": 1} for t in ("qa1", "qa2") for n in ("0k", "1k")
+           for _ in range(2)]
+    one = [{"task": t, "length": n, "correct": 1} for t in ("qa1", "qa2") for n in ("0k", "1k")]
+    for x, y in ((two, one), (one, two), (one, one[::-1])):
+        with pytest.raises(ValueError, match="not the same test samples"):
+            study_report.paired(x, y, ["1k"])
 
 
 def test_each_evaluation_is_a_command_that_reproduces_its_answers(quick, tmp_path):
