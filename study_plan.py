@@ -10,8 +10,17 @@ study.py runs a plan; results.json records the plan it ran, so a report can be r
 import math
 from dataclasses import asdict, dataclass, field
 
+from data.babilong import LENGTHS as BABILONG_LENGTHS
+from model import PRESETS
+
 # where each model's attention statistics are measured, as the paper's range
 STATS_LENGTHS = ("4k", "16k")
+# what the plan's fields may hold (checked as --set reads them, before any stage runs)
+AT_LEAST_ONE = ("ctx", "batch", "base_steps", "arm_steps", "sweep_steps", "sweep_inner_steps",
+                "eval_n", "stats_n", "stats_every", "cwe_n")
+NOT_NEGATIVE = ("qa_steps", "base_wd", "seeds")
+ABOVE_ZERO = ("base_lr", "arm_lr", "sweep_lrs")
+DATA = ("babilong", "cwe", "babilong+cwe")           # train.py --data: the test's question formats
 
 
 @dataclass
@@ -87,7 +96,39 @@ def with_changes(plan: Plan, changes: list[str]) -> Plan:
             what = {float: "finite number", int: "integer"}.get(kind, kind.__name__)
             raise ValueError(f"{name}={value!r} is not "
                              f"{f'a list of {what}s' if isinstance(old, tuple) else f'a {what}'}")
-    return Plan(**fields)
+    plan = Plan(**fields)
+    why = problem(plan)
+    if why:
+        raise ValueError(why)
+    return plan
+
+
+def problem(plan: Plan) -> str | None:
+    """What in the plan no stage could run (None: nothing), so that it is refused before the base
+    trains, not when the stage that needs it starts minutes later."""
+    values = asdict(plan)
+
+    def each(name):
+        return values[name] if isinstance(values[name], tuple) else [values[name]]
+    for names, low, rule in ((AT_LEAST_ONE, 1, ">= 1"), (NOT_NEGATIVE, 0, ">= 0"),
+                             (ABOVE_ZERO, 0, "> 0")):
+        for name in names:
+            if any(v < low or (rule == "> 0" and v == 0) for v in each(name)):
+                return f"{name} must be {rule}, not {values[name]!r}"
+    if plan.stats_n > 5 * plan.eval_n:
+        return (f"stats_n={plan.stats_n} asks for more samples of a length than the test holds "
+                f"(eval_n={plan.eval_n} of each of 5 tasks)")
+    if plan.data not in DATA:
+        return f"data must be one of {', '.join(DATA)}, not {plan.data!r}"
+    if plan.model not in PRESETS:
+        return f"model must be one of {', '.join(sorted(PRESETS))}, not {plan.model!r}"
+    for name in ("train_lengths", "eval_lengths"):
+        lengths = values[name].split(",") if isinstance(values[name], str) else values[name]
+        wrong = [n for n in lengths if n not in BABILONG_LENGTHS]
+        if wrong:
+            return (f"{name}: no BABILong length {wrong[0]!r} "
+                    f"(lengths: {', '.join(BABILONG_LENGTHS)})")
+    return None
 
 
 def arm_names(plan: Plan) -> list[str]:

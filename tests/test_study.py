@@ -296,7 +296,8 @@ def test_bad_folders_are_one_line_before_anything_is_written(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_set_changes_plan_fields_by_their_type_and_refuses_others():
+def test_set_changes_plan_fields_by_their_type_and_refuses_others(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                    # (the default --out, runs/study, holds nothing)
     plan = study.get_args(["--set", "arm_steps=5", "--set", "sweep_lrs=0.1,0.3",
                            "--set", "arm_lr=1e-4"]).plan
     assert (plan.arm_steps, plan.sweep_lrs, plan.arm_lr, plan.base_steps) == (5, (0.1, 0.3), 1e-4,
@@ -308,6 +309,18 @@ def test_set_changes_plan_fields_by_their_type_and_refuses_others():
                 "inner_loss=answer"):
         with pytest.raises(SystemExit):
             study.get_args(["--set", bad])
+    capsys.readouterr()
+    # what no stage could run is refused before the base trains, not minutes later
+    for bad, why in (("arm_steps=0", "arm_steps must be >= 1"), ("eval_n=0", "eval_n must be >= 1"),
+                     ("sweep_lrs=0.1,0", "sweep_lrs must be > 0"),
+                     ("seeds=-1", "seeds must be >= 0"),
+                     ("stats_n=101", "more samples of a length than the test holds"),
+                     ("data=books", "data must be one of"), ("model=gpt5", "model must be one of"),
+                     ("eval_lengths=1K", "no BABILong length '1K'"),
+                     ("train_lengths=0k,3k", "no BABILong length '3k'")):
+        line = refused(capsys, study.get_args, ["--set", bad])
+        assert line.startswith("study.py: error: --set: ") and why in line, line
+    assert study.get_args(["--set", "qa_steps=0", "--set", "base_wd=0"]).plan.qa_steps == 0
 
 
 def test_sigint_stops_the_run_in_flight_at_a_step_boundary_and_the_study_says_how_to_continue(
