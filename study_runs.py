@@ -46,6 +46,8 @@ class OutOfMemory(Exception):
 OUT_OF_MEMORY = ("OutOfMemoryError", "CUDA error: out of memory")   # in a command's last output
 STOP = threading.Event()                  # set by the first SIGINT / SIGTERM: no new run starts
 RUNNING: set[subprocess.Popen] = set()    # commands in flight, each in a session of its own
+STARTING = [0]                            # commands being started, not yet in RUNNING
+START_LOCK = threading.Lock()
 FAILURES: list[str] = []                  # the line of each command that failed (run_to_end)
 
 
@@ -53,24 +55,28 @@ def on_signal(signum, frame):
     """Each command in flight gets one SIGINT (a second one stops them at once). They live in
     sessions of their own, so that a terminal's ^C reaches them only through here, once; with none
     in flight (the report, making the test data), the study stops where it is: what it has written
-    is whole (write_json)."""
+    is whole (write_json). Not while a command is being started: it would be left running, unseen;
+    it gets its SIGINT as it joins RUNNING (run_to_end)."""
     STOP.set()
     for child in list(RUNNING):
         child.send_signal(signal.SIGINT)
-    if not RUNNING:
+    if not RUNNING and not STARTING[0]:
         raise Stopped(signal.Signals(signum).name)
 
 
 def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | None = None,
-          shared: bool = False, threads: int | None = None) -> dict:
+          shared: bool = False, threads: int | None = None, beside: bool = False) -> dict:
     """Run one train.py command into `out`, unless an earlier study finished it (a "done" file); a
     run that was cut off after a checkpoint is resumed; `gpu`: the one GPU it sees (None: the
-    machine's default); `shared`, `threads`: as run_to_end's. Returns its command and what it
-    cost: the wall seconds of all its tries (one that ran out of GPU memory, one stopped and
-    resumed; a try whose study was killed goes unrecorded) and how many there were."""
+    machine's default); `shared`, `threads`: as run_to_end's; `beside`: other runs share its GPU
+    now, so its times are shared. Returns its command and what it cost: the wall seconds of all
+    its tries (one that ran out of GPU memory, one stopped and resumed; a try whose study was
+    killed goes unrecorded), how many there were, and whether its last try ran beside others
+    ("shared", as recorded when it finished: a later study that skips it may run at another
+    --parallel)."""
     command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out)]
-    tries = out / "tries"                   # the wall seconds of each try so far, a line each
-    if not (out / "done").exists():
+    tries, done = out / "tries", out / "done"  # (tries: the wall seconds of each, a line each)
+    if not done.exists():
         if STOP.is_set():
             raise Stopped(name)
         resume = (out / checkpoint.FILE).exists()
@@ -79,18 +85,16 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
                   + (f" on GPU {gpu}" if gpu is not None else ""))
         argv = [*command[:2], "--resume", "--out", str(out)] if resume else command
         out.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        try:
-            run_to_end(name, argv, out.parent / f"{out.name}.out", gpu, shared, threads)
-        finally:
-            with open(tries, "a") as file:
-                file.write(f"{time.perf_counter() - start:.1f}\n")
-        (out / "done").write_text(f"{sum(map(float, tries.read_text().split())):.1f}\n")
+        run_to_end(name, argv, out.parent / f"{out.name}.out", gpu, shared, threads, tries)
+        total = sum(map(float, tries.read_text().split()))
+        done.write_text(f"{total:.1f}\n{'shared' if beside else 'alone'}\n")
     steps = [r for r in log_records(out) if "loss" in r]
     clock.finished(name, steps=len(steps))
+    recorded = done.read_text().split()        # (a study before 2026-12-08: the seconds alone)
     return {"command": " ".join(["python", "train.py", *flags, "--out", str(out)]),
-            "wall_s": float((out / "done").read_text()),    # (a run done before tries: one)
+            "wall_s": float(recorded[0]),
             "tries": len(tries.read_text().split()) if tries.exists() else 1,
+            "shared": recorded[1] == "shared" if len(recorded) > 1 else beside,
             "steps": len(steps),
             "median_ms": median([r["ms"] for r in steps[len(steps) // 10:]])}   # past compilation
 
@@ -111,7 +115,8 @@ def evaluate(name: str, argv: list[str], file: Path, clock: "Clock",
 
 
 def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None,
-               shared: bool = False, threads: int | None = None) -> float:
+               shared: bool = False, threads: int | None = None,
+               tries: Path | None = None) -> float:
     """Run one command to its end in a session of its own (a terminal's ^C reaches it only through
     on_signal), its output appended to `output`; returns its wall seconds. Stopped by the study:
     Stopped. Out of GPU memory on a GPU that others may share (`shared`): OutOfMemory, for the
@@ -119,7 +124,8 @@ def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None,
     run at a step boundary, with a checkpoint the study's command resumes) and the study ends in one
     line that names `output`, also kept in FAILURES for the thread that sees the stop first.
     `threads`: its torch CPU threads (OMP_NUM_THREADS, unless the study's own environment sets it;
-    None: torch's default, a thread per core)."""
+    None: torch's default, a thread per core). `tries`: a file that gets a line with its wall
+    seconds once it has ended, however it ended (none where it never started)."""
     if STOP.is_set():
         raise Stopped(name)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -131,13 +137,23 @@ def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None,
             env["CUDA_VISIBLE_DEVICES"] = gpu
         if threads is not None:
             env.setdefault("OMP_NUM_THREADS", str(threads))
-        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env=env)
-        RUNNING.add(child)
+        with START_LOCK:
+            STARTING[0] += 1
+        try:
+            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env)
+            RUNNING.add(child)
+        finally:
+            with START_LOCK:
+                STARTING[0] -= 1
         if STOP.is_set():              # a stop that came while it started: it gets its SIGINT too
             child.send_signal(signal.SIGINT)
         code = child.wait()
         RUNNING.discard(child)
+    seconds = time.perf_counter() - start
+    if tries is not None:
+        with open(tries, "a") as file:
+            file.write(f"{seconds:.1f}\n")
     # stopped at a step boundary, or before
     if STOP.is_set() and code in (130, 143, -signal.SIGINT):
         raise Stopped(name)
@@ -157,7 +173,7 @@ def run_to_end(name: str, argv: list[str], output: Path, gpu: str | None,
         for other in list(RUNNING):
             other.send_signal(signal.SIGINT)
         sys.exit(FAILURES[-1])
-    return time.perf_counter() - start
+    return seconds
 
 
 def median(values: list[float]) -> float:
@@ -252,11 +268,11 @@ def side_by_side(slots: Slots, clock: "Clock", jobs: dict[str, tuple],
         jobs = {key: (name, out, flags + share) for key, (name, out, flags) in jobs.items()}
 
     def one(key: str, job: tuple) -> dict:
-        # "shared": its time was measured beside other runs on its GPU (its GPU had several
-        # places when it started, fewer after an out-of-memory, and there were others to run)
+        # its time is measured beside other runs on its GPU where its GPU has several places as
+        # it starts (fewer after an out-of-memory) and there are others to run
         result = slots.run(job[0], lambda device, shared: train(
-            *job, clock, gpu=device, shared=shared, threads=slots.threads)
-            | {"shared": shared and len(jobs) > len(slots.devices)}, clock)
+            *job, clock, gpu=device, shared=shared, threads=slots.threads,
+            beside=shared and len(jobs) > len(slots.devices)), clock)
         if then is not None:
             then(key)
         return result

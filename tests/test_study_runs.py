@@ -35,12 +35,13 @@ def counting(result):
         with lock:
             running[0] -= 1
             ended.append((name, args))
-        return result(name)
+        return result(name, **kwargs)
     return fake, most, ended
 
 
 def test_side_by_side_runs_up_to_parallel_at_once_each_with_a_share_of_the_cpus(monkeypatch):
-    fake_train, most, ended = counting(lambda name: {"name": name})
+    fake_train, most, ended = counting(lambda name, beside=False, **kwargs: {"name": name,
+                                                                            "shared": beside})
     monkeypatch.setattr(study_runs, "train", fake_train)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])      # one GPU, or none
     jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
@@ -122,6 +123,25 @@ def test_a_run_out_of_gpu_memory_beside_others_runs_again_with_fewer_beside_it(
     assert "run a ran out of GPU memory beside other commands" in capsys.readouterr().out
 
 
+def test_a_finished_run_keeps_the_times_it_was_measured_with(tmp_path, monkeypatch):
+    """A later study skips finished runs: they report whether their time was shared as it was
+    when they ran (here beside others, two places), not as the later --parallel (one) would have
+    it; a run never started (a stop before it) records no try."""
+    out_of_memory_once(monkeypatch, set())
+    jobs = {key: (f"run {key}", tmp_path / key, []) for key in "abc"}
+    first = study_runs.side_by_side(study_runs.Slots(2), study_runs.Clock(3), jobs)
+    again = study_runs.side_by_side(study_runs.Slots(1), study_runs.Clock(3), jobs)
+    kept = ("shared", "wall_s", "tries")
+    assert [[r[k] for k in kept] for r in again.values()] == [[r[k] for k in kept]
+                                                              for r in first.values()]
+    assert first["a"]["shared"] is True
+    study_runs.STOP.set()
+    with pytest.raises(study_runs.Stopped):
+        study_runs.run_to_end("run d", ["train.py"], tmp_path / "d.out", None,
+                              tries=tmp_path / "d_tries")
+    assert not (tmp_path / "d_tries").exists()
+
+
 def test_a_command_out_of_gpu_memory_with_its_gpu_to_itself_ends_the_study(tmp_path, monkeypatch):
     """With one place per GPU (--parallel 1, or what out-of-memory left), running it again cannot
     help: the study ends in the failure's line."""
@@ -150,6 +170,29 @@ def test_out_of_gpu_memory_during_a_stop_is_a_stop(tmp_path, monkeypatch):
         study_runs.run_to_end("run a", ["python", "train.py", "--out", str(tmp_path / "a")],
                               tmp_path / "a.out", None, shared=True)
     assert not study_runs.FAILURES
+
+
+def test_a_signal_while_a_command_starts_stops_that_command_too(tmp_path, monkeypatch):
+    """^C lands while the main thread starts a run (before the run is among those in flight): the
+    study does not stop there and leave the run going unseen; the run gets its SIGINT, is waited
+    for, and then the study stops."""
+    got = []
+
+    class Process:
+        def __init__(self, argv, stdout, **kwargs):
+            study_runs.on_signal(signal.SIGINT, None)        # the handler, as the signal lands
+
+        def send_signal(self, signum):
+            got.append(signum)
+
+        def wait(self):
+            got.append("waited")
+            return 130
+    monkeypatch.setattr(study_runs.subprocess, "Popen", Process)
+    with pytest.raises(study_runs.Stopped):
+        study_runs.run_to_end("run a", ["train.py"], tmp_path / "a.out", None)
+    assert got == [signal.SIGINT, "waited"] and not study_runs.RUNNING
+    assert study_runs.STARTING == [0]
 
 
 def test_only_a_commands_own_output_says_whether_it_ran_out_of_memory(tmp_path, monkeypatch):
@@ -200,7 +243,7 @@ def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
     on, most, seen = {"3": 0, "5": 0}, [0], {}
     lock = threading.Lock()
 
-    def fake_train(name, out, flags, clock, gpu=None, shared=False, threads=None):
+    def fake_train(name, out, flags, clock, gpu=None, shared=False, threads=None, beside=False):
         with lock:
             on[gpu] += 1
             most[0] = max(most[0], *on.values())
@@ -208,7 +251,7 @@ def test_given_several_gpus_the_runs_spread_over_them_one_on_each(monkeypatch):
         with lock:
             on[gpu] -= 1
         seen[name] = gpu
-        return {"name": name}
+        return {"name": name, "shared": beside}
     monkeypatch.setattr(study_runs, "train", fake_train)
     jobs = {f"k{i}": (f"run {i}", None, ["--steps", "3"]) for i in range(5)}
     got = study_runs.side_by_side(study_runs.Slots(1), study_runs.Clock(5), jobs)
@@ -260,7 +303,7 @@ def test_evaluations_run_one_at_a_time_beside_training_then_every_lane_at_once(m
     """Submitted while training runs, evaluations take one lane (the training runs' GPU memory
     comes first), in the order submitted; idle() returns once those submitted have ended; wait()
     opens every lane."""
-    fake_evaluate, most, ended = counting(lambda name: 0.1)
+    fake_evaluate, most, ended = counting(lambda name, **kwargs: 0.1)
     monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
     evals = study_runs.Evaluations(study_runs.Slots(3), study_runs.Clock(6))
@@ -326,7 +369,8 @@ def test_an_evaluation_beside_training_takes_the_place_of_a_run(monkeypatch, tmp
     """--parallel bounds what shares a GPU, training runs and evaluations together (an evaluation
     beside four runs once took an 80 GB GPU out of memory): with two places, an evaluation
     submitted while three runs wait leaves room for one run at a time, and every command ran."""
-    fake, most, _ = counting(lambda name: {"name": name} if name.startswith("run") else 0.1)
+    fake, most, _ = counting(lambda name, **kwargs: {"name": name} if name.startswith("run")
+                             else 0.1)
     monkeypatch.setattr(study_runs, "train", fake)
     monkeypatch.setattr(study_runs, "evaluate", fake)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
@@ -369,7 +413,7 @@ def test_a_failed_evaluation_stops_the_training_beside_it_and_is_what_the_study_
 def three_on_a_cpu(monkeypatch, tmp_path):
     """Three fake evaluations submitted with beside=False and two lanes: (evals, the most that ran
     at once, those ended)."""
-    fake_evaluate, most, ended = counting(lambda name: 0.1)
+    fake_evaluate, most, ended = counting(lambda name, **kwargs: 0.1)
     monkeypatch.setattr(study_runs, "evaluate", fake_evaluate)
     monkeypatch.setattr(study_runs, "gpus", lambda: [None])
     evals = study_runs.Evaluations(study_runs.Slots(2), study_runs.Clock(3), beside=False)
