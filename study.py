@@ -169,6 +169,14 @@ def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: 
     runs = {key: train(*job(key, plan.arm_steps), clock) for key in timed}
     for key in timed:
         then(key)
+    cards = {r.get("gpu") for key in timed for r in log_records(out / arm_folder(key))
+             if "config" in r}
+    time_arm = next(key for key in rest if key.startswith("sft_time/"))
+    if len(cards) > 1 and not (out / arm_folder(time_arm) / "done").exists():
+        sys.exit(f"study.py: error: SFT and FocuSFT of seed {timed[0].split('/')[1]} were timed on "
+                 f"different GPUs ({', '.join(sorted(map(str, cards)))}), so their step-time ratio "
+                 f"would give SFT given FocuSFT's time the wrong steps: remove "
+                 f"{out / arm_folder(timed[0])} and {out / arm_folder(timed[1])} to time both here")
     ratio = runs[timed[1]]["median_ms"] / runs[timed[0]]["median_ms"]
     time_steps = max(plan.arm_steps, round(plan.arm_steps * ratio))
     runs |= side_by_side(evals.slots, clock,

@@ -187,7 +187,9 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
             cut_log(log_file, ckpt["step"])
     # a new run: a new log; the other ranks' lines go nowhere
     log = open(log_file if world.main else os.devnull, "a" if args.resume else "w")
-    log.write(json.dumps({"config": recorded, "start_step": start_step}) + "\n")
+    # the card its step times come from (each try's: a resumed run may run on another)
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
+    log.write(json.dumps({"config": recorded, "start_step": start_step, "gpu": gpu}) + "\n")
     autocast = model_autocast(args.device, args.dtype)
     last = min(args.steps, args.stop_after or args.steps) - 1
     # this rank's rows of each batch (data/batches.py)

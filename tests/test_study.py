@@ -145,6 +145,28 @@ def test_a_study_of_another_plan_in_out_is_refused_before_any_stage(quick, capsy
     assert study.get_args(["--quick", "--out", str(out), "--parallel", "1"]).plan == study.QUICK
 
 
+def test_a_timed_pair_from_two_cards_does_not_set_the_compute_matched_steps(quick, tmp_path,
+                                                                           capsys):
+    """SFT given FocuSFT's time trains SFT's steps times the ratio of their step times: where the
+    two were timed on different cards (e.g. one kept from a study on another machine), the study
+    ends in one line saying which folders to remove, before that arm trains."""
+    out, res = quick
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    log = mixed / "arms" / "focusft_s1" / "log.jsonl"
+    lines = log.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all(r["gpu"] is None for r in records if "config" in r)    # each try says its card
+    log.write_text("\n".join(json.dumps(r | {"gpu": "NVIDIA H200"}) if "config" in r else line
+                             for r, line in zip(records, lines)) + "\n")
+    shutil.rmtree(mixed / "arms" / "sft_time_s1")
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--quick", "--out", str(mixed), "--parallel", "2"])
+    assert ("were timed on different GPUs (NVIDIA H200, None)" in str(stop.value.code)
+            and "remove" in str(stop.value.code)), stop.value.code
+    assert not (mixed / "arms" / "sft_time_s1").exists()
+
+
 @pytest.mark.parametrize("until", ["base", "sweep"])
 def test_until_stops_after_its_stage_with_what_it_has(quick, tmp_path, capsys, until):
     """--until: the stages up to it (here finished already, so skipped), their results in
