@@ -164,19 +164,12 @@ def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: 
     def then(key: str):
         evaluate(key, str(out / arm_folder(key) / checkpoint.FILE))
     timed, rest = arm_names(plan)[:2], arm_names(plan)[2:]     # sft, focusft of the first seed
+    one_card(plan, args, out, timed)
     if not all((out / arm_folder(key) / "done").exists() for key in timed):
         evals.idle()                               # timed alone: no evaluation beside them
     runs = {key: train(*job(key, plan.arm_steps), clock) for key in timed}
     for key in timed:
         then(key)
-    cards = {r.get("gpu") for key in timed for r in log_records(out / arm_folder(key))
-             if "config" in r}
-    time_arm = next(key for key in rest if key.startswith("sft_time/"))
-    if len(cards) > 1 and not (out / arm_folder(time_arm) / "done").exists():
-        sys.exit(f"study.py: error: SFT and FocuSFT of seed {timed[0].split('/')[1]} were timed on "
-                 f"different GPUs ({', '.join(sorted(map(str, cards)))}), so their step-time ratio "
-                 f"would give SFT given FocuSFT's time the wrong steps: remove "
-                 f"{out / arm_folder(timed[0])} and {out / arm_folder(timed[1])} to time both here")
     ratio = runs[timed[1]]["median_ms"] / runs[timed[0]]["median_ms"]
     time_steps = max(plan.arm_steps, round(plan.arm_steps * ratio))
     runs |= side_by_side(evals.slots, clock,
@@ -184,6 +177,30 @@ def stage_arms(plan: Plan, args, out: Path, base: str, inner: list[str], clock: 
                                    else plan.arm_steps) for key in rest}, then)
     runs["time_ratio"] = ratio
     return runs
+
+
+def one_card(plan: Plan, args, out: Path, timed: list[str]):
+    """SFT given FocuSFT's time trains SFT's steps times the ratio of the timed pair's step times,
+    so both must be timed on one kind of GPU: one kept from a study on another machine (its log says
+    the card of each try, "unrecorded" before 2026-12-08) beside one to be timed here ends the study
+    in one line, before either trains or is evaluated (unless that arm is done already)."""
+    time_arm = next(key for key in arm_names(plan) if key.startswith("sft_time/"))
+    if (out / arm_folder(time_arm) / "done").exists():
+        return
+    cards = set()
+    for key in timed:
+        folder = out / arm_folder(key)
+        if (folder / "done").exists() or (folder / checkpoint.FILE).exists():   # steps it keeps
+            cards |= {r.get("gpu", "unrecorded") for r in log_records(folder) if "config" in r}
+        if not (folder / "done").exists():                                      # steps to come
+            cards.add(torch.cuda.get_device_name() if device(args) == "cuda" else None)
+    if len(cards) > 1:
+        gone = [str(out / arm_folder(key)) for key in timed] + [
+            str(eval_file(out.parent, key)) for key in timed]
+        sys.exit(f"study.py: error: SFT and FocuSFT of seed {timed[0].split('/')[1]} would be "
+                 f"timed on different GPUs ({', '.join(sorted(map(str, cards)))}; None: the CPU), "
+                 f"and their step-time ratio sets the steps of SFT given FocuSFT's time: remove "
+                 f"{', '.join(gone)} to train, time and evaluate both here")
 
 
 def test_data(plan: Plan, args, out: Path) -> tuple[Path, Path]:

@@ -115,6 +115,8 @@ def problem(plan: Plan) -> str | None:
         for name in names:
             if any(v < low or (rule == "> 0" and v == 0) for v in each(name)):
                 return f"{name} must be {rule}, not {values[name]!r}"
+    if len(set(plan.seeds)) < len(plan.seeds):
+        return f"seeds must differ, not {plan.seeds!r}"       # (an arm's folder names its seed)
     if plan.stats_n > 5 * plan.eval_n:
         return (f"stats_n={plan.stats_n} asks for more samples of a length than the test holds "
                 f"(eval_n={plan.eval_n} of each of 5 tasks)")

@@ -56,7 +56,9 @@ def on_signal(signum, frame):
     sessions of their own, so that a terminal's ^C reaches them only through here, once; with none
     in flight (the report, making the test data), the study stops where it is: what it has written
     is whole (write_json). Not while a command is being started: it would be left running, unseen;
-    it gets its SIGINT as it joins RUNNING (run_to_end)."""
+    it gets its SIGINT as it joins RUNNING (run_to_end; a signal that lands in the instant between
+    its joining and that check reaches it twice, which stops it at once, from its last checkpoint
+    on resuming: a race not closed here)."""
     STOP.set()
     for child in list(RUNNING):
         child.send_signal(signal.SIGINT)

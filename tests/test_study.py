@@ -147,9 +147,10 @@ def test_a_study_of_another_plan_in_out_is_refused_before_any_stage(quick, capsy
 
 def test_a_timed_pair_from_two_cards_does_not_set_the_compute_matched_steps(quick, tmp_path,
                                                                            capsys):
-    """SFT given FocuSFT's time trains SFT's steps times the ratio of their step times: where the
-    two were timed on different cards (e.g. one kept from a study on another machine), the study
-    ends in one line saying which folders to remove, before that arm trains."""
+    """SFT given FocuSFT's time trains SFT's steps times the ratio of their step times: where one of
+    the two was timed on another card (kept from a study on another machine) and the other is to be
+    timed here, the study ends in one line naming what to remove, before either trains or is
+    evaluated."""
     out, res = quick
     mixed = tmp_path / "mixed"
     shutil.copytree(out, mixed)
@@ -159,12 +160,15 @@ def test_a_timed_pair_from_two_cards_does_not_set_the_compute_matched_steps(quic
     assert all(r["gpu"] is None for r in records if "config" in r)    # each try says its card
     log.write_text("\n".join(json.dumps(r | {"gpu": "NVIDIA H200"}) if "config" in r else line
                              for r, line in zip(records, lines)) + "\n")
-    shutil.rmtree(mixed / "arms" / "sft_time_s1")
+    for gone in ("arms/sft_time_s1", "arms/sft_s1", "eval/sft_1.json"):
+        shutil.rmtree(mixed / gone) if (mixed / gone).is_dir() else (mixed / gone).unlink()
     with pytest.raises(SystemExit) as stop:
         study.main(["--quick", "--out", str(mixed), "--parallel", "2"])
-    assert ("were timed on different GPUs (NVIDIA H200, None)" in str(stop.value.code)
-            and "remove" in str(stop.value.code)), stop.value.code
-    assert not (mixed / "arms" / "sft_time_s1").exists()
+    line = str(stop.value.code)
+    assert "would be timed on different GPUs (NVIDIA H200, None; None: the CPU)" in line, line
+    assert all(str(mixed / p) in line for p in ("arms/sft_s1", "arms/focusft_s1",
+                                                "eval/sft_1.json", "eval/focusft_1.json")), line
+    assert not (mixed / "arms" / "sft_s1").exists() and not (mixed / "eval" / "sft_1.json").exists()
 
 
 @pytest.mark.parametrize("until", ["base", "sweep"])
@@ -335,7 +339,7 @@ def test_set_changes_plan_fields_by_their_type_and_refuses_others(tmp_path, monk
     # what no stage could run is refused before the base trains, not minutes later
     for bad, why in (("arm_steps=0", "arm_steps must be >= 1"), ("eval_n=0", "eval_n must be >= 1"),
                      ("sweep_lrs=0.1,0", "sweep_lrs must be > 0"),
-                     ("seeds=-1", "seeds must be >= 0"),
+                     ("seeds=-1", "seeds must be >= 0"), ("seeds=1,1", "seeds must differ"),
                      ("stats_n=101", "more samples of a length than the test holds"),
                      ("data=books", "data must be one of"), ("model=gpt5", "model must be one of"),
                      ("eval_lengths=1K", "no BABILong length '1K'"),
