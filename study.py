@@ -57,6 +57,8 @@ from study_plan import FULL, QUICK, STATS_LENGTHS, Plan, arm_folder, arm_names, 
 from study_report import log_records, markdown_table, mean, report, sweep_table, write_json
 from study_runs import (
     FAILURES,
+    INNER_STEP_COST,
+    LM_STEP_COST,
     STOP,
     Clock,
     Evaluations,
@@ -404,11 +406,15 @@ def run(args):
     arms = 2 * len(plan.seeds) + 3
     sweep_runs = len(plan.sweep_lrs) * len(plan.sweep_inner_steps)
     models = arms + 1                            # evaluated: the base and each arm
-    # the work in arms' steps, an evaluation as one arm (Clock; SFT given FocuSFT's time counted
-    # as one arm: its steps are known once the pair is timed)
+    # the work in SFT arms' steps, each step weighed by its cost (step_cost), an evaluation as one
+    # arm (Clock; SFT given FocuSFT's time counted as FocuSFT's steps: its own are known once the
+    # pair is timed)
+    inner_arms = len(plan.seeds) + 2                     # focusft of each seed, inner, sft_time
     clock = Clock(1 + bool(plan.qa_steps) + sweep_runs + arms + models,
-                  (plan.base_steps + plan.qa_steps + sweep_runs * plan.sweep_steps)
-                  / plan.arm_steps + arms + models, unit_steps=plan.arm_steps)
+                  ((plan.base_steps + plan.qa_steps) * LM_STEP_COST
+                   + sweep_runs * plan.sweep_steps * INNER_STEP_COST) / plan.arm_steps
+                  + (arms - inner_arms) + inner_arms * INNER_STEP_COST + models,
+                  unit_steps=plan.arm_steps)
     results = {"plan": asdict(plan), "args": {k: v for k, v in vars(args).items() if k != "plan"},
                "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)

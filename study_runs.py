@@ -44,6 +44,11 @@ class OutOfMemory(Exception):
 
 
 OUT_OF_MEMORY = ("OutOfMemoryError", "CUDA error: out of memory")   # in a command's last output
+# a train.py step's GPU time against an SFT step's, for the time left (Clock; docs/study.md, "The
+# time left"): next-token loss at every position (the base) costs about twice an SFT step, whose
+# loss is on the answers; a step with the inner loop about twice too (its forward and backward
+# before the outer step's)
+LM_STEP_COST, INNER_STEP_COST = 2.0, 2.0
 STOP = threading.Event()                  # set by the first SIGINT / SIGTERM: no new run starts
 RUNNING: set[subprocess.Popen] = set()    # commands in flight, each in a session of its own
 STARTING = [0]                            # commands being started, not yet in RUNNING
@@ -64,6 +69,15 @@ def on_signal(signum, frame):
         child.send_signal(signal.SIGINT)
     if not RUNNING and not STARTING[0]:
         raise Stopped(signal.Signals(signum).name)
+
+
+def step_cost(flags: list[str]) -> float:
+    """A step of the train.py command with these flags, in SFT steps' GPU time (the Clock's
+    unit)."""
+    def value(flag: str) -> str | None:
+        return flags[flags.index(flag) + 1] if flag in flags[:-1] else None
+    return (LM_STEP_COST if value("--objective") == "lm" else
+            INNER_STEP_COST if value("--method") == "focusft" else 1.0)
 
 
 def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | None = None,
@@ -91,7 +105,7 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
         total = sum(map(float, tries.read_text().split()))
         done.write_text(f"{total:.1f}\n{'shared' if beside else 'alone'}\n")
     steps = [r for r in log_records(out) if "loss" in r]
-    clock.finished(name, steps=len(steps))
+    clock.finished(name, steps=len(steps) * step_cost(flags))
     recorded = done.read_text().split()        # (a study before 2026-12-08: the seconds alone)
     return {"command": " ".join(["python", "train.py", *flags, "--out", str(out)]),
             "wall_s": float(recorded[0]),
@@ -380,11 +394,10 @@ class Clock:
     far. Threads share it: each line is written whole.
 
     `commands` planned; the work they stand for is `units` (default: one per command), or with
-    `unit_steps`, a training run counts its steps / unit_steps units and an evaluation one. (By
-    commands alone, the study's first, the base, with four times an arm's steps, once told 104
-    minutes left of 17.) That an evaluation costs about as much as training one arm is the
-    estimate's assumption, not a measurement; commands side by side speed the rest up, so it errs
-    long."""
+    `unit_steps`, a training run counts its steps / unit_steps units (its steps weighed by their
+    cost, step_cost) and an evaluation one. (By commands alone, the study's first, the base, with
+    four times an arm's steps, once told 104 minutes left of 17.) That an evaluation costs about
+    as much as training one SFT arm is the estimate's assumption, not a measurement."""
 
     def __init__(self, commands: int, units: float = 0, unit_steps: int = 0):
         self.commands, self.planned, self.unit_steps = commands, units or commands, unit_steps
@@ -397,8 +410,9 @@ class Clock:
                              f"{text}\n")
             sys.stdout.flush()
 
-    def finished(self, name: str, steps: int = 0):
-        """`name` has ended: a training run of `steps` steps, or (0) another command."""
+    def finished(self, name: str, steps: float = 0):
+        """`name` has ended: a training run of `steps` steps (SFT steps' worth), or (0) another
+        command."""
         with self.lock:
             self.done += steps / self.unit_steps if steps and self.unit_steps else 1
             self.count += 1

@@ -343,6 +343,17 @@ def test_once_training_is_over_evaluations_run_in_more_places_each_gpu_as_many(m
     assert len(got) == 8 and got["k7"] == 12 // 6
 
 
+def test_a_steps_cost_follows_its_objective_and_method():
+    """The time left counts a run's steps at what each costs against an SFT step: the base's
+    next-token steps and steps with an inner loop more; the flags' order is free."""
+    cost = study_runs.step_cost
+    assert cost(["--objective", "lm", "--data", "books"]) == study_runs.LM_STEP_COST > 1
+    assert cost(["--steps", "3", "--method", "focusft", "--mask", "causal"]) == \
+        study_runs.INNER_STEP_COST > 1
+    assert cost(["--method", "sft", "--mask", "hybrid"]) == cost([]) == 1.0
+    assert cost(["--seed", "1", "--method"]) == 1.0                   # (a flag without a value)
+
+
 def test_the_time_left_weighs_training_runs_by_their_steps(monkeypatch, capsys):
     """With unit_steps, a run of 4x an arm's steps counts as four arms' work: after it, 60 s in,
     with 8 of 12 units left, the line says 2 minutes left (by commands alone: 60 s x 4 more)."""
