@@ -116,8 +116,9 @@ def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock,
                 slots: Slots) -> dict:
     """Short FocuSFT runs, one per inner lr and number of inner steps, side by side. The answer
     accuracy of their last evaluation on the validation split (train.py's held-out rows: held-out
-    questions in held-out books) decides, then the lower base loss. A run is named by its lr, and by
-    its steps too where several are tried ("0.03x1")."""
+    questions in held-out books) decides, then the lower inner loss before adaptation; the
+    validation loss is reported beside it, not used (so that studies before it choose alike). A run
+    is named by its lr, and by its steps too where several are tried ("0.03x1")."""
     both = len(plan.sweep_inner_steps) > 1
     grid = {f"{lr:g}" + (f"x{k}" if both else ""): (lr, k)
             for lr in plan.sweep_lrs for k in plan.sweep_inner_steps}
@@ -134,6 +135,7 @@ def stage_sweep(plan: Plan, args, out: Path, base: str, clock: Clock,
         tail = [x for x in records if x.get("inner")][-max(1, plan.sweep_steps // 5):]
         r.update(inner_lr=grid[key][0], inner_steps=grid[key][1],
                  val_acc=last["eval_acc"], val_n=last["eval_n"],
+                 val_loss=last.get("eval_loss"),          # (logged since 2026-12-08)
                  inner_before=mean(x["inner"][0] for x in tail),
                  inner_after=mean(x["inner"][-1] for x in tail),
                  moved=mean(x["moved"] for x in tail))

@@ -215,9 +215,11 @@ def sweep_table(plan, sweep: dict) -> tuple:
     return (f"Inner learning rate and steps sweep ({plan.sweep_steps} FocuSFT steps each; "
             f"validation: held-out questions in held-out books); chosen {sweep['chosen']:g}, "
             f"{sweep.get('chosen_steps', 2)} steps",
-            ["inner lr", "inner steps", "validation acc", "inner loss before -> after", "moved"],
+            ["inner lr", "inner steps", "validation acc", "validation loss",
+             "inner loss before -> after", "moved"],
             [[f"{r.get('inner_lr', key)}", str(r.get("inner_steps", 2)),
               f"{r['val_acc']:.3f} (n={r['val_n']})",
+              "-" if r.get("val_loss") is None else f"{r['val_loss']:.4f}",
               f"{r['inner_before']:.3f} -> {r['inner_after']:.3f}", f"{r['moved']:.3g}"]
              for key, r in sweep["runs"].items()])
 

@@ -31,6 +31,7 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 import attention
 import checkpoint
@@ -80,10 +81,12 @@ def held_out_batch(args, enc, source) -> dict:
 
 @torch.no_grad()
 def evaluate(args, model, batch: dict) -> dict:
-    """Held-out answer accuracy and the attention statistics of the batch's first row.
+    """Held-out answer accuracy and loss, and the attention statistics of the batch's first row.
 
     Accuracy is the argmax at each answer's first token (for the lm objective: at every next token),
-    with the base weights alone: fast weights exist only inside a training step."""
+    with the base weights alone: fast weights exist only inside a training step; the loss is the
+    mean cross-entropy at the same positions, which tells apart runs whose accuracies are within
+    noise."""
     rows = batch["idx"].size(0)
     mask_mod = masks.for_batch(args.mask, batch)
     x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]),
@@ -91,11 +94,16 @@ def evaluate(args, model, batch: dict) -> dict:
     sel = batch["targets"] != IGNORE
     if args.objective == "sft":
         sel &= batch["loss_mask"] == 0              # the last context token predicts the answer
-    h = model.ln_f(x[sel])                          # (N, C); N ~ all tokens for the lm objective
+    h, targets = model.ln_f(x[sel]), batch["targets"][sel]   # N ~ all tokens for the lm objective
+    preds, nll = [], torch.zeros((), device=h.device)
     # no (N, vocab) at once
-    pred = torch.cat([model.lm_head(chunk).argmax(-1) for chunk in h.split(LOSS_CHUNK)])
-    out = {"eval_acc": (pred == batch["targets"][sel]).float().mean().item(),
-           "eval_n": int(sel.sum())}
+    for chunk, want in zip(h.split(LOSS_CHUNK), targets.split(LOSS_CHUNK)):
+        logits = model.lm_head(chunk)
+        preds.append(logits.argmax(-1))
+        nll += F.cross_entropy(logits.float(), want, reduction="sum")
+    n = int(sel.sum())
+    out = {"eval_acc": (torch.cat(preds) == targets).float().mean().item(),
+           "eval_loss": nll.item() / n if n else math.nan, "eval_n": n}
     # the first row of each (B, S) tensor
     one = {k: v[:1] for k, v in batch.items() if v.dim() == 2}
     out.update(attention_stats(model, one["idx"], one["pos"], masks.for_batch(args.mask, one),
@@ -204,7 +212,8 @@ def run(args, start_step: int, ckpt: dict | None, why: list[str], stop: Stop, so
             return
         with autocast:
             ev = evaluate(args, model, held_out)
-        print(f"eval step {updates}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}) | "
+        print(f"eval step {updates}: answer acc {ev['eval_acc']:.3f} (n={ev['eval_n']}), loss "
+              f"{ev['eval_loss']:.3f} | "
               f"sink mass {ev['sink_mass']:.3f} | sink rate {ev['sink_rate']:.2f} | engagement "
               f"{ev['engagement']:.3f}")
         log.write(json.dumps({"step": updates, **ev}) + "\n")

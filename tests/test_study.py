@@ -4,6 +4,7 @@ numbers).
 Run: python -m pytest -q tests/test_study.py
 """
 import json
+import math
 import os
 import shlex
 import shutil
@@ -81,6 +82,8 @@ def test_every_arm_trained_from_the_base_for_its_steps(quick):
         assert (config["inner_lr"], config["inner_steps"]) == (r["inner_lr"], r["inner_steps"])
         assert config["inner_loss"] == plan.inner_loss
         assert f"--inner-loss {plan.inner_loss}" in r["command"]
+        assert 0 < r["val_loss"] < math.inf                     # shown beside the accuracy
+    assert f"| {res['sweep']['runs'][key]['val_loss']:.4f} |" in (out / "results.md").read_text()
 
 
 def test_every_model_is_evaluated_on_every_cell_and_the_tables_have_their_shape(quick):

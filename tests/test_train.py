@@ -323,10 +323,14 @@ def test_evaluate_scores_each_answers_first_token():
         x = model.blocks(model.wte(batch["idx"]), model.rope(batch["pos"]),
                          training_step.build_mask(args, masks.for_batch(args.mask, batch), 2),
                          range(4))
-        hits = [int(model.lm_head(model.ln_f(x[b, t])).argmax() == batch["idx"][b, t + 1])
-                for b, t in starts]
+        logits = [model.lm_head(model.ln_f(x[b, t])) for b, t in starts]
+        hits = [int(z.argmax() == batch["idx"][b, t + 1]) for z, (b, t) in zip(logits, starts)]
+        # the answer's first token's cross-entropy, by hand
+        nll = [float(z.logsumexp(-1) - z[batch["idx"][b, t + 1]])
+               for z, (b, t) in zip(logits, starts)]
     assert out["eval_n"] == len(starts) == 4
     assert out["eval_acc"] == sum(hits) / len(hits)
+    assert out["eval_loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
 
 
 @pytest.mark.parametrize("method,inner_loss", [("sft", "response"), ("focusft", "response"),
