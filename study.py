@@ -66,6 +66,7 @@ from study_runs import (
     Stopped,
     on_signal,
     side_by_side,
+    step_cost,
     train,
 )
 
@@ -411,12 +412,12 @@ def run(args):
     # the work in SFT arms' steps, each step weighed by its cost (step_cost), an evaluation as one
     # arm (Clock; SFT given FocuSFT's time counted as FocuSFT's steps: its own are known once the
     # pair is timed)
-    inner_arms = len(plan.seeds) + 2                     # focusft of each seed, inner, sft_time
+    arm_units = sum(step_cost(ARMS["focusft" if name == "sft_time" else name])
+                    for name in (key.split("/")[0] for key in arm_names(plan)))
     clock = Clock(1 + bool(plan.qa_steps) + sweep_runs + arms + models,
                   ((plan.base_steps + plan.qa_steps) * LM_STEP_COST
                    + sweep_runs * plan.sweep_steps * INNER_STEP_COST) / plan.arm_steps
-                  + (arms - inner_arms) + inner_arms * INNER_STEP_COST + models,
-                  unit_steps=plan.arm_steps)
+                  + arm_units + models, unit_steps=plan.arm_steps)
     results = {"plan": asdict(plan), "args": {k: v for k, v in vars(args).items() if k != "plan"},
                "machine": machine()}
     results["base"] = stage_base(plan, args, out, clock)

@@ -107,9 +107,9 @@ def train(name: str, out: Path, flags: list[str], clock: "Clock", gpu: str | Non
     steps = [r for r in log_records(out) if "loss" in r]
     clock.finished(name, steps=len(steps) * step_cost(flags))
     recorded = done.read_text().split()        # (a study before 2026-12-08: the seconds alone)
+    each = tries.read_text().split() if tries.exists() else [recorded[0]]
     return {"command": " ".join(["python", "train.py", *flags, "--out", str(out)]),
-            "wall_s": float(recorded[0]),
-            "tries": len(tries.read_text().split()) if tries.exists() else 1,
+            "wall_s": float(recorded[0]), "tries": len(each),
             "shared": recorded[1] == "shared" if len(recorded) > 1 else beside,
             "steps": len(steps),
             "median_ms": median([r["ms"] for r in steps[len(steps) // 10:]])}   # past compilation
